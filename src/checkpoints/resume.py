@@ -1,0 +1,130 @@
+"""Where a run starts: fresh, or from which checkpoint, and whether it may.
+
+`--auto-resume` takes the newest checkpoint that verifies and loads;
+`--resume latest|best|PATH` that one; `--fresh` moves old checkpoints aside.
+With none of these and checkpoints present, a terminal is asked and anything
+else is told how to choose (exit 2): an unattended job must never hang on a
+prompt, nor silently throw away a night of training.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from checkpoints.manager import CheckpointCorruptError, CheckpointManager
+from checkpoints.state import TrainingState
+from errors import UserError
+
+
+@dataclass
+class ResumePoint:
+    path: Path
+    state: TrainingState
+
+
+def choose_start(manager: CheckpointManager, config, args, *, stdin=None, out=None) -> ResumePoint | None:
+    """Decide from the flags (and, at a terminal, the user) where the run starts."""
+    stdin = stdin or sys.stdin
+    out = out or sys.stderr
+    for leftover in manager.clean_temporaries():
+        print(f"removed the leftover of an interrupted save: {leftover}", file=out)
+
+    if args.fresh:
+        moved = manager.move_aside()
+        if moved:
+            print(f"--fresh: earlier checkpoints moved to {moved} (nothing was deleted)", file=out)
+        return None
+    if args.resume:
+        info = manager.resolve(args.resume)
+        return _load_checked(manager, info.path, config)
+    if args.auto_resume:
+        point = _newest_loadable(manager, config)
+        if point is None:
+            print("--auto-resume: no checkpoint yet, starting a new run", file=out)
+        return point
+
+    newest = manager.latest_valid()
+    if newest is None:
+        return None
+    if _is_terminal(stdin):
+        print(f"Found checkpoints in {manager.directory}.", file=out)
+        out.write(f"Resume from step {newest.step}? [Y/n] ")
+        out.flush()
+        answer = stdin.readline().strip().lower()
+        if answer in ("", "y", "yes"):
+            return _newest_loadable(manager, config)
+        if answer in ("n", "no"):
+            moved = manager.move_aside()
+            print(f"starting anew; earlier checkpoints moved to {moved} (nothing was deleted)", file=out)
+            return None
+        raise UserError(f"answer {answer!r} is neither yes nor no; nothing was changed")
+    raise UserError(
+        f"{manager.directory} holds checkpoints (newest valid: step {newest.step}); choose: "
+        f"--auto-resume or --resume latest|best|PATH to continue, or --fresh to start anew "
+        f"(the old ones are moved aside, not deleted)")
+
+
+def _newest_loadable(manager: CheckpointManager, config) -> ResumePoint | None:
+    """The newest checkpoint that verifies and loads; each one that does not is named."""
+    for info in reversed(manager.checkpoints()):
+        if not info.valid:
+            manager.warn(f"skipping checkpoint {info.path.name} ({info.path}): {info.problem}")
+            continue
+        try:
+            return _load_checked(manager, info.path, config)
+        except CheckpointCorruptError as exc:
+            manager.warn(f"skipping checkpoint {info.path.name}: {exc}")
+    return None
+
+
+def _load_checked(manager: CheckpointManager, path: Path, config) -> ResumePoint:
+    from config import Config, differing_fields
+
+    try:
+        state = manager.load(path)
+    except (CheckpointCorruptError, FileNotFoundError) as exc:
+        raise UserError(str(exc)) from None
+    saved = Config.from_dict(state.config, source=f"{path}/config.json")
+    differences = differing_fields(saved.fingerprint_fields(), config.fingerprint_fields())
+    if differences:
+        raise UserError(
+            f"cannot resume from {path}: the config differs in fields that change the result: "
+            + "; ".join(differences) + " (use the same settings, or --fresh to start anew)")
+    return ResumePoint(path=path, state=state)
+
+
+def describe_checkpoints(manager: CheckpointManager, output_dir: Path) -> str:
+    """The table printed by --list-checkpoints."""
+    infos = manager.checkpoints()
+    if not infos:
+        return f"no checkpoints in {manager.directory}"
+    rows = [("checkpoint", "step", "loss", "val_loss", "valid", "size", "")]
+    for info in infos:
+        marks = ", ".join(m for m, on in (("best", info.is_best), ("final", info.is_final)) if on)
+        rows.append((
+            info.path.name, str(info.step), _fmt(info.loss), _fmt(info.val_loss),
+            "yes" if info.valid else f"NO: {info.problem}", _size(info.size_bytes), marks,
+        ))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows]
+    return f"checkpoints in {manager.directory}:\n" + "\n".join(lines)
+
+
+def _is_terminal(stream) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
+def _fmt(value) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
+def _size(size: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024

@@ -1,0 +1,113 @@
+"""One JSONL line -> a checked record -> token ids with a loss mask start.
+
+A record has `text`, chat `messages`, or `prompt` + `completion`, and the
+scores `auth_weight` in [0, 0.99] and `prov_entropy` >= 0. Any problem is a
+UserError naming the file and line, so the command line can print it as is.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+
+from errors import UserError
+
+AUTH_WEIGHT_MAX = 0.99
+CHAT_ROLES = ("system", "user", "assistant", "tool")
+
+
+@dataclass(frozen=True)
+class EncodedSample:
+    tokens: list[int]  # ids, EOS appended, truncated to the sequence budget
+    prompt_length: int  # tokens before this index are context only (no loss)
+    truncated: bool
+
+
+def parse_record(line: bytes | str, path: str, line_number: int) -> dict:
+    """Parse and check one line. Returns the record dict (fields untouched)."""
+    where = f"{path}:{line_number}"
+    try:
+        record = json.loads(line)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        problem = getattr(exc, "msg", None) or str(exc)
+        raise UserError(f"{where}: invalid JSON ({problem})") from None
+    if not isinstance(record, dict):
+        raise UserError(f"{where}: expected a JSON object, got {type(record).__name__}")
+
+    for name in ("auth_weight", "prov_entropy"):
+        if name not in record:
+            raise UserError(f"{where}: missing field '{name}'")
+        value = record[name]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise UserError(f"{where}: '{name}' must be a finite number, got {value!r}")
+    if not 0.0 <= record["auth_weight"] <= AUTH_WEIGHT_MAX:
+        raise UserError(f"{where}: 'auth_weight' must be in [0, {AUTH_WEIGHT_MAX}], got {record['auth_weight']!r}")
+    if record["prov_entropy"] < 0:
+        raise UserError(f"{where}: 'prov_entropy' must be >= 0, got {record['prov_entropy']!r}")
+
+    if "messages" in record:
+        _check_messages(record["messages"], where)
+    elif "prompt" in record or "completion" in record:
+        for name in ("prompt", "completion"):
+            if not isinstance(record.get(name), str):
+                raise UserError(f"{where}: '{name}' must be a string, got {record.get(name)!r}")
+        if not record["completion"].strip():
+            raise UserError(f"{where}: empty 'completion' (no tokens to learn from)")
+    elif "text" in record:
+        if not isinstance(record["text"], str):
+            raise UserError(f"{where}: 'text' must be a string, got {type(record['text']).__name__}")
+        if not record["text"].strip():
+            raise UserError(f"{where}: empty 'text' (no tokens to learn from)")
+    else:
+        raise UserError(f"{where}: missing field 'text' (or 'messages', or 'prompt' + 'completion')")
+    return record
+
+
+def _check_messages(messages, where: str) -> None:
+    if not isinstance(messages, list) or not messages:
+        raise UserError(f"{where}: 'messages' must be a non-empty list")
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict) or not isinstance(message.get("content"), str):
+            raise UserError(f"{where}: messages[{i}] must be an object with a string 'content'")
+        if message.get("role") not in CHAT_ROLES:
+            raise UserError(f"{where}: messages[{i}] has role {message.get('role')!r}; expected one of {', '.join(CHAT_ROLES)}")
+    if messages[-1]["role"] != "assistant" or not messages[-1]["content"].strip():
+        raise UserError(f"{where}: the last message must be a non-empty 'assistant' message (it is what is learned)")
+
+
+def encode_record(record: dict, tokenizer, max_tokens: int) -> EncodedSample:
+    """Token ids of a checked record, EOS appended, truncated to `max_tokens`.
+
+    For chat and prompt/completion records only the answer is learned: the
+    loss starts at `prompt_length` (like mlx-lm's mask_prompt, but always on,
+    since learning to predict the user's words is not what the user wants).
+    """
+    eos = tokenizer.eos_token_id
+    if "messages" in record:
+        messages = record["messages"]
+        prompt = _chat_ids(tokenizer, messages[:-1], add_generation_prompt=True)
+        tokens = _chat_ids(tokenizer, messages, add_generation_prompt=False)
+    elif "completion" in record:
+        messages = [{"role": "user", "content": record["prompt"]}]
+        if getattr(tokenizer, "chat_template", None):
+            prompt = _chat_ids(tokenizer, messages, add_generation_prompt=True)
+        else:
+            prompt = list(tokenizer.encode(record["prompt"]))
+        tokens = prompt + list(tokenizer.encode(record["completion"], add_special_tokens=False))
+    else:
+        prompt = []
+        tokens = list(tokenizer.encode(record["text"]))
+    if not tokens or tokens[-1] != eos:
+        tokens.append(eos)
+    truncated = len(tokens) > max_tokens
+    return EncodedSample(tokens=tokens[:max_tokens], prompt_length=min(len(prompt), max_tokens), truncated=truncated)
+
+
+def _chat_ids(tokenizer, messages: list, add_generation_prompt: bool) -> list[int]:
+    if not messages:
+        return []
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=True)
+    if isinstance(ids, dict):  # newer transformers may return a BatchEncoding
+        ids = ids["input_ids"]
+    return list(ids)

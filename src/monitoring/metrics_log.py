@@ -1,0 +1,238 @@
+"""metrics.jsonl and TensorBoard scalars: the written record of a run.
+
+`output_dir/metrics.jsonl` holds one JSON object per line, flushed as it is
+written, so a crash loses at most the line being written:
+
+    {"step": 10, "loss": 2.31, "lr": 0.0001, ...}        log()
+    {"step": 250, "val_loss": 2.05, ...}                 log_validation()
+    {"event": "end", "reason": "...", ...}               end(), the last line
+
+NaN and infinity are written as null (standard JSON has no token for them).
+
+TensorBoard scalars go to `output_dir/logs` through tensorboardX. Known keys
+get grouped tags from TAGS ("loss" -> "train/loss", "val_loss" -> "val/loss");
+any other numeric key is logged as "misc/<key>", so nothing passed in is lost
+and the known groups stay uncluttered. Non-numeric values (strings) go to the
+JSON line only.
+
+Resuming (`resume_step=N`): the lines written after step N by the interrupted
+run are dropped (the file is rewritten to a temporary name and renamed over,
+so it is whole at every moment), and the TensorBoard writer purges events
+after N. The resumed run's record then reads like an uninterrupted one.
+A fresh run (`resume_step=None`) moves an existing metrics.jsonl aside
+(never deleting it) and hides older TensorBoard events (purge from step 0).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import numbers
+import os
+import time
+from pathlib import Path
+
+METRICS_FILE = "metrics.jsonl"
+TENSORBOARD_DIR = "logs"
+
+TAGS = {
+    # training lines (log)
+    "loss": "train/loss",
+    "ce": "train/ce",
+    "distrust": "train/distrust",
+    "lr": "train/lr",
+    "learning_rate": "train/lr",
+    "grad_norm": "train/grad_norm",
+    "tokens_per_sec": "train/tokens_per_sec",
+    "memory_mb": "train/memory_mb",
+    # validation lines (log_validation)
+    "val_loss": "val/loss",
+    "val_loss_low_auth": "val/loss_low_auth",
+    "val_loss_high_auth": "val/loss_high_auth",
+    "val_objective": "val/objective",
+}
+
+
+def tag_for(key: str) -> str:
+    return TAGS.get(key, f"misc/{key}")
+
+
+def _json_value(value):
+    """A value as standard JSON can hold it: numbers as int/float, NaN/inf as None."""
+    if value is None or isinstance(value, (bool, str)):
+        return value
+    if isinstance(value, numbers.Integral):  # int, numpy integers
+        return int(value)
+    if isinstance(value, numbers.Real):  # float, numpy floats
+        value = float(value)
+        return value if math.isfinite(value) else None
+    return value  # anything else: json.dumps(default=str) writes its text
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # Windows cannot open a directory; the rename still holds
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _keep_line(line: str, resume_step: int) -> bool:
+    """Keep what the run had written up to and including resume_step."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError:  # a line torn by the crash
+        return False
+    if not isinstance(record, dict) or record.get("event") == "end":
+        return False
+    step = record.get("step")
+    return not isinstance(step, int) or step <= resume_step
+
+
+def truncate_after(path: Path, resume_step: int) -> None:
+    """Rewrite `path` keeping only lines with step <= resume_step, atomically."""
+    if not path.exists():
+        return
+    with open(path, encoding="utf-8") as f:
+        kept = [line for line in f if line.strip() and _keep_line(line, resume_step)]
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for line in kept:
+            f.write(line if line.endswith("\n") else line + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _aside_name(path: Path) -> Path:
+    """A free name for an old log that a fresh run moves aside (never deletes)."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    aside, n = path.with_name(f"{path.name}.before-{stamp}"), 1
+    while aside.exists():
+        aside, n = path.with_name(f"{path.name}.before-{stamp}-{n}"), n + 1
+    return aside
+
+
+class MetricsLog:
+    def __init__(self, output_dir: Path, tensorboard: bool = True, resume_step: int | None = None):
+        self.output_dir = Path(output_dir)
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        self.path = self.output_dir / METRICS_FILE
+
+        if resume_step is not None:
+            truncate_after(self.path, resume_step)
+        elif self.path.exists() and self.path.stat().st_size > 0:
+            os.replace(self.path, _aside_name(self.path))
+        self._file = open(self.path, "a", encoding="utf-8")
+
+        self._writer = None
+        if tensorboard:
+            from tensorboardX import SummaryWriter  # imported only when used
+
+            # purge_step: TensorBoard hides events at or after it from older
+            # event files, i.e. what the interrupted run logged after resume_step.
+            purge_step = 0 if resume_step is None else resume_step + 1
+            # Event file names hold the time in whole seconds and are opened
+            # with "wb", so a restart within the same second (tests, a quick
+            # crash) would overwrite the previous file. The nanosecond suffix
+            # keeps names unique and in the order TensorBoard reads them
+            # (by name), so the purge comes after what it purges.
+            self._writer = SummaryWriter(
+                str(self.output_dir / TENSORBOARD_DIR),
+                purge_step=purge_step,
+                flush_secs=30,
+                filename_suffix=f".{time.time_ns()}.{os.getpid()}",
+            )
+
+    def _write_line(self, record: dict) -> None:
+        record = {key: _json_value(value) for key, value in record.items()}
+        self._file.write(json.dumps(record, allow_nan=False, default=str) + "\n")
+        self._file.flush()
+
+    def _write_scalars(self, step: int, scalars: dict) -> None:
+        if self._writer is None:
+            return
+        for key, value in scalars.items():
+            if _is_number(value):
+                self._writer.add_scalar(tag_for(key), float(value), global_step=step)
+
+    def log(self, step: int, **scalars) -> None:
+        """One training line: log(step, loss=..., lr=..., grad_norm=...)."""
+        self._write_line({"step": step, **scalars})
+        self._write_scalars(step, scalars)
+
+    def log_validation(self, step: int, **scalars) -> None:
+        """One validation line. Keys get a "val_" prefix if they lack one, so
+        log_validation(s, loss=x) and log_validation(s, val_loss=x) both
+        write val_loss."""
+        scalars = {key if key.startswith("val_") else f"val_{key}": v for key, v in scalars.items()}
+        self._write_line({"step": step, **scalars})
+        self._write_scalars(step, scalars)
+
+    def end(self, reason: str, **summary) -> None:
+        """The last line: why the run ended, and its summary figures."""
+        self._write_line({"event": "end", "reason": reason, **summary})
+
+    def flush(self) -> None:
+        """Flush both to disk, e.g. when a checkpoint is committed."""
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        if self._writer is not None:
+            self._writer.flush()
+
+    def close(self) -> None:
+        if self._file.closed:
+            return
+        self.flush()
+        self._file.close()
+        if self._writer is not None:
+            self._writer.close()
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    minutes, seconds = divmod(rest, 60)
+    return f"{hours}h {minutes:02d}m {seconds:02d}s" if hours else f"{minutes}m {seconds:02d}s"
+
+
+def summary_text(**summary) -> str:
+    """The end-of-run summary as a few lines. Known keys (all optional):
+    reason, steps, max_steps, tokens, seconds, best_val_loss, best_val_step,
+    adapters (where the adapters were written). Others are listed as they are."""
+    summary = dict(summary)
+    lines = [f"Run ended: {summary.pop('reason', 'unknown reason')}"]
+
+    if "steps" in summary:
+        steps = summary.pop("steps")
+        max_steps = summary.pop("max_steps", None)
+        lines.append(f"  steps     {steps}" + (f" / {max_steps}" if max_steps else ""))
+    tokens = summary.pop("tokens", None)
+    seconds = summary.pop("seconds", None)
+    if tokens is not None:
+        rate = f" ({tokens / seconds:,.0f} tok/s)" if seconds else ""
+        lines.append(f"  tokens    {tokens:,}{rate}")
+    if seconds is not None:
+        lines.append(f"  time      {_duration(seconds)}")
+    if "best_val_loss" in summary:
+        best, best_step = summary.pop("best_val_loss"), summary.pop("best_val_step", None)
+        if not _is_number(best) or not math.isfinite(best):  # None, NaN, "nan"
+            lines.append("  best val  none")
+        else:
+            at = f" at step {best_step}" if best_step is not None else ""
+            lines.append(f"  best val  {best:.4f}{at}")
+    if "adapters" in summary:
+        lines.append(f"  adapters  {summary.pop('adapters')}")
+    for key, value in summary.items():
+        lines.append(f"  {key}  {value}")
+    return "\n".join(lines)

@@ -1,0 +1,479 @@
+"""DistrustTrainer: the training loop, composed of the parts.
+
+It owns the model, the optimizer and the loop's position; everything else is a
+component it calls: the corpus batches (corpus/), the objective (distrust.py),
+checkpoints (checkpoints/), early stopping, validation, progress and logs
+(monitoring/). The loop reads top to bottom in `fit`.
+
+One optimizer step = `grad_accum` micro-batches, each through one compiled
+gradient function, then one host sync (loss and gradient norm are needed to
+decide whether to update at all), then one compiled update. The update is left
+lazy: it is computed together with the next step's gradients.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+import numpy as np
+from mlx.utils import tree_flatten, tree_map, tree_unflatten
+
+from checkpoints import CheckpointManager, CheckpointSaveError, TrainingState
+from config import Config
+from corpus.batching import Batch, DataPosition, fixed_batches, training_batches
+from corpus.index import CorpusIndex
+from distrust import DistrustObjective
+from monitoring.early_stopping import EarlyStopping
+from monitoring.metrics_log import MetricsLog, summary_text
+from monitoring.progress import ProgressLine
+
+# Saves that fail this many times in a row stop the run: an overnight run that
+# cannot checkpoint is a run that can lose everything.
+MAX_CONSECUTIVE_SAVE_FAILURES = 3
+AUTHORITY_SPLIT = 0.5  # validation reports loss for auth_weight below / at or above this
+SIGNAL_EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}
+
+
+class CheckpointingFailed(Exception):
+    """Checkpoints could not be written several times in a row (exit 1)."""
+
+
+@dataclass
+class RunEnd:
+    reason: str
+    exit_code: int = 0
+
+
+# ---------------------------------------------------------------------------
+# the loss: pure functions of arrays
+
+
+def token_losses(model: nn.Module, inputs: mx.array, targets: mx.array) -> mx.array:
+    """Per-token cross-entropy [B, L] in float32."""
+    logits = model(inputs)
+    return nn.losses.cross_entropy(logits, targets).astype(mx.float32)
+
+
+def weighted_loss_sums(model, inputs, targets, mask, weights):
+    """(sum of w_i * ce over real target tokens, plain ce sum).
+
+    Sums, not means: micro-batches are then weighted by their tokens simply by
+    adding, and the step divides once by the real target tokens of the step.
+    Padding never counts: `mask` is 0 there (and on fill rows and prompts).
+    """
+    ce = token_losses(model, inputs, targets) * mask
+    return (ce * weights[:, None]).sum(), ce.sum()
+
+
+def learning_rate_schedule(peak: float, warmup_steps: int, total_steps: int):
+    """Linear warmup from 0, then cosine decay to 0 at `total_steps`."""
+    decay = optim.cosine_decay(peak, max(total_steps - warmup_steps, 1), 0.0)
+    if warmup_steps == 0:
+        return decay
+    warmup = optim.linear_schedule(0.0, peak, warmup_steps)
+    return optim.join_schedules([warmup, decay], [warmup_steps])
+
+
+def step_seed(seed: int, step: int, micro: int) -> int:
+    # The MLX generator is reseeded before every micro-batch, so the random
+    # stream (dropout) is a function of (seed, step) and a resume needs no RNG state.
+    return (seed * 1_000_003 + step * 1_009 + micro) % (2**63)
+
+
+# ---------------------------------------------------------------------------
+
+
+@dataclass
+class StepFigures:
+    loss: float
+    ce: float
+    distrust: float
+    grad_norm: float
+    tokens: int
+    learning_rate: float
+    seconds: float
+
+
+@dataclass
+class LoopState:
+    """What the loop itself must carry across a resume (beside model and optimizer)."""
+    step: int = 0
+    position: DataPosition = field(default_factory=DataPosition)
+    tokens_seen: int = 0
+    best_val_loss: float = math.inf
+    best_val_step: int | None = None
+    last_val_loss: float | None = None
+    last_loss: float | None = None
+    train_seconds: float = 0.0
+
+
+class DistrustTrainer:
+    def __init__(self, config: Config, model: nn.Module, tokenizer, adapter_config: dict,
+                 train_index: CorpusIndex, val_path: Path | None, output_dir: Path,
+                 checkpoints: CheckpointManager, log=print):
+        self.config = config
+        self.model = model
+        self.tokenizer = tokenizer
+        self.adapter_config = adapter_config
+        self.train_index = train_index
+        self.val_path = val_path
+        self.output_dir = Path(output_dir)
+        self.checkpoints = checkpoints
+        self.log = log
+        t, d, es = config.training, config.distrust, config.early_stopping
+
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.objective = DistrustObjective(d.alpha, d.lambda_weight, d.mode,
+                                           train_index.auth_weight, train_index.prov_entropy)
+        self.optimizer = optim.AdamW(
+            learning_rate=learning_rate_schedule(t.learning_rate, t.warmup_steps, t.max_steps),
+            weight_decay=t.weight_decay,
+        )
+        # Materialize the optimizer state now: the compiled update must see the
+        # very dicts it will read and write (see DESIGN.md, facts on compile).
+        self.optimizer.init(model.trainable_parameters())
+        self.early_stopping = EarlyStopping(
+            patience=es.patience, min_delta=es.min_delta, warmup_steps=t.warmup_steps,
+            grad_spike_threshold=es.grad_spike_threshold, grad_spike_patience=es.grad_spike_patience,
+            plateau_enabled=es.enabled,
+        )
+        self.state = LoopState()
+        self.progress_state: dict | None = None
+        self.val_batches: list[Batch] | None = None
+        self.resumed_from: str | None = None
+        self.save_failures = 0
+        self.last_save_step = 0
+        self._compiled = None
+        self._stop_signal: int | None = None
+
+    # -- resume -------------------------------------------------------------
+
+    def restore(self, saved: TrainingState, source: str) -> None:
+        """Put back everything a checkpoint holds; call before `fit`."""
+        self.model.load_weights(list(saved.adapters.items()), strict=False)
+        self.optimizer.state = tree_unflatten(list(saved.optimizer.items()))
+        trainer = saved.trainer
+        loop = trainer["loop"]
+        self.state = LoopState(
+            step=saved.step,
+            position=DataPosition.from_dict(loop["position"]),
+            tokens_seen=loop["tokens_seen"],
+            best_val_loss=_float(loop["best_val_loss"]),
+            best_val_step=loop["best_val_step"],
+            last_val_loss=loop["last_val_loss"],
+            last_loss=loop["last_loss"],
+            train_seconds=loop["train_seconds"],
+        )
+        self.early_stopping.load_state_dict(trainer["early_stopping"])
+        self.progress_state = trainer["progress"]
+        _set_host_rng_state(trainer["rng"])
+        self.last_save_step = saved.step
+        self.resumed_from = source
+        mx.eval(self.model.parameters(), self.optimizer.state)
+
+    def training_state(self) -> TrainingState:
+        s = self.state
+        trainer = {
+            "loop": {
+                "position": s.position.to_dict(),
+                "tokens_seen": s.tokens_seen,
+                "best_val_loss": _json_float(s.best_val_loss),
+                "best_val_step": s.best_val_step,
+                "last_val_loss": s.last_val_loss,
+                "last_loss": s.last_loss,
+                "train_seconds": s.train_seconds,
+            },
+            "early_stopping": self.early_stopping.state_dict(),
+            "progress": self.progress.state_dict(),
+            "rng": _host_rng_state(),
+            "loss": s.last_loss,
+            "val_loss": s.last_val_loss,
+        }
+        return TrainingState(
+            step=s.step,
+            adapters=dict(tree_flatten(self.model.trainable_parameters())),
+            optimizer=dict(tree_flatten(self.optimizer.state)),
+            trainer=trainer,
+            config=self.config.to_dict(),
+            fingerprint=self.config.fingerprint(),
+            adapter_config=self.adapter_config,
+        )
+
+    # -- compiled functions ---------------------------------------------------
+
+    def _compile(self):
+        """Build the compiled step after any restore: mx.compile holds the state
+        objects it was given, so a later `optimizer.state = ...` would be missed."""
+        model, optimizer = self.model, self.optimizer
+        max_norm = self.config.training.max_grad_norm
+        loss_and_grad = nn.value_and_grad(model, weighted_loss_sums)
+
+        # model.state is an output too: nn.value_and_grad puts the traced
+        # parameters into the model while it differentiates.
+        grad_state = [model.state, mx.random.state]
+
+        @partial(mx.compile, inputs=grad_state, outputs=grad_state)
+        def gradients(inputs, targets, mask, weights):
+            (weighted_sum, ce_sum), grads = loss_and_grad(model, inputs, targets, mask, weights)
+            return weighted_sum, ce_sum, grads
+
+        @mx.compile
+        def global_norm(grads, tokens):
+            squares = [mx.sum(g.astype(mx.float32) ** 2) for _, g in tree_flatten(grads)]
+            return mx.sqrt(sum(squares)) / tokens
+
+        @partial(mx.compile, inputs=[model.state, optimizer.state], outputs=[model.state, optimizer.state])
+        def update(grads, tokens):
+            grads = tree_map(lambda g: g / tokens, grads)
+            grads, _ = optim.clip_grad_norm(grads, max_norm)
+            optimizer.update(model, grads)
+
+        return gradients, global_norm, update
+
+    # -- one optimizer step ---------------------------------------------------
+
+    def _optimizer_step(self, batches) -> tuple[StepFigures, str | None]:
+        """Run one step over `grad_accum` micro-batches; update unless told to stop."""
+        gradients, global_norm, update = self._compiled
+        t = self.config.training
+        started = time.perf_counter()
+        weighted_sum = ce_sum = grads = None
+        start_position = self.state.position
+        tokens = 0
+        auth, entropy = [], []
+        for micro in range(t.grad_accum):
+            position, batch = next(batches)
+            mx.random.seed(step_seed(t.seed, self.state.step, micro))
+            weights = self.objective.weights(batch.auth_weight, batch.prov_entropy) * batch.real_rows
+            w_sum, c_sum, g = gradients(mx.array(batch.inputs), mx.array(batch.targets),
+                                        mx.array(batch.mask), mx.array(weights))
+            if grads is None:
+                weighted_sum, ce_sum, grads = w_sum, c_sum, g
+            else:
+                weighted_sum, ce_sum = weighted_sum + w_sum, ce_sum + c_sum
+                grads = tree_map(mx.add, grads, g)
+            tokens += batch.tokens
+            auth.append(batch.auth_weight[batch.real_rows])
+            entropy.append(batch.prov_entropy[batch.real_rows])
+            self.state.position = position
+
+        denominator = mx.array(float(max(tokens, 1)))
+        norm = global_norm(grads, denominator)
+        learning_rate = self.optimizer.learning_rate
+        mx.eval(weighted_sum, ce_sum, norm, grads, learning_rate)  # the one sync of the step
+        weighted_ce = weighted_sum.item() / max(tokens, 1)
+        plain_ce = ce_sum.item() / max(tokens, 1)
+        auth, entropy = np.concatenate(auth), np.concatenate(entropy)
+        loss = self.objective.objective(weighted_ce, plain_ce, auth, entropy)
+        figures = StepFigures(
+            loss=loss, ce=plain_ce, distrust=loss - plain_ce, grad_norm=norm.item(), tokens=tokens,
+            learning_rate=learning_rate.item(), seconds=0.0,
+        )
+        # Checked before the update: a non-finite or exploding step is never
+        # applied, so the last checkpoint holds the last good state.
+        stop = self.early_stopping.check_step(self.state.step + 1, loss, figures.grad_norm)
+        if stop is None:
+            update(grads, denominator)
+        else:
+            self.state.position = start_position
+        figures.seconds = time.perf_counter() - started
+        return figures, stop
+
+    # -- validation -----------------------------------------------------------
+
+    def validate(self) -> dict | None:
+        """Plain cross-entropy (comparable across lambdas), the objective, and the
+        loss split by source authority, on the same batches every time."""
+        if self.val_path is None:
+            return None
+        t = self.config.training
+        if self.val_batches is None:  # lazy: the val file is first read here
+            index = CorpusIndex.build(self.val_path, self.tokenizer, t.max_seq_length + 1,
+                                      limit=t.batch_size * t.val_batches)
+            self.val_batches = fixed_batches(index, t.batch_size, t.val_batches, self.pad_id)
+        self.model.eval()
+        ce_rows, tokens_rows, auth, entropy = [], [], [], []
+        for batch in self.val_batches:
+            mask = mx.array(batch.mask)
+            row_sums = (token_losses(self.model, mx.array(batch.inputs), mx.array(batch.targets)) * mask).sum(axis=1)
+            mx.eval(row_sums)
+            real = batch.real_rows
+            ce_rows.append(np.array(row_sums)[real])
+            tokens_rows.append(batch.mask.sum(axis=1)[real])
+            auth.append(batch.auth_weight[real])
+            entropy.append(batch.prov_entropy[real])
+        self.model.train()
+        ce_rows, tokens_rows = np.concatenate(ce_rows), np.concatenate(tokens_rows)
+        auth, entropy = np.concatenate(auth), np.concatenate(entropy)
+        plain = float(ce_rows.sum() / tokens_rows.sum())
+        weighted = float((ce_rows * self.objective.weights(auth, entropy)).sum() / tokens_rows.sum())
+        result = {"val_loss": plain, "val_objective": self.objective.objective(weighted, plain, auth, entropy)}
+        for name, rows in (("val_loss_low_auth", auth < AUTHORITY_SPLIT), ("val_loss_high_auth", auth >= AUTHORITY_SPLIT)):
+            if rows.any():
+                result[name] = float(ce_rows[rows].sum() / tokens_rows[rows].sum())
+        return result
+
+    # -- saving -----------------------------------------------------------------
+
+    def save_checkpoint(self, *, is_best: bool = False, is_final: bool = False) -> bool:
+        """Commit a checkpoint; on failure warn loudly and carry on (a few times)."""
+        try:
+            path = self.checkpoints.save(self.training_state(), is_best=is_best, is_final=is_final)
+        except CheckpointSaveError as exc:
+            self.save_failures += 1
+            self.progress.write(f"WARNING: checkpoint at step {self.state.step} failed ({exc}); "
+                                f"the previous checkpoints are untouched, retrying at the next interval")
+            if self.save_failures >= MAX_CONSECUTIVE_SAVE_FAILURES:
+                raise CheckpointingFailed(
+                    f"{self.save_failures} checkpoint saves failed in a row, the last: {exc}") from None
+            return False
+        self.save_failures = 0
+        self.last_save_step = self.state.step
+        self.write_adapters()
+        self.metrics.flush()
+        self.progress.write(f"checkpoint: {path}")
+        return True
+
+    def write_adapters(self) -> None:
+        """The newest adapters at the top of the output dir, loadable by mlx_lm."""
+        from checkpoints.atomic import write_text_atomically
+        import json
+
+        weights = dict(tree_flatten(self.model.trainable_parameters()))
+        scratch = self.output_dir / ".adapters.tmp.safetensors"
+        mx.save_safetensors(str(scratch), weights)
+        scratch.replace(self.output_dir / "adapters.safetensors")
+        write_text_atomically(self.output_dir / "adapter_config.json", json.dumps(self.adapter_config, indent=2),
+                              temp_name=".adapter_config.tmp.json")
+
+    # -- signals ----------------------------------------------------------------
+
+    def _on_signal(self, signum, frame):
+        if self._stop_signal == signal.SIGINT and signum == signal.SIGINT:
+            # A second Ctrl+C: leave now. Checkpoints commit by rename, so the
+            # last committed one is intact; a half-written one is cleaned at start.
+            sys.stderr.write("\nSecond interrupt: exiting now; the last committed checkpoint is intact.\n")
+            sys.stderr.flush()
+            import os
+            os._exit(130)
+        self._stop_signal = signum
+        sys.stderr.write(f"\n{signal.Signals(signum).name}: finishing this step and saving a checkpoint "
+                         f"(Ctrl+C again to exit at once)\n")
+
+    # -- the loop ---------------------------------------------------------------
+
+    def fit(self) -> RunEnd:
+        t, s = self.config.training, self.state
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        self.metrics = MetricsLog(self.output_dir, tensorboard=self.config.paths.tensorboard,
+                                  resume_step=s.step if self.resumed_from else None)
+        self.progress = ProgressLine(t.max_steps, initial_step=s.step)
+        if self.progress_state is not None:
+            self.progress.load_state_dict(self.progress_state)
+        if self.resumed_from:
+            self.checkpoints.protect(Path(self.resumed_from))
+        self._compiled = self._compile()
+        batches = training_batches(self.train_index, t.batch_size, t.seed, s.position, self.pad_id)
+        previous = {sig: signal.signal(sig, self._on_signal) for sig in SIGNAL_EXIT_CODES}
+        self.model.train()
+        end = None
+        try:
+            if s.step >= t.max_steps:
+                end = RunEnd(f"already at step {s.step} of --max-steps {t.max_steps}; nothing to do")
+            while end is None:
+                figures, stop = self._optimizer_step(batches)
+                if stop is not None:
+                    # The update was not applied: the state is that of the last good step.
+                    self.metrics.log(s.step + 1, loss=figures.loss, ce=figures.ce, grad_norm=figures.grad_norm)
+                    end = RunEnd(stop)
+                    self.save_checkpoint(is_final=True)
+                    break
+                s.step += 1
+                s.tokens_seen += figures.tokens
+                s.train_seconds += figures.seconds
+                s.last_loss = figures.loss
+                self.metrics.log(s.step, loss=figures.loss, ce=figures.ce, distrust=figures.distrust,
+                                 lr=figures.learning_rate, grad_norm=figures.grad_norm,
+                                 tokens=figures.tokens, tokens_per_sec=figures.tokens / max(figures.seconds, 1e-9),
+                                 memory_mb=mx.get_active_memory() / 1e6)
+                self.progress.update(s.step, figures.loss, figures.tokens, figures.seconds,
+                                     mx.get_active_memory(), s.step - self.last_save_step)
+
+                finished = s.step >= t.max_steps
+                is_best = False
+                if s.step % t.eval_steps == 0 or finished:
+                    is_best = self._validation_check()
+                    if stop is None and s.step % t.eval_steps == 0:
+                        stop = self.early_stopping.check_plateau(s.step, self.progress.smoothed_loss)
+                if stop is not None:
+                    end = RunEnd(stop)
+                elif finished:
+                    end = RunEnd(f"finished: reached --max-steps {t.max_steps}")
+                elif self._stop_signal is not None:
+                    name = signal.Signals(self._stop_signal).name
+                    end = RunEnd(f"interrupted by {name} at step {s.step}", SIGNAL_EXIT_CODES[self._stop_signal])
+                if end is not None:
+                    self.save_checkpoint(is_best=is_best, is_final=True)
+                elif is_best or s.step % t.checkpoint_interval == 0:
+                    self.save_checkpoint(is_best=is_best)
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+            self.progress.close()
+        summary = {
+            "steps": s.step, "max_steps": t.max_steps, "tokens": s.tokens_seen, "seconds": s.train_seconds,
+            "best_val_loss": _json_float(s.best_val_loss) if s.best_val_step is not None else None,
+            "best_val_step": s.best_val_step, "adapters": str(self.output_dir / "adapters.safetensors"),
+        }
+        self.metrics.end(end.reason, **summary)
+        self.metrics.close()
+        self.log(summary_text(reason=end.reason, **summary))
+        return end
+
+    def _validation_check(self) -> bool:
+        """Validate, log, and say whether this is the best validation so far."""
+        s = self.state
+        result = self.validate()
+        if result is None:
+            return False
+        self.metrics.log_validation(s.step, **result)
+        s.last_val_loss = result["val_loss"]
+        parts = "  ".join(f"{k}={v:.4f}" for k, v in result.items())
+        self.progress.write(f"step {s.step}: {parts}")
+        if math.isfinite(result["val_loss"]) and result["val_loss"] < s.best_val_loss:
+            s.best_val_loss, s.best_val_step = result["val_loss"], s.step
+            return True
+        return False
+
+
+def _float(value) -> float:
+    return math.inf if value is None else float(value)
+
+
+def _json_float(value: float):
+    return value if math.isfinite(value) else None
+
+
+def _host_rng_state() -> dict:
+    """Python's and numpy's global generators, in JSON (user code may draw from them)."""
+    version, internal, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"python": [version, list(internal), gauss],
+            "numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(cached)]}
+
+
+def _set_host_rng_state(state: dict) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
