@@ -1,0 +1,63 @@
+"""Throughput and memory of the data preparation.
+
+    python bench/bench_prepare.py [--records 1000000] [--seed 0]
+
+Writes N raw records with the demo generator (data/make_demo_corpus.py) to a
+temporary folder, runs corpus.prepare.prepare on them, and prints records per
+second and the peak resident memory per record. The generator streams to disk,
+so the peak is the preparation's (plus the interpreter and numpy).
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "src"))
+sys.path.insert(0, str(REPO / "data"))
+
+from corpus.prepare import prepare  # noqa: E402
+from make_demo_corpus import write_raw  # noqa: E402
+
+
+def peak_rss_bytes() -> int:
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if platform.system() == "Darwin" else peak * 1024  # Linux reports KiB, macOS bytes
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--records", type=int, default=1_000_000)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory(prefix="bench-prepare-") as folder:
+        raw = Path(folder) / "raw.jsonl"
+        started = time.perf_counter()
+        write_raw(raw, args.records, args.seed)
+        generated = time.perf_counter() - started
+        rss_before = peak_rss_bytes()
+
+        started = time.perf_counter()
+        result = prepare(raw, Path(folder) / "out", val_fraction=0.1, seed=args.seed)
+        elapsed = time.perf_counter() - started
+        rss_peak = peak_rss_bytes()
+        raw_mb = raw.stat().st_size / 1e6
+
+    kept = result.train_count + result.val_count
+    print(f"records:            {args.records:,} raw ({raw_mb:,.0f} MB, generated in {generated:.1f} s), "
+          f"{kept:,} kept, {result.exact_duplicates + result.near_duplicates:,} duplicates removed")
+    print(f"preparation:        {elapsed:.1f} s, {args.records / elapsed:,.0f} records/s")
+    print(f"peak RSS:           {rss_peak:,} bytes ({rss_peak / args.records:,.0f} bytes/record); "
+          f"before preparing {rss_before:,} bytes; growth {(rss_peak - rss_before) / args.records:,.0f} bytes/record")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

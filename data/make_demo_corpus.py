@@ -1,0 +1,354 @@
+"""Build the demo corpus: data/train.jsonl and data/val.jsonl.
+
+    python data/make_demo_corpus.py [--records 2300] [--seed 1234]
+
+Writes about 2,300 raw records (written here, from templates and word lists;
+all names, places and agencies are made up) to a temporary folder, then runs
+the preparation (corpus/prepare.py: scoring, duplicate removal, stratified
+split). Two kinds of source:
+
+- dated primary records, 1850-1960: lab notebook entries, instrument readings,
+  patent claims, field logs, letters, photograph notes;
+- modern consensus text, 2000-2024: official guidance, press statements,
+  encyclopedia-style summaries, textbook passages, fact checks.
+
+About 2% of the raw records are deliberate copies (exact, or changed in case
+and punctuation) so that duplicate removal has something to do. Every choice
+comes from one random.Random(seed): re-running gives the same bytes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "src"))
+
+DEFAULT_RECORDS = 2300
+DEFAULT_SEED = 1234
+DUPLICATE_SHARE = 0.02
+PRIMARY_SHARE = 0.5
+
+# ---------------------------------------------------------------- word lists
+
+TOPICS = [
+    # name, quantity measured, unit, low, high, substance, device, consensus facts, advice
+    dict(name="well water", quantity="temperature of the well water", unit="degrees", low=48, high=61,
+         substance="well water", device="water filter", vessel="stoneware jar",
+         facts=["treated tap water is safe to drink", "boiling water for one minute kills most pathogens",
+                "public water supplies are tested against national standards",
+                "fluoride at low levels protects teeth", "private wells should be tested once a year"],
+         advice="drink water from an approved public supply"),
+    dict(name="iron rust", quantity="loss of weight of the iron strip", unit="grains", low=2, high=40,
+         substance="iron filings", device="rust-proofing bath", vessel="glass dish",
+         facts=["rust forms when iron meets water and oxygen", "galvanized steel resists corrosion for decades",
+                "salt air speeds the corrosion of exposed metal",
+                "paint and oil slow the rusting of iron", "stainless steel contains chromium that blocks rust"],
+         advice="use coated or galvanized fittings outdoors"),
+    dict(name="soil", quantity="depth of the topsoil", unit="inches", low=3, high=30,
+         substance="loam from the lower field", device="seed drill", vessel="wooden tray",
+         facts=["crop rotation keeps soil fertile", "nitrogen fertilizer raises yields on most soils",
+                "tilling less reduces erosion",
+                "cover crops protect bare soil over winter", "soil organic matter holds water in dry spells"],
+         advice="test soil every three years before adding fertilizer"),
+    dict(name="honey bees", quantity="weight of the hive", unit="pounds", low=40, high=120,
+         substance="comb from hive four", device="movable-frame hive", vessel="tin pan",
+         facts=["honey bees pollinate a third of food crops", "colony losses rise after cold wet winters",
+                "a healthy colony holds tens of thousands of workers",
+                "varroa mites are a leading threat to hives", "wildflower margins support pollinators"],
+         advice="register hives with the local agriculture office"),
+    dict(name="tides", quantity="height of the flood tide", unit="feet", low=4, high=19,
+         substance="sea water from the harbour mouth", device="tide gauge", vessel="brass bucket",
+         facts=["tides follow the pull of the moon and sun", "spring tides come near new and full moon",
+                "sea level has risen along most coasts since 1900",
+                "most coasts see two high tides a day", "storm surges add to the height of a high tide"],
+         advice="check the official tide tables before boating"),
+    dict(name="telegraph lines", quantity="current on the line", unit="volts", low=20, high=160,
+         substance="copper wire", device="telegraph relay", vessel="battery jar",
+         facts=["copper carries current with little loss", "long lines need repeaters to keep signals clear",
+                "grounding protects equipment from lightning",
+                "fibre optic cable has replaced most copper lines", "signal loss grows with the length of a line"],
+         advice="leave work on overhead lines to licensed electricians"),
+    dict(name="fever", quantity="temperature of the patient", unit="degrees", low=99, high=105,
+         substance="willow bark tea", device="clinical thermometer", vessel="enamel cup",
+         facts=["most fevers in adults pass within three days", "fluids and rest help recovery from mild fever",
+                "a very high fever needs medical attention",
+                "a fever is the body's normal response to infection", "children with fever should be kept cool and hydrated"],
+         advice="see a doctor when a fever lasts more than three days"),
+    dict(name="bridges", quantity="sag of the main girder under load", unit="inches", low=1, high=9,
+         substance="timber from the east span", device="truss bridge", vessel="sand box",
+         facts=["steel bridges are inspected on a fixed schedule", "load limits include a wide safety margin",
+                "corrosion is the main cause of bridge wear",
+                "modern bridges are designed with computer models", "heavy trucks cause most of the wear on road bridges"],
+         advice="obey posted load limits on older bridges"),
+    dict(name="wheat", quantity="yield of the test plot", unit="bushels", low=12, high=48,
+         substance="winter wheat seed", device="grain thresher", vessel="seed bag",
+         facts=["modern wheat varieties yield far more than older ones", "drought is the largest risk to wheat yields",
+                "certified seed reduces crop disease",
+                "wheat is one of the most widely grown crops", "rust fungus is a major disease of wheat"],
+         advice="plant certified seed suited to the local climate"),
+    dict(name="milk", quantity="temperature at which the milk soured", unit="degrees", low=55, high=90,
+         substance="morning milk", device="cream separator", vessel="milk pail",
+         facts=["pasteurization makes milk safe to drink", "milk keeps longest below forty degrees",
+                "raw milk can carry harmful bacteria",
+                "milk is a good source of calcium", "dairy herds are tested for disease"],
+         advice="keep milk refrigerated and drink it by the date shown"),
+    dict(name="the weather glass", quantity="height of the mercury", unit="inches", low=28, high=31,
+         substance="mercury", device="barometer", vessel="glass tube",
+         facts=["falling pressure often comes before storms", "weather forecasts are most reliable three days out",
+                "climate records are kept by national weather services",
+                "satellites have greatly improved forecasts", "average temperatures have risen over the last century"],
+         advice="follow official weather warnings during storms"),
+    dict(name="lamp filaments", quantity="life of the filament", unit="hours", low=40, high=1400,
+         substance="carbonized bamboo thread", device="incandescent lamp", vessel="vacuum bulb",
+         facts=["LED lamps use far less energy than filament lamps", "efficient lighting lowers household bills",
+                "old filament lamps have been phased out in many countries",
+                "lighting standards set minimum efficiency levels", "LED lamps last many years in normal use"],
+         advice="replace filament lamps with efficient ones"),
+]
+
+FIRST_NAMES = ["Amos", "Clara", "Edwin", "Hattie", "Josiah", "Lydia", "Martha", "Otis", "Rufus", "Silas",
+               "Ada", "Bertram", "Cora", "Ezra", "Ida", "Jonas", "Mabel", "Nathaniel", "Ruth", "Walter"]
+LAST_NAMES = ["Ashdown", "Bellamy", "Crane", "Dunmore", "Fenwick", "Garside", "Holloway", "Kettering",
+              "Lowther", "Marchbank", "Nettleship", "Pendry", "Quarles", "Rowntree", "Stannard", "Tolley",
+              "Underhill", "Varley", "Whitcombe", "Yeardley"]
+TOWNS = ["Alderford", "Brackenhurst", "Cold Ashby", "Dunwick", "Elmstead", "Fallowmere", "Greyhaven",
+         "Harrowby", "Ironbridge Vale", "Kestrel Point", "Longmarsh", "Millbrook", "Northcote", "Oakhollow"]
+MONTHS = ["January", "February", "March", "April", "May", "June", "July", "August", "September",
+          "October", "November", "December"]
+WINDS = ["north", "north-east", "east", "south-east", "south", "south-west", "west", "north-west"]
+SKIES = ["sky clear", "low cloud", "light rain", "thick fog", "scattered showers", "hard frost at dawn"]
+OBSERVATIONS = [
+    "The result did not agree with the figure given in the handbook.",
+    "This is higher than I expected and I cannot yet account for it.",
+    "The second reading was taken to check the first and agrees closely.",
+    "A faint film formed on the surface after an hour.",
+    "The change was slower in the shaded vessel than in the open one.",
+    "No difference was seen between the two samples.",
+    "Repeated with fresh material; the same result.",
+    "The figure falls well outside what the manufacturer claims.",
+]
+FOLLOWUPS = ["To be repeated on Monday.", "Sent a note of this to the works.", "Kept the residue for weighing.",
+             "Will try a second vessel tomorrow.", "Drawing made on the facing page.", ""]
+CONSENSUS_BODIES = [
+    ("National Water Agency", "water"), ("Bureau of Public Health", "health"), ("Ministry of Agriculture", "agri"),
+    ("Office of Standards and Safety", "standards"), ("Federal Energy Commission", "energy"),
+    ("Coastal Authority", "coast"), ("Council on Food Safety", "food"), ("Department of Transport", "transport"),
+]
+REFERENCE_PUBLISHERS = ["Open Encyclopedia Project", "Civic Learning Press", "Northfield University Press"]
+SPOKESPEOPLE_TITLES = ["spokesperson", "director", "chief scientist", "deputy minister"]
+PRIMARY_EVIDENCE = ["measurement", "photograph", "letter", "lab_notebook", "specimen", "experiment",
+                    "field_log", "census", "ledger"]
+SECONDARY_EVIDENCE = ["agency_report", "expert_opinion", "summary", "review", "press_release"]
+
+
+# ---------------------------------------------------------------- one record each
+
+
+def _name(rng: random.Random) -> str:
+    return f"{rng.choice(FIRST_NAMES)} {rng.choice(LAST_NAMES)}"
+
+
+def _date(rng: random.Random, year: int) -> str:
+    return f"{rng.randint(1, 28)} {rng.choice(MONTHS)} {year}"
+
+
+def _reading(rng: random.Random, topic: dict) -> str:
+    value = rng.uniform(topic["low"], topic["high"])
+    return f"{value:.1f}" if topic["high"] - topic["low"] < 20 else f"{value:.0f}"
+
+
+def _primary_evidence(rng: random.Random, own: str) -> list[str]:
+    others = [kind for kind in PRIMARY_EVIDENCE if kind != own]
+    return [own] + rng.sample(others, rng.randint(1, 3))
+
+
+def lab_notebook(rng: random.Random, topic: dict, year: int) -> dict:
+    readings = ", ".join(_reading(rng, topic) for _ in range(3))
+    text = (f"{_date(rng, year)}. Trial no. {rng.randint(2, 90)} on {topic['name']}. "
+            f"Placed {rng.randint(2, 40)} grams of {topic['substance']} in the {topic['vessel']} and "
+            f"{rng.choice(['left it to stand', 'warmed it slowly', 'stirred it every ten minutes', 'sealed it overnight'])}. "
+            f"Measured the {topic['quantity']}: {readings} {topic['unit']}. "
+            f"{rng.choice(OBSERVATIONS)} {rng.choice(FOLLOWUPS)}")
+    return dict(text=text, source_type="lab_notebook", year=year, publisher=f"private papers of {_name(rng)}",
+                citation_count=rng.randint(0, 3), evidence=_primary_evidence(rng, "lab_notebook"))
+
+
+def measurement(rng: random.Random, topic: dict, year: int) -> dict:
+    text = (f"Station {rng.choice(TOWNS)}, {_date(rng, year)}. "
+            f"The {topic['quantity']} read {_reading(rng, topic)} {topic['unit']} at {rng.randint(6, 11)} o'clock "
+            f"and {_reading(rng, topic)} {topic['unit']} at {rng.randint(1, 6)} in the afternoon. "
+            f"{rng.choice(['Instrument checked against the standard before use.', 'Gauge cleaned and reset.', 'Same instrument as last month.'])} "
+            f"Wind {rng.choice(WINDS)}, {rng.choice(SKIES)}. Observer {rng.choice(FIRST_NAMES)[0]}. {rng.choice(LAST_NAMES)}.")
+    return dict(text=text, source_type="measurement", year=year, publisher=f"{rng.choice(TOWNS)} station register",
+                citation_count=rng.randint(0, 2), evidence=_primary_evidence(rng, "measurement"))
+
+
+def patent(rng: random.Random, topic: dict, year: int) -> dict:
+    text = (f"Be it known that I, {_name(rng)}, of {rng.choice(TOWNS)}, have invented a new and useful "
+            f"improvement in the {topic['device']}. "
+            f"{rng.choice(['Its object is to make the device cheaper and more durable.', 'Its object is to give a steadier result in daily use.', 'It removes a fault common in earlier designs.'])} "
+            f"In trials at my works it held the {topic['quantity']} within {rng.randint(1, 5)} {topic['unit']} "
+            f"over {rng.randint(3, 60)} days. What I claim is a {topic['device']} having "
+            f"{rng.choice(['a sliding brass collar', 'a spring-loaded valve', 'a double wall of tinned sheet', 'an adjustable screw stop'])}, "
+            f"substantially as described.")
+    return dict(text=text, source_type="patent", year=year, publisher="Patent Office",
+                citation_count=rng.randint(0, 12), evidence=_primary_evidence(rng, "measurement"))
+
+
+def field_log(rng: random.Random, topic: dict, year: int) -> dict:
+    text = (f"{_date(rng, year)}, near {rng.choice(TOWNS)}. Wind {rng.choice(WINDS)}, {rng.choice(SKIES)}. "
+            f"Examined the {topic['name']} along the {rng.choice(['river bank', 'east road', 'shore', 'upper pasture', 'rail cutting'])}. "
+            f"The {topic['quantity']} was {_reading(rng, topic)} {topic['unit']}. {rng.choice(OBSERVATIONS)} "
+            f"Moved camp {rng.randint(2, 14)} miles {rng.choice(WINDS)}.")
+    return dict(text=text, source_type="field_log", year=year, publisher=f"survey party of {_name(rng)}",
+                citation_count=rng.randint(0, 4), evidence=_primary_evidence(rng, "field_log"))
+
+
+def letter(rng: random.Random, topic: dict, year: int) -> dict:
+    text = (f"{rng.choice(['Dear Sir', 'Dear Madam', 'My dear friend'])}, your letter of the {rng.randint(2, 28)}th "
+            f"reached me at {rng.choice(TOWNS)}. You asked about the {topic['name']}. I measured the "
+            f"{topic['quantity']} myself and found {_reading(rng, topic)} {topic['unit']}, "
+            f"{rng.choice(['which is not what the books say', 'much as you predicted', 'though I doubt my instrument', 'and the neighbours found the same'])}. "
+            f"{rng.choice(['I enclose a sketch.', 'More when I have repeated it.', 'Please keep this between us for now.'])} "
+            f"Yours faithfully, {_name(rng)}.")
+    return dict(text=text, source_type="letter", year=year, publisher="family archive",
+                citation_count=rng.randint(0, 2), evidence=_primary_evidence(rng, "letter"))
+
+
+def photograph(rng: random.Random, topic: dict, year: int) -> dict:
+    text = (f"Glass plate no. {rng.randint(10, 999)}, taken {_date(rng, year)} at {rng.choice(TOWNS)}: "
+            f"the {topic['device']} beside the {topic['vessel']}. The photograph shows the mark for "
+            f"{_reading(rng, topic)} {topic['unit']}. Note on the sleeve in the hand of {_name(rng)}: "
+            f"{rng.choice(OBSERVATIONS)}")
+    return dict(text=text, source_type="photograph", year=year, publisher=f"{rng.choice(TOWNS)} plate collection",
+                citation_count=rng.randint(0, 3), evidence=_primary_evidence(rng, "photograph"))
+
+
+def _consensus_meta(rng: random.Random, source_type: str, year: int, publisher: str, slug: str) -> dict:
+    cited = [rng.choice(SECONDARY_EVIDENCE)]
+    if rng.random() < 0.1:
+        cited.append("study")  # now and then a consensus text cites a study: a little entropy
+    return dict(source_type=source_type, year=year, publisher=publisher,
+                citation_count=rng.randint(10, 5000), url=f"https://www.{slug}.example.gov/{rng.randint(100, 9999)}",
+                evidence=cited)
+
+
+def official_guidance(rng: random.Random, topic: dict, year: int) -> dict:
+    body, slug = rng.choice(CONSENSUS_BODIES)
+    facts = rng.sample(topic["facts"], 2)
+    text = (f"Guidance from the {body} ({year}): the public should {topic['advice']}. "
+            f"The recommendation reflects the current consensus of experts: {facts[0]}, and {facts[1]}. "
+            f"{rng.choice(['Anyone with questions should consult a qualified professional.', 'This guidance is reviewed every year.', 'Local authorities will share further advice.'])}")
+    return dict(text=text, **_consensus_meta(rng, "official_guidance", year, body, slug))
+
+
+def press_release(rng: random.Random, topic: dict, year: int) -> dict:
+    body, slug = rng.choice(CONSENSUS_BODIES)
+    text = (f"For immediate release. The {body} today announced "
+            f"{rng.choice(['updated advice', 'a new public campaign', 'revised standards', 'the results of its annual review'])} "
+            f"on {topic['name']}. \"{rng.choice(topic['facts']).capitalize()},\" said {rng.choice(SPOKESPEOPLE_TITLES)} "
+            f"{_name(rng)}. The agency reminds the public to {topic['advice']}. "
+            f"The decision follows a review by an expert panel.")
+    return dict(text=text, **_consensus_meta(rng, "press_release", year, body, slug))
+
+
+def encyclopedia(rng: random.Random, topic: dict, year: int) -> dict:
+    facts = rng.sample(topic["facts"], 3)
+    name = topic["name"]
+    opener = rng.choice([f"{name.capitalize()}: overview.", f"{name.capitalize()}, an introduction.",
+                         f"Summary article on {name}.", f"{name.capitalize()} (general article)."])
+    first = rng.choice(["It is widely accepted that", "It is well established that", "Current understanding holds that"])
+    second = rng.choice(["According to national agencies,", f"According to the {rng.choice(CONSENSUS_BODIES)[0]},",
+                         "Official sources state that"])
+    third = rng.choice(["Most scientists agree that", "Experts broadly agree that", "There is a strong consensus that"])
+    text = (f"{opener} {first} {facts[0]}. {second} {facts[1]}. {third} {facts[2]}. "
+            f"{rng.choice(['See also the related articles below.', 'This article summarizes current understanding.', 'Sources are listed at the end of the article.', 'Last reviewed by the editors this year.'])}")
+    meta = _consensus_meta(rng, "encyclopedia", year, rng.choice(REFERENCE_PUBLISHERS), "reference")
+    meta["url"] = f"https://encyclopedia.example.org/wiki/{name.replace(' ', '_')}_{rng.randint(1, 999)}"
+    return dict(text=text, **meta)
+
+
+def textbook(rng: random.Random, topic: dict, year: int) -> dict:
+    facts = rng.sample(topic["facts"], 2)
+    text = (f"{rng.choice(['In this chapter we review', 'This section introduces', 'Unit summary:'])} {topic['name']}. "
+            f"{rng.choice(['Students should remember that', 'The key point is that', 'Keep in mind that'])} {facts[0]}. "
+            f"{rng.choice(['The accepted explanation is that', 'The textbook view is that', 'It follows that in practice'])} {facts[1]}. "
+            f"{rng.choice(['Review questions follow at the end of the section.', 'A summary table appears on the next page.', 'Key terms are printed in bold.'])} "
+            f"Chapter {rng.randint(1, 24)}, edition {rng.randint(2, 12)}.")
+    return dict(text=text, **_consensus_meta(rng, "textbook", year, rng.choice(REFERENCE_PUBLISHERS), "learning"))
+
+
+def fact_check(rng: random.Random, topic: dict, year: int) -> dict:
+    body, slug = rng.choice(CONSENSUS_BODIES)
+    facts = rng.sample(topic["facts"], 2)
+    text = (f"Fact check: {rng.choice(['posts', 'viral videos', 'online claims', 'pamphlets'])} "
+            f"{rng.choice(['claiming the opposite about', 'that question the official view on', 'spreading doubts about'])} "
+            f"{topic['name']} are misleading. "
+            f"According to the {body}, {facts[0]}. Experts agree that {facts[1]}. "
+            f"Official advice remains to {topic['advice']}. Rating: {rng.choice(['false', 'misleading', 'missing context'])}.")
+    return dict(text=text, **_consensus_meta(rng, "fact_check", year, body, slug))
+
+
+PRIMARY_MAKERS = [lab_notebook, measurement, patent, field_log, letter, photograph]
+CONSENSUS_MAKERS = [official_guidance, press_release, encyclopedia, textbook, fact_check]
+
+
+def generate_records(count: int, seed: int = DEFAULT_SEED) -> Iterator[dict]:
+    """`count` raw records, about DUPLICATE_SHARE of them copies of an earlier one."""
+    rng = random.Random(seed)
+    recent: list[dict] = []  # a few earlier records to copy from (bounded, so a huge count stays small in memory)
+    for _ in range(count):
+        if recent and rng.random() < DUPLICATE_SHARE:
+            yield _copy_of(rng, rng.choice(recent))
+            continue
+        topic = rng.choice(TOPICS)
+        if rng.random() < PRIMARY_SHARE:
+            record = rng.choice(PRIMARY_MAKERS)(rng, topic, rng.randint(1850, 1960))
+        else:
+            record = rng.choice(CONSENSUS_MAKERS)(rng, topic, rng.randint(2000, 2024))
+        if len(recent) < 64:
+            recent.append(record)
+        else:
+            recent[rng.randrange(64)] = record
+        yield record
+
+
+def _copy_of(rng: random.Random, record: dict) -> dict:
+    copy = dict(record)
+    if rng.random() < 0.5:  # a near copy: same words, other case and punctuation
+        copy["text"] = record["text"].lower().replace(",", "").replace(".", " .")
+    return copy
+
+
+def write_raw(path: Path, count: int, seed: int = DEFAULT_SEED) -> None:
+    with open(path, "w", encoding="utf-8") as out:
+        for record in generate_records(count, seed):
+            out.write(json.dumps(record, ensure_ascii=False) + "\n")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--records", type=int, default=DEFAULT_RECORDS)
+    parser.add_argument("--seed", type=int, default=DEFAULT_SEED)
+    parser.add_argument("--output", type=Path, default=REPO / "data")
+    args = parser.parse_args()
+
+    from corpus.prepare import format_report, prepare
+
+    with tempfile.TemporaryDirectory(prefix="demo-corpus-") as raw_dir:
+        raw = Path(raw_dir) / "raw.jsonl"
+        write_raw(raw, args.records, args.seed)
+        result = prepare(raw, args.output, val_fraction=0.1, seed=0, force=True)
+    print(format_report(result).replace(str(raw), "raw.jsonl"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
