@@ -53,8 +53,9 @@ class DistrustObjective:
         self.corpus_mean = float(np.mean(powered(distrust_scores(corpus_auth, corpus_entropy, alpha), lambda_weight)))
         if mode == "weighted" and not self.corpus_mean > 0:
             raise UserError(
-                "every training sample has distrust score 0 (ln(1 - auth_weight) + prov_entropy = 0), "
-                "so weighted mode has nothing to weight by; use --lambda-weight 0 or --distrust-mode reference")
+                f"the mean of d**lambda over the training set is 0 (every score is 0, or underflows at "
+                f"--lambda-weight {lambda_weight}), so weighted mode has nothing to weight by; "
+                f"use a smaller --lambda-weight or --distrust-mode reference")
 
     def weights(self, auth: np.ndarray, entropy: np.ndarray) -> np.ndarray:
         """Per-sample weights of the token cross-entropy (all 1 in reference mode)."""

@@ -33,6 +33,7 @@ from config import Config
 from corpus.batching import Batch, DataPosition, fixed_batches, training_batches
 from corpus.index import CorpusIndex
 from distrust import DistrustObjective
+from errors import UserError
 from monitoring.early_stopping import EarlyStopping
 from monitoring.metrics_log import MetricsLog, summary_text
 from monitoring.progress import ProgressLine
@@ -413,7 +414,9 @@ class DistrustTrainer:
                 is_best = False
                 if s.step % t.eval_steps == 0 or finished:
                     is_best = self._validation_check()
-                    if stop is None and s.step % t.eval_steps == 0:
+                    # A plateau is judged on a full smoothing window only: the
+                    # weighted objective is noisy from batch to batch.
+                    if stop is None and s.step % t.eval_steps == 0 and len(self.progress.losses) == self.progress.window:
                         stop = self.early_stopping.check_plateau(s.step, self.progress.smoothed_loss)
                 if stop is not None:
                     end = RunEnd(stop)
@@ -443,7 +446,13 @@ class DistrustTrainer:
     def _validation_check(self) -> bool:
         """Validate, log, and say whether this is the best validation so far."""
         s = self.state
-        result = self.validate()
+        try:
+            result = self.validate()
+        except UserError:
+            # A bad val file is found at the first validation (it is read
+            # lazily): keep the steps already done before stopping.
+            self.save_checkpoint()
+            raise
         if result is None:
             return False
         self.metrics.log_validation(s.step, **result)

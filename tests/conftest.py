@@ -1,0 +1,96 @@
+"""Shared helpers: small corpora written by the tests, and the CLI run as a real process.
+
+Every run uses the tiny demo model, built locally on first use (no network),
+with short sequences and small batches so a step takes milliseconds on CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+TRAIN_SCRIPT = REPO / "src" / "train_qlora.py"
+
+WORDS = (
+    "the measurement was taken at dawn and written in the field log pressure rose slowly "
+    "agency statement consensus guidance official summary reported notebook sample copper "
+    "voltage reading patent claim letter observed committee recommends experts agree"
+).split()
+
+# Fast settings for every CLI run; a test adds or overrides what it is about.
+FAST = ["--model", "tiny", "--batch-size", "4", "--max-seq-length", "48", "--learning-rate", "3e-3",
+        "--warmup-steps", "2", "--eval-steps", "5", "--val-batches", "2", "--checkpoint-interval", "5",
+        "--lora-rank", "4", "--no-tensorboard", "--no-early-stopping"]
+
+
+def make_record(rng: random.Random, **overrides) -> dict:
+    record = {
+        "text": " ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 30))),
+        "auth_weight": round(rng.uniform(0.0, 0.99), 3),
+        "prov_entropy": round(rng.uniform(0.0, 5.0), 3),
+    }
+    record.update(overrides)
+    return record
+
+
+def write_jsonl(path: Path, records) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as handle:
+        for record in records:
+            handle.write((record if isinstance(record, str) else json.dumps(record)) + "\n")
+    return path
+
+
+def write_corpus(directory: Path, train: int = 48, val: int = 16, seed: int = 0, **overrides) -> Path:
+    rng = random.Random(seed)
+    write_jsonl(directory / "train.jsonl", [make_record(rng, **overrides) for _ in range(train)])
+    if val:
+        write_jsonl(directory / "val.jsonl", [make_record(rng, **overrides) for _ in range(val)])
+    return directory
+
+
+def run_cli(*args, timeout: float = 300, input: str | None = None, cwd: Path = REPO) -> subprocess.CompletedProcess:
+    """The training command as a user runs it, in its own process."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    return subprocess.run([sys.executable, str(TRAIN_SCRIPT), *map(str, args)], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=timeout, input=input)
+
+
+def read_metrics(output_dir: Path) -> list[dict]:
+    with open(output_dir / "metrics.jsonl", encoding="utf-8") as handle:
+        return [json.loads(line) for line in handle]
+
+
+def train_lines(output_dir: Path) -> list[dict]:
+    return [line for line in read_metrics(output_dir) if "loss" in line and "event" not in line]
+
+
+def load_adapters(output_dir: Path) -> dict:
+    import mlx.core as mx
+
+    return mx.load(str(output_dir / "adapters.safetensors"))
+
+
+def adapters_equal(a: dict, b: dict) -> bool:
+    import mlx.core as mx
+
+    return a.keys() == b.keys() and all(mx.array_equal(a[k], b[k]).item() for k in a)
+
+
+@pytest.fixture
+def corpus(tmp_path) -> Path:
+    return write_corpus(tmp_path / "data")
+
+
+def load_tiny():
+    """A fresh tiny demo model (quantized, no LoRA yet) and its tokenizer."""
+    import modeling
+
+    return modeling.load_model("tiny", quantize_bits=4)

@@ -1,0 +1,106 @@
+"""Bad input: one line naming the file, line and problem; exit 2; no traceback; nothing lost."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+
+from conftest import FAST, make_record, run_cli, write_corpus, write_jsonl
+
+
+def good_lines(n=12, seed=0):
+    rng = random.Random(seed)
+    return [json.dumps(make_record(rng)) for _ in range(n)]
+
+
+BAD_TRAIN_FILES = {
+    # name: (lines of train.jsonl, what the message must say)
+    "truncated last line": (good_lines() + ['{"text": "cut off here', ], ["train.jsonl:13", "invalid JSON"]),
+    "not an object": (good_lines(3) + ["[1, 2]"], ["train.jsonl:4", "expected a JSON object"]),
+    "missing auth_weight": (good_lines(2) + [json.dumps({"text": "a b", "prov_entropy": 1.0})],
+                            ["train.jsonl:3", "missing field 'auth_weight'"]),
+    "auth_weight is a string": (good_lines(2) + [json.dumps({"text": "a", "auth_weight": "high", "prov_entropy": 1})],
+                                ["train.jsonl:3", "'auth_weight' must be a finite number"]),
+    "auth_weight above 0.99": (good_lines(5) + [json.dumps({"text": "a", "auth_weight": 1.5, "prov_entropy": 1})],
+                               ["train.jsonl:6", "'auth_weight' must be in [0, 0.99]"]),
+    "negative prov_entropy": ([json.dumps({"text": "a", "auth_weight": 0.5, "prov_entropy": -1})],
+                              ["train.jsonl:1", "'prov_entropy' must be >= 0"]),
+    "text is a number": ([json.dumps({"text": 7, "auth_weight": 0.5, "prov_entropy": 1})],
+                         ["train.jsonl:1", "'text' must be a string"]),
+    "empty text": (good_lines(4) + [json.dumps({"text": "  ", "auth_weight": 0.5, "prov_entropy": 1})],
+                   ["train.jsonl:5", "empty 'text'"]),
+    "no text field": ([json.dumps({"body": "x", "auth_weight": 0.5, "prov_entropy": 1})],
+                      ["train.jsonl:1", "missing field 'text'"]),
+    "empty file": ([], ["train.jsonl", "empty file"]),
+    "chat without assistant": ([json.dumps({"messages": [{"role": "user", "content": "hi"}],
+                                            "auth_weight": 0.5, "prov_entropy": 1})],
+                               ["train.jsonl:1", "last message must be a non-empty 'assistant'"]),
+}
+
+
+def assert_one_line_error(result, *fragments):
+    assert result.returncode == 2, (result.returncode, result.stderr)
+    assert "Traceback" not in result.stderr
+    error_lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(error_lines) == 1, result.stderr
+    for fragment in fragments:
+        assert fragment in error_lines[0], error_lines[0]
+
+
+@pytest.mark.parametrize("case", sorted(BAD_TRAIN_FILES))
+def test_bad_training_file(case, tmp_path):
+    lines, fragments = BAD_TRAIN_FILES[case]
+    data = tmp_path / "data"
+    write_jsonl(data / "train.jsonl", lines)
+    out = tmp_path / "out"
+    result = run_cli(*FAST, "--data-dir", data, "--output-dir", out, "--max-steps", "2")
+    assert_one_line_error(result, *fragments)
+    assert not (out / "adapters.safetensors").exists()
+
+
+def test_missing_train_file(tmp_path):
+    result = run_cli(*FAST, "--data-dir", tmp_path / "nowhere", "--output-dir", tmp_path / "out")
+    assert_one_line_error(result, "train.jsonl", "not found")
+
+
+def test_unknown_model_path(corpus, tmp_path):
+    args = [a if a != "tiny" else str(tmp_path / "no-such-model") for a in FAST]
+    result = run_cli(*args, "--data-dir", corpus, "--output-dir", tmp_path / "out")
+    assert_one_line_error(result, "no-such-model", "model not found")
+
+
+@pytest.mark.parametrize("flags, fragment", [
+    (["--lora-rank", "0"], "--lora-rank must be at least 1"),
+    (["--learning-rate", "-1"], "--learning-rate must be a positive number"),
+    (["--distrust-mode", "sideways"], "--distrust-mode must be 'weighted' or 'reference'"),
+    (["--lora-dropout", "1.5"], "--lora-dropout must be in [0, 1)"),
+    (["--quantize-bits", "7"], "--quantize-bits must be one of"),
+])
+def test_bad_config_value(flags, fragment, corpus, tmp_path):
+    result = run_cli(*FAST, *flags, "--data-dir", corpus, "--output-dir", tmp_path / "out")
+    assert_one_line_error(result, fragment)
+
+
+def test_bad_yaml_config(corpus, tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text("lora:\n  dropout: lots\n")
+    result = run_cli(*FAST, "--config", config, "--data-dir", corpus, "--output-dir", tmp_path / "out",
+                     "--max-steps", "2")
+    assert_one_line_error(result, "run.yaml", "lora.dropout", "must be float")
+    config.write_text("lora_rank: 4\nbogus_setting: 1\n")
+    result = run_cli(*FAST, "--config", config, "--data-dir", corpus, "--output-dir", tmp_path / "out",
+                     "--max-steps", "2")
+    assert_one_line_error(result, "unknown setting 'bogus_setting'")
+
+
+def test_bad_val_file_stops_with_its_line_and_keeps_the_checkpoint(tmp_path):
+    data = write_corpus(tmp_path / "data")
+    with open(data / "val.jsonl", "a") as handle:
+        handle.write('{"text": "broken\n')
+    out = tmp_path / "out"
+    result = run_cli(*FAST, "--data-dir", data, "--output-dir", out, "--max-steps", "10", "--val-batches", "50")
+    assert_one_line_error(result, "val.jsonl:17", "invalid JSON")
+    # the steps before the first validation are not lost
+    assert (out / "checkpoints" / "step-00000005").is_dir()
