@@ -437,6 +437,7 @@ class DistrustTrainer:
             "steps": s.step, "max_steps": t.max_steps, "tokens": s.tokens_seen, "seconds": s.train_seconds,
             "best_val_loss": _json_float(s.best_val_loss) if s.best_val_step is not None else None,
             "best_val_step": s.best_val_step, "adapters": str(self.output_dir / "adapters.safetensors"),
+            "peak_memory_mb": mx.get_peak_memory() / 1e6,
         }
         self.metrics.end(end.reason, **summary)
         self.metrics.close()
