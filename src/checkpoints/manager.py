@@ -1,0 +1,434 @@
+"""CheckpointManager: save, list, verify, load and retire checkpoints in one directory.
+
+Modelled on Orbax's CheckpointManager. A checkpoint is written under a
+temporary name (`.tmp-...`, invisible to listing), flushed, then renamed into
+place: it is whole or it is not there. Retention runs only after a commit and
+is a value (RetentionPolicy). Leftovers of a killed save are removed by
+clean_temporaries(), which a run calls at start.
+
+Layout of the directory:
+
+    step-00000250/        adapters.safetensors, adapter_config.json, optimizer.safetensors,
+                          trainer_state.json, config.json, manifest.json (written last)
+    best, final           pointer files: the name of a step directory
+    .tmp-*                work in progress or leftovers of a killed save
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import shutil
+import sys
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable
+
+import mlx.core as mx
+
+from errors import UserError
+
+from .atomic import flush_dir, write_text_atomically
+from .manifest import verify_checkpoint, write_manifest
+from .retention import RetentionPolicy
+from .state import ArrayWriteError, TrainingState, check_state, describe_error, read_state_files, write_state_files
+
+STEP_DIR_PATTERN = re.compile(r"^step-(\d{8,})$")
+TEMP_PREFIX = ".tmp-"
+BEST_POINTER = "best"
+FINAL_POINTER = "final"
+# A temporary name ends with the pid of the process that made it, so that a
+# leftover can be told from the work of another process still running.
+TEMP_PID_PATTERN = re.compile(r"-(\d+)$")
+REPLACED_PATTERN = re.compile(r"^\.tmp-replaced-(step-\d{8,})-\d+$")
+
+
+def checkpoint_dir_name(step: int) -> str:
+    return f"step-{step:08d}"
+
+
+def print_to_stderr(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+class CheckpointSaveError(Exception):
+    """A save failed; the previous checkpoints are untouched and no partial one is visible.
+
+    Attributes: checkpoint (the directory name), parameter (the array whose
+    write fails alone, or None), cause (the underlying exception).
+    """
+
+    def __init__(self, message: str, *, checkpoint: str, cause: BaseException, parameter: str | None = None):
+        super().__init__(message)
+        self.checkpoint = checkpoint
+        self.cause = cause
+        self.parameter = parameter
+
+
+class CheckpointCorruptError(Exception):
+    """A checkpoint failed verification or could not be read back."""
+
+
+@dataclass
+class CheckpointInfo:
+    path: Path
+    step: int
+    valid: bool
+    problem: str | None  # why it is invalid, naming the file; None when valid
+    loss: float | None
+    val_loss: float | None
+    size_bytes: int
+    is_best: bool
+    is_final: bool
+
+
+class CheckpointManager:
+    def __init__(
+        self,
+        directory: Path,
+        keep: int = 3,
+        *,
+        fsync: bool = True,
+        warn: Callable[[str], None] = print_to_stderr,
+    ):
+        self.directory = Path(directory)
+        self.retention = RetentionPolicy(keep_last=keep)
+        self.fsync = fsync
+        self.warn = warn
+        self._protected: set[str] = set()  # directory names retention must not delete
+
+    # ------------------------------------------------------------------ save
+
+    def save(self, state: TrainingState, *, is_best: bool = False, is_final: bool = False) -> Path:
+        """Commit `state` as checkpoints/step-NNNNNNNN/ and return its path.
+
+        Raises TypeError for a state that cannot be serialized (a bug: retrying
+        would not help) and CheckpointSaveError when the file system fails
+        (full disk, I/O error, permission): then the previous checkpoints are
+        untouched and no temporary directory is left behind.
+        """
+        check_state(state)
+        name = checkpoint_dir_name(state.step)
+        val_loss = state.trainer.get("val_loss")
+        if is_best and isinstance(val_loss, float) and math.isnan(val_loss):
+            self.warn(f"checkpoint {name} has a NaN validation loss: not marking it best")
+            is_best = False
+        # One bulk evaluation: the writer then copies memory and computes nothing.
+        mx.eval(list(state.adapters.values()) + list(state.optimizer.values()))
+
+        final = self.directory / name
+        temp = self.directory / f"{TEMP_PREFIX}{name}-{os.getpid()}"
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            remove_path(temp)  # our own leftover of an earlier failed attempt
+            temp.mkdir()
+            write_state_files(state, temp, fsync=self.fsync)
+            write_manifest(temp, state.step, state.trainer, fsync=self.fsync)
+            if self.fsync:
+                flush_dir(temp)
+            replaced = self._commit(temp, final)
+        except (ArrayWriteError, OSError) as error:
+            remove_path(temp, quiet=True)
+            raise self._save_error(name, error) from error
+        except BaseException:  # KeyboardInterrupt included: leave nothing half-made
+            remove_path(temp, quiet=True)
+            raise
+
+        # Committed. What follows only bookkeeps: its failures are warned
+        # about, never reported as a failed save.
+        self._update_pointers(name, is_best=is_best, is_final=is_final, replaced=replaced)
+        try:
+            self._apply_retention(just_saved=name)
+        except OSError as error:
+            self.warn(f"retention after saving {name} failed: {describe_error(error)}")
+        return final
+
+    def _commit(self, temp: Path, final: Path) -> bool:
+        """Rename `temp` to `final`; returns whether an existing `final` was replaced.
+
+        A directory cannot be atomically renamed over a non-empty one, so an
+        existing one (a resumed run saving the same step again) is renamed
+        aside first and removed only after the new one is in place. If we die
+        in between, clean_temporaries() puts it back.
+        """
+        aside = None
+        if final.exists():
+            aside = self.directory / f"{TEMP_PREFIX}replaced-{final.name}-{os.getpid()}"
+            remove_path(aside)
+            os.rename(final, aside)
+        try:
+            os.rename(temp, final)
+        except BaseException:
+            if aside is not None:
+                os.rename(aside, final)
+            raise
+        if self.fsync:
+            try:
+                flush_dir(self.directory)
+            except OSError as error:
+                self.warn(f"checkpoint {final.name} is in place but flushing {self.directory} failed: "
+                          f"{describe_error(error)}; it may not survive a power loss")
+        if aside is not None:
+            remove_path(aside, quiet=True)
+        return aside is not None
+
+    def _save_error(self, name: str, error: BaseException) -> CheckpointSaveError:
+        parameter = None
+        cause: BaseException = error
+        if isinstance(error, ArrayWriteError):
+            parameter, cause = error.parameter, error.cause
+        message = f"could not save checkpoint {name} in {self.directory}: {error}"
+        if not (isinstance(cause, OSError) and cause.errno is not None):
+            # mlx reports a failed write without its reason; the free space often is it.
+            try:
+                message += f" ({shutil.disk_usage(self.directory).free} bytes free there)"
+            except OSError:
+                pass
+        message += "; the previous checkpoints are untouched"
+        return CheckpointSaveError(message, checkpoint=name, cause=cause, parameter=parameter)
+
+    def _update_pointers(self, name: str, *, is_best: bool, is_final: bool, replaced: bool) -> None:
+        for pointer, flagged in ((BEST_POINTER, is_best), (FINAL_POINTER, is_final)):
+            try:
+                if flagged:
+                    write_text_atomically(
+                        self.directory / pointer, name + "\n",
+                        temp_name=f"{TEMP_PREFIX}{pointer}-{os.getpid()}", fsync=self.fsync,
+                    )
+                elif replaced and self._read_pointer(pointer) == name:
+                    # The directory it named now holds a different state.
+                    (self.directory / pointer).unlink(missing_ok=True)
+            except OSError as error:
+                self.warn(f"could not update the '{pointer}' pointer to {name}: {describe_error(error)}")
+
+    def _apply_retention(self, just_saved: str) -> None:
+        doomed = self.retention.to_delete(self.checkpoints(), protected=self._protected, just_saved=just_saved)
+        for info in doomed:
+            # Out of sight first: a deletion cut short leaves a hidden
+            # leftover, not a visible half checkpoint.
+            hidden = self.directory / f"{TEMP_PREFIX}deleting-{info.path.name}-{os.getpid()}"
+            os.rename(info.path, hidden)
+            remove_path(hidden)
+        if doomed and self.fsync:
+            flush_dir(self.directory)
+
+    # --------------------------------------------------------------- listing
+
+    def checkpoints(self) -> list[CheckpointInfo]:
+        """The committed checkpoints, oldest first, each verified against its manifest."""
+        if not self.directory.is_dir():
+            return []
+        best, final = self._read_pointer(BEST_POINTER), self._read_pointer(FINAL_POINTER)
+        infos = []
+        for entry in os.scandir(self.directory):
+            match = STEP_DIR_PATTERN.match(entry.name)
+            if match and entry.is_dir(follow_symlinks=False):
+                infos.append(self._inspect(Path(entry.path), int(match[1]), best=best, final=final))
+        return sorted(infos, key=lambda info: info.step)
+
+    def latest_valid(self) -> CheckpointInfo | None:
+        """The newest valid checkpoint; each newer invalid one is named in a warning."""
+        for info in reversed(self.checkpoints()):
+            if info.valid:
+                return info
+            self.warn(f"skipping checkpoint {info.path.name} ({info.path}): {info.problem}")
+        return None
+
+    def best(self) -> CheckpointInfo | None:
+        return next((info for info in self.checkpoints() if info.is_best), None)
+
+    def final(self) -> CheckpointInfo | None:
+        return next((info for info in self.checkpoints() if info.is_final), None)
+
+    def resolve(self, spec: str) -> CheckpointInfo:
+        """`latest`, `best`, `final` or a path (absolute, relative, or a name inside the directory).
+
+        Raises UserError with a one-line message when there is none or it is invalid.
+        """
+        if spec == "latest":
+            info = self.latest_valid()
+            if info is None:
+                found = self.checkpoints()
+                if not found:
+                    raise UserError(f"no checkpoint to resume from in {self.directory}")
+                raise UserError(
+                    f"no valid checkpoint in {self.directory}: all {len(found)} failed verification "
+                    f"(newest, {found[-1].path.name}: {one_line(found[-1].problem)})"
+                )
+            return info
+        if spec in (BEST_POINTER, FINAL_POINTER):
+            info = self.best() if spec == BEST_POINTER else self.final()
+            if info is None:
+                why = "no validation has improved yet" if spec == BEST_POINTER else "no run has finished here"
+                raise UserError(f"no {spec} checkpoint in {self.directory} ({why})")
+            if not info.valid:
+                raise UserError(f"the {spec} checkpoint {info.path} is invalid: {one_line(info.problem)}")
+            return info
+        path = Path(spec).expanduser()
+        if not path.exists() and not path.is_absolute() and (self.directory / spec).exists():
+            path = self.directory / spec
+        if not path.exists():
+            raise UserError(f"checkpoint {spec} does not exist (expected 'latest', 'best' or a checkpoint directory)")
+        if not path.is_dir():
+            raise UserError(f"checkpoint {spec} is not a directory")
+        info = self._inspect_path(path)
+        if not info.valid:
+            raise UserError(f"checkpoint {path} is invalid: {one_line(info.problem)}")
+        return info
+
+    def _inspect_path(self, path: Path) -> CheckpointInfo:
+        """Inspect any checkpoint directory, ours or elsewhere."""
+        match = STEP_DIR_PATTERN.match(path.name)
+        expected_step = int(match[1]) if match else None
+        ours = path.resolve().parent == self.directory.resolve()
+        best = self._read_pointer(BEST_POINTER) if ours else None
+        final = self._read_pointer(FINAL_POINTER) if ours else None
+        return self._inspect(path, expected_step, best=best, final=final)
+
+    def _inspect(self, path: Path, expected_step: int | None, *, best: str | None, final: str | None) -> CheckpointInfo:
+        manifest, problem = verify_checkpoint(path, expected_step)
+        step = expected_step if expected_step is not None else (manifest or {}).get("step", -1)
+        return CheckpointInfo(
+            path=path,
+            step=step,
+            valid=problem is None,
+            problem=problem,
+            loss=(manifest or {}).get("loss"),
+            val_loss=(manifest or {}).get("val_loss"),
+            size_bytes=directory_size(path),
+            is_best=path.name == best,
+            is_final=path.name == final,
+        )
+
+    def _read_pointer(self, pointer: str) -> str | None:
+        try:
+            name = (self.directory / pointer).read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError):
+            return None
+        # Only a step directory's name: never a path leading elsewhere.
+        return name if STEP_DIR_PATTERN.match(name) else None
+
+    # ------------------------------------------------------------------ load
+
+    def load(self, path: str | os.PathLike | CheckpointInfo) -> TrainingState:
+        """Verify the manifest, then read the state (safetensors and JSON only)."""
+        path = as_path(path)
+        if not path.is_dir():
+            raise FileNotFoundError(f"no checkpoint directory at {path}")
+        match = STEP_DIR_PATTERN.match(path.name)
+        manifest, problem = verify_checkpoint(path, int(match[1]) if match else None)
+        if problem:
+            raise CheckpointCorruptError(f"checkpoint {path} is corrupt: {problem}")
+        try:
+            state = read_state_files(path)
+        except (OSError, ValueError, KeyError, TypeError, RuntimeError) as error:
+            raise CheckpointCorruptError(f"checkpoint {path} cannot be read: {describe_error(error)}") from error
+        if state.step != manifest["step"]:
+            raise CheckpointCorruptError(
+                f"checkpoint {path} is corrupt: trainer_state.json says step {state.step}, "
+                f"the manifest says {manifest['step']}"
+            )
+        return state
+
+    # ------------------------------------------------------- run life cycle
+
+    def protect(self, path: str | os.PathLike | CheckpointInfo) -> None:
+        """Retention will never delete this checkpoint (the one this run resumed from)."""
+        path = as_path(path)
+        if path.resolve().parent == self.directory.resolve():
+            self._protected.add(path.name)
+
+    def move_aside(self) -> Path | None:
+        """For --fresh: rename the directory to `<name>.old-<UTC time>`; never deletes.
+
+        Returns the new location, or None when there was nothing to move.
+        """
+        if not self.directory.is_dir() or not any(self.directory.iterdir()):
+            return None
+        stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+        target = self.directory.with_name(f"{self.directory.name}.old-{stamp}")
+        counter = 1
+        while target.exists():
+            target = self.directory.with_name(f"{self.directory.name}.old-{stamp}-{counter}")
+            counter += 1
+        os.rename(self.directory, target)
+        if self.fsync:
+            flush_dir(target.parent)
+        self._protected.clear()
+        return target
+
+    def clean_temporaries(self) -> list[Path]:
+        """Remove the leftovers of killed saves and deletions; returns what was removed.
+
+        A checkpoint renamed aside to be replaced, whose replacement never
+        arrived, is put back instead. Temporaries of another process that is
+        still alive are left alone: it may be saving right now.
+        """
+        if not self.directory.is_dir():
+            return []
+        removed = []
+        for entry in os.scandir(self.directory):
+            if not entry.name.startswith(TEMP_PREFIX):
+                continue
+            pid = TEMP_PID_PATTERN.search(entry.name)
+            if pid and int(pid[1]) != os.getpid() and process_is_alive(int(pid[1])):
+                continue
+            path = Path(entry.path)
+            replaced = REPLACED_PATTERN.match(entry.name)
+            if replaced and not (self.directory / replaced[1]).exists():
+                os.rename(path, self.directory / replaced[1])
+                self.warn(f"restored checkpoint {replaced[1]}: a save replacing it was interrupted")
+                continue
+            remove_path(path)
+            removed.append(path)
+        if removed and self.fsync:
+            flush_dir(self.directory)
+        return removed
+
+
+# ----------------------------------------------------------------- helpers
+
+
+def as_path(ref) -> Path:
+    return ref.path if isinstance(ref, CheckpointInfo) else Path(ref)
+
+
+def remove_path(path: Path, *, quiet: bool = False) -> None:
+    """Remove a file or a directory tree if it exists; `quiet` for cleanup after an error."""
+    try:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
+    except OSError:
+        if not quiet:
+            raise
+
+
+def directory_size(path: Path) -> int:
+    total = 0
+    try:
+        for entry in os.scandir(path):
+            if entry.is_file(follow_symlinks=False):
+                total += entry.stat(follow_symlinks=False).st_size
+    except OSError:
+        pass
+    return total
+
+
+def process_is_alive(pid: int) -> bool:
+    if sys.platform == "win32":  # pragma: no cover - os.kill(pid, 0) would terminate it there
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def one_line(text: str | None) -> str:
+    return " ".join((text or "").split())
