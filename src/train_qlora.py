@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(args: argparse.Namespace) -> int:
     from checkpoints import CheckpointManager
-    from checkpoints.resume import choose_start, describe_checkpoints
+    from checkpoints.resume import RunLock, choose_start, describe_checkpoints
 
     config = config_from_args(args)
     output_dir = config.output_dir
@@ -119,8 +119,9 @@ def run(args: argparse.Namespace) -> int:
         print(describe_checkpoints(manager, output_dir))
         return 0
 
-    start = choose_start(manager, config, args)  # may ask at a terminal, or exit 2 without one
-    return train(config, output_dir, manager, start)
+    with RunLock(output_dir):
+        start = choose_start(manager, config, args)  # may ask at a terminal, or exit 2 without one
+        return train(config, output_dir, manager, start)
 
 
 def train(config, output_dir: Path, manager, start) -> int:

@@ -9,8 +9,10 @@ prompt, nor silently throw away a night of training.
 
 from __future__ import annotations
 
+import os
 import sys
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 
 from checkpoints.manager import CheckpointCorruptError, CheckpointManager
@@ -38,7 +40,10 @@ def choose_start(manager: CheckpointManager, config, args, *, stdin=None, out=No
         return None
     if args.resume:
         info = manager.resolve(args.resume)
-        return _load_checked(manager, info.path, config)
+        point = _load_checked(manager, info.path, config)
+        if info.path.resolve().parent == manager.directory.resolve():
+            set_aside_newer(manager, point, out)
+        return point
     if args.auto_resume:
         point = _newest_loadable(manager, config)
         if point is None:
@@ -64,6 +69,52 @@ def choose_start(manager: CheckpointManager, config, args, *, stdin=None, out=No
         f"{manager.directory} holds checkpoints (newest valid: step {newest.step}); choose: "
         f"--auto-resume or --resume latest|best|PATH to continue, or --fresh to start anew "
         f"(the old ones are moved aside, not deleted)")
+
+
+def set_aside_newer(manager: CheckpointManager, point: ResumePoint, out=None) -> Path | None:
+    """Resuming from an older checkpoint (say `best`) abandons the newer ones:
+    move them aside, so that after a crash `latest` cannot pick them up."""
+    newer = [info.path for info in manager.checkpoints() if info.step > point.state.step]
+    if not newer:
+        return None
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    target = manager.directory.with_name(f"{manager.directory.name}.superseded-{stamp}")
+    target.mkdir(parents=True, exist_ok=True)
+    for path in newer:
+        os.rename(path, target / path.name)
+    print(f"resuming from step {point.state.step}: the {len(newer)} newer checkpoint(s) were moved to "
+          f"{target} (nothing was deleted)", file=out or sys.stderr)
+    return target
+
+
+class RunLock:
+    """One run per output directory: two writers would interleave checkpoints."""
+
+    def __init__(self, output_dir: Path):
+        self.path = Path(output_dir) / ".run.lock"
+        self.handle = None
+
+    def __enter__(self) -> "RunLock":
+        import fcntl
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.handle = open(self.path, "a+")
+        try:
+            fcntl.flock(self.handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.handle.seek(0)
+            holder = self.handle.read().strip() or "another process"
+            self.handle.close()
+            raise UserError(f"{self.path.parent} is in use by a run still going ({holder}); "
+                            f"wait for it, or use another --output-dir") from None
+        self.handle.seek(0)
+        self.handle.truncate()
+        self.handle.write(f"pid {os.getpid()}")
+        self.handle.flush()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.handle.close()  # closing releases the lock; the file itself may stay
 
 
 def _newest_loadable(manager: CheckpointManager, config) -> ResumePoint | None:
