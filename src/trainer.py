@@ -328,6 +328,7 @@ class DistrustTrainer:
 
     def save_checkpoint(self, *, is_best: bool = False, is_final: bool = False) -> bool:
         """Commit a checkpoint; on failure warn loudly and carry on (a few times)."""
+        started = time.perf_counter()
         try:
             path = self.checkpoints.save(self.training_state(), is_best=is_best, is_final=is_final)
         except CheckpointSaveError as exc:
@@ -341,6 +342,8 @@ class DistrustTrainer:
         self.save_failures = 0
         self.last_save_step = self.state.step
         self.write_adapters()
+        self.metrics.event(self.state.step, "checkpoint", path=str(path), seconds=time.perf_counter() - started,
+                           best=is_best, final=is_final)
         self.metrics.flush()
         self.progress.write(f"checkpoint: {path}")
         return True

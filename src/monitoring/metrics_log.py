@@ -179,6 +179,10 @@ class MetricsLog:
         self._write_line({"step": step, **scalars})
         self._write_scalars(step, scalars)
 
+    def event(self, step: int, name: str, **fields) -> None:
+        """A JSON line only (no TensorBoard scalar): e.g. a checkpoint and how long it took."""
+        self._write_line({"step": step, "event": name, **fields})
+
     def end(self, reason: str, **summary) -> None:
         """The last line: why the run ended, and its summary figures."""
         self._write_line({"event": "end", "reason": reason, **summary})
