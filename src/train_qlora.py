@@ -112,11 +112,15 @@ def run(args: argparse.Namespace) -> int:
     from checkpoints import CheckpointManager
     from checkpoints.resume import RunLock, choose_start, describe_checkpoints
 
+    if args.list_checkpoints and args.output_dir and not args.model:
+        # Listing needs only where to look: no model, no other setting.
+        print(describe_checkpoints(CheckpointManager(Path(args.output_dir) / "checkpoints")))
+        return 0
     config = config_from_args(args)
     output_dir = config.output_dir
     manager = CheckpointManager(output_dir / "checkpoints", keep=config.training.keep_checkpoints)
     if args.list_checkpoints:
-        print(describe_checkpoints(manager, output_dir))
+        print(describe_checkpoints(manager))
         return 0
 
     with RunLock(output_dir):

@@ -13,7 +13,9 @@ lazy: it is computed together with the next step's gradients.
 
 from __future__ import annotations
 
+import json
 import math
+import os
 import random
 import signal
 import sys
@@ -29,6 +31,7 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 from checkpoints import CheckpointManager, CheckpointSaveError, TrainingState
+from checkpoints.atomic import write_text_atomically
 from config import Config
 from corpus.batching import Batch, DataPosition, fixed_batches, training_batches
 from corpus.index import CorpusIndex
@@ -350,9 +353,6 @@ class DistrustTrainer:
 
     def write_adapters(self) -> None:
         """The newest adapters at the top of the output dir, loadable by mlx_lm."""
-        from checkpoints.atomic import write_text_atomically
-        import json
-
         weights = dict(tree_flatten(self.model.trainable_parameters()))
         scratch = self.output_dir / ".adapters.tmp.safetensors"
         mx.save_safetensors(str(scratch), weights)
@@ -368,7 +368,6 @@ class DistrustTrainer:
             # last committed one is intact; a half-written one is cleaned at start.
             sys.stderr.write("\nSecond interrupt: exiting now; the last committed checkpoint is intact.\n")
             sys.stderr.flush()
-            import os
             os._exit(130)
         self._stop_signal = signum
         sys.stderr.write(f"\n{signal.Signals(signum).name}: finishing this step and saving a checkpoint "

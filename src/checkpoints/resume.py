@@ -146,7 +146,7 @@ def _load_checked(manager: CheckpointManager, path: Path, config) -> ResumePoint
     return ResumePoint(path=path, state=state)
 
 
-def describe_checkpoints(manager: CheckpointManager, output_dir: Path) -> str:
+def describe_checkpoints(manager: CheckpointManager) -> str:
     """The table printed by --list-checkpoints."""
     infos = manager.checkpoints()
     if not infos:
