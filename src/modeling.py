@@ -144,6 +144,15 @@ def parameter_counts(model: nn.Module) -> tuple[int, int]:
     return trainable, get_total_parameters(model)
 
 
+def tokenizer_key(loaded: LoadedModel) -> str:
+    """What identifies how this model tokenizes, for the corpus index cache."""
+    tokenizer = loaded.tokenizer
+    template = getattr(tokenizer, "chat_template", None) or ""
+    blob = json.dumps([loaded.path, len(tokenizer.get_vocab()), tokenizer.eos_token_id,
+                       hashlib.sha256(str(template).encode()).hexdigest()])
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
 def adapter_config(model_path: str, num_layers: int, rank: int, alpha: float, dropout: float) -> dict:
     """What mlx_lm needs to rebuild the LoRA layers, plus the base model."""
     return {

@@ -130,7 +130,7 @@ def run(args: argparse.Namespace) -> int:
 
 def train(config, output_dir: Path, manager, start) -> int:
     from corpus.index import CorpusIndex
-    from modeling import adapter_config, attach_lora, load_model, parameter_counts
+    from modeling import adapter_config, attach_lora, load_model, parameter_counts, tokenizer_key
     from trainer import CheckpointingFailed, DistrustTrainer
 
     t = config.training
@@ -149,7 +149,8 @@ def train(config, output_dir: Path, manager, start) -> int:
     print(f"model: {loaded.path} ({quant}); LoRA on {num_layers} blocks; trainable parameters "
           f"{trainable:,} of {total:,} ({100 * trainable / total:.3f}%)", file=sys.stderr)
 
-    index = CorpusIndex.build(train_path, loaded.tokenizer, t.max_seq_length + 1, in_memory=not config.paths.streaming)
+    index = CorpusIndex.build(train_path, loaded.tokenizer, t.max_seq_length + 1, in_memory=not config.paths.streaming,
+                              cache_dir=output_dir / "cache", tokenizer_key=tokenizer_key(loaded))
     print(f"data: {len(index):,} training samples from {train_path}", file=sys.stderr)
     if index.truncated:
         print(f"note: {index.truncated} of {len(index)} samples are longer than --max-seq-length "

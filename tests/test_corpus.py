@@ -68,3 +68,22 @@ def test_resuming_at_a_position_continues_the_same_stream(tmp_path):
 def test_truncation_is_counted(tmp_path):
     index = build_index(tmp_path, max_tokens=8)
     assert index.truncated > 0 and int(index.lengths.max()) == 8
+
+
+def test_index_cache_reopens_the_same_index_and_notices_a_changed_file(tmp_path):
+    tokenizer = load_tiny().tokenizer
+    rng = random.Random(5)
+    path = write_jsonl(tmp_path / "train.jsonl", [make_record(rng) for _ in range(30)])
+    cache = tmp_path / "cache"
+    built = CorpusIndex.build(path, tokenizer, 40, cache_dir=cache, tokenizer_key="k")
+    assert len(list(cache.glob("index-*.safetensors"))) == 1
+    reopened = CorpusIndex.build(path, tokenizer, 40, cache_dir=cache, tokenizer_key="k")
+    for name in ("offsets", "line_numbers", "lengths", "auth_weight", "prov_entropy"):
+        assert np.array_equal(getattr(built, name), getattr(reopened, name))
+    assert reopened.truncated == built.truncated
+    with open(path, "a") as handle:
+        handle.write(json.dumps(make_record(rng)) + "\n")
+    grown = CorpusIndex.build(path, tokenizer, 40, cache_dir=cache, tokenizer_key="k")
+    assert len(grown) == 31
+    other_tokenizer = CorpusIndex.build(path, tokenizer, 40, cache_dir=cache, tokenizer_key="other")
+    assert len(list(cache.glob("index-*.safetensors"))) == 3 and len(other_tokenizer) == 31

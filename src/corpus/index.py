@@ -8,14 +8,22 @@ with `in_memory=True` (`--no-streaming`) the encoded samples are kept instead.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from corpus.records import EncodedSample, encode_record, parse_record
+from corpus.records import EncodedSample, encode_record, encode_records, parse_record
 from errors import UserError
+
+
+ENCODE_CHUNK = 1024
+INDEX_FORMAT = 1
+COLUMN_TYPES = {"offsets": np.int64, "line_numbers": np.int64, "lengths": np.int32,
+                "auth_weight": np.float32, "prov_entropy": np.float32}
 
 
 @dataclass
@@ -42,16 +50,47 @@ class CorpusIndex:
 
     @classmethod
     def build(cls, path: str | Path, tokenizer, max_tokens: int, *, in_memory: bool = False,
-              limit: int | None = None) -> "CorpusIndex":
-        """Index `path`; with `limit`, stop after that many usable records."""
+              limit: int | None = None, cache_dir: Path | None = None, tokenizer_key: str = "") -> "CorpusIndex":
+        """Index `path`; with `limit`, stop after that many usable records.
+
+        With `cache_dir`, the index of a whole file is kept there, keyed by the
+        file's size and modification time, the tokenizer and `max_tokens`: a
+        corpus of millions of records is then opened again in a second.
+        """
         path = Path(path)
         if not path.is_file():
             raise UserError(f"{path}: file not found")
-        offsets, line_numbers, lengths, auth, entropy = [], [], [], [], []
+        cache_file = None
+        if cache_dir is not None and limit is None:
+            cache_file = Path(cache_dir) / f"index-{_cache_key(path, max_tokens, tokenizer_key)}.safetensors"
+            cached = _read_cache(cache_file)
+            if cached is not None:
+                index = cls(path=path, max_tokens=max_tokens, tokenizer=tokenizer, **cached)
+                if in_memory:
+                    index.in_memory = index.samples(range(len(index)))
+                return index
+        columns = {"offsets": [], "line_numbers": [], "lengths": [], "auth_weight": [], "prov_entropy": []}
         samples = [] if in_memory else None
-        truncated = 0
-        no_target = []
-        offset = 0
+        truncated, no_target, offset = 0, [], 0
+        pending = []  # (byte offset, line number, record), encoded a chunk at a time
+
+        def flush():
+            nonlocal truncated
+            encoded = encode_records([record for _, _, record in pending], tokenizer, max_tokens)
+            for (start, line_number, record), sample in zip(pending, encoded):
+                if limit is not None and len(columns["offsets"]) >= limit:
+                    break
+                if len(sample.tokens) - max(sample.prompt_length, 1) < 1:
+                    no_target.append(line_number)
+                    continue
+                truncated += sample.truncated
+                for name, value in (("offsets", start), ("line_numbers", line_number), ("lengths", len(sample.tokens)),
+                                    ("auth_weight", record["auth_weight"]), ("prov_entropy", record["prov_entropy"])):
+                    columns[name].append(value)
+                if samples is not None:
+                    samples.append(sample)
+            pending.clear()
+
         try:
             handle = open(path, "rb")
         except OSError as exc:
@@ -61,38 +100,22 @@ class CorpusIndex:
                 start, offset = offset, offset + len(line)
                 if not line.strip():
                     continue
-                record = parse_record(line, str(path), line_number)
-                sample = encode_record(record, tokenizer, max_tokens)
-                if len(sample.tokens) - max(sample.prompt_length, 1) < 1:
-                    no_target.append(line_number)
-                    continue
-                truncated += sample.truncated
-                offsets.append(start)
-                line_numbers.append(line_number)
-                lengths.append(len(sample.tokens))
-                auth.append(record["auth_weight"])
-                entropy.append(record["prov_entropy"])
-                if samples is not None:
-                    samples.append(sample)
-                if limit is not None and len(offsets) >= limit:
-                    break
-        if not offsets:
+                pending.append((start, line_number, parse_record(line, str(path), line_number)))
+                if len(pending) == ENCODE_CHUNK:
+                    flush()
+                    if limit is not None and len(columns["offsets"]) >= limit:
+                        break
+            flush()
+        if not columns["offsets"]:
             if offset == 0:
                 raise UserError(f"{path}: empty file (no samples)")
             raise UserError(f"{path}: no usable sample (every record was empty after truncation to {max_tokens} tokens)")
-        return cls(
-            path=path,
-            offsets=np.asarray(offsets, dtype=np.int64),
-            line_numbers=np.asarray(line_numbers, dtype=np.int64),
-            lengths=np.asarray(lengths, dtype=np.int32),
-            auth_weight=np.asarray(auth, dtype=np.float32),
-            prov_entropy=np.asarray(entropy, dtype=np.float32),
-            max_tokens=max_tokens,
-            tokenizer=tokenizer,
-            truncated=truncated,
-            no_target=no_target,
-            in_memory=samples,
-        )
+        arrays = {name: np.asarray(values, dtype=COLUMN_TYPES[name]) for name, values in columns.items()}
+        index = cls(path=path, max_tokens=max_tokens, tokenizer=tokenizer, truncated=truncated,
+                    no_target=no_target, in_memory=samples, **arrays)
+        if cache_file is not None:
+            _write_cache(cache_file, arrays, truncated, no_target)
+        return index
 
     def samples(self, indices) -> list[EncodedSample]:
         """Encoded samples at these positions of the index (one file open)."""
@@ -108,7 +131,37 @@ class CorpusIndex:
         return out
 
 
-def file_signature(path: Path) -> dict:
-    """Size and modification time: enough to notice a corpus replaced between runs."""
+def _cache_key(path: Path, max_tokens: int, tokenizer_key: str) -> str:
     stat = os.stat(path)
-    return {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    blob = json.dumps([INDEX_FORMAT, str(path.resolve()), stat.st_size, stat.st_mtime_ns, max_tokens, tokenizer_key])
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _read_cache(cache_file: Path) -> dict | None:
+    """The cached columns, or None when absent or unreadable (then it is rebuilt)."""
+    from safetensors import SafetensorError
+    from safetensors.numpy import load_file
+
+    if not cache_file.is_file():
+        return None
+    try:
+        arrays = load_file(str(cache_file))
+        columns = {name: arrays[name].astype(kind, copy=False) for name, kind in COLUMN_TYPES.items()}
+        return {**columns, "truncated": int(arrays["truncated"][0]), "no_target": arrays["no_target"].tolist()}
+    except (OSError, KeyError, ValueError, SafetensorError):
+        return None
+
+
+def _write_cache(cache_file: Path, columns: dict, truncated: int, no_target: list) -> None:
+    """Best effort: a cache that cannot be written only costs the next start its time."""
+    from safetensors.numpy import save_file
+
+    arrays = dict(columns, truncated=np.asarray([truncated], dtype=np.int64),
+                  no_target=np.asarray(no_target, dtype=np.int64))
+    try:
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        scratch = cache_file.with_name(f".{cache_file.name}.{os.getpid()}.tmp")
+        save_file(arrays, str(scratch))
+        os.replace(scratch, cache_file)
+    except OSError:
+        pass

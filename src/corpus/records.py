@@ -104,6 +104,26 @@ def encode_record(record: dict, tokenizer, max_tokens: int) -> EncodedSample:
     return EncodedSample(tokens=tokens[:max_tokens], prompt_length=min(len(prompt), max_tokens), truncated=truncated)
 
 
+def encode_records(records: list[dict], tokenizer, max_tokens: int) -> list[EncodedSample]:
+    """`encode_record` for many records; plain-text ones go to the tokenizer in
+    one batch call (the fast tokenizer encodes a batch on all cores)."""
+    texts = [i for i, r in enumerate(records) if "messages" not in r and "completion" not in r]
+    encoded: list[EncodedSample | None] = [None] * len(records)
+    if texts:
+        tokenizer_call = getattr(tokenizer, "_tokenizer", tokenizer)  # mlx-lm's wrapper holds the HF one
+        ids = tokenizer_call([records[i]["text"] for i in texts])["input_ids"]
+        eos = tokenizer.eos_token_id
+        for i, tokens in zip(texts, ids):
+            tokens = list(tokens)
+            if not tokens or tokens[-1] != eos:
+                tokens.append(eos)
+            encoded[i] = EncodedSample(tokens=tokens[:max_tokens], prompt_length=0, truncated=len(tokens) > max_tokens)
+    for i, record in enumerate(records):
+        if encoded[i] is None:
+            encoded[i] = encode_record(record, tokenizer, max_tokens)
+    return encoded
+
+
 def _chat_ids(tokenizer, messages: list, add_generation_prompt: bool) -> list[int]:
     if not messages:
         return []
