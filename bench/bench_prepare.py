@@ -21,6 +21,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "src"))
 sys.path.insert(0, str(REPO / "data"))
+import os  # noqa: E402
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 from corpus.prepare import prepare  # noqa: E402
 from make_demo_corpus import write_raw  # noqa: E402
@@ -49,6 +51,7 @@ def main() -> int:
         elapsed = time.perf_counter() - started
         rss_peak = peak_rss_bytes()
         raw_mb = raw.stat().st_size / 1e6
+        index_figures = bench_index(Path(folder) / "out" / "train.jsonl", Path(folder) / "cache")
 
     kept = result.train_count + result.val_count
     print(f"records:            {args.records:,} raw ({raw_mb:,.0f} MB, generated in {generated:.1f} s), "
@@ -56,7 +59,49 @@ def main() -> int:
     print(f"preparation:        {elapsed:.1f} s, {args.records / elapsed:,.0f} records/s")
     print(f"peak RSS:           {rss_peak:,} bytes ({rss_peak / args.records:,.0f} bytes/record); "
           f"before preparing {rss_before:,} bytes; growth {(rss_peak - rss_before) / args.records:,.0f} bytes/record")
+    for line in index_figures:
+        print(line)
     return 0
+
+
+def bench_index(train: Path, cache: Path) -> list[str]:
+    """Index the prepared corpus as training does (tiny model's tokenizer), reopen
+    it from its cache, and fetch a batch at a random position."""
+    import numpy as np
+
+    from corpus.batching import collate, epoch_order
+    from corpus.index import CorpusIndex
+    from modeling import load_model
+
+    tokenizer = load_model("tiny", quantize_bits=0).tokenizer
+    rss_before = peak_rss_bytes()
+    started = time.perf_counter()
+    index = CorpusIndex.build(train, tokenizer, 1025, cache_dir=cache, tokenizer_key="bench")
+    built = time.perf_counter() - started
+    rss_growth = peak_rss_bytes() - rss_before
+    started = time.perf_counter()
+    reopened = CorpusIndex.build(train, tokenizer, 1025, cache_dir=cache, tokenizer_key="bench")
+    reopen = time.perf_counter() - started
+    started = time.perf_counter()
+    order = epoch_order(reopened.lengths, 8, seed=0, epoch=3)
+    ordered = time.perf_counter() - started
+    rng = np.random.default_rng(0)
+    fetch = []
+    for position in rng.integers(0, len(order), size=20):
+        started = time.perf_counter()
+        collate(reopened, order[position], 8, pad_id=0)
+        fetch.append(time.perf_counter() - started)
+    n = len(index)
+    return [
+        f"index build:        {n:,} records in {built:.1f} s, {n / built:,.0f} records/s "
+        f"(parse, check and tokenize every record)",
+        f"index size:         {index.bytes_per_record:.0f} bytes/record in memory; peak RSS growth while "
+        f"building {rss_growth / n:,.0f} bytes/record",
+        f"index reopen:       {reopen * 1000:.1f} ms from its cache",
+        f"epoch order:        {ordered * 1000:.0f} ms to compute the batches of one epoch (any epoch, from the seed)",
+        f"batch at random:    median {sorted(fetch)[len(fetch) // 2] * 1000:.2f} ms to read, tokenize and pad "
+        f"a batch of 8 at a random position (nothing before it is read)",
+    ]
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from array import array
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -69,7 +70,9 @@ class CorpusIndex:
                 if in_memory:
                     index.in_memory = index.samples(range(len(index)))
                 return index
-        columns = {"offsets": [], "line_numbers": [], "lengths": [], "auth_weight": [], "prov_entropy": []}
+        # array.array keeps a column at its item size while it grows (a list of
+        # Python numbers would cost ~40 bytes per value on a corpus of millions).
+        columns = {name: array(np.dtype(kind).char) for name, kind in COLUMN_TYPES.items()}
         samples = [] if in_memory else None
         truncated, no_target, offset = 0, [], 0
         pending = []  # (byte offset, line number, record), encoded a chunk at a time
@@ -110,7 +113,7 @@ class CorpusIndex:
             if offset == 0:
                 raise UserError(f"{path}: empty file (no samples)")
             raise UserError(f"{path}: no usable sample (every record was empty after truncation to {max_tokens} tokens)")
-        arrays = {name: np.asarray(values, dtype=COLUMN_TYPES[name]) for name, values in columns.items()}
+        arrays = {name: np.frombuffer(values, dtype=COLUMN_TYPES[name]).copy() for name, values in columns.items()}
         index = cls(path=path, max_tokens=max_tokens, tokenizer=tokenizer, truncated=truncated,
                     no_target=no_target, in_memory=samples, **arrays)
         if cache_file is not None:

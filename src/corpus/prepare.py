@@ -369,6 +369,11 @@ def _fsync_dir(folder: Path) -> None:
 
 def _temp_file(folder: Path, name: str):
     fd, temp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder)
+    # mkstemp makes the file private (0600); the output is an ordinary file
+    # the user's umask should decide about, as for any file they write.
+    umask = os.umask(0)
+    os.umask(umask)
+    os.fchmod(fd, 0o666 & ~umask)
     return os.fdopen(fd, "wb"), Path(temp)
 
 
