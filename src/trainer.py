@@ -31,7 +31,7 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 from checkpoints import CheckpointManager, CheckpointSaveError, TrainingState
-from checkpoints.atomic import write_text_atomically
+from durable import write_text_atomically
 from config import Config
 from corpus.batching import Batch, DataPosition, fixed_batches, training_batches
 from corpus.index import CorpusIndex

@@ -30,7 +30,7 @@ import mlx.core as mx
 
 from errors import UserError
 
-from .atomic import flush_dir, write_text_atomically
+from durable import flush_dir, write_text_atomically
 from .manifest import verify_checkpoint, write_manifest
 from .retention import RetentionPolicy
 from .state import ArrayWriteError, TrainingState, check_state, describe_error, read_state_files, write_state_files

@@ -15,7 +15,7 @@ from functools import lru_cache
 from importlib import metadata
 from pathlib import Path
 
-from .atomic import flush_fd, sha256_of_file
+from durable import flush_fd, sha256_of_file
 from .state import STATE_FILES
 
 MANIFEST_FILE = "manifest.json"

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from .atomic import flush_fd
+from durable import flush_fd
 
 # The files of a checkpoint. adapters.safetensors + adapter_config.json are the
 # mlx-lm adapter format, so `mlx_lm.load(model, adapter_path=checkpoint_dir)`

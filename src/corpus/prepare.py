@@ -32,6 +32,7 @@ from typing import Callable, Iterator
 import numpy as np
 
 from corpus import scoring
+from durable import flush_dir
 from errors import UserError
 
 CHAT_ROLES = ("system", "user", "assistant", "tool")  # as the training reader (corpus/records.py) accepts
@@ -354,19 +355,6 @@ def split_mask(strata: np.ndarray, kept: np.ndarray, type_names: list[str],
 # ---------------------------------------------------------------- writing
 
 
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return  # some systems cannot open a folder; the rename is still atomic
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _temp_file(folder: Path, name: str):
     fd, temp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder)
     # mkstemp makes the file private (0600); the output is an ordinary file
@@ -565,7 +553,7 @@ def _write_outputs(staging_path: Path, staged: _Staged, destination: np.ndarray,
             val_temp.unlink()
             result.val_path.unlink(missing_ok=True)  # a stale one would not match this train.jsonl
             result.val_path = None
-    _fsync_dir(output_dir)
+    flush_dir(output_dir)
 
 
 def _explain_record(explain: Callable[[str], None], where: str, line: bytes, scored_here: bool, split: str) -> None:

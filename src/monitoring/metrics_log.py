@@ -32,6 +32,8 @@ import os
 import time
 from pathlib import Path
 
+from durable import flush_dir
+
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "logs"
 
@@ -73,19 +75,6 @@ def _is_number(value) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # Windows cannot open a directory; the rename still holds
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _keep_line(line: str, resume_step: int) -> bool:
     """Keep what the run had written up to and including resume_step."""
     try:
@@ -111,7 +100,7 @@ def truncate_after(path: Path, resume_step: int) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    flush_dir(path.parent)
 
 
 def _aside_name(path: Path) -> Path:
