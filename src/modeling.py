@@ -258,14 +258,20 @@ def _write_tiny_tokenizer(directory: Path, texts: list[str]) -> None:
 
 
 def _write_tiny_weights(directory: Path) -> None:
+    write_random_llama(directory, TINY_MODEL_CONFIG, TINY_SEED)
+
+
+def write_random_llama(directory: Path, config: dict, seed: int) -> None:
+    """Weights and config.json of a randomly initialized Llama (the tiny model,
+    or a bigger one for benchmarks) that uses the tiny model's special tokens."""
     from mlx_lm.models import llama
     from mlx_lm.utils import save_config, save_model
 
-    config = dict(TINY_MODEL_CONFIG)
+    config = dict(config)
     config["eos_token_id"] = TINY_SPECIAL_TOKENS.index("<eos>")
     config["pad_token_id"] = TINY_SPECIAL_TOKENS.index("<pad>")
-    mx.random.seed(TINY_SEED)
+    mx.random.seed(seed)
     model = llama.Model(llama.ModelArgs.from_dict(config))
     mx.eval(model.parameters())
     save_model(directory, model)
-    save_config(config, directory / "config.json")
+    save_config(config, Path(directory) / "config.json")
