@@ -22,6 +22,9 @@ from mlx.utils import tree_flatten
 
 from errors import UserError
 
+# transformers (under mlx-lm) warns that PyTorch is missing: MLX does the work here.
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 QUANT_GROUP_SIZE = 64
 
