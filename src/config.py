@@ -213,7 +213,7 @@ class Config:
             "max_grad_norm": t.max_grad_norm,
             "weight_decay": t.weight_decay,
             "distrust": dataclasses.asdict(self.distrust),
-            "data_dir": str(Path(self.paths.data_dir)),
+            "data_dir": str(Path(self.paths.data_dir).resolve()),
         }
 
     def fingerprint(self) -> str:

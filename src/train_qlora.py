@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("\ninterrupted before training started; nothing was written", file=sys.stderr)
+        print("\ninterrupted outside the training loop; committed checkpoints are intact", file=sys.stderr)
         return 130
 
 

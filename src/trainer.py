@@ -139,8 +139,9 @@ class DistrustTrainer:
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.objective = DistrustObjective(d.alpha, d.lambda_weight, d.mode,
                                            train_index.auth_weight, train_index.prov_entropy)
+        self.schedule = learning_rate_schedule(t.learning_rate, t.warmup_steps, t.max_steps)
         self.optimizer = optim.AdamW(
-            learning_rate=learning_rate_schedule(t.learning_rate, t.warmup_steps, t.max_steps),
+            learning_rate=self.schedule,
             weight_decay=t.weight_decay,
         )
         # Materialize the optimizer state now: the compiled update must see the
@@ -273,7 +274,8 @@ class DistrustTrainer:
 
         denominator = mx.array(float(max(tokens, 1)))
         norm = global_norm(grads, denominator)
-        learning_rate = self.optimizer.learning_rate
+        # The rate this step's update uses (optimizer.learning_rate still holds the last one's).
+        learning_rate = self.schedule(self.optimizer.step)
         mx.eval(weighted_sum, ce_sum, norm, grads, learning_rate)  # the one sync of the step
         weighted_ce = weighted_sum.item() / max(tokens, 1)
         plain_ce = ce_sum.item() / max(tokens, 1)
@@ -337,7 +339,7 @@ class DistrustTrainer:
         except CheckpointSaveError as exc:
             self.save_failures += 1
             self.progress.write(f"WARNING: checkpoint at step {self.state.step} failed ({exc}); "
-                                f"the previous checkpoints are untouched, retrying at the next interval")
+                                f"retrying at the next interval")
             if self.save_failures >= MAX_CONSECUTIVE_SAVE_FAILURES:
                 raise CheckpointingFailed(
                     f"{self.save_failures} checkpoint saves failed in a row, the last: {exc}") from None
@@ -398,8 +400,7 @@ class DistrustTrainer:
                 if stop is not None:
                     # The update was not applied: the state is that of the last good step.
                     self.metrics.log(s.step + 1, loss=figures.loss, ce=figures.ce, grad_norm=figures.grad_norm)
-                    end = RunEnd(stop)
-                    self.save_checkpoint(is_final=True)
+                    end = self._end_with_checkpoint(RunEnd(stop))
                     break
                 s.step += 1
                 s.tokens_seen += figures.tokens
@@ -428,7 +429,7 @@ class DistrustTrainer:
                     name = signal.Signals(self._stop_signal).name
                     end = RunEnd(f"interrupted by {name} at step {s.step}", SIGNAL_EXIT_CODES[self._stop_signal])
                 if end is not None:
-                    self.save_checkpoint(is_best=is_best, is_final=True)
+                    end = self._end_with_checkpoint(end, is_best=is_best)
                 elif is_best or s.step % t.checkpoint_interval == 0:
                     self.save_checkpoint(is_best=is_best)
         finally:
@@ -445,6 +446,13 @@ class DistrustTrainer:
         self.metrics.close()
         self.log(summary_text(reason=end.reason, **summary))
         return end
+
+    def _end_with_checkpoint(self, end: RunEnd, is_best: bool = False) -> RunEnd:
+        """The final checkpoint; a run whose last state could not be saved has not succeeded."""
+        if self.save_checkpoint(is_best=is_best, is_final=True):
+            return end
+        return RunEnd(f"{end.reason}; but the final checkpoint could not be saved (the newest saved one is "
+                      f"step {self.last_save_step})", exit_code=1)
 
     def _validation_check(self) -> bool:
         """Validate, log, and say whether this is the best validation so far."""
