@@ -98,6 +98,14 @@ def step_seed(seed: int, step: int, micro: int) -> int:
 
 
 @dataclass
+class CompiledFunctions:
+    gradients: object  # (inputs, targets, mask, weights) -> weighted ce sum, ce sum, grads
+    global_norm: object  # (grads, tokens) -> gradient norm of the per-token mean
+    update: object  # (grads, tokens) -> applies the clipped update
+    row_losses: object  # (inputs, targets, mask) -> ce sum per row, eval mode
+
+
+@dataclass
 class StepFigures:
     loss: float
     ce: float
@@ -243,13 +251,19 @@ class DistrustTrainer:
             grads, _ = optim.clip_grad_norm(grads, max_norm)
             optimizer.update(model, grads)
 
-        return gradients, global_norm, update
+        # Validation runs the model in eval mode (no dropout); compiled like the
+        # step, it costs about half as much as uncompiled.
+        @partial(mx.compile, inputs=[model.state])
+        def row_losses(inputs, targets, mask):
+            return (token_losses(model, inputs, targets) * mask).sum(axis=1)
+
+        return CompiledFunctions(gradients, global_norm, update, row_losses)
 
     # -- one optimizer step ---------------------------------------------------
 
     def _optimizer_step(self, batches) -> tuple[StepFigures, str | None]:
         """Run one step over `grad_accum` micro-batches; update unless told to stop."""
-        gradients, global_norm, update = self._compiled
+        gradients, global_norm, update = self._compiled.gradients, self._compiled.global_norm, self._compiled.update
         t = self.config.training
         started = time.perf_counter()
         weighted_sum = ce_sum = grads = None
@@ -307,11 +321,11 @@ class DistrustTrainer:
             index = CorpusIndex.build(self.val_path, self.tokenizer, t.max_seq_length + 1,
                                       limit=t.batch_size * t.val_batches)
             self.val_batches = fixed_batches(index, t.batch_size, t.val_batches, self.pad_id)
+        row_losses = self._compiled.row_losses
         self.model.eval()
         ce_rows, tokens_rows, auth, entropy = [], [], [], []
         for batch in self.val_batches:
-            mask = mx.array(batch.mask)
-            row_sums = (token_losses(self.model, mx.array(batch.inputs), mx.array(batch.targets)) * mask).sum(axis=1)
+            row_sums = row_losses(mx.array(batch.inputs), mx.array(batch.targets), mx.array(batch.mask))
             mx.eval(row_sums)
             real = batch.real_rows
             ce_rows.append(np.array(row_sums)[real])
