@@ -264,6 +264,19 @@ def _write_tiny_weights(directory: Path) -> None:
     write_random_llama(directory, TINY_MODEL_CONFIG, TINY_SEED)
 
 
+def build_random_model(target: Path, overrides: dict, seed: int) -> Path:
+    """A model directory like tiny's (same tokenizer) with other dimensions:
+    the bigger models of the benchmarks, built locally."""
+    tiny = ensure_tiny_model()
+    target = Path(target)
+    target.mkdir(parents=True, exist_ok=True)
+    for item in tiny.iterdir():  # tokenizer files and chat template
+        if item.is_file() and not item.name.startswith(("model", "config.json")):
+            shutil.copy2(item, target / item.name)
+    write_random_llama(target, dict(TINY_MODEL_CONFIG, **overrides), seed)
+    return target
+
+
 def write_random_llama(directory: Path, config: dict, seed: int) -> None:
     """Weights and config.json of a randomly initialized Llama (the tiny model,
     or a bigger one for benchmarks) that uses the tiny model's special tokens."""

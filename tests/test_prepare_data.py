@@ -254,7 +254,7 @@ def test_explain_prints_what_made_each_score(tmp_path):
 
 
 def test_runs_from_another_working_directory(tmp_path):
-    raw = write_jsonl(tmp_path / "raw.jsonl", corpus(3, 2))
+    write_jsonl(tmp_path / "raw.jsonl", corpus(3, 2))
     done = run_cli("--input", "raw.jsonl", "--output", "out", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     assert (tmp_path / "out" / "train.jsonl").exists()
