@@ -1,0 +1,510 @@
+"""Wall time and peak memory of our trainer beside `mlx_lm lora`, in one run.
+
+    python bench/bench_train.py [--size tiny|medium] [--steps 200] [--batch-size 8]
+                                [--max-seq-length 256] [--lora-rank 16] [--lora-layers -1]
+                                [--repeats 2] [--with-eval-checkpoints] [--openblas] [--plain]
+
+Both sides train the same 4-bit model (a copy quantized once with
+`mlx_lm.convert`, group size 64, float32 scales; ours sees it is quantized and
+does not quantize again), on the same texts (data/train.jsonl, data/val.jsonl;
+mlx_lm gets a copy holding `text` only), with the same batch size, sequence
+length, LoRA rank / scale / layers, learning rate, number of steps, Adam
+(ours: AdamW with weight decay 0, warmup 0), validation and checkpoints out of
+the way (intervals past the last step; both still validate at the end, mlx_lm
+also before step 1, each over --val-batches batches), and seed 0.
+
+What each side keeps of its own: ours its cosine decay, gradient clipping at
+1.0, metrics.jsonl, TensorBoard, progress line and its final checkpoint; mlx_lm
+its constant learning rate, rich progress UI and its final adapter save.
+
+Each side runs as a child process:
+  ours:   python src/train_qlora.py --model Q4DIR ...
+  theirs: python -m mlx_lm lora --train --model Q4DIR ... -c lora.yaml
+By default through a thin wrapper (the same program, run by `runpy`) that
+times the phases (model load, data, validation, checkpoint, logging) by
+wrapping those functions, and, for mlx_lm, receives its own training reports
+(the dicts it would send to wandb: it/s, tok/s, peak memory); mlx_lm 0.32
+prints neither it/s nor peak memory itself. `--plain` runs the bare commands
+(total wall time, max RSS and what they print only).
+
+Figures: wall time of the whole process (spawn to exit), MLX peak memory
+(mx.get_peak_memory: ours `peak_memory_mb` of its last metrics.jsonl line,
+mlx_lm's report), and the process's max RSS (os.wait4). Each side runs
+--repeats times, alternating; the table shows the best (lowest wall time) run
+and all runs are listed. Ratios are ours / theirs. On a shared machine wall times swing with the load
+(other processes on the same cores); the child's CPU time (user+sys, from
+wait4) swings less, so both are shown.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import platform
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+SRC = REPO / "src"
+OPENBLAS = Path("/usr/lib/x86_64-linux-gnu/libopenblas.so.0")
+QUANT_BITS, QUANT_GROUP = 4, 64
+
+MEDIUM_CONFIG = {  # the tiny model's shape, larger; same tokenizer, vocab 1024
+    "hidden_size": 256,
+    "num_hidden_layers": 4,
+    "intermediate_size": 512,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 4,
+    "head_dim": 64,
+}
+MEDIUM_SEED = 4321
+
+# ---------------------------------------------------------------------------
+# the models
+
+
+def bench_cache() -> Path:
+    # .cache/ is git-ignored: built here on first use, never committed.
+    return Path(os.environ.get("DISTRUST_QLORA_CACHE", REPO / ".cache")) / "bench"
+
+
+def base_model(size: str) -> Path:
+    sys.path.insert(0, str(SRC))
+    from modeling import TINY_MODEL_CONFIG, ensure_tiny_model
+
+    tiny = ensure_tiny_model()
+    if size == "tiny":
+        return tiny
+    config = dict(TINY_MODEL_CONFIG, **MEDIUM_CONFIG)
+    tag = hashlib.sha256(json.dumps([tiny.name, config, MEDIUM_SEED]).encode()).hexdigest()[:12]
+    target = bench_cache() / f"medium-{tag}"
+    if (target / "config.json").is_file():
+        return target
+    print(f"building the medium model in {target} (once) ...", file=sys.stderr)
+    from modeling import build_random_model
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix=".medium-", dir=target.parent))
+    try:
+        build_random_model(scratch, MEDIUM_CONFIG, MEDIUM_SEED)
+        os.rename(scratch, target)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return target
+
+
+def quantized_copy(base: Path) -> Path:
+    """A 4-bit copy (group 64, float32 kept) made once with mlx_lm.convert."""
+    target = bench_cache() / f"{base.name}-q{QUANT_BITS}g{QUANT_GROUP}"
+    if (target / "config.json").is_file():
+        return target
+    print(f"quantizing {base} into {target} (once) ...", file=sys.stderr)
+    from mlx_lm import convert
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix=".quant-", dir=target.parent))
+    os.rmdir(scratch)  # convert refuses an existing folder
+    try:
+        convert(hf_path=str(base), mlx_path=str(scratch), quantize=True, q_bits=QUANT_BITS,
+                q_group_size=QUANT_GROUP, dtype="float32")
+        os.rename(scratch, target)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return target
+
+
+def text_only_copy(data_dir: Path, folder: Path) -> Path:
+    """train.jsonl / valid.jsonl with only `text`, for mlx_lm."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for src, dst in (("train.jsonl", "train.jsonl"), ("val.jsonl", "valid.jsonl")):
+        with open(data_dir / src, encoding="utf-8") as fin, open(folder / dst, "w", encoding="utf-8") as fout:
+            for line in fin:
+                if line.strip():
+                    fout.write(json.dumps({"text": json.loads(line)["text"]}) + "\n")
+    return folder
+
+
+# ---------------------------------------------------------------------------
+# the wrappers: the same programs, run by runpy, with timers around phases.
+# They print one line `BENCH_PHASES {json}` to stderr at exit.
+
+_COMMON = r"""
+import atexit, json, os, sys, time
+T_START = time.time()
+PH = {"t_start": T_START}
+def timed(owner, name, key, count=False):
+    fn = getattr(owner, name, None)
+    if fn is None:
+        return
+    def wrapper(*a, **k):
+        t = time.perf_counter()
+        try:
+            return fn(*a, **k)
+        finally:
+            PH[key] = PH.get(key, 0.0) + time.perf_counter() - t
+            if count:
+                PH[key + "_calls"] = PH.get(key + "_calls", 0) + 1
+    setattr(owner, name, wrapper)
+def report():
+    PH["t_exit"] = time.time()
+    try:
+        import mlx.core as mx
+        PH["mlx_peak_bytes"] = mx.get_peak_memory()
+    except Exception:
+        pass
+    sys.stderr.write("BENCH_PHASES " + json.dumps(PH) + "\n")
+    sys.stderr.flush()
+atexit.register(report)
+"""
+
+OURS_WRAPPER = _COMMON + r"""
+import runpy
+sys.argv = [sys.argv[1]] + sys.argv[2:]
+sys.path.insert(0, os.path.dirname(os.path.abspath(sys.argv[0])))
+import mlx.core, mlx_lm
+import modeling, trainer, corpus.index, monitoring.metrics_log, monitoring.progress
+PH["t_imported"] = time.time()
+timed(modeling, "load_model", "load")
+timed(modeling, "attach_lora", "lora")
+timed(corpus.index.CorpusIndex, "build", "index", count=True)
+timed(trainer.DistrustTrainer, "__init__", "trainer_init")
+timed(trainer.DistrustTrainer, "fit", "fit")
+timed(trainer.DistrustTrainer, "validate", "validation", count=True)
+timed(trainer.DistrustTrainer, "save_checkpoint", "checkpoint", count=True)
+timed(trainer.DistrustTrainer, "_compile", "compile_build")
+timed(monitoring.metrics_log.MetricsLog, "__init__", "metrics_init")
+timed(monitoring.metrics_log.MetricsLog, "log", "metrics_log")
+timed(monitoring.metrics_log.MetricsLog, "close", "metrics_close")
+timed(monitoring.progress.ProgressLine, "update", "progress")
+# the steps themselves are timed by the trainer (metrics.jsonl, per step)
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+THEIRS_WRAPPER = _COMMON + r"""
+import runpy
+import mlx.core, mlx_lm.lora, mlx_lm.tuner.trainer
+PH["t_imported"] = time.time()
+PH["reports"] = []
+class Reports:
+    def on_train_loss_report(self, info):
+        PH["reports"].append(dict(info, t=time.time()))
+    def on_val_loss_report(self, info):
+        pass
+mlx_lm.lora.get_reporting_callbacks = lambda *a, **k: Reports()
+timed(mlx_lm.lora, "load", "load")
+timed(mlx_lm.lora, "load_dataset", "index")
+timed(mlx_lm.lora, "linear_to_lora_layers", "lora")
+timed(mlx_lm.lora, "train", "fit")
+timed(mlx_lm.tuner.trainer, "evaluate", "validation", count=True)
+timed(mlx_lm.tuner.trainer.mx, "save_safetensors", "checkpoint", count=True)
+sys.argv = ["mlx_lm"] + sys.argv[1:]
+runpy.run_module("mlx_lm", run_name="__main__")
+"""
+
+
+# ---------------------------------------------------------------------------
+# running one side
+
+
+def run_child(cmd: list[str], env: dict, log_path: Path) -> dict:
+    """Spawn, stream stdout+stderr to a log, wait4 for the child's own rusage."""
+    started_wall = time.time()
+    started = time.perf_counter()
+    env = dict(env, PYTHONUNBUFFERED="1")
+    with open(log_path, "w", encoding="utf-8") as log:
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+        _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - started
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    rss = usage.ru_maxrss * (1 if platform.system() == "Darwin" else 1024)
+    text = log_path.read_text(encoding="utf-8", errors="replace")
+    phases = None
+    for line in text.splitlines():
+        if line.startswith("BENCH_PHASES "):
+            phases = json.loads(line[len("BENCH_PHASES "):])
+    return {"rc": proc.returncode, "wall": wall, "t_spawn": started_wall, "rss": rss,
+            "cpu": usage.ru_utime + usage.ru_stime, "log": text, "phases": phases}
+
+
+def ours_command(args, model: Path, out: Path, plain: bool) -> list[str]:
+    far = args.steps + 1 if not args.with_eval_checkpoints else args.eval_every
+    cmd = ["src/train_qlora.py", "--model", str(model), "--data-dir", str(args.data_dir),
+           "--output-dir", str(out), "--max-steps", str(args.steps), "--batch-size", str(args.batch_size),
+           "--max-seq-length", str(args.max_seq_length), "--lora-rank", str(args.lora_rank),
+           "--lora-alpha", str(args.lora_alpha), "--lora-layers", str(args.layers),
+           "--learning-rate", str(args.learning_rate), "--warmup-steps", "0",
+           "--eval-steps", str(far), "--checkpoint-interval", str(far), "--val-batches", str(args.val_batches),
+           "--no-early-stopping", "--fresh", "--seed", "0"]
+    if plain:
+        return [sys.executable] + cmd
+    return [sys.executable, "-c", OURS_WRAPPER] + cmd
+
+
+def theirs_command(args, model: Path, data: Path, out: Path, config: Path, plain: bool) -> list[str]:
+    far = args.steps + 1 if not args.with_eval_checkpoints else args.eval_every
+    cmd = ["lora", "--train", "--model", str(model), "--data", str(data), "--adapter-path", str(out),
+           "--batch-size", str(args.batch_size), "--iters", str(args.steps),
+           "--max-seq-length", str(args.max_seq_length), "--num-layers", str(args.layers),
+           "--learning-rate", str(args.learning_rate), "--optimizer", "adam",
+           "--steps-per-report", str(args.report_every), "--steps-per-eval", str(far),
+           "--save-every", str(far), "--val-batches", str(args.val_batches), "--seed", "0", "-c", str(config)]
+    if plain:
+        return [sys.executable, "-m", "mlx_lm"] + cmd
+    return [sys.executable, "-c", THEIRS_WRAPPER] + cmd
+
+
+def read_ours(result: dict, out: Path, warm: int) -> None:
+    steps, end = [], None
+    path = out / "metrics.jsonl"
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            record = json.loads(line)
+            if record.get("event") == "end":
+                end = record
+            elif "tokens_per_sec" in record and record.get("tokens"):
+                steps.append(record["tokens"] / record["tokens_per_sec"])
+    result["step_seconds"] = steps
+    if end:
+        result["steps"] = end["steps"]
+        result["mlx_peak"] = end["peak_memory_mb"] * 1e6
+        result["train_seconds"] = end["seconds"]
+        result["tokens"] = end["tokens"]
+    if len(steps) > warm:
+        result["first"] = sum(steps[:warm])
+        result["steady"] = sum(steps[warm:]) / len(steps[warm:])
+
+
+def read_theirs(result: dict, warm: int) -> None:
+    reports = (result["phases"] or {}).get("reports") or []
+    windows, previous = [], 0
+    for r in reports:
+        n = r["iteration"] - previous
+        previous = r["iteration"]
+        windows.append((n, n / r["iterations_per_second"], r))
+    if windows:
+        result["steps"] = previous
+        result["train_seconds"] = sum(w[1] for w in windows)
+        result["tokens"] = reports[-1]["trained_tokens"]
+        result["mlx_peak"] = max(r["peak_memory"] for r in reports) * 1e9
+        result["first"] = windows[0][1] if windows[0][0] == warm else None
+        rest = windows[1:]
+        if rest:
+            result["steady"] = sum(w[1] for w in rest) / sum(w[0] for w in rest)
+    if result["phases"] and "mlx_peak_bytes" in result["phases"]:
+        result["mlx_peak"] = max(result.get("mlx_peak", 0), result["phases"]["mlx_peak_bytes"])
+
+
+def phase_rows(result: dict) -> dict:
+    """Seconds per phase; `other` is the rest of the wall time."""
+    p = result["phases"]
+    if not p:
+        return {}
+    rows = {
+        "interpreter start": p["t_start"] - result["t_spawn"],
+        "imports (mlx, mlx_lm, ours)": p["t_imported"] - p["t_start"],
+        "model load": p.get("load", 0.0),
+        "LoRA attach": p.get("lora", 0.0),
+        "data (read, tokenize, index)": p.get("index", 0.0),
+    }
+    steps = result.get("train_seconds") or 0.0
+    first = result.get("first") or 0.0
+    rows["steps: first (compile) window"] = first
+    rows["steps: the rest"] = steps - first
+    rows["validation"] = p.get("validation", 0.0)
+    rows["checkpoint / adapter save"] = p.get("checkpoint", 0.0)
+    if "metrics_log" in p:
+        rows["logging (metrics.jsonl + TensorBoard)"] = (p.get("metrics_log", 0.0) + p.get("metrics_init", 0.0)
+                                                        + p.get("metrics_close", 0.0))
+        rows["progress line"] = p.get("progress", 0.0)
+    if "trainer_init" in p:
+        rows["trainer init + compile build"] = p.get("trainer_init", 0.0) + p.get("compile_build", 0.0)
+    if "validation" in p and "index_calls" in p and p.get("index_calls", 0) > 1:
+        pass  # the val index is built inside validate(): counted there
+    rows["other (loop, UI, exit)"] = result["wall"] - sum(rows.values())
+    return rows
+
+
+# ---------------------------------------------------------------------------
+# printing
+
+
+def fmt_bytes(n) -> str:
+    return "-" if n is None else f"{n / 2**20:,.1f} MiB"
+
+
+def fmt_ratio(a, b) -> str:
+    if a is None or b is None or not b:
+        return "-"
+    return f"{a / b:.2f}x"
+
+
+def pick(runs: list[dict]) -> dict:
+    good = [r for r in runs if r["rc"] == 0] or runs
+    return min(good, key=lambda r: r["wall"])
+
+
+def print_block(title: str, ours_runs: list[dict], theirs_runs: list[dict], args) -> None:
+    ours, theirs = pick(ours_runs), pick(theirs_runs)
+    print(f"\n=== {title} ===")
+    for name, runs in (("ours", ours_runs), ("mlx_lm", theirs_runs)):
+        walls = ", ".join(f"{r['wall']:.2f}s wall / {r['cpu']:.2f}s CPU (rc {r['rc']})" for r in runs)
+        print(f"{name:>7} runs: {walls}; median wall {statistics.median(r['wall'] for r in runs):.2f}s")
+    rows = []
+
+    def row(label, a, b, f, ratio=True):
+        rows.append((label, f(a), f(b), fmt_ratio(a, b) if ratio else ""))
+
+    sec = lambda v: "-" if v is None else f"{v:.2f} s"
+    ms = lambda v: "-" if v is None else f"{1000 * v:.1f} ms"
+    num = lambda v: "-" if v is None else f"{v:,.1f}"
+    row("wall time, process (best run)", ours["wall"], theirs["wall"], sec)
+    row("wall time, median of runs", statistics.median(r["wall"] for r in ours_runs),
+        statistics.median(r["wall"] for r in theirs_runs), sec)
+    row("CPU time (user+sys), best run", ours["cpu"], theirs["cpu"], sec)
+    row("CPU time, lowest of runs", min(r["cpu"] for r in ours_runs), min(r["cpu"] for r in theirs_runs), sec)
+    row("time in steps (own timers)", ours.get("train_seconds"), theirs.get("train_seconds"), sec)
+    row(f"first {args.report_every} steps (compile)", ours.get("first"), theirs.get("first"), sec)
+    row(f"per step after the first {args.report_every}", ours.get("steady"), theirs.get("steady"), ms)
+    for who in (ours, theirs):
+        who["sps"] = who["steps"] / who["train_seconds"] if who.get("train_seconds") else None
+        who["tps"] = who["tokens"] / who["train_seconds"] if who.get("train_seconds") else None
+        who["sps_wall"] = who["steps"] / who["wall"] if who.get("steps") else None
+    row("steps/s (in steps)", ours.get("sps"), theirs.get("sps"), num)
+    row("steps/s (whole process)", ours.get("sps_wall"), theirs.get("sps_wall"), num)
+    row("tokens/s as each counts", ours.get("tps"), theirs.get("tps"), num, ratio=False)
+    row("tokens counted (own way)", ours.get("tokens"), theirs.get("tokens"), lambda v: "-" if v is None else f"{v:,}",
+        ratio=False)
+    row("MLX peak memory", ours.get("mlx_peak"), theirs.get("mlx_peak"), fmt_bytes)
+    row("max RSS (process)", ours["rss"], theirs["rss"], fmt_bytes)
+    width = max(len(r[0]) for r in rows)
+    print(f"{'':<{width}}  {'ours':>14}  {'mlx_lm lora':>14}  {'ours/theirs':>11}")
+    for label, a, b, r in rows:
+        print(f"{label:<{width}}  {a:>14}  {b:>14}  {r:>11}")
+
+    po, pt = phase_rows(ours), phase_rows(theirs)
+    if po or pt:
+        print("\nwhere the time goes (best run, seconds; share of wall time)")
+        labels = list(dict.fromkeys(list(po) + list(pt)))
+        width = max(len(l) for l in labels)
+        for label in labels:
+            a, b = po.get(label), pt.get(label)
+            fa = "-" if a is None else f"{a:7.2f} {100 * a / ours['wall']:5.1f}%"
+            fb = "-" if b is None else f"{b:7.2f} {100 * b / theirs['wall']:5.1f}%"
+            print(f"{label:<{width}}  {fa:>15}  {fb:>15}")
+        vo, vt = ours["phases"] or {}, theirs["phases"] or {}
+        print(f"(validations: ours {vo.get('validation_calls', 0)}, mlx_lm {vt.get('validation_calls', 0)}; "
+              f"saves: ours {vo.get('checkpoint_calls', 0)} checkpoint(s), "
+              f"mlx_lm {vt.get('checkpoint_calls', 0)} adapter file write(s))")
+    plain_log = re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", theirs["log"])
+    last = [l for l in plain_log.splitlines() if l.strip() and l.strip()[0].isdigit() and "val" not in l]
+    if last:
+        print(f"mlx_lm's last report line (iter, train_loss, tok/s, tokens): {last[-1].strip()}")
+    summary = [l for l in ours["log"].splitlines() if "tok/s" in l and "tokens" in l]
+    if summary:
+        print(f"ours' summary line: {summary[-1].strip()}")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--size", choices=["tiny", "medium"], default="tiny")
+    parser.add_argument("--steps", type=int, default=None, help="default: 200 tiny, 50 medium")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--max-seq-length", type=int, default=256)
+    parser.add_argument("--lora-rank", type=int, default=16)
+    parser.add_argument("--lora-alpha", type=float, default=32.0)
+    parser.add_argument("--lora-layers", type=int, default=-1, help="-1 = all")
+    parser.add_argument("--learning-rate", type=float, default=1e-4)
+    parser.add_argument("--val-batches", type=int, default=2, help="batches per (end) validation, both sides")
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--data-dir", type=Path, default=REPO / "data")
+    parser.add_argument("--with-eval-checkpoints", action="store_true",
+                        help="also validate and checkpoint every --eval-every steps (both sides)")
+    parser.add_argument("--eval-every", type=int, default=50)
+    parser.add_argument("--openblas", action="store_true", help=f"run again with LD_PRELOAD={OPENBLAS}")
+    parser.add_argument("--plain", action="store_true", help="bare commands, no phase timers")
+    parser.add_argument("--keep", action="store_true", help="keep the run folders and logs")
+    args = parser.parse_args()
+    args.steps = args.steps or (200 if args.size == "tiny" else 50)
+    args.report_every = max(1, args.steps // 10)
+    while args.steps % args.report_every:
+        args.report_every -= 1
+
+    model = quantized_copy(base_model(args.size))
+    model_config = json.loads((model / "config.json").read_text())
+    total_layers = model_config["num_hidden_layers"]
+    args.layers = total_layers if args.lora_layers < 0 else min(args.lora_layers, total_layers)
+
+    work = Path(tempfile.mkdtemp(prefix="bench-train-"))
+    data = text_only_copy(args.data_dir, work / "mlx-data")
+    lora_yaml = work / "lora.yaml"
+    lora_yaml.write_text(json.dumps({"lora_parameters": {
+        "rank": args.lora_rank, "scale": args.lora_alpha / args.lora_rank, "dropout": 0.0}}))  # JSON is YAML
+
+    import mlx.core as mx
+    import mlx_lm
+    print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, {platform.system()} {platform.release()}; "
+          f"python {platform.python_version()}; mlx {mx.__version__}, mlx_lm {mlx_lm.__version__}; "
+          f"device {mx.default_device()}")
+    print(f"model: {model} ({model_config['num_hidden_layers']} layers, hidden {model_config['hidden_size']}, "
+          f"vocab {model_config['vocab_size']}, {QUANT_BITS}-bit g{QUANT_GROUP})")
+    print(f"settings: steps {args.steps}, batch {args.batch_size}, seq {args.max_seq_length}, LoRA rank "
+          f"{args.lora_rank} scale {args.lora_alpha / args.lora_rank:g} on {args.layers} layers, lr "
+          f"{args.learning_rate:g}, val batches {args.val_batches}, "
+          + (f"validation+checkpoint every {args.eval_every}" if args.with_eval_checkpoints
+             else "validation/checkpoints only at the end")
+          + f"; mlx_lm reports every {args.report_every} steps")
+
+    variants = [("default", {})]
+    if args.openblas:
+        if OPENBLAS.is_file():
+            variants.append(("LD_PRELOAD openblas", {"LD_PRELOAD": str(OPENBLAS)}))
+        else:
+            print(f"--openblas: {OPENBLAS} not present (Debian libopenblas0-pthread); skipped")
+
+    printed_commands = False
+    for name, extra in variants:
+        env = dict(os.environ, **extra)
+        env.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        ours_runs, theirs_runs = [], []
+        for i in range(args.repeats):
+            order = ["ours", "theirs"] if i % 2 == 0 else ["theirs", "ours"]
+            for who in order:
+                out = work / f"{name.replace(' ', '_')}-{who}-{i}"
+                if who == "ours":
+                    cmd = ours_command(args, model, out, args.plain)
+                else:
+                    cmd = theirs_command(args, model, data, out, lora_yaml, args.plain)
+                if not printed_commands:
+                    shown = ours_command(args, model, out, True) if who == "ours" else \
+                        theirs_command(args, model, data, out, lora_yaml, True)
+                    print(f"{who} command: {' '.join(shown)}")
+                result = run_child(cmd, env, work / f"{out.name}.log")
+                if who == "ours":
+                    read_ours(result, out, args.report_every)
+                    ours_runs.append(result)
+                else:
+                    read_theirs(result, args.report_every)
+                    theirs_runs.append(result)
+                if result["rc"] != 0:
+                    print(f"WARNING: {who} run {i} exited {result['rc']}; log tail:\n"
+                          + "\n".join(result["log"].splitlines()[-15:]))
+                sys.stdout.flush()
+            printed_commands = True
+        print_block(f"{args.size}: {name}", ours_runs, theirs_runs, args)
+    if args.keep:
+        print(f"\nrun folders and logs kept in {work}")
+    else:
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
