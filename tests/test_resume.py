@@ -439,3 +439,52 @@ def test_a_run_whose_final_save_fails_does_not_report_success(data, reference, t
     assert "WARNING" in result.stderr and f"step {STEPS}" in result.stderr, result.stderr
     assert result.returncode != 0, (
         "the final checkpoint (and the adapters) could not be written, yet the run exited 0:\n" + result.stderr)
+
+
+def _run_on_a_terminal(args, answer: str, timeout: float = 120) -> tuple[int, str]:
+    """The CLI with a real pseudo-terminal as stdin/stdout: what a user at a shell sees."""
+    import pty
+    import select
+    import sys
+    import time
+
+    from conftest import REPO, TRAIN_SCRIPT
+
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: the training command on the terminal
+        os.chdir(REPO)
+        os.execv(sys.executable, [sys.executable, str(TRAIN_SCRIPT), *map(str, args)])
+    screen, answered, deadline = b"", False, time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([fd], [], [], 0.5)
+        if ready:
+            try:
+                chunk = os.read(fd, 4096)
+            except OSError:  # the child closed the terminal
+                break
+            if not chunk:
+                break
+            screen += chunk
+            if not answered and b"[Y/n]" in screen:
+                os.write(fd, answer.encode() + b"\n")
+                answered = True
+    _, status = os.waitpid(pid, 0)
+    os.close(fd)
+    return os.waitstatus_to_exitcode(status), screen.decode(errors="replace")
+
+
+def test_at_a_terminal_the_user_is_asked_and_the_answer_is_followed(tmp_path):
+    data = write_corpus(tmp_path / "data")
+    out = tmp_path / "out"
+    first = run_cli(*FAST, "--data-dir", data, "--output-dir", out, "--max-steps", "5")
+    assert first.returncode == 0, first.stderr
+    settings = [*FAST, "--data-dir", data, "--output-dir", out, "--max-steps", "8"]
+
+    code, screen = _run_on_a_terminal(settings, "y")
+    assert "Resume from step 5? [Y/n]" in screen
+    assert code == 0 and "resumed from" in screen and "reached --max-steps 8" in screen
+
+    code, screen = _run_on_a_terminal(settings, "n")
+    assert "Resume from step 8? [Y/n]" in screen
+    assert code == 0 and "moved to" in screen and "resumed from" not in screen
+    assert list(tmp_path.glob("out/checkpoints.old-*/step-00000008"))  # kept, not deleted

@@ -81,3 +81,14 @@ def test_without_val_file_the_run_completes_with_a_note(tmp_path):
     result = run_cli(*FAST, "--data-dir", corpus, "--output-dir", tmp_path / "out", "--max-steps", "5")
     assert result.returncode == 0, result.stderr
     assert "training without validation" in result.stderr
+
+
+def test_gradient_accumulation_takes_the_micro_batches_of_the_same_stream(corpus, tmp_path):
+    for name, accum in (("one", "1"), ("two", "2")):
+        result = run_cli(*FAST, "--data-dir", corpus, "--output-dir", tmp_path / name, "--max-steps",
+                         "6" if accum == "1" else "3", "--grad-accum", accum)
+        assert result.returncode == 0, result.stderr
+    one, two = train_lines(tmp_path / "one"), train_lines(tmp_path / "two")
+    # Same batch size, so the same batches: step k of accumulation 2 holds batches 2k-1 and 2k.
+    assert [line["tokens"] for line in two] == [a["tokens"] + b["tokens"] for a, b in zip(one[::2], one[1::2])]
+    assert all(math.isfinite(line["loss"]) for line in two)
