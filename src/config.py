@@ -148,7 +148,7 @@ class Config:
         t, lo, d, es = self.training, self.lora, self.distrust, self.early_stopping
         positive_ints = {
             "max-steps": t.max_steps, "batch-size": t.batch_size, "grad-accum": t.grad_accum,
-            "max-seq-length": t.max_seq_length, "checkpoint-interval": t.checkpoint_interval,
+            "checkpoint-interval": t.checkpoint_interval,
             "keep-checkpoints": t.keep_checkpoints, "eval-steps": t.eval_steps,
             "val-batches": t.val_batches, "lora-rank": lo.rank,
             "early-stopping-patience": es.patience, "grad-spike-patience": es.grad_spike_patience,
@@ -156,12 +156,12 @@ class Config:
         for flag, value in positive_ints.items():
             if value < 1:
                 raise bad(flag, f"must be at least 1 (got {value})")
-        if t.max_seq_length < 2:
+        if t.max_seq_length < 2:  # one input and one target at the least
             raise bad("max-seq-length", f"must be at least 2 (got {t.max_seq_length})")
         if t.warmup_steps < 0:
             raise bad("warmup-steps", f"must be 0 or more (got {t.warmup_steps})")
-        if t.seed < 0:
-            raise bad("seed", f"must be 0 or more (got {t.seed})")
+        if not 0 <= t.seed < 2**32:
+            raise bad("seed", f"must be in [0, 2**32) (got {t.seed})")
         if lo.layers == 0 or lo.layers < -1:
             raise bad("lora-layers", f"must be -1 (all) or at least 1 (got {lo.layers})")
         positive_floats = {
@@ -198,6 +198,8 @@ class Config:
         and objective. The optimizer settings (learning rate, warmup, clipping,
         weight decay) change the result just as much, so they are in too.
         Max steps, intervals, patience and paths are not: they may change.
+        What the data and model *are* (not what they are called) is compared
+        beside these, from the run's inputs (see train_qlora.run_inputs).
         """
         t = self.training
         return {
@@ -213,7 +215,6 @@ class Config:
             "max_grad_norm": t.max_grad_norm,
             "weight_decay": t.weight_decay,
             "distrust": dataclasses.asdict(self.distrust),
-            "data_dir": str(Path(self.paths.data_dir).resolve()),
         }
 
     def fingerprint(self) -> str:

@@ -50,12 +50,14 @@ class DistrustObjective:
         self.alpha = alpha
         self.lambda_weight = lambda_weight
         self.mode = mode
-        self.corpus_mean = float(np.mean(powered(distrust_scores(corpus_auth, corpus_entropy, alpha), lambda_weight)))
-        if mode == "weighted" and not self.corpus_mean > 0:
+        with np.errstate(over="ignore", under="ignore"):  # judged just below, in one message
+            self.corpus_mean = float(np.mean(powered(distrust_scores(corpus_auth, corpus_entropy, alpha),
+                                                     lambda_weight)))
+        if mode == "weighted" and not (0 < self.corpus_mean < np.inf):
             raise UserError(
-                f"the mean of d**lambda over the training set is 0 (every score is 0, or underflows at "
-                f"--lambda-weight {lambda_weight}), so weighted mode has nothing to weight by; "
-                f"use a smaller --lambda-weight or --distrust-mode reference")
+                f"the mean of d**lambda over the training set is {self.corpus_mean:g} (every score is 0, or "
+                f"d**lambda under- or overflows at --lambda-weight {lambda_weight}), so the weights are "
+                f"meaningless; use a smaller --lambda-weight or --distrust-mode reference")
 
     def weights(self, auth: np.ndarray, entropy: np.ndarray) -> np.ndarray:
         """Per-sample weights of the token cross-entropy (all 1 in reference mode)."""

@@ -183,7 +183,11 @@ def _tiny_training_texts() -> list[str]:
     texts = []
     corpus = REPO_ROOT / "data" / "train.jsonl"
     if corpus.is_file():
-        with open(corpus, encoding="utf-8") as handle:
+        try:
+            handle = open(corpus, encoding="utf-8")
+        except OSError as exc:
+            raise UserError(f"{corpus}: cannot read it to build the tiny model ({exc.strerror})") from None
+        with handle:
             for line in handle:
                 try:
                     record = json.loads(line)

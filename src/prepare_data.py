@@ -16,14 +16,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script from anywhere
 
 from corpus.prepare import format_report, prepare  # noqa: E402
-from errors import UserError  # noqa: E402
-
-
-class OneLineArgumentParser(argparse.ArgumentParser):
-    """argparse, but a usage error is one line on stderr (no usage block), exit 2."""
-
-    def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+from errors import OneLineArgumentParser, UserError  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:

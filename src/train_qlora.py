@@ -11,15 +11,10 @@ Exit codes: 0 finished or stopped early; 2 bad usage, config or data;
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
-# Before transformers is imported (through mlx-lm): its advice that PyTorch is
-# missing is noise here, MLX does the work.
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-
-from errors import UserError  # noqa: E402
+from errors import OneLineArgumentParser, UserError
 
 FLAGS = [
     # flag, config name, type, help
@@ -61,7 +56,7 @@ SWITCHES = [
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineArgumentParser(
         prog="train_qlora.py",
         description="QLoRA fine-tuning with the Empirical Distrust objective, made for long unattended runs.",
     )
@@ -84,14 +79,17 @@ def config_from_args(args: argparse.Namespace):
     values = Config.from_yaml(args.config) if args.config else {}
     names = [name for _, name, _, _ in FLAGS] + [name for _, name, _, _ in SWITCHES]
     given = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
-    # Flat flag names override the same setting given nested in the file.
+    # A flag overrides that one setting of the file, wherever the file put it.
     from config import FLAT_NAMES
 
-    for name in given:
+    for name, value in given.items():
         section, field_name = FLAT_NAMES[name]
         if isinstance(values.get(section), dict):
-            values[section].pop(field_name, None)
-    values.update(given)
+            values[section][field_name] = value
+            if name != section:
+                values.pop(name, None)
+        else:
+            values[name] = value
     source = f"{args.config} + command line" if args.config else "command line"
     return Config.from_dict(values, source=source)
 
@@ -124,11 +122,29 @@ def run(args: argparse.Namespace) -> int:
         return 0
 
     with RunLock(output_dir):
-        start = choose_start(manager, config, args)  # may ask at a terminal, or exit 2 without one
-        return train(config, output_dir, manager, start)
+        inputs = run_inputs(config)
+        start = choose_start(manager, config, args, inputs)  # may ask at a terminal, or exit 2 without one
+        return train(config, output_dir, manager, start, inputs)
 
 
-def train(config, output_dir: Path, manager, start) -> int:
+def run_inputs(config) -> dict:
+    """What the run reads, by identity: the training file's content and the
+    resolved model. A resume from other inputs would not continue the same run."""
+    from corpus.index import content_signature
+    from modeling import resolve_model
+
+    data_dir = Path(config.paths.data_dir)
+    train_path = data_dir / "train.jsonl"
+    if not train_path.is_file():
+        raise UserError(f"{train_path}: training file not found (--data-dir {data_dir} must hold train.jsonl)")
+    try:
+        signature = content_signature(train_path)
+    except OSError as exc:
+        raise UserError(f"{train_path}: cannot read ({exc.strerror})") from None
+    return {"train_data": signature, "model": resolve_model(config.model.model)}
+
+
+def train(config, output_dir: Path, manager, start, inputs: dict) -> int:
     from corpus.index import CorpusIndex
     from modeling import adapter_config, attach_lora, load_model, parameter_counts, tokenizer_key
     from trainer import CheckpointingFailed, DistrustTrainer
@@ -136,8 +152,6 @@ def train(config, output_dir: Path, manager, start) -> int:
     t = config.training
     data_dir = Path(config.paths.data_dir)
     train_path = data_dir / "train.jsonl"
-    if not train_path.is_file():
-        raise UserError(f"{train_path}: training file not found (--data-dir {data_dir} must hold train.jsonl)")
 
     loaded = load_model(config.model.model, config.model.quantize_bits, config.model.trust_remote_code)
     num_layers, note = attach_lora(loaded.model, config.lora.rank, config.lora.alpha, config.lora.layers,
@@ -167,7 +181,7 @@ def train(config, output_dir: Path, manager, start) -> int:
     trainer = DistrustTrainer(
         config, loaded.model, loaded.tokenizer,
         adapter_config(loaded.path, num_layers, config.lora.rank, config.lora.alpha, config.lora.dropout),
-        index, val_path, output_dir, manager, log=lambda msg: print(msg, file=sys.stderr),
+        index, val_path, output_dir, manager, inputs=inputs, log=lambda msg: print(msg, file=sys.stderr),
     )
     if start is not None:
         trainer.restore(start.state, str(start.path))

@@ -13,10 +13,10 @@ lazy: it is computed together with the next step's gradients.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import random
+import shutil
 import signal
 import sys
 import time
@@ -31,12 +31,13 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 from checkpoints import CheckpointManager, CheckpointSaveError, TrainingState
-from durable import write_text_atomically
+from durable import flush_dir, flush_file
 from config import Config
 from corpus.batching import Batch, DataPosition, fixed_batches, training_batches
 from corpus.index import CorpusIndex
 from distrust import DistrustObjective
 from errors import UserError
+from modeling import adapter_weights
 from monitoring.early_stopping import EarlyStopping
 from monitoring.metrics_log import MetricsLog, summary_text
 from monitoring.progress import ProgressLine
@@ -132,7 +133,7 @@ class LoopState:
 class DistrustTrainer:
     def __init__(self, config: Config, model: nn.Module, tokenizer, adapter_config: dict,
                  train_index: CorpusIndex, val_path: Path | None, output_dir: Path,
-                 checkpoints: CheckpointManager, log=print):
+                 checkpoints: CheckpointManager, inputs: dict | None = None, log=print):
         self.config = config
         self.model = model
         self.tokenizer = tokenizer
@@ -141,6 +142,7 @@ class DistrustTrainer:
         self.val_path = val_path
         self.output_dir = Path(output_dir)
         self.checkpoints = checkpoints
+        self.inputs = inputs or {}  # identity of the data and model, checked on resume
         self.log = log
         t, d, es = config.training, config.distrust, config.early_stopping
 
@@ -166,6 +168,7 @@ class DistrustTrainer:
         self.resumed_from: str | None = None
         self.save_failures = 0
         self.last_save_step = 0
+        self.last_save_path: Path | None = None
         self._compiled = None
         self._stop_signal: int | None = None
 
@@ -173,6 +176,11 @@ class DistrustTrainer:
 
     def restore(self, saved: TrainingState, source: str) -> None:
         """Put back everything a checkpoint holds; call before `fit`."""
+        expected = set(adapter_weights(self.model))
+        if set(saved.adapters) != expected:
+            missing, extra = sorted(expected - set(saved.adapters)), sorted(set(saved.adapters) - expected)
+            raise UserError(f"{source}: its adapters do not fit this model's LoRA layers "
+                            f"(missing {missing[:3]}, unexpected {extra[:3]})")
         self.model.load_weights(list(saved.adapters.items()), strict=False)
         self.optimizer.state = tree_unflatten(list(saved.optimizer.items()))
         trainer = saved.trainer
@@ -183,14 +191,15 @@ class DistrustTrainer:
             tokens_seen=loop["tokens_seen"],
             best_val_loss=_float(loop["best_val_loss"]),
             best_val_step=loop["best_val_step"],
-            last_val_loss=loop["last_val_loss"],
-            last_loss=loop["last_loss"],
+            last_val_loss=trainer["val_loss"],
+            last_loss=trainer["loss"],
             train_seconds=loop["train_seconds"],
         )
         self.early_stopping.load_state_dict(trainer["early_stopping"])
         self.progress_state = trainer["progress"]
         _set_host_rng_state(trainer["rng"])
         self.last_save_step = saved.step
+        self.last_save_path = Path(source)
         self.resumed_from = source
         mx.eval(self.model.parameters(), self.optimizer.state)
 
@@ -202,10 +211,9 @@ class DistrustTrainer:
                 "tokens_seen": s.tokens_seen,
                 "best_val_loss": _json_float(s.best_val_loss),
                 "best_val_step": s.best_val_step,
-                "last_val_loss": s.last_val_loss,
-                "last_loss": s.last_loss,
                 "train_seconds": s.train_seconds,
             },
+            "inputs": self.inputs,
             "early_stopping": self.early_stopping.state_dict(),
             "progress": self.progress.state_dict(),
             "rng": _host_rng_state(),
@@ -214,7 +222,7 @@ class DistrustTrainer:
         }
         return TrainingState(
             step=s.step,
-            adapters=dict(tree_flatten(self.model.trainable_parameters())),
+            adapters=adapter_weights(self.model),
             optimizer=dict(tree_flatten(self.optimizer.state)),
             trainer=trainer,
             config=self.config.to_dict(),
@@ -246,10 +254,11 @@ class DistrustTrainer:
             return mx.sqrt(sum(squares)) / tokens
 
         @partial(mx.compile, inputs=[model.state, optimizer.state], outputs=[model.state, optimizer.state])
-        def update(grads, tokens):
-            grads = tree_map(lambda g: g / tokens, grads)
-            grads, _ = optim.clip_grad_norm(grads, max_norm)
-            optimizer.update(model, grads)
+        def update(grads, tokens, norm):
+            # Mean over the step's tokens, clipped to max_norm with the norm
+            # already computed for the checks (no second pass over the grads).
+            scale = mx.minimum(1.0, max_norm / (norm + 1e-6)) / tokens
+            optimizer.update(model, tree_map(lambda g: g * scale, grads))
 
         # Validation runs the model in eval mode (no dropout); compiled like the
         # step, it costs about half as much as uncompiled.
@@ -303,7 +312,10 @@ class DistrustTrainer:
         # applied, so the last checkpoint holds the last good state.
         stop = self.early_stopping.check_step(self.state.step + 1, loss, figures.grad_norm)
         if stop is None:
-            update(grads, denominator)
+            update(grads, denominator, norm)
+            # Start computing the update now, while the host reads and pads the
+            # next batch; it is waited for by the next step's single sync.
+            mx.async_eval(self.model.trainable_parameters(), self.optimizer.state)
         else:
             self.state.position = start_position
         figures.seconds = time.perf_counter() - started
@@ -359,22 +371,27 @@ class DistrustTrainer:
                     f"{self.save_failures} checkpoint saves failed in a row, the last: {exc}") from None
             return False
         self.save_failures = 0
-        self.last_save_step = self.state.step
-        self.write_adapters()
+        self.last_save_step, self.last_save_path = self.state.step, path
+        self.write_adapters(path)
         self.metrics.event(self.state.step, "checkpoint", path=str(path), seconds=time.perf_counter() - started,
                            best=is_best, final=is_final)
         self.metrics.flush()
         self.progress.write(f"checkpoint: {path}")
         return True
 
-    def write_adapters(self) -> None:
-        """The newest adapters at the top of the output dir, loadable by mlx_lm."""
-        weights = dict(tree_flatten(self.model.trainable_parameters()))
-        scratch = self.output_dir / ".adapters.tmp.safetensors"
-        mx.save_safetensors(str(scratch), weights)
-        scratch.replace(self.output_dir / "adapters.safetensors")
-        write_text_atomically(self.output_dir / "adapter_config.json", json.dumps(self.adapter_config, indent=2),
-                              temp_name=".adapter_config.tmp.json")
+    def write_adapters(self, checkpoint: Path) -> None:
+        """The newest adapters at the top of the output dir, loadable by mlx_lm:
+        copies of the committed checkpoint's files, each replaced atomically."""
+        try:
+            for name in ("adapters.safetensors", "adapter_config.json"):
+                scratch = self.output_dir / f".{name}.tmp"
+                shutil.copyfile(checkpoint / name, scratch)
+                flush_file(scratch)
+                os.replace(scratch, self.output_dir / name)
+            flush_dir(self.output_dir)
+        except OSError as exc:
+            self.progress.write(f"WARNING: could not update {self.output_dir / 'adapters.safetensors'} ({exc}); "
+                                f"checkpoint {checkpoint} holds the same adapters")
 
     # -- signals ----------------------------------------------------------------
 
@@ -433,7 +450,7 @@ class DistrustTrainer:
                     is_best = self._validation_check()
                     # A plateau is judged on a full smoothing window only: the
                     # weighted objective is noisy from batch to batch.
-                    if stop is None and s.step % t.eval_steps == 0 and len(self.progress.losses) == self.progress.window:
+                    if s.step % t.eval_steps == 0 and len(self.progress.losses) == self.progress.window:
                         stop = self.early_stopping.check_plateau(s.step, self.progress.smoothed_loss)
                 if stop is not None:
                     end = RunEnd(stop)
@@ -446,6 +463,11 @@ class DistrustTrainer:
                     end = self._end_with_checkpoint(end, is_best=is_best)
                 elif is_best or s.step % t.checkpoint_interval == 0:
                     self.save_checkpoint(is_best=is_best)
+        except Exception as exc:
+            # Even a run that fails says why in its last line.
+            self.metrics.end(f"error at step {s.step}: {exc}", steps=s.step)
+            self.metrics.close()
+            raise
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
@@ -463,6 +485,13 @@ class DistrustTrainer:
 
     def _end_with_checkpoint(self, end: RunEnd, is_best: bool = False) -> RunEnd:
         """The final checkpoint; a run whose last state could not be saved has not succeeded."""
+        saved = self.last_save_path
+        if (self.last_save_step == self.state.step and saved is not None
+                and saved.parent.resolve() == self.checkpoints.directory.resolve()):
+            # This very state is committed already (a stop right after a save,
+            # or nothing left to do): point `final` at it rather than save it again.
+            self.checkpoints.mark_final(saved)
+            return end
         if self.save_checkpoint(is_best=is_best, is_final=True):
             return end
         return RunEnd(f"{end.reason}; but the final checkpoint could not be saved (the newest saved one is "

@@ -104,3 +104,23 @@ def test_bad_val_file_stops_with_its_line_and_keeps_the_checkpoint(tmp_path):
     assert_one_line_error(result, "val.jsonl:17", "invalid JSON")
     # the steps before the first validation are not lost
     assert (out / "checkpoints" / "step-00000005").is_dir()
+
+
+def test_output_dir_that_is_a_file(corpus, tmp_path):
+    taken = tmp_path / "taken"
+    taken.write_text("mine")
+    result = run_cli(*FAST, "--data-dir", corpus, "--output-dir", taken, "--max-steps", "2")
+    assert_one_line_error(result, str(taken), "cannot use as --output-dir")
+    assert taken.read_text() == "mine"
+
+
+@pytest.mark.parametrize("flags, fragment", [
+    (["--seed", str(2**40)], "--seed must be in [0, 2**32)"),
+    (["--lambda-weight", "400"], "d**lambda under- or overflows"),
+    (["--max-steps", "abc"], "invalid int value"),
+])
+def test_values_that_would_break_later(flags, fragment, corpus, tmp_path):
+    result = run_cli(*FAST, *flags, "--data-dir", corpus, "--output-dir", tmp_path / "out")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) <= 12  # argparse: one line, no usage block
+    assert fragment in result.stderr, result.stderr

@@ -48,3 +48,12 @@ def test_fingerprint_covers_what_changes_the_result_only():
 def test_missing_model_is_an_error():
     with pytest.raises(UserError, match="--model is required"):
         parse("--max-steps", "3")
+
+
+def test_a_flag_overrides_one_setting_of_a_yaml_section_not_the_section(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("model:\n  model: tiny\n  quantize_bits: 0\n"
+                    "early_stopping:\n  grad_spike_threshold: 5\n")
+    c = parse("--config", str(path), "--model", "other", "--no-early-stopping")
+    assert c.model.model == "other" and c.model.quantize_bits == 0
+    assert c.early_stopping.enabled is False and c.early_stopping.grad_spike_threshold == 5.0

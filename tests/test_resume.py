@@ -488,3 +488,46 @@ def test_at_a_terminal_the_user_is_asked_and_the_answer_is_followed(tmp_path):
     assert "Resume from step 8? [Y/n]" in screen
     assert code == 0 and "moved to" in screen and "resumed from" not in screen
     assert list(tmp_path.glob("out/checkpoints.old-*/step-00000008"))  # kept, not deleted
+
+
+def test_damaged_checkpoints_only_are_never_overwritten(tmp_path):
+    data = write_corpus(tmp_path / "data")
+    out = tmp_path / "out"
+    assert run_cli(*FAST, "--data-dir", data, "--output-dir", out, "--max-steps", "10").returncode == 0
+    for state in (out / "checkpoints").glob("step-*/trainer_state.json"):
+        with open(state, "ab") as handle:
+            handle.write(b" ")
+    before = {p: p.read_bytes() for p in (out / "checkpoints").rglob("*") if p.is_file()}
+    for flags in (["--auto-resume"], []):
+        result = run_cli(*FAST, "--data-dir", data, "--output-dir", out, "--max-steps", "10", *flags)
+        assert result.returncode == 2, result.stderr
+        assert "none of them verifies" in result.stderr and "--fresh" in result.stderr
+    assert {p: p.read_bytes() for p in (out / "checkpoints").rglob("*") if p.is_file()} == before
+
+
+def test_resuming_on_other_training_data_is_refused(tmp_path):
+    data = write_corpus(tmp_path / "data")
+    out = tmp_path / "out"
+    assert run_cli(*FAST, "--data-dir", data, "--output-dir", out, "--max-steps", "5").returncode == 0
+    with open(data / "train.jsonl", "a") as handle:
+        handle.write('{"text": "one more record", "auth_weight": 0.5, "prov_entropy": 1.0}\n')
+    result = run_cli(*FAST, "--data-dir", data, "--output-dir", out, "--max-steps", "10", "--auto-resume")
+    assert result.returncode == 2 and "train_data.size" in result.stderr, result.stderr
+
+
+def test_a_stop_right_after_a_checkpoint_keeps_it_and_its_best_mark(tmp_path):
+    # Spikes count after warmup (2): step 3 is the first, so patience 1 stops at step 3,
+    # right after the checkpoint (and best validation) of step 2.
+    data = write_corpus(tmp_path / "data")
+    out = tmp_path / "out"
+    flags = [a for a in FAST if a != "--no-early-stopping"]
+    result = run_cli(*flags, "--data-dir", data, "--output-dir", out, "--max-steps", "10",
+                     "--eval-steps", "2", "--checkpoint-interval", "2",
+                     "--grad-spike-threshold", "1e-9", "--grad-spike-patience", "1")
+    assert result.returncode == 0, result.stderr
+    assert "gradient norm above" in result.stderr
+    pointers = out / "checkpoints"
+    assert (pointers / "best").read_text().strip() == "step-00000002"
+    assert (pointers / "final").read_text().strip() == "step-00000002"
+    saves = [line for line in read_metrics(out) if line.get("event") == "checkpoint"]
+    assert [line["step"] for line in saves] == [2]  # committed once, not again at the stop

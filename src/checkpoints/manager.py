@@ -189,6 +189,10 @@ class CheckpointManager:
         message += "; the previous checkpoints are untouched"
         return CheckpointSaveError(message, checkpoint=name, cause=cause, parameter=parameter)
 
+    def mark_final(self, path: str | os.PathLike | CheckpointInfo) -> None:
+        """Point `final` at an already committed checkpoint (the run ended on its state)."""
+        self._update_pointers(as_path(path).name, is_best=False, is_final=True, replaced=False)
+
     def _update_pointers(self, name: str, *, is_best: bool, is_final: bool, replaced: bool) -> None:
         for pointer, flagged in ((BEST_POINTER, is_best), (FINAL_POINTER, is_final)):
             try:
@@ -204,7 +208,8 @@ class CheckpointManager:
                 self.warn(f"could not update the '{pointer}' pointer to {name}: {describe_error(error)}")
 
     def _apply_retention(self, just_saved: str) -> None:
-        doomed = self.retention.to_delete(self.checkpoints(), protected=self._protected, just_saved=just_saved)
+        doomed = self.retention.to_delete(self.checkpoints(deep=False), protected=self._protected,
+                                          just_saved=just_saved)
         for info in doomed:
             # Out of sight first: a deletion cut short leaves a hidden
             # leftover, not a visible half checkpoint.
@@ -216,8 +221,9 @@ class CheckpointManager:
 
     # --------------------------------------------------------------- listing
 
-    def checkpoints(self) -> list[CheckpointInfo]:
-        """The committed checkpoints, oldest first, each verified against its manifest."""
+    def checkpoints(self, deep: bool = True) -> list[CheckpointInfo]:
+        """The committed checkpoints, oldest first, each verified against its manifest
+        (`deep=False`: sizes only, not the SHA-256 of every file)."""
         if not self.directory.is_dir():
             return []
         best, final = self._read_pointer(BEST_POINTER), self._read_pointer(FINAL_POINTER)
@@ -225,7 +231,7 @@ class CheckpointManager:
         for entry in os.scandir(self.directory):
             match = STEP_DIR_PATTERN.match(entry.name)
             if match and entry.is_dir(follow_symlinks=False):
-                infos.append(self._inspect(Path(entry.path), int(match[1]), best=best, final=final))
+                infos.append(self._inspect(Path(entry.path), int(match[1]), best=best, final=final, deep=deep))
         return sorted(infos, key=lambda info: info.step)
 
     def latest_valid(self) -> CheckpointInfo | None:
@@ -238,6 +244,10 @@ class CheckpointManager:
 
     def best(self) -> CheckpointInfo | None:
         return next((info for info in self.checkpoints() if info.is_best), None)
+
+    def has_any(self) -> bool:
+        """Whether any committed checkpoint directory exists, valid or not."""
+        return bool(self.checkpoints(deep=False))
 
     def final(self) -> CheckpointInfo | None:
         return next((info for info in self.checkpoints() if info.is_final), None)
@@ -287,8 +297,9 @@ class CheckpointManager:
         final = self._read_pointer(FINAL_POINTER) if ours else None
         return self._inspect(path, expected_step, best=best, final=final)
 
-    def _inspect(self, path: Path, expected_step: int | None, *, best: str | None, final: str | None) -> CheckpointInfo:
-        manifest, problem = verify_checkpoint(path, expected_step)
+    def _inspect(self, path: Path, expected_step: int | None, *, best: str | None, final: str | None,
+                 deep: bool = True) -> CheckpointInfo:
+        manifest, problem = verify_checkpoint(path, expected_step, hash_contents=deep)
         step = expected_step if expected_step is not None else (manifest or {}).get("step", -1)
         return CheckpointInfo(
             path=path,

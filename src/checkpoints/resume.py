@@ -26,8 +26,13 @@ class ResumePoint:
     state: TrainingState
 
 
-def choose_start(manager: CheckpointManager, config, args, *, stdin=None, out=None) -> ResumePoint | None:
-    """Decide from the flags (and, at a terminal, the user) where the run starts."""
+def choose_start(manager: CheckpointManager, config, args, inputs: dict, *, stdin=None,
+                 out=None) -> ResumePoint | None:
+    """Decide from the flags (and, at a terminal, the user) where the run starts.
+
+    `inputs` names what the run reads (the training file's identity, the
+    resolved model): a checkpoint made from other inputs is not resumed.
+    """
     stdin = stdin or sys.stdin
     out = out or sys.stderr
     for leftover in manager.clean_temporaries():
@@ -40,18 +45,19 @@ def choose_start(manager: CheckpointManager, config, args, *, stdin=None, out=No
         return None
     if args.resume:
         info = manager.resolve(args.resume)
-        point = _load_checked(manager, info.path, config)
+        point = _load_checked(manager, info.path, config, inputs)
         if info.path.resolve().parent == manager.directory.resolve():
             set_aside_newer(manager, point, out)
         return point
     if args.auto_resume:
-        point = _newest_loadable(manager, config)
+        point = _newest_loadable(manager, config, inputs)
         if point is None:
             print("--auto-resume: no checkpoint yet, starting a new run", file=out)
         return point
 
     newest = manager.latest_valid()
     if newest is None:
+        _refuse_if_only_invalid(manager)
         return None
     if _is_terminal(stdin):
         print(f"Found checkpoints in {manager.directory}.", file=out)
@@ -59,7 +65,7 @@ def choose_start(manager: CheckpointManager, config, args, *, stdin=None, out=No
         out.flush()
         answer = stdin.readline().strip().lower()
         if answer in ("", "y", "yes"):
-            return _newest_loadable(manager, config)
+            return _newest_loadable(manager, config, inputs)
         if answer in ("n", "no"):
             moved = manager.move_aside()
             print(f"starting anew; earlier checkpoints moved to {moved} (nothing was deleted)", file=out)
@@ -97,8 +103,11 @@ class RunLock:
     def __enter__(self) -> "RunLock":
         import fcntl
 
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.handle = open(self.path, "a+")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.handle = open(self.path, "a+")
+        except OSError as exc:
+            raise UserError(f"{self.path.parent}: cannot use as --output-dir ({exc.strerror})") from None
         try:
             fcntl.flock(self.handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -117,28 +126,42 @@ class RunLock:
         self.handle.close()  # closing releases the lock; the file itself may stay
 
 
-def _newest_loadable(manager: CheckpointManager, config) -> ResumePoint | None:
-    """The newest checkpoint that verifies and loads; each one that does not is named."""
+def _newest_loadable(manager: CheckpointManager, config, inputs: dict) -> ResumePoint | None:
+    """The newest checkpoint that verifies and loads; each one that does not is named.
+    None only when there is no checkpoint at all: starting anew over damaged ones
+    would overwrite them."""
     for info in reversed(manager.checkpoints()):
         if not info.valid:
             manager.warn(f"skipping checkpoint {info.path.name} ({info.path}): {info.problem}")
             continue
         try:
-            return _load_checked(manager, info.path, config)
+            return _load_checked(manager, info.path, config, inputs, corrupt_is_error=False)
         except CheckpointCorruptError as exc:
             manager.warn(f"skipping checkpoint {info.path.name}: {exc}")
+    _refuse_if_only_invalid(manager)
     return None
 
 
-def _load_checked(manager: CheckpointManager, path: Path, config) -> ResumePoint:
+def _refuse_if_only_invalid(manager: CheckpointManager) -> None:
+    if manager.has_any():
+        raise UserError(
+            f"{manager.directory} holds checkpoints but none of them verifies (see --list-checkpoints); "
+            f"nothing was changed: --fresh moves them aside and starts anew, or --resume PATH names one")
+
+
+def _load_checked(manager: CheckpointManager, path: Path, config, inputs: dict,
+                  corrupt_is_error: bool = True) -> ResumePoint:
     from config import Config, differing_fields
 
     try:
         state = manager.load(path)
     except (CheckpointCorruptError, FileNotFoundError) as exc:
+        if not corrupt_is_error and isinstance(exc, CheckpointCorruptError):
+            raise
         raise UserError(str(exc)) from None
     saved = Config.from_dict(state.config, source=f"{path}/config.json")
     differences = differing_fields(saved.fingerprint_fields(), config.fingerprint_fields())
+    differences += differing_fields(state.trainer.get("inputs", {}), inputs)
     if differences:
         raise UserError(
             f"cannot resume from {path}: the config differs in fields that change the result: "

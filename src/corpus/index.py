@@ -40,6 +40,7 @@ class CorpusIndex:
     truncated: int = 0  # samples cut to max_tokens
     no_target: list = field(default_factory=list)  # line numbers left out: nothing to learn after truncation
     in_memory: list | None = field(default=None, repr=False)
+    file_size: int = -1  # when indexed, to notice the file changing under a streaming run
 
     def __len__(self) -> int:
         return len(self.offsets)
@@ -61,12 +62,13 @@ class CorpusIndex:
         path = Path(path)
         if not path.is_file():
             raise UserError(f"{path}: file not found")
+        file_size = os.path.getsize(path)
         cache_file = None
         if cache_dir is not None and limit is None:
             cache_file = Path(cache_dir) / f"index-{_cache_key(path, max_tokens, tokenizer_key)}.safetensors"
             cached = _read_cache(cache_file)
             if cached is not None:
-                index = cls(path=path, max_tokens=max_tokens, tokenizer=tokenizer, **cached)
+                index = cls(path=path, max_tokens=max_tokens, tokenizer=tokenizer, file_size=file_size, **cached)
                 if in_memory:
                     index.in_memory = index.samples(range(len(index)))
                 return index
@@ -103,7 +105,11 @@ class CorpusIndex:
                 start, offset = offset, offset + len(line)
                 if not line.strip():
                     continue
-                pending.append((start, line_number, parse_record(line, str(path), line_number)))
+                record = parse_record(line, str(path), line_number)
+                if "messages" in record and not getattr(tokenizer, "chat_template", None):
+                    raise UserError(f"{path}:{line_number}: chat 'messages' need a model with a chat template, "
+                                    f"and this model's tokenizer has none (use 'text' or 'prompt' + 'completion')")
+                pending.append((start, line_number, record))
                 if len(pending) == ENCODE_CHUNK:
                     flush()
                     if limit is not None and len(columns["offsets"]) >= limit:
@@ -115,7 +121,7 @@ class CorpusIndex:
             raise UserError(f"{path}: no usable sample (every record was empty after truncation to {max_tokens} tokens)")
         arrays = {name: np.frombuffer(values, dtype=COLUMN_TYPES[name]).copy() for name, values in columns.items()}
         index = cls(path=path, max_tokens=max_tokens, tokenizer=tokenizer, truncated=truncated,
-                    no_target=no_target, in_memory=samples, **arrays)
+                    no_target=no_target, in_memory=samples, file_size=file_size, **arrays)
         if cache_file is not None:
             _write_cache(cache_file, arrays, truncated, no_target)
         return index
@@ -124,6 +130,10 @@ class CorpusIndex:
         """Encoded samples at these positions of the index (one file open)."""
         if self.in_memory is not None:
             return [self.in_memory[i] for i in indices]
+        if os.path.getsize(self.path) != self.file_size:
+            # Streaming reads by offset: a file rewritten under a run would feed it other lines.
+            raise UserError(f"{self.path}: the file changed during the run (it is read by offset); "
+                            f"restore it, or start anew with --fresh")
         out = []
         with open(self.path, "rb") as handle:
             for i in indices:
@@ -132,6 +142,20 @@ class CorpusIndex:
                 record = parse_record(line, str(self.path), int(self.line_numbers[i]))
                 out.append(encode_record(record, self.tokenizer, self.max_tokens))
         return out
+
+
+def content_signature(path: Path, edge_bytes: int = 1 << 20) -> dict:
+    """Size and SHA-256 of the first and last MiB: what a resume compares to tell
+    the same corpus from another (hashing a corpus of many GB at each start
+    would cost more than it could catch)."""
+    size = os.path.getsize(path)
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        digest.update(handle.read(edge_bytes))
+        if size > edge_bytes:
+            handle.seek(max(size - edge_bytes, edge_bytes))
+            digest.update(handle.read())
+    return {"size": size, "sha256_of_ends": digest.hexdigest()}
 
 
 def _cache_key(path: Path, max_tokens: int, tokenizer_key: str) -> str:
