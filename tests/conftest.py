@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -94,3 +95,24 @@ def load_tiny():
     import modeling
 
     return modeling.load_model("tiny", quantize_bits=4)
+
+
+def read_event_file(path: Path) -> list:
+    """The Event protos of one TensorBoard file, read back from its bytes: TFRecord
+    framing (u64 length, u32 crc of it, data, u32 crc of data) around each Event.
+    (The tensorboard package, which has a reader, is not a dependency.)"""
+    from tensorboardX.proto import event_pb2
+
+    data = path.read_bytes()
+    events, offset = [], 0
+    while offset < len(data):
+        (length,) = struct.unpack("<Q", data[offset:offset + 8])
+        events.append(event_pb2.Event.FromString(data[offset + 12:offset + 12 + length]))
+        offset += 12 + length + 4
+    return events
+
+
+def read_tensorboard(logs_dir: Path) -> list:
+    """All events of all files, files in name order as TensorBoard reads them."""
+    paths = sorted(logs_dir.glob("events.out.tfevents.*"), key=lambda path: path.name)
+    return [event for path in paths for event in read_event_file(path)]

@@ -1,34 +1,16 @@
+"""MetricsLog: metrics.jsonl lines and TensorBoard scalars, read back from the files."""
+
 import json
 import math
-import struct
 
 import numpy as np
 
+from conftest import read_tensorboard
 from monitoring.metrics_log import MetricsLog, summary_text, tag_for
 
 
 def read_lines(path):
     return [json.loads(line) for line in path.read_text().splitlines()]
-
-
-def read_event_file(path):
-    """The Event protos of one file, read back from the bytes: TFRecord framing
-    (u64 length, u32 crc of it, data, u32 crc of data) around each Event."""
-    from tensorboardX.proto import event_pb2
-
-    data = path.read_bytes()
-    events, offset = [], 0
-    while offset < len(data):
-        (length,) = struct.unpack("<Q", data[offset:offset + 8])
-        events.append(event_pb2.Event.FromString(data[offset + 12:offset + 12 + length]))
-        offset += 12 + length + 4
-    return events
-
-
-def read_tensorboard(logs_dir):
-    """All events of all files, files in name order as TensorBoard reads them."""
-    paths = sorted(logs_dir.glob("events.out.tfevents.*"), key=lambda path: path.name)
-    return [event for path in paths for event in read_event_file(path)]
 
 
 def scalars(events):

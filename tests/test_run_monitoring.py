@@ -11,7 +11,6 @@ import math
 import os
 import random
 import signal
-import struct
 import subprocess
 import sys
 import time
@@ -20,8 +19,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import (FAST, REPO, TRAIN_SCRIPT, adapters_equal, load_adapters, make_record, read_metrics, run_cli,
-                      train_lines, write_corpus, write_jsonl)
+from conftest import (FAST, REPO, TRAIN_SCRIPT, adapters_equal, load_adapters, make_record, read_metrics,
+                      read_tensorboard, run_cli, train_lines, write_corpus, write_jsonl)
 
 WITH_EARLY_STOPPING = [a for a in FAST if a != "--no-early-stopping"]
 
@@ -274,26 +273,12 @@ def test_a_killed_and_resumed_plateau_run_stops_at_the_same_step_for_the_same_re
 # -------------------------------------------------------------- TensorBoard
 
 
-def read_events(logs: Path) -> list:
-    """Every Event of every file (TFRecord framing: u64 length, u32 crc, data, u32 crc)."""
-    from tensorboardX.proto import event_pb2
-
-    events = []
-    for path in sorted(logs.glob("events.out.tfevents.*"), key=lambda p: p.name):
-        data, offset = path.read_bytes(), 0
-        while offset < len(data):
-            (length,) = struct.unpack("<Q", data[offset:offset + 8])
-            events.append(event_pb2.Event.FromString(data[offset + 12:offset + 12 + length]))
-            offset += 12 + length + 4
-    return events
-
-
 def test_tensorboard_event_files_hold_the_training_and_validation_scalars(validated_run):
     out, _ = validated_run
     logs = out / "logs"
     assert list(logs.glob("events.out.tfevents.*")), list(out.iterdir())
     by_tag: dict[str, dict[int, float]] = {}
-    for event in read_events(logs):
+    for event in read_tensorboard(logs):
         for value in event.summary.value:
             by_tag.setdefault(value.tag, {})[event.step] = value.simple_value
     for tag in ("train/loss", "train/lr", "train/grad_norm", "train/ce"):
