@@ -97,6 +97,12 @@ def config_from_args(args: argparse.Namespace):
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)  # argparse itself exits 2 on bad usage
     try:
+        import mlx.core  # noqa: F401
+    except ImportError as exc:
+        print(f"error: MLX has no backend here ({exc}); install with pip install '.[cpu]' (Linux CPU) "
+              f"or '.[cuda]' (NVIDIA); on a Mac, pip install . is enough", file=sys.stderr)
+        return 2
+    try:
         return run(args)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
