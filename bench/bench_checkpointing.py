@@ -37,21 +37,17 @@ any unquantized base.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-SRC = REPO / "src"
-TRAIN = SRC / "train_qlora.py"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import REPO, SRC, cmd_text, is_train_line, run_watched, train_command  # noqa: E402
+
 DEFAULT_INTERVAL = 250
-POLL_S = 0.010
 
 LARGER_CONFIG = {"hidden_size": 256, "num_hidden_layers": 4, "intermediate_size": 512,
                  "num_attention_heads": 4, "num_key_value_heads": 4, "head_dim": 64}
@@ -78,98 +74,12 @@ def train_only_data(root: Path) -> Path:
 
 
 # ---------------------------------------------------------------------------
-# running the trainer and watching metrics.jsonl
-
-
-class MetricsWatcher:
-    """Records the time each line of OUT/metrics.jsonl first appears.
-
-    The file may be replaced (a fresh start moves an old one aside, a resume
-    rewrites it truncated): a new inode or a shorter file is read from the start.
-    """
-
-    def __init__(self, path: Path):
-        self.path = path
-        self.lines: list[tuple[float, dict]] = []
-        self._inode = None
-        self._offset = 0
-        self._partial = b""
-
-    def poll(self) -> None:
-        try:
-            stat = os.stat(self.path)
-        except FileNotFoundError:
-            return
-        if stat.st_ino != self._inode or stat.st_size < self._offset:
-            self._inode, self._offset, self._partial = stat.st_ino, 0, b""
-        if stat.st_size == self._offset:
-            return
-        now = time.perf_counter()
-        try:
-            with open(self.path, "rb") as handle:
-                handle.seek(self._offset)
-                chunk = handle.read()
-        except FileNotFoundError:
-            return
-        self._offset += len(chunk)
-        data = self._partial + chunk
-        *complete, self._partial = data.split(b"\n")
-        for raw in complete:
-            if raw.strip():
-                try:
-                    self.lines.append((now, json.loads(raw)))
-                except json.JSONDecodeError:
-                    pass
-
-
-def is_train_line(record: dict) -> bool:
-    return "loss" in record and "step" in record and "event" not in record and "val_loss" not in record
-
-
-def train_command(model: str, data: Path, out: Path, args, *extra) -> list[str]:
-    return [sys.executable, str(TRAIN), "--model", model, "--data-dir", str(data), "--output-dir", str(out),
-            "--batch-size", str(args.batch_size), "--max-seq-length", str(args.max_seq_length),
-            "--no-early-stopping", *map(str, extra)]
-
-
-def run_watched(cmd: list[str], out: Path, log: Path, until=None, timeout: float = 900.0) -> dict:
-    """Run `cmd`, polling OUT/metrics.jsonl every 10 ms. With `until(record)`,
-    kill the child as soon as a line satisfying it appears."""
-    watcher = MetricsWatcher(out / "metrics.jsonl")
-    with open(log, "w") as log_file:
-        started = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, cwd=REPO)
-        hit = None
-        while True:
-            watcher.poll()
-            if until is not None and hit is None:
-                hit = next((t for t, r in watcher.lines if until(r)), None)
-                if hit is not None:
-                    proc.kill()
-            if proc.poll() is not None:
-                break
-            if time.perf_counter() - started > timeout:
-                proc.kill()
-                proc.wait()
-                raise RuntimeError(f"timed out after {timeout:.0f} s: {' '.join(cmd)} (log: {log})")
-            time.sleep(POLL_S)
-        ended = time.perf_counter()
-        watcher.poll()
-    if until is None and proc.returncode != 0:
-        raise RuntimeError(f"exit {proc.returncode}: {' '.join(cmd)}\n{log.read_text()[-3000:]}")
-    if until is not None and hit is None:
-        raise RuntimeError(f"no matching line before exit {proc.returncode}: {' '.join(cmd)}\n{log.read_text()[-3000:]}")
-    return {"wall": ended - started, "lines": [(t - started, r) for t, r in watcher.lines],
-            "first_hit": None if hit is None else hit - started}
-
-
-# ---------------------------------------------------------------------------
 # 1 + 2: share and stall
 
 
 def save_share(name: str, model: str, data: Path, root: Path, steps: int, interval: int, args) -> None:
     out = root / f"share-{name}"
-    cmd = train_command(model, data, out, args, "--max-steps", steps, "--checkpoint-interval", interval)
+    cmd = train_command(model, data, out, args.batch_size, args.max_seq_length, "--max-steps", steps, "--checkpoint-interval", interval)
     result = run_watched(cmd, out, root / f"share-{name}.log")
     lines = result["lines"]
     train = {r["step"]: (t, r["tokens"] / r["tokens_per_sec"]) for t, r in lines if is_train_line(r)}
@@ -224,7 +134,7 @@ def save_share(name: str, model: str, data: Path, root: Path, steps: int, interv
 def resume_startup(name: str, model: str, data: Path, root: Path, args) -> None:
     n = args.resume_from_step
     prepared = root / f"resume-{name}-prepared"
-    prep_cmd = train_command(model, data, prepared, args, "--max-steps", n, "--checkpoint-interval", n)
+    prep_cmd = train_command(model, data, prepared, args.batch_size, args.max_seq_length, "--max-steps", n, "--checkpoint-interval", n)
     run_watched(prep_cmd, prepared, root / f"resume-{name}-prep.log")  # also warms the file cache
     total = n + 1000  # never reached: the child is killed at its first train line
     fresh_s, resume_s, fresh_step, resume_step = [], [], [], []
@@ -232,11 +142,11 @@ def resume_startup(name: str, model: str, data: Path, root: Path, args) -> None:
         for kind in ("fresh", "resume"):
             out = root / f"resume-{name}-{kind}-{i}"
             if kind == "fresh":
-                cmd = train_command(model, data, out, args, "--max-steps", total, "--fresh")
+                cmd = train_command(model, data, out, args.batch_size, args.max_seq_length, "--max-steps", total, "--fresh")
                 first = 1
             else:
                 shutil.copytree(prepared, out)
-                cmd = train_command(model, data, out, args, "--max-steps", total, "--auto-resume")
+                cmd = train_command(model, data, out, args.batch_size, args.max_seq_length, "--max-steps", total, "--auto-resume")
                 first = n + 1
             result = run_watched(cmd, out, root / f"resume-{name}-{kind}-{i}.log",
                                  until=lambda r, first=first: is_train_line(r) and r["step"] >= first)
@@ -266,10 +176,6 @@ def resume_startup(name: str, model: str, data: Path, root: Path, args) -> None:
           f"{'met' if r / f <= 1.10 else 'MISSED'}")
     print(f"    without the first step itself (its batch differs: step 1 vs step {n + 1}): "
           f"resumed / fresh = {rb / fb:.3f}  ({100 * (rb / fb - 1):+.1f} %)")
-
-
-def cmd_text(cmd: list[str]) -> str:
-    return " ".join(str(c) for c in cmd).replace(str(REPO) + "/", "")
 
 
 def main() -> int:

@@ -32,20 +32,15 @@ Every figure comes from real runs of `src/train_qlora.py` as child processes
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-SRC = REPO / "src"
-TRAIN = SRC / "train_qlora.py"
-POLL_S = 0.010
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import REPO, SRC, cmd_text, is_train_line, run_watched, train_command  # noqa: E402
 
 
 def build_data(root: Path, name: str, val_bytes: int | None) -> Path:
@@ -68,52 +63,8 @@ def build_data(root: Path, name: str, val_bytes: int | None) -> Path:
     return data
 
 
-def is_train_line(record: dict) -> bool:
-    return "loss" in record and "step" in record and "event" not in record and "val_loss" not in record
-
-
-def run(cmd: list[str], out: Path, log: Path, timeout: float = 900.0) -> dict:
-    """Run to the end, noting when each metrics.jsonl line appears (every 10 ms); max RSS from wait4."""
-    path = out / "metrics.jsonl"
-    seen: list[tuple[float, dict]] = []
-    offset, partial = 0, b""
-    with open(log, "w") as log_file:
-        started = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, cwd=REPO)
-        status = rusage = None
-        while status is None:
-            pid, st, ru = os.wait4(proc.pid, os.WNOHANG)
-            if pid:
-                status, rusage = st, ru
-            if path.exists() and path.stat().st_size > offset:
-                now = time.perf_counter() - started
-                with open(path, "rb") as handle:
-                    handle.seek(offset)
-                    chunk = handle.read()
-                offset += len(chunk)
-                *complete, partial = (partial + chunk).split(b"\n")
-                seen.extend((now, json.loads(raw)) for raw in complete if raw.strip())
-            if status is None:
-                if time.perf_counter() - started > timeout:
-                    proc.kill()
-                    raise RuntimeError(f"timed out: {' '.join(cmd)}")
-                time.sleep(POLL_S)
-        wall = time.perf_counter() - started
-        proc.returncode = os.waitstatus_to_exitcode(status)
-    if proc.returncode != 0:
-        raise RuntimeError(f"exit {proc.returncode}: {' '.join(cmd)}\n{log.read_text()[-3000:]}")
-    end = next(r for _, r in seen if r.get("event") == "end")
-    return {"wall": wall, "lines": seen, "end": end, "max_rss_mb": rusage.ru_maxrss / 1024}  # KiB on Linux
-
-
 def command(args, data: Path, out: Path, *extra) -> list[str]:
-    return [sys.executable, str(TRAIN), "--model", args.model, "--data-dir", str(data), "--output-dir", str(out),
-            "--batch-size", str(args.batch_size), "--max-seq-length", str(args.max_seq_length),
-            "--no-early-stopping", *map(str, extra)]
-
-
-def cmd_text(cmd: list[str]) -> str:
-    return " ".join(cmd).replace(str(REPO) + "/", "")
+    return train_command(args.model, data, out, args.batch_size, args.max_seq_length, *extra)
 
 
 def memory(args, root: Path) -> None:
@@ -127,7 +78,7 @@ def memory(args, root: Path) -> None:
         out = root / f"memory-{label}"
         cmd = command(args, data, out, "--max-steps", args.memory_steps, "--eval-steps", args.memory_steps,
                       "--val-batches", args.val_batches, "--checkpoint-interval", 10**6)
-        result = run(cmd, out, root / f"memory-{label}.log")
+        result = run_watched(cmd, out, root / f"memory-{label}.log")
         val = data / "val.jsonl"
         records = sum(1 for line in open(val, "rb") if line.strip())
         val_lines = [(t, r) for t, r in result["lines"] if "val_loss" in r]
@@ -161,7 +112,7 @@ def cost(args, root: Path) -> None:
         out = root / f"cost-{label}"
         cmd = command(args, data, out, "--max-steps", args.steps, "--eval-steps", args.eval_steps,
                       "--val-batches", args.cost_val_batches, "--checkpoint-interval", 10**6)
-        runs[label] = result = run(cmd, out, root / f"cost-{label}.log")
+        runs[label] = result = run_watched(cmd, out, root / f"cost-{label}.log")
         saves = [r["seconds"] for _, r in result["lines"] if r.get("event") == "checkpoint"]
         result["saves"] = saves
         print(f"  {label:<7}: {cmd_text(cmd)}")
