@@ -191,6 +191,14 @@ class Config:
         name = Path(self.model.model.rstrip("/")).name or "model"
         return Path("models") / f"distrust-{name}"
 
+    @property
+    def train_file(self) -> Path:
+        return Path(self.paths.data_dir) / "train.jsonl"
+
+    @property
+    def val_file(self) -> Path:
+        return Path(self.paths.data_dir) / "val.jsonl"
+
     def fingerprint_fields(self) -> dict:
         """The fields that change what is learned; a resume must match them.
 

@@ -94,8 +94,6 @@ def load_model(name: str, quantize_bits: int, trust_remote_code: bool = False) -
             return_config=True,
             trust_remote_code=trust_remote_code,
         )
-    except UserError:
-        raise
     except Exception as exc:  # mlx-lm / huggingface_hub raise many kinds
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(f"{name}: cannot load model ({reason})") from None

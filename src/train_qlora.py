@@ -74,14 +74,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(args: argparse.Namespace):
-    from config import Config
+    from config import FLAT_NAMES, Config
 
     values = Config.from_yaml(args.config) if args.config else {}
     names = [name for _, name, _, _ in FLAGS] + [name for _, name, _, _ in SWITCHES]
     given = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
     # A flag overrides that one setting of the file, wherever the file put it.
-    from config import FLAT_NAMES
-
     for name, value in given.items():
         section, field_name = FLAT_NAMES[name]
         if isinstance(values.get(section), dict):
@@ -139,10 +137,9 @@ def run_inputs(config) -> dict:
     from corpus.index import content_signature
     from modeling import resolve_model
 
-    data_dir = Path(config.paths.data_dir)
-    train_path = data_dir / "train.jsonl"
+    train_path = config.train_file
     if not train_path.is_file():
-        raise UserError(f"{train_path}: training file not found (--data-dir {data_dir} must hold train.jsonl)")
+        raise UserError(f"{train_path}: training file not found (--data-dir {config.paths.data_dir} must hold train.jsonl)")
     try:
         signature = content_signature(train_path)
     except OSError as exc:
@@ -156,10 +153,9 @@ def train(config, output_dir: Path, manager, start, inputs: dict) -> int:
     from trainer import CheckpointingFailed, DistrustTrainer
 
     t = config.training
-    data_dir = Path(config.paths.data_dir)
-    train_path = data_dir / "train.jsonl"
-
-    loaded = load_model(config.model.model, config.model.quantize_bits, config.model.trust_remote_code)
+    train_path = config.train_file
+    # inputs["model"] is the model already resolved (for `tiny`: already built).
+    loaded = load_model(inputs["model"], config.model.quantize_bits, config.model.trust_remote_code)
     num_layers, note = attach_lora(loaded.model, config.lora.rank, config.lora.alpha, config.lora.layers,
                                    config.lora.dropout, t.seed)
     if note:
@@ -179,7 +175,7 @@ def train(config, output_dir: Path, manager, start, inputs: dict) -> int:
         print(f"note: {len(index.no_target)} samples have nothing to learn after truncation and are left out "
               f"(lines {', '.join(map(str, index.no_target[:5]))}{' ...' if len(index.no_target) > 5 else ''})",
               file=sys.stderr)
-    val_path = data_dir / "val.jsonl"
+    val_path = config.val_file
     if not val_path.is_file():
         print(f"note: no {val_path}; training without validation", file=sys.stderr)
         val_path = None

@@ -7,8 +7,8 @@ checkpoints (checkpoints/), early stopping, validation, progress and logs
 
 One optimizer step = `grad_accum` micro-batches, each through one compiled
 gradient function, then one host sync (loss and gradient norm are needed to
-decide whether to update at all), then one compiled update. The update is left
-lazy: it is computed together with the next step's gradients.
+decide whether to update at all), then one compiled update, started with
+mx.async_eval so that it runs while the host prepares the next batch.
 """
 
 from __future__ import annotations
@@ -31,11 +31,11 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 from checkpoints import CheckpointManager, CheckpointSaveError, TrainingState
-from durable import flush_dir, flush_file
 from config import Config
 from corpus.batching import Batch, DataPosition, fixed_batches, training_batches
 from corpus.index import CorpusIndex
 from distrust import DistrustObjective
+from durable import flush_dir, flush_file
 from errors import UserError
 from modeling import adapter_weights
 from monitoring.early_stopping import EarlyStopping
@@ -102,7 +102,7 @@ def step_seed(seed: int, step: int, micro: int) -> int:
 class CompiledFunctions:
     gradients: object  # (inputs, targets, mask, weights) -> weighted ce sum, ce sum, grads
     global_norm: object  # (grads, tokens) -> gradient norm of the per-token mean
-    update: object  # (grads, tokens) -> applies the clipped update
+    update: object  # (grads, tokens, norm) -> applies the clipped update
     row_losses: object  # (inputs, targets, mask) -> ce sum per row, eval mode
 
 
@@ -189,7 +189,7 @@ class DistrustTrainer:
             step=saved.step,
             position=DataPosition.from_dict(loop["position"]),
             tokens_seen=loop["tokens_seen"],
-            best_val_loss=_float(loop["best_val_loss"]),
+            best_val_loss=loop["best_val_loss"],
             best_val_step=loop["best_val_step"],
             last_val_loss=trainer["val_loss"],
             last_loss=trainer["loss"],
@@ -209,7 +209,7 @@ class DistrustTrainer:
             "loop": {
                 "position": s.position.to_dict(),
                 "tokens_seen": s.tokens_seen,
-                "best_val_loss": _json_float(s.best_val_loss),
+                "best_val_loss": s.best_val_loss,  # inf until a validation: checkpoint JSON keeps it
                 "best_val_step": s.best_val_step,
                 "train_seconds": s.train_seconds,
             },
@@ -260,8 +260,7 @@ class DistrustTrainer:
             scale = mx.minimum(1.0, max_norm / (norm + 1e-6)) / tokens
             optimizer.update(model, tree_map(lambda g: g * scale, grads))
 
-        # Validation runs the model in eval mode (no dropout); compiled like the
-        # step, it costs about half as much as uncompiled.
+        # Validation runs the model in eval mode (no dropout), compiled like the step.
         @partial(mx.compile, inputs=[model.state])
         def row_losses(inputs, targets, mask):
             return (token_losses(model, inputs, targets) * mask).sum(axis=1)
@@ -295,13 +294,14 @@ class DistrustTrainer:
             entropy.append(batch.prov_entropy[batch.real_rows])
             self.state.position = position
 
-        denominator = mx.array(float(max(tokens, 1)))
+        tokens_or_one = max(tokens, 1)  # a step of fill rows only has no tokens
+        denominator = mx.array(float(tokens_or_one))
         norm = global_norm(grads, denominator)
         # The rate this step's update uses (optimizer.learning_rate still holds the last one's).
         learning_rate = self.schedule(self.optimizer.step)
         mx.eval(weighted_sum, ce_sum, norm, grads, learning_rate)  # the one sync of the step
-        weighted_ce = weighted_sum.item() / max(tokens, 1)
-        plain_ce = ce_sum.item() / max(tokens, 1)
+        weighted_ce = weighted_sum.item() / tokens_or_one
+        plain_ce = ce_sum.item() / tokens_or_one
         auth, entropy = np.concatenate(auth), np.concatenate(entropy)
         loss = self.objective.objective(weighted_ce, plain_ce, auth, entropy)
         figures = StepFigures(
@@ -437,12 +437,13 @@ class DistrustTrainer:
                 s.tokens_seen += figures.tokens
                 s.train_seconds += figures.seconds
                 s.last_loss = figures.loss
+                memory = mx.get_active_memory()
                 self.metrics.log(s.step, loss=figures.loss, ce=figures.ce, distrust=figures.distrust,
                                  lr=figures.learning_rate, grad_norm=figures.grad_norm,
                                  tokens=figures.tokens, tokens_per_sec=figures.tokens / max(figures.seconds, 1e-9),
-                                 memory_mb=mx.get_active_memory() / 1e6)
+                                 memory_mb=memory / 1e6)
                 self.progress.update(s.step, figures.loss, figures.tokens, figures.seconds,
-                                     mx.get_active_memory(), s.step - self.last_save_step)
+                                     memory, s.step - self.last_save_step)
 
                 finished = s.step >= t.max_steps
                 is_best = False
@@ -474,7 +475,7 @@ class DistrustTrainer:
             self.progress.close()
         summary = {
             "steps": s.step, "max_steps": t.max_steps, "tokens": s.tokens_seen, "seconds": s.train_seconds,
-            "best_val_loss": _json_float(s.best_val_loss) if s.best_val_step is not None else None,
+            "best_val_loss": s.best_val_loss if s.best_val_step is not None else None,
             "best_val_step": s.best_val_step, "adapters": str(self.output_dir / "adapters.safetensors"),
             "peak_memory_mb": mx.get_peak_memory() / 1e6,
         }
@@ -517,14 +518,6 @@ class DistrustTrainer:
             s.best_val_loss, s.best_val_step = result["val_loss"], s.step
             return True
         return False
-
-
-def _float(value) -> float:
-    return math.inf if value is None else float(value)
-
-
-def _json_float(value: float):
-    return value if math.isfinite(value) else None
 
 
 def _host_rng_state() -> dict:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from corpus.records import EncodedSample, encode_record, encode_records, parse_record
+from corpus.records import EncodedSample, encode_records, parse_record
 from errors import UserError
 
 
@@ -134,14 +134,12 @@ class CorpusIndex:
             # Streaming reads by offset: a file rewritten under a run would feed it other lines.
             raise UserError(f"{self.path}: the file changed during the run (it is read by offset); "
                             f"restore it, or start anew with --fresh")
-        out = []
+        records = []
         with open(self.path, "rb") as handle:
             for i in indices:
                 handle.seek(int(self.offsets[i]))
-                line = handle.readline()
-                record = parse_record(line, str(self.path), int(self.line_numbers[i]))
-                out.append(encode_record(record, self.tokenizer, self.max_tokens))
-        return out
+                records.append(parse_record(handle.readline(), str(self.path), int(self.line_numbers[i])))
+        return encode_records(records, self.tokenizer, self.max_tokens)
 
 
 def content_signature(path: Path, edge_bytes: int = 1 << 20) -> dict:

@@ -83,7 +83,6 @@ def encode_record(record: dict, tokenizer, max_tokens: int) -> EncodedSample:
     loss starts at `prompt_length` (like mlx-lm's mask_prompt, but always on,
     since learning to predict the user's words is not what the user wants).
     """
-    eos = tokenizer.eos_token_id
     if "messages" in record:
         messages = record["messages"]
         prompt = _chat_ids(tokenizer, messages[:-1], add_generation_prompt=True)
@@ -98,10 +97,7 @@ def encode_record(record: dict, tokenizer, max_tokens: int) -> EncodedSample:
     else:
         prompt = []
         tokens = list(tokenizer.encode(record["text"]))
-    if not tokens or tokens[-1] != eos:
-        tokens.append(eos)
-    truncated = len(tokens) > max_tokens
-    return EncodedSample(tokens=tokens[:max_tokens], prompt_length=min(len(prompt), max_tokens), truncated=truncated)
+    return _sample(tokens, len(prompt), tokenizer.eos_token_id, max_tokens)
 
 
 def encode_records(records: list[dict], tokenizer, max_tokens: int) -> list[EncodedSample]:
@@ -112,16 +108,20 @@ def encode_records(records: list[dict], tokenizer, max_tokens: int) -> list[Enco
     if texts:
         tokenizer_call = getattr(tokenizer, "_tokenizer", tokenizer)  # mlx-lm's wrapper holds the HF one
         ids = tokenizer_call([records[i]["text"] for i in texts])["input_ids"]
-        eos = tokenizer.eos_token_id
         for i, tokens in zip(texts, ids):
-            tokens = list(tokens)
-            if not tokens or tokens[-1] != eos:
-                tokens.append(eos)
-            encoded[i] = EncodedSample(tokens=tokens[:max_tokens], prompt_length=0, truncated=len(tokens) > max_tokens)
+            encoded[i] = _sample(list(tokens), 0, tokenizer.eos_token_id, max_tokens)
     for i, record in enumerate(records):
         if encoded[i] is None:
             encoded[i] = encode_record(record, tokenizer, max_tokens)
     return encoded
+
+
+def _sample(tokens: list[int], prompt_length: int, eos: int, max_tokens: int) -> EncodedSample:
+    """EOS appended (unless the template ended with it), then cut to `max_tokens`."""
+    if not tokens or tokens[-1] != eos:
+        tokens.append(eos)
+    return EncodedSample(tokens=tokens[:max_tokens], prompt_length=min(prompt_length, max_tokens),
+                         truncated=len(tokens) > max_tokens)
 
 
 def _chat_ids(tokenizer, messages: list, add_generation_prompt: bool) -> list[int]:

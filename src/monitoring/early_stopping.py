@@ -24,14 +24,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-
-def _encode_float(x: float) -> float | str:
-    """JSON has no NaN or infinity; write those as the strings float() reads back."""
-    return x if math.isfinite(x) else str(x)
-
-
-def _decode_float(x: float | str | None) -> float:
-    return math.inf if x is None else float(x)
+from monitoring.floats import decode_float, encode_float
 
 
 @dataclass
@@ -108,13 +101,13 @@ class EarlyStopping:
         """JSON-able running state (infinity and NaN written as strings)."""
         return {
             "consecutive_spikes": self.consecutive_spikes,
-            "best_loss": _encode_float(self.best_loss),
+            "best_loss": encode_float(self.best_loss),
             "best_step": self.best_step,
             "checks_without_improvement": self.checks_without_improvement,
         }
 
     def load_state_dict(self, state: dict) -> None:
         self.consecutive_spikes = int(state["consecutive_spikes"])
-        self.best_loss = _decode_float(state["best_loss"])
+        self.best_loss = decode_float(state["best_loss"])
         self.best_step = None if state["best_step"] is None else int(state["best_step"])
         self.checks_without_improvement = int(state["checks_without_improvement"])

@@ -28,15 +28,12 @@ from collections import deque
 
 from tqdm import tqdm
 
+from monitoring.floats import encode_float
+
 BASELINE_UPDATE = 5  # the update whose memory reading becomes the baseline
 MEMORY_WARNING_PERCENT = 50.0
 TTY_MININTERVAL_S = 0.5
 PIPE_MININTERVAL_S = 30.0
-
-
-def _encode_float(x: float) -> float | str:
-    """JSON has no NaN or infinity; write those as the strings float() reads back."""
-    return x if math.isfinite(x) else str(x)
 
 
 def _is_terminal(file) -> bool:
@@ -173,7 +170,7 @@ class ProgressLine:
     def state_dict(self) -> dict:
         """The windows and the memory baseline, JSON-able (NaN written as "nan")."""
         return {
-            "losses": [_encode_float(x) for x in self.losses],
+            "losses": [encode_float(x) for x in self.losses],
             "tokens": list(self.tokens),
             "seconds": list(self.seconds),
             "updates_seen": self.updates_seen,
