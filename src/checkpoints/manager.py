@@ -235,8 +235,14 @@ class CheckpointManager:
         return sorted(infos, key=lambda info: info.step)
 
     def latest_valid(self) -> CheckpointInfo | None:
-        """The newest valid checkpoint; each newer invalid one is named in a warning."""
-        for info in reversed(self.checkpoints()):
+        """The newest valid checkpoint; each newer invalid one is named in a warning.
+
+        Listed cheaply, then hashed newest first until one verifies: the older
+        ones (gigabytes, for a big model) are not read at all.
+        """
+        for info in reversed(self.checkpoints(deep=False)):
+            if info.valid:
+                info = self._inspect_path(info.path)
             if info.valid:
                 return info
             self.warn(f"skipping checkpoint {info.path.name} ({info.path}): {info.problem}")

@@ -80,7 +80,7 @@ def choose_start(manager: CheckpointManager, config, args, inputs: dict, *, stdi
 def set_aside_newer(manager: CheckpointManager, point: ResumePoint, out=None) -> Path | None:
     """Resuming from an older checkpoint (say `best`) abandons the newer ones:
     move them aside, so that after a crash `latest` cannot pick them up."""
-    newer = [info.path for info in manager.checkpoints() if info.step > point.state.step]
+    newer = [info.path for info in manager.checkpoints(deep=False) if info.step > point.state.step]
     if not newer:
         return None
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
@@ -130,7 +130,7 @@ def _newest_loadable(manager: CheckpointManager, config, inputs: dict) -> Resume
     """The newest checkpoint that verifies and loads; each one that does not is named.
     None only when there is no checkpoint at all: starting anew over damaged ones
     would overwrite them."""
-    for info in reversed(manager.checkpoints()):
+    for info in reversed(manager.checkpoints(deep=False)):  # load() verifies the SHA-256 sums
         if not info.valid:
             manager.warn(f"skipping checkpoint {info.path.name} ({info.path}): {info.problem}")
             continue
