@@ -78,7 +78,7 @@ def bench_cache() -> Path:
 
 def base_model(size: str) -> Path:
     sys.path.insert(0, str(SRC))
-    from modeling import TINY_MODEL_CONFIG, ensure_tiny_model
+    from modeling import TINY_MODEL_CONFIG, build_model_dir_once, build_random_model, ensure_tiny_model
 
     tiny = ensure_tiny_model()
     if size == "tiny":
@@ -86,39 +86,24 @@ def base_model(size: str) -> Path:
     config = dict(TINY_MODEL_CONFIG, **MEDIUM_CONFIG)
     tag = hashlib.sha256(json.dumps([tiny.name, config, MEDIUM_SEED]).encode()).hexdigest()[:12]
     target = bench_cache() / f"medium-{tag}"
-    if (target / "config.json").is_file():
-        return target
-    print(f"building the medium model in {target} (once) ...", file=sys.stderr)
-    from modeling import build_random_model
-
-    target.parent.mkdir(parents=True, exist_ok=True)
-    scratch = Path(tempfile.mkdtemp(prefix=".medium-", dir=target.parent))
-    try:
-        build_random_model(scratch, MEDIUM_CONFIG, MEDIUM_SEED)
-        os.rename(scratch, target)
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
-    return target
+    return build_model_dir_once(target, lambda scratch: build_random_model(scratch, MEDIUM_CONFIG, MEDIUM_SEED),
+                                "the medium model")
 
 
 def quantized_copy(base: Path) -> Path:
     """A 4-bit copy (group 64, float32 kept) made once with mlx_lm.convert."""
-    target = bench_cache() / f"{base.name}-q{QUANT_BITS}g{QUANT_GROUP}"
-    if (target / "config.json").is_file():
-        return target
-    print(f"quantizing {base} into {target} (once) ...", file=sys.stderr)
     from mlx_lm import convert
 
-    target.parent.mkdir(parents=True, exist_ok=True)
-    scratch = Path(tempfile.mkdtemp(prefix=".quant-", dir=target.parent))
-    os.rmdir(scratch)  # convert refuses an existing folder
-    try:
+    def build(scratch: Path) -> None:
+        os.rmdir(scratch)  # convert refuses an existing folder
         convert(hf_path=str(base), mlx_path=str(scratch), quantize=True, q_bits=QUANT_BITS,
                 q_group_size=QUANT_GROUP, dtype="float32")
-        os.rename(scratch, target)
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
-    return target
+
+    sys.path.insert(0, str(SRC))
+    from modeling import build_model_dir_once
+
+    return build_model_dir_once(bench_cache() / f"{base.name}-q{QUANT_BITS}g{QUANT_GROUP}", build,
+                                f"a {QUANT_BITS}-bit copy of {base.name}")
 
 
 def text_only_copy(data_dir: Path, folder: Path) -> Path:

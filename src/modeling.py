@@ -217,16 +217,27 @@ def ensure_tiny_model() -> Path:
     for text in texts:
         digest.update(text.encode("utf-8"))
     target = tiny_cache_dir() / f"tiny-{digest.hexdigest()[:12]}"
+
+    def build(scratch: Path) -> None:
+        _write_tiny_tokenizer(scratch, texts)
+        _write_tiny_weights(scratch)
+
+    return build_model_dir_once(target, build, "the tiny demo model")
+
+
+def build_model_dir_once(target: Path, build, what: str) -> Path:
+    """`target`, built by `build(scratch_dir)` the first time it is asked for.
+
+    Built beside the target and renamed, so a concurrent or killed build never
+    leaves a half-written model that a later run would take.
+    """
     if (target / "config.json").is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    print(f"Building the tiny demo model in {target} (once) ...", file=sys.stderr)
-    # Build beside the target and rename, so a concurrent or killed build
-    # never leaves a half-written model that a later run would take.
-    scratch = Path(tempfile.mkdtemp(prefix=".tiny-build-", dir=target.parent))
+    print(f"Building {what} in {target} (once) ...", file=sys.stderr)
+    scratch = Path(tempfile.mkdtemp(prefix=f".{target.name}-build-", dir=target.parent))
     try:
-        _write_tiny_tokenizer(scratch, texts)
-        _write_tiny_weights(scratch)
+        build(scratch)
         try:
             os.rename(scratch, target)
         except OSError:
