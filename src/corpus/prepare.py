@@ -32,10 +32,10 @@ from typing import Callable, Iterator
 import numpy as np
 
 from corpus import scoring
+from corpus.records import messages_problem
 from durable import flush_dir
 from errors import UserError
 
-CHAT_ROLES = ("system", "user", "assistant", "tool")  # as the training reader (corpus/records.py) accepts
 CONTENT_FIELDS = ("text", "messages", "prompt", "completion")
 SCORE_FIELDS = ("auth_weight", "prov_entropy")
 SCORE_DECIMALS = 4  # rounded so the bytes do not depend on the last bit of a libm
@@ -220,15 +220,9 @@ def content_of(fields: dict) -> dict:
 
 
 def _checked_messages(messages) -> list:
-    if not isinstance(messages, list) or not messages:
-        raise BadRecord("bad messages", "'messages' must be a non-empty list of {role, content}")
-    for i, message in enumerate(messages):
-        if not isinstance(message, dict) or not isinstance(message.get("content"), str):
-            raise BadRecord("bad messages", f"messages[{i}] must be an object with a string 'content'")
-        if message.get("role") not in CHAT_ROLES:
-            raise BadRecord("bad messages", f"messages[{i}] has role {_short(message.get('role'))}; expected one of {', '.join(CHAT_ROLES)}")
-    if messages[-1]["role"] != "assistant" or not messages[-1]["content"].strip():
-        raise BadRecord("no text", "the last message must be a non-empty 'assistant' message")
+    problem = messages_problem(messages)
+    if problem:
+        raise BadRecord(*problem)
     return messages
 
 

@@ -47,7 +47,9 @@ def parse_record(line: bytes | str, path: str, line_number: int) -> dict:
         raise UserError(f"{where}: 'prov_entropy' must be >= 0, got {record['prov_entropy']!r}")
 
     if "messages" in record:
-        _check_messages(record["messages"], where)
+        problem = messages_problem(record["messages"])
+        if problem:
+            raise UserError(f"{where}: {problem[1]}")
     elif "prompt" in record or "completion" in record:
         for name in ("prompt", "completion"):
             if not isinstance(record.get(name), str):
@@ -64,16 +66,21 @@ def parse_record(line: bytes | str, path: str, line_number: int) -> dict:
     return record
 
 
-def _check_messages(messages, where: str) -> None:
+def messages_problem(messages) -> tuple[str, str] | None:
+    """(kind, what is wrong) with chat `messages`, or None: the one check that the
+    training reader and the data preparation both apply."""
     if not isinstance(messages, list) or not messages:
-        raise UserError(f"{where}: 'messages' must be a non-empty list")
+        return "bad messages", "'messages' must be a non-empty list of {role, content}"
     for i, message in enumerate(messages):
         if not isinstance(message, dict) or not isinstance(message.get("content"), str):
-            raise UserError(f"{where}: messages[{i}] must be an object with a string 'content'")
+            return "bad messages", f"messages[{i}] must be an object with a string 'content'"
         if message.get("role") not in CHAT_ROLES:
-            raise UserError(f"{where}: messages[{i}] has role {message.get('role')!r}; expected one of {', '.join(CHAT_ROLES)}")
+            role = repr(message.get("role"))
+            role = role if len(role) <= 40 else role[:37] + "..."
+            return "bad messages", f"messages[{i}] has role {role}; expected one of {', '.join(CHAT_ROLES)}"
     if messages[-1]["role"] != "assistant" or not messages[-1]["content"].strip():
-        raise UserError(f"{where}: the last message must be a non-empty 'assistant' message (it is what is learned)")
+        return "no text", "the last message must be a non-empty 'assistant' message (it is what is learned)"
+    return None
 
 
 def encode_record(record: dict, tokenizer, max_tokens: int) -> EncodedSample:
