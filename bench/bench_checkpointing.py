@@ -41,11 +41,10 @@ import os
 import shutil
 import statistics
 import sys
-import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import REPO, SRC, cmd_text, is_train_line, run_watched, train_command  # noqa: E402
+from common import REPO, SRC, cmd_text, is_train_line, run_watched, scratch_dir, train_command  # noqa: E402
 
 DEFAULT_INTERVAL = 250
 
@@ -195,8 +194,7 @@ def main() -> int:
 
     models = [m for m in args.models.split(",") if m]
     resume_models = [m for m in args.resume_models.split(",") if m]
-    root = Path(tempfile.mkdtemp(prefix="bench-checkpointing-"))
-    try:
+    with scratch_dir("bench-checkpointing-", args.keep_dirs) as root:
         data = train_only_data(root)
         paths = {"tiny": "tiny"}
         if "larger" in models + resume_models:
@@ -214,11 +212,6 @@ def main() -> int:
         for name in resume_models:
             print(f"\n[{name}] resume start-up")
             resume_startup(name, paths[name], data, root, args)
-    finally:
-        if args.keep_dirs:
-            print(f"\nkept: {root}")
-        else:
-            shutil.rmtree(root, ignore_errors=True)
     return 0
 
 

@@ -36,11 +36,10 @@ import os
 import shutil
 import statistics
 import sys
-import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import REPO, SRC, cmd_text, is_train_line, run_watched, train_command  # noqa: E402
+from common import REPO, SRC, cmd_text, is_train_line, run_watched, scratch_dir, train_command  # noqa: E402
 
 
 def build_data(root: Path, name: str, val_bytes: int | None) -> Path:
@@ -166,19 +165,13 @@ def main() -> int:
         sys.path.insert(0, str(SRC))
         from modeling import ensure_tiny_model
         ensure_tiny_model()
-    root = Path(tempfile.mkdtemp(prefix="bench-validation-"))
     print(f"bench_validation: {os.cpu_count()} CPUs, model {args.model}, batch {args.batch_size}, "
           f"max-seq-length {args.max_seq_length}")
-    try:
+    with scratch_dir("bench-validation-", args.keep_dirs) as root:
         if args.skip != "memory":
             memory(args, root)
         if args.skip != "cost":
             cost(args, root)
-    finally:
-        if args.keep_dirs:
-            print(f"\nkept: {root}")
-        else:
-            shutil.rmtree(root, ignore_errors=True)
     return 0
 
 

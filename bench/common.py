@@ -7,9 +7,12 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -56,6 +59,19 @@ class MetricsWatcher:
                     self.lines.append((now, json.loads(raw)))
                 except json.JSONDecodeError:
                     pass
+
+
+@contextmanager
+def scratch_dir(prefix: str, keep: bool):
+    """A temporary folder for a benchmark's runs, removed afterwards unless kept."""
+    root = Path(tempfile.mkdtemp(prefix=prefix))
+    try:
+        yield root
+    finally:
+        if keep:
+            print(f"\nkept: {root}")
+        else:
+            shutil.rmtree(root, ignore_errors=True)
 
 
 def is_train_line(record: dict) -> bool:
