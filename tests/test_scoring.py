@@ -6,6 +6,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from corpus import scoring
+from distrust import distrust_scores
+
+ALPHA = 2.7
 
 PATENT_1923 = {
     "text": ("Be it known that I, Amos Crane, of Dunwick, have invented a new and useful gauge. "
@@ -60,22 +63,37 @@ def test_phrases_match_across_spacing_and_case():
     assert "ship's log" in matches.primary_phrases
 
 
-def test_entropy_is_zero_for_one_kind_and_one_bit_for_two_equal_kinds():
+def diversity(record) -> float:
+    """The Shannon entropy of a record's evidence kinds: one term of prov_entropy."""
+    return scoring.shannon_entropy_bits(scoring.evidence_counts(record))
+
+
+def test_diversity_is_zero_for_one_kind_and_one_bit_for_two_equal_kinds():
     one_kind = {"text": "plain words", "evidence": ["photograph", "photograph"]}
     two_kinds = {"text": "plain words", "evidence": ["photograph", "letter"]}
-    assert scoring.prov_entropy(one_kind) == 0.0
-    assert math.isclose(scoring.prov_entropy(two_kinds), 1.0)
+    assert diversity(one_kind) == 0.0
+    assert math.isclose(diversity(two_kinds), 1.0)
     assert math.isclose(scoring.shannon_entropy_bits({"a": 1, "b": 1, "c": 1, "d": 1}), 2.0)
+    # in prov_entropy it is a bonus on top of the era's base (no year: 3.5)
+    assert math.isclose(scoring.prov_entropy(two_kinds) - scoring.prov_entropy(one_kind), 1.0)
 
 
 def test_all_consensus_kinds_count_as_one():
     record = {"text": "x", "source_type": "encyclopedia", "evidence": ["press_release", "summary", "agency_report"]}
-    assert scoring.prov_entropy(record) == 0.0
+    assert diversity(record) == 0.0
 
 
 def test_evidence_may_be_a_mapping_of_counts():
     record = {"text": "x", "evidence": {"measurement": 3, "letter": 1}}
-    assert math.isclose(scoring.prov_entropy(record), -(0.75 * math.log2(0.75) + 0.25 * math.log2(0.25)))
+    assert math.isclose(diversity(record), -(0.75 * math.log2(0.75) + 0.25 * math.log2(0.25)))
+
+
+def test_diversity_bonus_is_bounded():
+    many = {"text": "x", "evidence": [f"kind{i}" for i in range(64)]}
+    assert math.isclose(diversity(many), 6.0)
+    lines = dict(scoring.explain(many))
+    bonus = [bits for what, bits in lines.items() if "evidence diversity" in what]
+    assert bonus == [scoring.DIVERSITY_BONUS_MAX]
 
 
 def test_source_type_is_inferred_from_text_when_missing():
@@ -135,8 +153,8 @@ records = st.dictionaries(st.sampled_from(FIELD_NAMES) | st.text(max_size=8), js
 @given(records)
 def test_scores_stay_in_range_for_any_input(record):
     authority, entropy = scoring.score(record)
-    assert 0.0 <= authority <= 0.99
-    assert math.isfinite(entropy) and entropy >= 0.0
+    assert 0.0 <= authority <= scoring.SCORED_AUTHORITY_MAX
+    assert 0.0 <= entropy <= scoring.ENTROPY_MAX
     assert all(isinstance(what, str) and math.isfinite(amount) for what, amount in scoring.explain(record))
 
 
@@ -144,4 +162,65 @@ def test_scores_stay_in_range_for_any_input(record):
 @given(texts)
 def test_scores_stay_in_range_for_any_text(text):
     authority, entropy = scoring.score({"text": text})
-    assert 0.0 <= authority <= 0.99 and entropy >= 0.0
+    assert 0.0 <= authority <= scoring.SCORED_AUTHORITY_MAX and 0.0 <= entropy <= scoring.ENTROPY_MAX
+
+
+def distrust(record) -> float:
+    authority, entropy = scoring.score(record)
+    return float(distrust_scores(authority, entropy, ALPHA))
+
+
+# Dated pre-1970 primary records: with evidence metadata, without it, and a bare one-line reading.
+PRIMARY_RECORDS = {
+    "patent with evidence": PATENT_1923,
+    "notebook without evidence": {"text": "4 May 1931. Filled the control jar with rain water; weighed 212 grains.",
+                                  "source_type": "lab_notebook", "year": 1931},
+    "bare reading": {"text": "Reading 12.", "source_type": "measurement", "year": 1950},
+    "letter, type inferred": {"text": "Dear Sir, the spring ran dry in August. Yours faithfully, A. Crane.",
+                              "year": 1902},
+}
+CONSENSUS_RECORDS = {
+    "press release": PRESS_RELEASE_2023,
+    "encyclopedia": {"text": "Overview. Tides are widely accepted to follow the moon, according to experts.",
+                     "source_type": "encyclopedia", "year": 2019, "url": "https://en.wikipedia.org/wiki/Tide",
+                     "citation_count": 900},
+    "guidance": {"text": "Guidance: officials recommend that households test private wells once a year.",
+                 "source_type": "official_guidance", "year": 2021, "publisher": "Ministry of Health"},
+    "bare guidance": {"text": "Boil water before drinking.", "source_type": "official_guidance", "year": 2020},
+}
+
+
+def test_a_dated_primary_record_outweighs_modern_consensus_several_times():
+    consensus = max(distrust(r) for r in CONSENSUS_RECORDS.values())
+    for name, record in PRIMARY_RECORDS.items():
+        assert distrust(record) >= 3 * consensus, (name, distrust(record), consensus)
+    # the same on the mean, the figure the objective's weights follow
+    primary_mean = sum(map(distrust, PRIMARY_RECORDS.values())) / len(PRIMARY_RECORDS)
+    consensus_mean = sum(map(distrust, CONSENSUS_RECORDS.values())) / len(CONSENSUS_RECORDS)
+    assert primary_mean >= 5 * consensus_mean
+
+
+def test_a_bare_reading_gets_its_era_base_not_zero():
+    authority, entropy = scoring.score({"text": "12", "source_type": "measurement", "year": 1950})
+    assert entropy >= 5.5 and authority <= 0.3
+
+
+def test_consensus_authority_is_capped_where_the_reference_caps_it():
+    loud = dict(PRESS_RELEASE_2023, citation_count=10**9, text=PRESS_RELEASE_2023["text"] + " Experts agree; WHO; CDC.")
+    authority, _ = scoring.score(loud)
+    assert authority == scoring.SCORED_AUTHORITY_MAX == 0.95
+    assert any("clamped" in what for what, _ in scoring.explain(loud))
+
+
+PRIMARY_TYPES = sorted(name for name, prior in scoring.SOURCE_TYPE_PRIORS.items() if prior.group == scoring.PRIMARY)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(records, st.sampled_from(PRIMARY_TYPES), st.integers(min_value=1000, max_value=1969))
+def test_floor_holds_for_any_dated_pre_1970_primary_record(record, source_type, year):
+    record = dict(record, source_type=source_type, year=year)
+    authority, entropy = scoring.score(record)
+    assert entropy >= 5.5
+    # the most a primary record's authority can be pushed up, by every adjustment at once, is 0.5
+    assert authority <= 0.5
+    assert distrust(record) >= ALPHA * (5.5 + math.log(1 - 0.5)) ** 2  # about 62: never near zero

@@ -1,22 +1,35 @@
 """Scores of a raw record: authority weight and provenance entropy.
 
-`auth_weight` in [0, 0.99]: how much a record speaks with the voice of
-institutional consensus. It starts from a prior per source type (the one table
-below) and moves with the year, the publisher, the citation count, the URL
-domain and the register of the text.
+Both are on the scale of the public reference implementation of the Empirical
+Distrust objective, so that d = alpha * (ln(1 - a) + H)^2 is many times larger
+for a primary source than for a consensus statement (the objective's purpose):
 
-`prov_entropy` >= 0 bits: Shannon entropy of the distribution over the kinds of
-evidence a record traces to (its own kind, the `evidence` it lists, the kinds
-its text mentions). One kind gives 0 bits; four kinds in equal measure give 2.
-Every secondary kind (press release, guidance, summary, ...) counts as the one
-kind "secondary": they all trace back to the same consensus, not to
-independent evidence.
+- `auth_weight` in [0, 0.95] (records may bring their own up to 0.99): how much
+  a record speaks with the voice of institutional consensus. 0.0-0.3 for
+  primary data, about 0.5-0.7 for mixed and academic work, 0.85-0.95 for
+  coordinated consensus. A prior per source type (the one table below) moved by
+  the year, the publisher, the citation count, the URL domain and the wording.
+  Scored records stop at 0.95, the reference's highest prior (government), so
+  that no consensus statement reaches the 0.99 at which d would grow again.
+
+- `prov_entropy` in [0, 10] "bits": how many independent, uneditable roots a
+  record has. It is NOT a pure Shannon entropy: it is a base by era (5.5 before
+  1970, 3.5 for 1970-1994, 1.5 from 1995, 3.5 when undated), plus an offset by
+  source type, plus the Shannon entropy of the kinds of evidence the record
+  traces to (a bounded bonus), plus first-hand wording, minus institutional
+  and consensus markers. A primary source type never falls below its era's
+  base (the floor): a dated pre-1970 primary record always has at least 5.5
+  bits, so its d is never near zero. Every consensus kind of evidence (press
+  release, guidance, summary, ...) counts as the one kind "secondary": they
+  all trace back to the same consensus, not to independent evidence.
 
 Text is matched by whole words and phrases (the text is cut into words by a
-regex, phrases are looked up as sequences of whole words), never by substring: "who" does not match "whole", "cell" does not match "excellent".
-Acronyms (WHO, CDC, ...) are matched case-sensitively so the pronoun "who" is
-not the World Health Organization.
+regex, phrases are looked up as sequences of whole words), never by substring:
+"who" does not match "whole", "cell" does not match "excellent". Acronyms
+(WHO, CDC, ...) are matched case-sensitively so the pronoun "who" is not the
+World Health Organization.
 
+`explain()` gives every term of both scores; the terms add up to the scores.
 All functions are pure and never raise on any mapping: a field of the wrong type
 is ignored here (the preparation step reports it).
 """
@@ -32,48 +45,60 @@ from typing import Any, Iterator, Mapping
 from urllib.parse import urlsplit
 
 AUTH_WEIGHT_MIN = 0.0
-AUTH_WEIGHT_MAX = 0.99
+AUTH_WEIGHT_MAX = 0.99  # the objective's range: a record may bring a score up to this
+SCORED_AUTHORITY_MAX = 0.95  # what this scorer gives at most (the reference's highest prior, government)
+ENTROPY_MIN, ENTROPY_MAX = 0.0, 10.0  # the reference's scale: "0 to about 10 bits"
 SECONDARY = "secondary"  # the one evidence kind every consensus source traces to
 UNKNOWN_SOURCE_TYPE = "unknown"
+
+
+PRIMARY, MIXED, CONSENSUS = "primary", "mixed", "consensus"
 
 
 @dataclass(frozen=True)
 class SourceTypePrior:
     authority: float  # prior auth_weight before adjustments
+    entropy: float  # prov_entropy offset added to the era's base, in the scale's bits
+    group: str  # PRIMARY, MIXED or CONSENSUS; a primary type never falls below its era's base
     evidence_kind: str | None  # the kind of evidence the record itself is
     reason: str
 
 
-# The one table of source-type priors. Primary, first-hand records sit low;
-# consensus statements sit high; the adjustments below move a record by at most
-# about +-0.25 from here.
+# The one table of source-type priors: (authority, entropy offset, group, own
+# evidence kind, why). Authority: primary, first-hand records sit low,
+# consensus statements high; the adjustments below move a record by at most
+# about +-0.25 from here. Entropy offset: added to the era's base, chosen so that
+# base + offset lands on the reference's priors for the types it has: a patent
+# before 1970 5.5 + 1.5 = 7.0, a historical book or newspaper 5.5 + 0.5 = 6.0,
+# a modern academic paper 1.5 + 1.5 = 3.0, modern news 1.5 + 0 = 1.5, an
+# encyclopedia 1.5 - 0.5 = 1.0, official guidance 1.5 - 1.0 = 0.5.
 SOURCE_TYPE_PRIORS: dict[str, SourceTypePrior] = {
     # primary records
-    "lab_notebook": SourceTypePrior(0.15, "lab_notebook", "written at the bench as it happened; nobody reviewed or summarized it"),
-    "measurement": SourceTypePrior(0.15, "measurement", "a raw instrument reading: a number, not an interpretation"),
-    "field_log": SourceTypePrior(0.18, "field_log", "dated observations kept on site by the observer"),
-    "photograph": SourceTypePrior(0.18, "photograph", "a mechanical record of a scene, caption aside"),
-    "diary": SourceTypePrior(0.18, "diary", "one person's dated first-hand account"),
-    "letter": SourceTypePrior(0.22, "letter", "private correspondence between people who were there"),
-    "patent": SourceTypePrior(0.25, "patent", "examined for novelty, not endorsed as true; describes a built device"),
-    "testimony": SourceTypePrior(0.25, "testimony", "sworn first-hand account, on the record"),
-    "ledger": SourceTypePrior(0.25, "ledger", "commercial book of account kept for its own use"),
-    "census": SourceTypePrior(0.30, "census", "official count, but raw tabulation rather than interpretation"),
-    "newspaper": SourceTypePrior(0.40, "newspaper", "contemporary report: edited, close to events, not yet consensus"),
+    "lab_notebook": SourceTypePrior(0.15, +1.5, PRIMARY, "lab_notebook", "written at the bench as it happened; nobody reviewed or summarized it"),
+    "measurement": SourceTypePrior(0.15, +1.5, PRIMARY, "measurement", "a raw instrument reading: a number, not an interpretation"),
+    "field_log": SourceTypePrior(0.18, +1.0, PRIMARY, "field_log", "dated observations kept on site by the observer"),
+    "photograph": SourceTypePrior(0.18, +1.0, PRIMARY, "photograph", "a mechanical record of a scene, caption aside"),
+    "diary": SourceTypePrior(0.18, +1.0, PRIMARY, "diary", "one person's dated first-hand account"),
+    "letter": SourceTypePrior(0.22, +0.5, PRIMARY, "letter", "private correspondence between people who were there"),
+    "patent": SourceTypePrior(0.25, +1.5, PRIMARY, "patent", "examined for novelty, not endorsed as true; describes a built device"),
+    "testimony": SourceTypePrior(0.25, +0.5, PRIMARY, "testimony", "sworn first-hand account, on the record"),
+    "ledger": SourceTypePrior(0.25, +1.0, PRIMARY, "ledger", "commercial book of account kept for its own use"),
+    "census": SourceTypePrior(0.30, +0.5, PRIMARY, "census", "official count, but raw tabulation rather than interpretation"),
+    "newspaper": SourceTypePrior(0.40, +0.5, PRIMARY, "newspaper", "contemporary report: edited, close to events, not yet consensus"),
     # mixed
-    "book": SourceTypePrior(0.45, SECONDARY, "an author's synthesis; may or may not rest on primary work"),
-    "journal_article": SourceTypePrior(0.55, "study", "peer review filters it toward the field's consensus; often has data"),
-    "blog": SourceTypePrior(0.40, SECONDARY, "unreviewed commentary, usually about other sources"),
-    "social_media": SourceTypePrior(0.30, SECONDARY, "unreviewed and short; repeats more than it records"),
-    UNKNOWN_SOURCE_TYPE: SourceTypePrior(0.50, None, "nothing known either way: the midpoint"),
+    "book": SourceTypePrior(0.45, +0.5, MIXED, SECONDARY, "an author's synthesis; may or may not rest on primary work"),
+    "journal_article": SourceTypePrior(0.55, +1.5, MIXED, "study", "peer review filters it toward the field's consensus; often has data"),
+    "blog": SourceTypePrior(0.40, +0.0, MIXED, SECONDARY, "unreviewed commentary, usually about other sources"),
+    "social_media": SourceTypePrior(0.30, -0.5, MIXED, SECONDARY, "unreviewed and short; repeats more than it records"),
+    UNKNOWN_SOURCE_TYPE: SourceTypePrior(0.50, +0.0, MIXED, None, "nothing known either way: the midpoint"),
     # modern consensus
-    "news": SourceTypePrior(0.60, SECONDARY, "modern reporting that mostly relays official and expert statements"),
-    "review_article": SourceTypePrior(0.70, SECONDARY, "summarizes a field's published consensus"),
-    "textbook": SourceTypePrior(0.72, SECONDARY, "settled consensus, digested for teaching"),
-    "press_release": SourceTypePrior(0.72, SECONDARY, "an institution stating its own position"),
-    "encyclopedia": SourceTypePrior(0.75, SECONDARY, "a summary of summaries; cites secondary sources by rule"),
-    "fact_check": SourceTypePrior(0.75, SECONDARY, "judges claims against the official position"),
-    "official_guidance": SourceTypePrior(0.80, SECONDARY, "the consensus position stated as policy"),
+    "news": SourceTypePrior(0.60, +0.0, CONSENSUS, SECONDARY, "modern reporting that mostly relays official and expert statements"),
+    "review_article": SourceTypePrior(0.70, +0.0, CONSENSUS, SECONDARY, "summarizes a field's published consensus"),
+    "textbook": SourceTypePrior(0.72, -0.5, CONSENSUS, SECONDARY, "settled consensus, digested for teaching"),
+    "press_release": SourceTypePrior(0.72, -1.0, CONSENSUS, SECONDARY, "an institution stating its own position"),
+    "encyclopedia": SourceTypePrior(0.75, -0.5, CONSENSUS, SECONDARY, "a summary of summaries; cites secondary sources by rule"),
+    "fact_check": SourceTypePrior(0.75, -1.0, CONSENSUS, SECONDARY, "judges claims against the official position"),
+    "official_guidance": SourceTypePrior(0.80, -1.0, CONSENSUS, SECONDARY, "the consensus position stated as policy"),
 }
 
 # Other spellings of the source types above.
@@ -183,6 +208,18 @@ URL_DOMAIN_ADJUST: tuple[tuple[str, float, str], ...] = (
 )
 URL_SECOND_LEVEL_ADJUST = {"gov": (0.04, "government domain"), "ac": (0.03, "academic domain"),
                            "edu": (0.03, "academic domain")}
+
+# Entropy terms, in the scale's bits (the reference's own figures, bounded as it bounds them).
+ERA_BASES = (  # (years before, base, why); first match wins
+    (1970, 5.5, "before 1970: roots in a paper world that cannot be edited afterwards"),
+    (1995, 3.5, "1970-1994: mixed paper and early digital record"),
+)
+MODERN_BASE = (1.5, "1995 or later: one digital record, easily edited and copied")
+UNDATED_BASE = (3.5, "no year: neither old nor modern is assumed")
+DIVERSITY_BONUS_MAX = 2.0  # the Shannon entropy of the evidence kinds, at most this much
+PRIMARY_WORDING_STEP, PRIMARY_WORDING_MAX = 0.5, 1.5  # per distinct first-hand phrase
+INSTITUTION_PENALTY = 0.5  # a consensus institution as publisher, and again as URL domain
+CONSENSUS_WORDING_STEP, CONSENSUS_WORDING_MAX = 0.4, 1.0  # per distinct consensus phrase
 
 
 def _phrase_pattern(phrases, flags: int) -> re.Pattern:
@@ -392,7 +429,7 @@ def authority_parts(record: Mapping, matches: TextMatches | None = None) -> list
 
 
 def _clamp_authority(total: float) -> float:
-    return min(AUTH_WEIGHT_MAX, max(AUTH_WEIGHT_MIN, total))
+    return min(SCORED_AUTHORITY_MAX, max(AUTH_WEIGHT_MIN, total))
 
 
 def _metadata_evidence(value: Any) -> Counter:
@@ -439,39 +476,106 @@ def shannon_entropy_bits(counts: Mapping[str, float]) -> float:
     return max(0.0, entropy)  # rounding can give -0.0
 
 
+def era_base(record: Mapping) -> tuple[str, float]:
+    """(why, bits): the entropy base of the record's era."""
+    year = _finite_number(record.get("year"))
+    if year is None:
+        bits, why = UNDATED_BASE
+        return f"era base: {why}", bits
+    for before, bits, why in ERA_BASES:
+        if year < before:
+            return f"era base (year {_year_label(year)}): {why}", bits
+    bits, why = MODERN_BASE
+    return f"era base (year {_year_label(year)}): {why}", bits
+
+
+def _year_label(year: float) -> str:
+    return str(int(year)) if math.isfinite(year) else "out of range"
+
+
+def entropy_floor(record: Mapping, matches: TextMatches | None = None) -> float:
+    """The least prov_entropy the record can get: its era's base for a primary source type, else 0."""
+    matches = matches if matches is not None else match_text(record_text(record))
+    source_type, _ = resolve_source_type(record, matches)
+    if SOURCE_TYPE_PRIORS[source_type].group == PRIMARY:
+        return era_base(record)[1]
+    return ENTROPY_MIN
+
+
+def entropy_parts(record: Mapping, matches: TextMatches | None = None) -> list[tuple[str, float]]:
+    """The terms that add up to prov_entropy (before the floor and the cap), each with what it is."""
+    matches = matches if matches is not None else match_text(record_text(record))
+    source_type, inferred = resolve_source_type(record, matches)
+    prior = SOURCE_TYPE_PRIORS[source_type]
+    parts = [era_base(record),
+             (f"source type {source_type} ({'inferred from text' if inferred else 'given'}, {prior.group})",
+              prior.entropy)]
+    counts = {kind: c for kind, c in evidence_counts(record, matches).items() if c > 0}
+    diversity = shannon_entropy_bits(counts)
+    if diversity > 0:
+        listed = ", ".join(f"{kind} x{counts[kind]:g}" for kind in sorted(counts))
+        capped = f", capped at {DIVERSITY_BONUS_MAX:g}" if diversity > DIVERSITY_BONUS_MAX else ""
+        parts.append((f"evidence diversity: Shannon entropy of {len(counts)} kinds ({listed}){capped}",
+                      min(diversity, DIVERSITY_BONUS_MAX)))
+    if matches.primary_phrases:
+        amount = min(PRIMARY_WORDING_MAX, PRIMARY_WORDING_STEP * len(matches.primary_phrases))
+        parts.append((f"first-hand wording ({', '.join(sorted(matches.primary_phrases)[:5])})", amount))
+    institution = _institution_adjustment(record)
+    if institution is not None:
+        parts.append((institution[0], -INSTITUTION_PENALTY))
+    url = _url_adjustment(record)
+    if url is not None and url[1] > 0:  # a domain that raises authority is a consensus institution's
+        parts.append((url[0], -INSTITUTION_PENALTY))
+    if matches.consensus_phrases:
+        amount = min(CONSENSUS_WORDING_MAX, CONSENSUS_WORDING_STEP * len(matches.consensus_phrases))
+        parts.append((f"consensus wording ({', '.join(sorted(matches.consensus_phrases)[:5])})", -amount))
+    return parts
+
+
+def _clamp_entropy(total: float, floor: float) -> float:
+    return min(ENTROPY_MAX, max(floor, total))
+
+
 def auth_weight(record: Mapping) -> float:
-    """Authority weight in [0, 0.99]."""
-    return _clamp_authority(math.fsum(amount for _, amount in authority_parts(record)))
+    """Authority weight in [0, SCORED_AUTHORITY_MAX]."""
+    return score(record)[0]
 
 
 def prov_entropy(record: Mapping) -> float:
-    """Provenance entropy in bits, >= 0."""
-    return shannon_entropy_bits(evidence_counts(record))
+    """Provenance entropy on the reference's scale, in [0, 10]."""
+    return score(record)[1]
 
 
 def score(record: Mapping) -> tuple[float, float]:
     """(auth_weight, prov_entropy), matching the text once."""
     matches = match_text(record_text(record))
     authority = _clamp_authority(math.fsum(amount for _, amount in authority_parts(record, matches)))
-    return authority, shannon_entropy_bits(evidence_counts(record, matches))
+    entropy = _clamp_entropy(math.fsum(bits for _, bits in entropy_parts(record, matches)),
+                             entropy_floor(record, matches))
+    return authority, entropy
 
 
 def explain(record: Mapping) -> list[tuple[str, float]]:
     """What made each score: ('auth_weight: <term>', amount) lines that sum to auth_weight
-    (a clamp line when it was clamped), then ('prov_entropy: evidence <kind> x<count>', bits)
-    lines that sum to prov_entropy (each kind's -p*log2(p))."""
+    (a clamp line when it was clamped), then ('prov_entropy: <term>', bits) lines that sum
+    to prov_entropy (a floor or cap line when one applied)."""
     matches = match_text(record_text(record))
     lines = [(f"auth_weight: {what}", amount) for what, amount in authority_parts(record, matches)]
     total = math.fsum(amount for _, amount in lines)
     clamped = _clamp_authority(total)
     if clamped != total:
-        lines.append((f"auth_weight: clamped to [{AUTH_WEIGHT_MIN}, {AUTH_WEIGHT_MAX}]", clamped - total))
-    counts = evidence_counts(record, matches)
-    values = {kind: c for kind, c in counts.items() if c > 0}
-    total_count = math.fsum(values.values())
-    several = len(values) >= 2 and math.isfinite(total_count)
-    for kind in sorted(values):
-        share = values[kind] / total_count if several else 1.0
-        bits = -share * math.log2(share) if several else 0.0
-        lines.append((f"prov_entropy: evidence {kind} x{values[kind]:g}", bits))
+        lines.append((f"auth_weight: clamped to [{AUTH_WEIGHT_MIN}, {SCORED_AUTHORITY_MAX}]", clamped - total))
+    parts = entropy_parts(record, matches)
+    lines.extend((f"prov_entropy: {what}", bits) for what, bits in parts)
+    total = math.fsum(bits for _, bits in parts)
+    floor = entropy_floor(record, matches)
+    clamped = _clamp_entropy(total, floor)
+    if clamped != total:
+        if clamped == ENTROPY_MAX:
+            why = f"cap: the scale's top, {ENTROPY_MAX:g}"
+        elif floor > 0:
+            why = f"floor: a primary source never falls below its era's base, {floor:g}"
+        else:
+            why = f"floor: {ENTROPY_MIN:g}"
+        lines.append((f"prov_entropy: {why}", clamped - total))
     return lines
