@@ -73,14 +73,17 @@ def test_truncation_is_counted(tmp_path):
 def test_index_cache_reopens_the_same_index_and_notices_a_changed_file(tmp_path):
     tokenizer = load_tiny().tokenizer
     rng = random.Random(5)
-    path = write_jsonl(tmp_path / "train.jsonl", [make_record(rng) for _ in range(30)])
+    kinds = [{"source_type": "letter"}, {"source_type": "news"}, {}]  # some records have none
+    path = write_jsonl(tmp_path / "train.jsonl", [make_record(rng, **kinds[i % 3]) for i in range(30)])
     cache = tmp_path / "cache"
     built = CorpusIndex.build(path, tokenizer, 40, cache_dir=cache, tokenizer_key="k")
     assert len(list(cache.glob("index-*.safetensors"))) == 1
     reopened = CorpusIndex.build(path, tokenizer, 40, cache_dir=cache, tokenizer_key="k")
-    for name in ("offsets", "line_numbers", "lengths", "auth_weight", "prov_entropy"):
+    for name in ("offsets", "line_numbers", "lengths", "auth_weight", "prov_entropy", "source_type"):
         assert np.array_equal(getattr(built, name), getattr(reopened, name))
     assert reopened.truncated == built.truncated
+    assert reopened.source_type_of(range(len(reopened))) == built.source_type_of(range(len(built)))
+    assert built.source_type_of(range(3)) == ["letter", "news", None]
     with open(path, "a") as handle:
         handle.write(json.dumps(make_record(rng)) + "\n")
     grown = CorpusIndex.build(path, tokenizer, 40, cache_dir=cache, tokenizer_key="k")

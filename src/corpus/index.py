@@ -22,9 +22,10 @@ from errors import UserError
 
 
 ENCODE_CHUNK = 1024
-INDEX_FORMAT = 1
+INDEX_FORMAT = 2
 COLUMN_TYPES = {"offsets": np.int64, "line_numbers": np.int64, "lengths": np.int32,
-                "auth_weight": np.float32, "prov_entropy": np.float32}
+                "auth_weight": np.float32, "prov_entropy": np.float32, "source_type": np.int16}
+NO_SOURCE_TYPE = -1  # the code of a record without a `source_type` string
 
 
 @dataclass
@@ -35,20 +36,25 @@ class CorpusIndex:
     lengths: np.ndarray  # int32, tokens after truncation
     auth_weight: np.ndarray  # float32
     prov_entropy: np.ndarray  # float32
+    source_type: np.ndarray  # int16 code into `source_type_names`; NO_SOURCE_TYPE when absent
     max_tokens: int
     tokenizer: object = field(repr=False)
     truncated: int = 0  # samples cut to max_tokens
     no_target: list = field(default_factory=list)  # line numbers left out: nothing to learn after truncation
     in_memory: list | None = field(default=None, repr=False)
     file_size: int = -1  # when indexed, to notice the file changing under a streaming run
+    source_type_names: list = field(default_factory=list)  # code -> the record's `source_type`, for reports
 
     def __len__(self) -> int:
         return len(self.offsets)
 
     @property
     def bytes_per_record(self) -> float:
-        arrays = (self.offsets, self.line_numbers, self.lengths, self.auth_weight, self.prov_entropy)
-        return sum(a.itemsize for a in arrays)
+        return sum(getattr(self, name).itemsize for name in COLUMN_TYPES)
+
+    def source_type_of(self, positions) -> list[str | None]:
+        """The `source_type` of the records at these positions (None where a record has none)."""
+        return [self.source_type_names[c] if c >= 0 else None for c in self.source_type[positions]]
 
     @classmethod
     def build(cls, path: str | Path, tokenizer, max_tokens: int, *, in_memory: bool = False,
@@ -76,6 +82,7 @@ class CorpusIndex:
         # Python numbers would cost ~40 bytes per value on a corpus of millions).
         columns = {name: array(np.dtype(kind).char) for name, kind in COLUMN_TYPES.items()}
         samples = [] if in_memory else None
+        type_codes: dict[str, int] = {}  # source_type -> code, in order of first appearance
         truncated, no_target, offset = 0, [], 0
         pending = []  # (byte offset, line number, record), encoded a chunk at a time
 
@@ -89,8 +96,11 @@ class CorpusIndex:
                     no_target.append(line_number)
                     continue
                 truncated += sample.truncated
+                kind = record.get("source_type")
+                code = type_codes.setdefault(kind, len(type_codes)) if isinstance(kind, str) else NO_SOURCE_TYPE
                 for name, value in (("offsets", start), ("line_numbers", line_number), ("lengths", len(sample.tokens)),
-                                    ("auth_weight", record["auth_weight"]), ("prov_entropy", record["prov_entropy"])):
+                                    ("auth_weight", record["auth_weight"]), ("prov_entropy", record["prov_entropy"]),
+                                    ("source_type", code)):
                     columns[name].append(value)
                 if samples is not None:
                     samples.append(sample)
@@ -120,10 +130,11 @@ class CorpusIndex:
                 raise UserError(f"{path}: empty file (no samples)")
             raise UserError(f"{path}: no usable sample (every record was empty after truncation to {max_tokens} tokens)")
         arrays = {name: np.frombuffer(values, dtype=COLUMN_TYPES[name]).copy() for name, values in columns.items()}
+        names = list(type_codes)
         index = cls(path=path, max_tokens=max_tokens, tokenizer=tokenizer, truncated=truncated,
-                    no_target=no_target, in_memory=samples, file_size=file_size, **arrays)
+                    no_target=no_target, in_memory=samples, file_size=file_size, source_type_names=names, **arrays)
         if cache_file is not None:
-            _write_cache(cache_file, arrays, truncated, no_target)
+            _write_cache(cache_file, arrays, truncated, no_target, names)
         return index
 
     def samples(self, indices) -> list[EncodedSample]:
@@ -164,20 +175,26 @@ def _cache_key(path: Path, max_tokens: int, tokenizer_key: str) -> str:
 
 def _read_cache(cache_file: Path) -> dict | None:
     """The cached columns, or None when absent or unreadable (then it is rebuilt)."""
-    from safetensors import SafetensorError
-    from safetensors.numpy import load_file
+    from safetensors import SafetensorError, safe_open
 
     if not cache_file.is_file():
         return None
     try:
-        arrays = load_file(str(cache_file))
+        with safe_open(str(cache_file), framework="numpy") as handle:
+            arrays = {name: handle.get_tensor(name) for name in handle.keys()}
+            names = json.loads((handle.metadata() or {}).get("source_type_names", "null"))
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            return None
         columns = {name: arrays[name].astype(kind, copy=False) for name, kind in COLUMN_TYPES.items()}
-        return {**columns, "truncated": int(arrays["truncated"][0]), "no_target": arrays["no_target"].tolist()}
+        if len(columns["source_type"]) and int(columns["source_type"].max()) >= len(names):
+            return None
+        return {**columns, "truncated": int(arrays["truncated"][0]), "no_target": arrays["no_target"].tolist(),
+                "source_type_names": names}
     except (OSError, KeyError, ValueError, SafetensorError):
         return None
 
 
-def _write_cache(cache_file: Path, columns: dict, truncated: int, no_target: list) -> None:
+def _write_cache(cache_file: Path, columns: dict, truncated: int, no_target: list, source_type_names: list) -> None:
     """Best effort: a cache that cannot be written only costs the next start its time."""
     from safetensors.numpy import save_file
 
@@ -186,7 +203,7 @@ def _write_cache(cache_file: Path, columns: dict, truncated: int, no_target: lis
     try:
         cache_file.parent.mkdir(parents=True, exist_ok=True)
         scratch = cache_file.with_name(f".{cache_file.name}.{os.getpid()}.tmp")
-        save_file(arrays, str(scratch))
+        save_file(arrays, str(scratch), metadata={"source_type_names": json.dumps(source_type_names)})
         os.replace(scratch, cache_file)
     except OSError:
         pass
