@@ -34,18 +34,18 @@ from checkpoints import CheckpointManager, CheckpointSaveError, TrainingState
 from config import Config
 from corpus.batching import Batch, DataPosition, fixed_batches, training_batches
 from corpus.index import CorpusIndex
-from distrust import DistrustObjective
+from distrust import DistrustObjective, weight_report_lines
 from durable import flush_dir, flush_file
 from errors import UserError
 from modeling import adapter_weights
 from monitoring.early_stopping import EarlyStopping
+from monitoring.evaluation import compile_row_losses, loss_report, sample_losses, token_losses
 from monitoring.metrics_log import MetricsLog, summary_text
 from monitoring.progress import ProgressLine
 
 # Saves that fail this many times in a row stop the run: an overnight run that
 # cannot checkpoint is a run that can lose everything.
 MAX_CONSECUTIVE_SAVE_FAILURES = 3
-AUTHORITY_SPLIT = 0.5  # validation reports loss for auth_weight below / at or above this
 SIGNAL_EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}
 
 
@@ -61,12 +61,6 @@ class RunEnd:
 
 # ---------------------------------------------------------------------------
 # the loss: pure functions of arrays
-
-
-def token_losses(model: nn.Module, inputs: mx.array, targets: mx.array) -> mx.array:
-    """Per-token cross-entropy [B, L] in float32."""
-    logits = model(inputs)
-    return nn.losses.cross_entropy(logits, targets).astype(mx.float32)
 
 
 def weighted_loss_sums(model, inputs, targets, mask, weights):
@@ -164,6 +158,7 @@ class DistrustTrainer:
         )
         self.state = LoopState()
         self.progress_state: dict | None = None
+        self.val_index: CorpusIndex | None = None
         self.val_batches: list[Batch] | None = None
         self.resumed_from: str | None = None
         self.save_failures = 0
@@ -261,11 +256,7 @@ class DistrustTrainer:
             optimizer.update(model, tree_map(lambda g: g * scale, grads))
 
         # Validation runs the model in eval mode (no dropout), compiled like the step.
-        @partial(mx.compile, inputs=[model.state])
-        def row_losses(inputs, targets, mask):
-            return (token_losses(model, inputs, targets) * mask).sum(axis=1)
-
-        return CompiledFunctions(gradients, global_norm, update, row_losses)
+        return CompiledFunctions(gradients, global_norm, update, compile_row_losses(model))
 
     # -- one optimizer step ---------------------------------------------------
 
@@ -325,34 +316,26 @@ class DistrustTrainer:
 
     def validate(self) -> dict | None:
         """Plain cross-entropy (comparable across lambdas), the objective, and the
-        loss split by source authority, on the same batches every time."""
+        loss of primary and consensus records, on the same batches every time."""
         if self.val_path is None:
             return None
         t = self.config.training
         if self.val_batches is None:  # lazy: the val file is first read here
-            index = CorpusIndex.build(self.val_path, self.tokenizer, t.max_seq_length + 1,
-                                      limit=t.batch_size * t.val_batches)
-            self.val_batches = fixed_batches(index, t.batch_size, t.val_batches, self.pad_id)
-        row_losses = self._compiled.row_losses
-        self.model.eval()
-        ce_rows, tokens_rows, auth, entropy = [], [], [], []
-        for batch in self.val_batches:
-            row_sums = row_losses(mx.array(batch.inputs), mx.array(batch.targets), mx.array(batch.mask))
-            mx.eval(row_sums)
-            real = batch.real_rows
-            ce_rows.append(np.array(row_sums)[real])
-            tokens_rows.append(batch.mask.sum(axis=1)[real])
-            auth.append(batch.auth_weight[real])
-            entropy.append(batch.prov_entropy[real])
-        self.model.train()
-        ce_rows, tokens_rows = np.concatenate(ce_rows), np.concatenate(tokens_rows)
-        auth, entropy = np.concatenate(auth), np.concatenate(entropy)
-        plain = float(ce_rows.sum() / tokens_rows.sum())
-        weighted = float((ce_rows * self.objective.weights(auth, entropy)).sum() / tokens_rows.sum())
+            self.val_index = CorpusIndex.build(self.val_path, self.tokenizer, t.max_seq_length + 1,
+                                               limit=t.batch_size * t.val_batches)
+            self.val_batches = fixed_batches(self.val_index, t.batch_size, t.val_batches, self.pad_id)
+        losses = sample_losses(self.model, self._compiled.row_losses, self.val_batches)
+        report = loss_report(losses, self.val_index)
+        auth = self.val_index.auth_weight[losses.positions]
+        entropy = self.val_index.prov_entropy[losses.positions]
+        plain = report["overall"]["loss"]
+        weighted = float((losses.ce * self.objective.weights(auth, entropy)).sum() / losses.tokens.sum())
         result = {"val_loss": plain, "val_objective": self.objective.objective(weighted, plain, auth, entropy)}
-        for name, rows in (("val_loss_low_auth", auth < AUTHORITY_SPLIT), ("val_loss_high_auth", auth >= AUTHORITY_SPLIT)):
-            if rows.any():
-                result[name] = float(ce_rows[rows].sum() / tokens_rows[rows].sum())
+        for name, group in (("val_loss_low_auth", "primary"), ("val_loss_high_auth", "consensus")):
+            if group in report:
+                result[name] = report[group]["loss"]
+        if report["gap"] is not None:
+            result["val_loss_gap"] = report["gap"]
         return result
 
     # -- saving -----------------------------------------------------------------
@@ -413,6 +396,13 @@ class DistrustTrainer:
         self.output_dir.mkdir(parents=True, exist_ok=True)
         self.metrics = MetricsLog(self.output_dir, tensorboard=self.config.paths.tensorboard,
                                   resume_step=s.step if self.resumed_from else None)
+        index = self.train_index
+        weights = self.objective.weight_report(index.auth_weight, index.prov_entropy,
+                                               index.source_type, index.source_type_names)
+        for line in weight_report_lines(weights):
+            self.log(line)
+        if not self.resumed_from:
+            self.metrics.event(0, "distrust_weights", **weights)
         self.progress = ProgressLine(t.max_steps, initial_step=s.step)
         if self.progress_state is not None:
             self.progress.load_state_dict(self.progress_state)

@@ -52,6 +52,7 @@ TAGS = {
     "val_loss_low_auth": "val/loss_low_auth",
     "val_loss_high_auth": "val/loss_high_auth",
     "val_objective": "val/objective",
+    "val_loss_gap": "val/loss_gap_primary_minus_consensus",
 }
 
 
