@@ -1,0 +1,193 @@
+"""Base model against adapted model on a data set: did the objective move the
+loss of primary sources relative to consensus ones?
+
+    python src/evaluate.py --output-dir RUN [--data-dir DIR] [--checkpoint latest|best|final|PATH]
+                           [--batch-size N] [--max-batches N] [--json PATH]
+
+Loads the run's base model exactly as it was trained (quantized on load the
+same way), evaluates it, attaches the chosen checkpoint's adapters and
+evaluates again, on the same batches. Prints loss and perplexity overall, for
+primary (auth_weight < 0.5) and consensus records, and by `source_type`, and
+the headline: how much the primary-minus-consensus gap moved. The same
+figures go to a JSON file (default RUN/evaluations/<checkpoint>-<data file>.json).
+
+The data file is DIR/test.jsonl, else DIR/val.jsonl, else DIR/valid.jsonl;
+DIR defaults to the run's own --data-dir. Every loss is plain cross-entropy
+per real target token, so runs trained with any --lambda-weight compare.
+
+Exit codes: 0 done; 2 bad usage or input (one line, nothing written).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script from anywhere
+
+from errors import OneLineArgumentParser, UserError  # noqa: E402
+
+DATA_FILES = ("test.jsonl", "val.jsonl", "valid.jsonl")  # the first that exists is evaluated
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = OneLineArgumentParser(
+        prog="evaluate.py",
+        description="Base model against the adapted model of a run: loss overall, by authority and by source_type.")
+    parser.add_argument("--output-dir", required=True, type=Path, help="the run's folder (its --output-dir)")
+    parser.add_argument("--data-dir", type=Path,
+                        help="folder with test.jsonl, val.jsonl or valid.jsonl (default: the run's --data-dir)")
+    parser.add_argument("--checkpoint", default="latest", metavar="latest|best|final|PATH",
+                        help="which checkpoint's adapters (default: latest)")
+    parser.add_argument("--batch-size", type=int, help="samples per batch (default: the run's)")
+    parser.add_argument("--max-batches", type=int, help="evaluate at most this many batches (default: the whole file)")
+    parser.add_argument("--json", type=Path, metavar="PATH",
+                        help="where to write the figures (default: RUN/evaluations/<checkpoint>-<data file>.json)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        import mlx.core  # noqa: F401
+    except ImportError as exc:
+        print(f"error: MLX has no backend here ({exc}); install with pip install '.[cpu]' or '.[cuda]'", file=sys.stderr)
+        return 2
+    try:
+        result = evaluate_run(args)
+    except UserError as exc:
+        print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
+        return 2
+    print(format_table(result), flush=True)
+    print(f"figures written to {result['json']}", file=sys.stderr)
+    return 0
+
+
+def evaluate_run(args: argparse.Namespace) -> dict:
+    from checkpoints import CheckpointCorruptError, CheckpointManager
+    from config import Config
+    from corpus.batching import fixed_batches
+    from corpus.index import CorpusIndex
+    from durable import write_text_atomically
+    from modeling import attach_lora, load_model
+    from monitoring.evaluation import compile_row_losses, loss_report, sample_losses
+
+    run = args.output_dir
+    if not run.is_dir():
+        raise UserError(f"{run}: no such run folder")
+    manager = CheckpointManager(run / "checkpoints")
+    if not manager.has_any():
+        raise UserError(f"{run}: no checkpoints, so no adapters to evaluate (has a run been trained here?)")
+    info = manager.resolve(args.checkpoint)
+    try:
+        state = manager.load(info)
+    except CheckpointCorruptError as exc:
+        raise UserError(str(exc)) from None
+    config = Config.from_dict(state.config, source=f"{info.path}/config.json")
+    t = config.training
+    batch_size = _positive(args.batch_size, "--batch-size") or t.batch_size
+    max_batches = _positive(args.max_batches, "--max-batches")
+    data_file = find_data_file(args.data_dir or Path(config.paths.data_dir))
+    json_path = args.json or run / "evaluations" / f"{info.path.name}-{data_file.stem}.json"
+    if json_path.exists() and not json_path.is_file():
+        raise UserError(f"{json_path}: exists and is not a file")
+
+    loaded = load_model(base_model_of(state, config), config.model.quantize_bits, config.model.trust_remote_code)
+    tokenizer = loaded.tokenizer
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    index = CorpusIndex.build(data_file, tokenizer, t.max_seq_length + 1,
+                              limit=batch_size * max_batches if max_batches else None)
+    batches = fixed_batches(index, batch_size, math.ceil(len(index) / batch_size), pad_id)
+
+    base = loss_report(sample_losses(loaded.model, compile_row_losses(loaded.model), batches), index)
+    attach_lora(loaded.model, config.lora.rank, config.lora.alpha, config.lora.layers, config.lora.dropout, t.seed)
+    loaded.model.load_weights(list(state.adapters.items()), strict=False)
+    adapted = loss_report(sample_losses(loaded.model, compile_row_losses(loaded.model), batches), index)
+
+    moved = adapted["gap"] - base["gap"] if adapted["gap"] is not None and base["gap"] is not None else None
+    result = {
+        "run": str(run), "checkpoint": str(info.path), "step": state.step, "data": str(data_file),
+        "base_model": loaded.path, "quantized_bits": loaded.quantized_bits,
+        "distrust": {"mode": config.distrust.mode, "lambda": config.distrust.lambda_weight, "alpha": config.distrust.alpha},
+        "base": base, "adapted": adapted, "gap_moved": moved,
+    }
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomically(json_path, json.dumps(_finite(result), indent=2) + "\n",
+                          temp_name=f".{json_path.name}.tmp")
+    result["json"] = str(json_path)
+    return result
+
+
+def _positive(value: int | None, flag: str) -> int | None:
+    if value is not None and value < 1:
+        raise UserError(f"{flag} must be at least 1, got {value}")
+    return value
+
+
+def find_data_file(data_dir: Path) -> Path:
+    if not data_dir.is_dir():
+        raise UserError(f"{data_dir}: no such data folder (give one with --data-dir)")
+    for name in DATA_FILES:
+        if (data_dir / name).is_file():
+            return data_dir / name
+    raise UserError(f"{data_dir}: no {', '.join(DATA_FILES[:-1])} or {DATA_FILES[-1]} to evaluate on")
+
+
+def base_model_of(state, config) -> str:
+    """The base the run trained on: the resolved path it recorded, or, when that
+    local folder is gone (the project moved), the model as the run named it."""
+    from modeling import resolve_model
+
+    recorded = state.adapter_config.get("model") or config.model.model
+    if Path(recorded).is_absolute() and not Path(recorded).exists():
+        if config.model.model == "tiny":
+            return resolve_model("tiny")  # rebuilt locally, byte for byte
+        raise UserError(f"base model {recorded} not found (the run was trained on it; restore it or move the run "
+                        f"to a machine that has it)")
+    return recorded
+
+
+def _finite(value):
+    """JSON without NaN or infinity: null instead."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    return value
+
+
+def format_table(result: dict) -> str:
+    base, adapted = result["base"], result["adapted"]
+    d = result["distrust"]
+    lines = [f"{result['checkpoint']} (step {result['step']}; {d['mode']}, lambda {d['lambda']:g}) "
+             f"on {result['data']} ({base['overall']['samples']} samples)",
+             f"{'':24}{'samples':>8}  {'base loss':>9} {'ppl':>9}  {'adapted':>9} {'ppl':>9}  {'change':>7}"]
+
+    def row(name: str, b: dict | None, a: dict | None) -> str:
+        if b is None or a is None:
+            return f"{name:24}{'-':>8}"
+        return (f"{name:24}{b['samples']:>8}  {b['loss']:>9.4f} {b['perplexity']:>9.2f}  "
+                f"{a['loss']:>9.4f} {a['perplexity']:>9.2f}  {a['loss'] - b['loss']:>+7.4f}")
+
+    lines.append(row("overall", base["overall"], adapted["overall"]))
+    lines.append(row("primary (auth < 0.5)", base.get("primary"), adapted.get("primary")))
+    lines.append(row("consensus (auth >= 0.5)", base.get("consensus"), adapted.get("consensus")))
+    if base["by_source_type"]:
+        lines.append("by source_type:")
+        for kind in base["by_source_type"]:
+            lines.append(row(f"  {kind}", base["by_source_type"][kind], adapted["by_source_type"][kind]))
+    if result["gap_moved"] is None:
+        lines.append("gap primary - consensus: needs records of both kinds")
+    else:
+        lines.append(f"gap primary - consensus: base {base['gap']:+.4f}, adapted {adapted['gap']:+.4f}: "
+                     f"moved {result['gap_moved']:+.4f} nats")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,214 @@
+"""What the objective does to what is learned, shown on the demo corpus; the
+start line about the weights; and evaluate.py (base against adapted model)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import REPO, read_metrics, run_cli, write_corpus, write_jsonl
+from distrust import DistrustObjective, weight_report_lines
+
+EVALUATE_SCRIPT = REPO / "src" / "evaluate.py"
+DEMO_DATA = REPO / "data"
+# Short demo runs: sequences cut to 64 tokens, 60 steps of 8, validated once at the end on 64 val records.
+DEMO_RUN = ["--model", "tiny", "--data-dir", DEMO_DATA, "--batch-size", "8", "--max-seq-length", "64",
+            "--max-steps", "60", "--learning-rate", "1e-3", "--warmup-steps", "5", "--eval-steps", "60",
+            "--val-batches", "8", "--checkpoint-interval", "60", "--no-tensorboard", "--no-early-stopping"]
+# Measured at these settings (Linux CPU): the primary-minus-consensus gap is -0.27 nats at
+# lambda 0 and -1.29 at lambda 1, 1.02 lower; primary loss 5.94 against 5.69.
+GAP_MARGIN = 0.5
+
+
+def run_evaluate(*args, cwd=REPO) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    return subprocess.run([sys.executable, str(EVALUATE_SCRIPT), *map(str, args)], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def demo_runs(tmp_path_factory) -> dict:
+    """The demo corpus trained at lambda 0 and at lambda 1, everything else equal."""
+    root = tmp_path_factory.mktemp("demo-runs")
+    runs = {}
+    for lam in (0, 1):
+        out = root / f"lambda-{lam}"
+        result = run_cli(*DEMO_RUN, "--lambda-weight", lam, "--output-dir", out)
+        assert result.returncode == 0, result.stderr
+        runs[lam] = (out, result)
+    return runs
+
+
+def last_validation(out) -> dict:
+    return [line for line in read_metrics(out) if "val_loss" in line][-1]
+
+
+def test_lambda_one_lowers_primary_loss_relative_to_consensus(demo_runs):
+    gap = {lam: last_validation(out)["val_loss_gap"] for lam, (out, _) in demo_runs.items()}
+    low_high = {lam: (last_validation(out)["val_loss_low_auth"], last_validation(out)["val_loss_high_auth"])
+                for lam, (out, _) in demo_runs.items()}
+    for lam, (low, high) in low_high.items():
+        assert gap[lam] == pytest.approx(low - high)
+    assert gap[1] - gap[0] <= -GAP_MARGIN, gap
+    # the primary records themselves are learned better, not only the consensus ones worse
+    assert low_high[1][0] < low_high[0][0]
+
+
+def test_the_start_reports_the_weights_in_one_line_and_in_metrics(demo_runs):
+    out, result = demo_runs[1]
+    lines = [line for line in result.stderr.splitlines() if line.startswith("distrust weights")]
+    assert len(lines) == 1 and "by source_type: " in lines[0] and "lab_notebook" in lines[0]
+    assert "WARNING" not in result.stderr
+    event = next(line for line in read_metrics(out) if line.get("event") == "distrust_weights")
+    assert event["step"] == 0 and event["favours_primary"] is True
+    assert event["primary_weight"] > 5 * event["consensus_weight"]
+    assert event["primary_distrust"] > 3 * event["consensus_distrust"]
+    assert set(event["by_source_type"]) >= {"patent", "press_release", "encyclopedia"}
+    # lambda 0: every weight is 1, and the scale is still judged on d itself
+    plain = next(line for line in read_metrics(demo_runs[0][0]) if line.get("event") == "distrust_weights")
+    assert plain["primary_weight"] == plain["consensus_weight"] == pytest.approx(1.0)
+    assert plain["favours_primary"] is True
+
+
+def test_scores_on_another_scale_are_warned_about(tmp_path):
+    """Primary records brought with low entropy (the old scale): they weigh less, and the start says so."""
+    rng = np.random.default_rng(0)
+    records = [{"text": f"reading {i} of the gauge", "auth_weight": 0.1, "prov_entropy": 1.0,
+                "source_type": "measurement"} for i in range(12)]
+    records += [{"text": f"officials recommend item {i}", "auth_weight": 0.95, "prov_entropy": 0.0,
+                 "source_type": "press_release"} for i in range(12)]
+    rng.shuffle(records)
+    data = tmp_path / "data"
+    write_jsonl(data / "train.jsonl", records)
+    result = run_cli("--model", "tiny", "--data-dir", data, "--output-dir", tmp_path / "out", "--max-steps", "1",
+                     "--batch-size", "4", "--max-seq-length", "32", "--no-tensorboard")
+    assert result.returncode == 0, result.stderr
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("WARNING: primary sources")]
+    assert len(warnings) == 1 and "prepare_data.py --rescore" in warnings[0]
+    event = next(line for line in read_metrics(tmp_path / "out") if line.get("event") == "distrust_weights")
+    assert event["favours_primary"] is False and event["primary_weight"] < event["consensus_weight"]
+
+
+def test_weight_report_values():
+    auth = np.array([0.1, 0.1, 0.9, 0.9], dtype=np.float32)
+    entropy = np.array([8.0, 6.0, 0.0, 1.0], dtype=np.float32)
+    objective = DistrustObjective(2.7, 1.0, "weighted", auth, entropy)
+    codes = np.array([0, 1, 2, -1], dtype=np.int16)
+    report = objective.weight_report(auth, entropy, codes, ["letter", "patent", "news"])
+    weights = objective.weights(auth, entropy)
+    assert report["primary_weight"] == pytest.approx(weights[:2].mean())
+    assert report["consensus_weight"] == pytest.approx(weights[2:].mean())
+    assert report["by_source_type"] == pytest.approx({"letter": weights[0], "news": weights[2], "patent": weights[1]})
+    assert report["favours_primary"] is True
+    assert len(weight_report_lines(report)) == 1
+    # reference mode: weights all 1; the scale is judged on d
+    reference = DistrustObjective(2.7, 1.0, "reference", auth, entropy).weight_report(auth, entropy)
+    assert reference["primary_weight"] == reference["consensus_weight"] == 1.0
+    assert "by_source_type" not in reference and reference["favours_primary"] is True
+
+
+# ---------------------------------------------------------------- evaluate.py
+
+
+def test_evaluate_compares_base_and_adapted(demo_runs):
+    out, _ = demo_runs[1]
+    result = run_evaluate("--output-dir", out, "--max-batches", "8")
+    assert result.returncode == 0, result.stderr
+    path = out / "evaluations" / "step-00000060-val.json"
+    figures = json.loads(path.read_text())
+    assert figures["step"] == 60 and figures["data"].endswith("val.jsonl")
+    for model in ("base", "adapted"):
+        report = figures[model]
+        for group in ("overall", "primary", "consensus"):
+            assert math.isfinite(report[group]["loss"]) and report[group]["samples"] > 0
+            assert report[group]["perplexity"] == pytest.approx(math.exp(report[group]["loss"]))
+        assert report["primary"]["samples"] + report["consensus"]["samples"] == report["overall"]["samples"] == 64
+        assert "patent" in report["by_source_type"] and "press_release" in report["by_source_type"]
+    assert figures["adapted"]["overall"]["loss"] < figures["base"]["overall"]["loss"] - 0.5
+    assert figures["gap_moved"] == pytest.approx(figures["adapted"]["gap"] - figures["base"]["gap"])
+    assert figures["gap_moved"] < 0
+    # the adapted figures are the trainer's own validation of the same batches (one evaluation function)
+    validation = last_validation(out)
+    assert figures["adapted"]["overall"]["loss"] == pytest.approx(validation["val_loss"], abs=1e-4)
+    assert figures["adapted"]["gap"] == pytest.approx(validation["val_loss_gap"], abs=1e-4)
+    assert "moved" in result.stdout.splitlines()[-1] and "primary (auth < 0.5)" in result.stdout
+
+
+def test_evaluate_works_for_a_lambda_zero_run_and_the_runs_compare(demo_runs):
+    moved = {}
+    for lam, (out, _) in demo_runs.items():
+        json_path = out / f"eval-{lam}.json"
+        result = run_evaluate("--output-dir", out, "--max-batches", "8", "--json", json_path)
+        assert result.returncode == 0, result.stderr
+        figures = json.loads(json_path.read_text())
+        assert figures["distrust"]["lambda"] == lam
+        moved[lam] = figures["gap_moved"]
+    assert moved[1] - moved[0] <= -GAP_MARGIN
+
+
+def assert_refused(result, *phrases):
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert "Traceback" not in result.stderr
+    for phrase in phrases:
+        assert phrase in lines[0], lines[0]
+
+
+@pytest.fixture(scope="module")
+def small_run(tmp_path_factory):
+    """A 2-step run on a copy of the tiny model, so that the base can go missing."""
+    root = tmp_path_factory.mktemp("small-run")
+    import modeling
+
+    base = root / "base-model"
+    shutil.copytree(modeling.ensure_tiny_model(), base)
+    data = write_corpus(root / "data", train=16, val=8)
+    out = root / "run"
+    result = run_cli("--model", base, "--data-dir", data, "--output-dir", out, "--max-steps", "2",
+                     "--batch-size", "4", "--max-seq-length", "32", "--eval-steps", "2", "--no-tensorboard")
+    assert result.returncode == 0, result.stderr
+    return root, base, data, out
+
+
+def test_evaluate_refuses_bad_input_in_one_line_and_writes_nothing(small_run, tmp_path):
+    root, base, data, out = small_run
+    empty = tmp_path / "empty-run"
+    empty.mkdir()
+    assert_refused(run_evaluate("--output-dir", empty), "no checkpoints")
+    assert_refused(run_evaluate("--output-dir", tmp_path / "nowhere"), "no such run folder")
+
+    bad_val = tmp_path / "bad-data"
+    write_jsonl(bad_val / "val.jsonl", [{"text": "fine", "auth_weight": 0.1, "prov_entropy": 7.0}, "{not json"])
+    assert_refused(run_evaluate("--output-dir", out, "--data-dir", bad_val), "val.jsonl:2", "invalid JSON")
+    assert_refused(run_evaluate("--output-dir", out, "--data-dir", tmp_path / "no-data"), "no such data folder")
+    assert_refused(run_evaluate("--output-dir", out, "--checkpoint", "best", "--max-batches", "0"), "--max-batches")
+
+    damaged = tmp_path / "damaged"
+    shutil.copytree(out, damaged)
+    adapters = damaged / "checkpoints" / "step-00000002" / "adapters.safetensors"
+    blob = bytearray(adapters.read_bytes())
+    blob[-1] ^= 0xFF
+    adapters.write_bytes(bytes(blob))
+    assert_refused(run_evaluate("--output-dir", damaged, "--checkpoint", damaged / "checkpoints" / "step-00000002"),
+                   "invalid")
+    for run in (out, damaged, empty):
+        assert not (run / "evaluations").exists()
+
+
+def test_evaluate_says_when_the_base_model_is_gone(small_run, tmp_path):
+    root, base, data, out = small_run
+    moved = root / "base-model-moved"
+    base.rename(moved)
+    try:
+        assert_refused(run_evaluate("--output-dir", out), "base model", "not found")
+        assert not (out / "evaluations").exists()
+    finally:
+        moved.rename(base)
