@@ -33,6 +33,7 @@ import numpy as np
 
 from corpus import scoring
 from corpus.records import messages_problem
+from distrust import distrust_scores
 from durable import flush_dir
 from errors import UserError
 
@@ -42,6 +43,7 @@ SCORE_DECIMALS = 4  # rounded so the bytes do not depend on the last bit of a li
 DOMINANT_SHARE = 0.8  # warn when one source type is more than this share of the records
 WARNINGS_KEPT = 200  # warnings kept verbatim; the rest are only counted by reason
 TRAIN_FILE, VAL_FILE = "train.jsonl", "val.jsonl"
+EXPLAIN_ALPHA = 2.7  # --explain shows each record's distrust score d at the default alpha
 
 
 @dataclass(frozen=True)
@@ -553,7 +555,9 @@ def _write_outputs(staging_path: Path, staged: _Staged, destination: np.ndarray,
 def _explain_record(explain: Callable[[str], None], where: str, line: bytes, scored_here: bool, split: str) -> None:
     record = json.loads(line)
     head = scoring.record_text(record)[:60].replace("\n", " ")
-    explain(f"{where} ({split}) auth_weight={record['auth_weight']} prov_entropy={record['prov_entropy']}: {head!r}")
+    d = distrust_scores(record["auth_weight"], record["prov_entropy"], EXPLAIN_ALPHA)
+    explain(f"{where} ({split}) auth_weight={record['auth_weight']} prov_entropy={record['prov_entropy']} "
+            f"d={float(d):.1f} (alpha {EXPLAIN_ALPHA}): {head!r}")
     if not scored_here:
         explain("  scores taken from the input (use --rescore to recompute)")
         return
