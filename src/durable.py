@@ -1,4 +1,5 @@
-"""Durability helpers: flush to stable storage, write a small file atomically.
+"""Durability helpers: flush to stable storage, replace a file atomically, and
+open files without following links planted in a run folder.
 
 A rename is atomic, but it is only durable once the directory holding the new
 name has been flushed too; and a file's bytes are only durable once the file
@@ -7,8 +8,12 @@ itself has been flushed. These helpers do both, portably.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
+import secrets
+import shutil
+import stat
 import sys
 from pathlib import Path
 
@@ -56,30 +61,87 @@ def flush_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_text_atomically(path: Path, text: str, *, temp_name: str, fsync: bool = True) -> None:
-    """Replace `path` with `text` so that a reader sees the old or the new file, never half of one.
+# Flags that make open() refuse a symbolic link where a file is expected, and
+# (for new files) refuse any existing name: a link planted in a run folder
+# must never make the trainer write outside it.
+NO_FOLLOW = getattr(os, "O_NOFOLLOW", 0)
+TEMP_PREFIX = ".tmp-"
+CLOSE_ON_EXEC = getattr(os, "O_CLOEXEC", 0)
 
-    `temp_name` is the name of the temporary file in the same directory (a
-    rename is only atomic within one file system).
-    """
-    temp = path.parent / temp_name
+
+def open_new_file(path: Path, mode: str = "wb"):
+    """A file object for a name that must not exist yet (O_EXCL), never through a link."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | NO_FOLLOW | CLOSE_ON_EXEC, 0o666)
+    return os.fdopen(fd, mode)
+
+
+def open_for_append(path: Path):
+    """Append to a log file, creating it; refuses a symbolic link (ELOOP) instead of writing through it."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | NO_FOLLOW | CLOSE_ON_EXEC, 0o666)
+    return os.fdopen(fd, "a", encoding="utf-8")
+
+
+def open_regular_file(path: Path, mode: str = "rb"):
+    """Open for reading a regular file only: not a link, a FIFO (which would block) or a device."""
+    fd = os.open(path, os.O_RDONLY | NO_FOLLOW | getattr(os, "O_NONBLOCK", 0) | CLOSE_ON_EXEC)
     try:
-        with open(temp, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file", str(path))
+        if hasattr(os, "set_blocking"):
+            os.set_blocking(fd, True)
+        return os.fdopen(fd, mode)
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def temporary_name(path: Path) -> Path:
+    """A fresh hidden name beside `path` (same file system, so the rename is atomic)."""
+    # ".tmp-<name>-<random>-<pid>": the pid at the end tells a leftover of a dead
+    # process (removed at the next start) from the work of one still running.
+    return path.with_name(f"{TEMP_PREFIX}{path.name}-{secrets.token_hex(4)}-{os.getpid()}")
+
+
+def replace_file(path: Path, write, *, binary: bool = True, fsync: bool = True) -> None:
+    """Replace `path` with what `write(file)` writes, atomically: a reader sees the old
+    or the new file, never half of one, and a link at `path` is replaced, not followed.
+
+    The new bytes go to a fresh temporary name (created with O_EXCL, so no planted
+    link is followed), are flushed, then renamed over `path`; on any failure the
+    temporary is removed and `path` is untouched.
+    """
+    temp = temporary_name(path)
+    try:
+        with open_new_file(temp, "wb" if binary else "w") as handle:
+            write(handle)
+            handle.flush()
             if fsync:
-                flush_fd(f.fileno())
+                flush_fd(handle.fileno())
         os.replace(temp, path)
     except BaseException:
-        temp.unlink(missing_ok=True)
+        try:
+            temp.unlink()
+        except OSError:
+            pass
         raise
     if fsync:
         flush_dir(path.parent)
 
 
+def write_text_atomically(path: Path, text: str, *, fsync: bool = True) -> None:
+    """Replace `path` with `text` (UTF-8), atomically; see replace_file."""
+    replace_file(path, lambda handle: handle.write(text.encode("utf-8")), fsync=fsync)
+
+
+def copy_file_atomically(source: Path, target: Path, *, fsync: bool = True) -> None:
+    """Replace `target` with a copy of the regular file `source`, atomically."""
+    with open_regular_file(source) as reader:
+        replace_file(target, lambda handle: shutil.copyfileobj(reader, handle, 1 << 20), fsync=fsync)
+
+
 def sha256_of_file(path: Path) -> str:
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
+    with open_regular_file(path) as f:
         while chunk := f.read(1 << 20):
             digest.update(chunk)
     return digest.hexdigest()

@@ -115,8 +115,7 @@ def evaluate_run(args: argparse.Namespace) -> dict:
         "base": base, "adapted": adapted, "gap_moved": moved,
     }
     json_path.parent.mkdir(parents=True, exist_ok=True)
-    write_text_atomically(json_path, json.dumps(_finite(result), indent=2) + "\n",
-                          temp_name=f".{json_path.name}.tmp")
+    write_text_atomically(json_path, json.dumps(_finite(result), indent=2) + "\n")
     result["json"] = str(json_path)
     return result
 

@@ -93,6 +93,9 @@ def config_from_args(args: argparse.Namespace):
 
 
 def main(argv: list[str] | None = None) -> int:
+    from stop_signals import guard_standard_streams
+
+    guard_standard_streams()  # a terminal closing mid-run must not kill it with EIO
     args = build_parser().parse_args(argv)  # argparse itself exits 2 on bad usage
     try:
         import mlx.core  # noqa: F401
@@ -150,6 +153,7 @@ def run_inputs(config) -> dict:
 def train(config, output_dir: Path, manager, start, inputs: dict) -> int:
     from corpus.index import CorpusIndex
     from modeling import adapter_config, attach_lora, load_model, parameter_counts, tokenizer_key
+    from checkpoints.resume import restore_with_fallback
     from trainer import CheckpointingFailed, DistrustTrainer
 
     t = config.training
@@ -186,7 +190,9 @@ def train(config, output_dir: Path, manager, start, inputs: dict) -> int:
         index, val_path, output_dir, manager, inputs=inputs, log=lambda msg: print(msg, file=sys.stderr),
     )
     if start is not None:
-        trainer.restore(start.state, str(start.path))
+        # A checkpoint whose content this run cannot use is skipped like a damaged one.
+        start = restore_with_fallback(manager, start, lambda point: trainer.restore(point.state, str(point.path)),
+                                      config, inputs)
         print(f"resumed from {start.path} at step {start.state.step}", file=sys.stderr)
     try:
         end = trainer.fit()

@@ -17,8 +17,6 @@ import math
 import os
 import random
 import shutil
-import signal
-import sys
 import time
 from dataclasses import dataclass, field
 from functools import partial
@@ -30,23 +28,25 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
-from checkpoints import CheckpointManager, CheckpointSaveError, TrainingState
+from checkpoints import CheckpointCorruptError, CheckpointManager, CheckpointSaveError, TrainingState
+from checkpoints.manager import directory_size
 from config import Config
-from corpus.batching import Batch, DataPosition, fixed_batches, training_batches
+from corpus.batching import Batch, DataPosition, epoch_order, fixed_batches, training_batches
 from corpus.index import CorpusIndex
 from distrust import DistrustObjective, weight_report_lines
-from durable import flush_dir, flush_file
+from durable import copy_file_atomically
 from errors import UserError
 from modeling import adapter_weights
 from monitoring.early_stopping import EarlyStopping
 from monitoring.evaluation import compile_row_losses, loss_report, sample_losses, token_losses
-from monitoring.metrics_log import MetricsLog, summary_text
+from monitoring.metrics_log import MetricsLog, free_space, summary_text
 from monitoring.progress import ProgressLine
+from stop_signals import StopRequests
 
+MAX_STEP = 10**12  # more optimizer steps than any run makes: a larger one is a tampered checkpoint
 # Saves that fail this many times in a row stop the run: an overnight run that
 # cannot checkpoint is a run that can lose everything.
 MAX_CONSECUTIVE_SAVE_FAILURES = 3
-SIGNAL_EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}
 
 
 class CheckpointingFailed(Exception):
@@ -151,11 +151,7 @@ class DistrustTrainer:
         # Materialize the optimizer state now: the compiled update must see the
         # very dicts it will read and write (see DESIGN.md, facts on compile).
         self.optimizer.init(model.trainable_parameters())
-        self.early_stopping = EarlyStopping(
-            patience=es.patience, min_delta=es.min_delta, warmup_steps=t.warmup_steps,
-            grad_spike_threshold=es.grad_spike_threshold, grad_spike_patience=es.grad_spike_patience,
-            plateau_enabled=es.enabled,
-        )
+        self.early_stopping = self._new_early_stopping()
         self.state = LoopState()
         self.progress_state: dict | None = None
         self.val_index: CorpusIndex | None = None
@@ -165,38 +161,73 @@ class DistrustTrainer:
         self.last_save_step = 0
         self.last_save_path: Path | None = None
         self._compiled = None
-        self._stop_signal: int | None = None
+
+    def _new_early_stopping(self) -> EarlyStopping:
+        t, es = self.config.training, self.config.early_stopping
+        return EarlyStopping(
+            patience=es.patience, min_delta=es.min_delta, warmup_steps=t.warmup_steps,
+            grad_spike_threshold=es.grad_spike_threshold, grad_spike_patience=es.grad_spike_patience,
+            plateau_enabled=es.enabled,
+        )
 
     # -- resume -------------------------------------------------------------
 
     def restore(self, saved: TrainingState, source: str) -> None:
-        """Put back everything a checkpoint holds; call before `fit`."""
-        expected = set(adapter_weights(self.model))
-        if set(saved.adapters) != expected:
-            missing, extra = sorted(expected - set(saved.adapters)), sorted(set(saved.adapters) - expected)
-            raise UserError(f"{source}: its adapters do not fit this model's LoRA layers "
-                            f"(missing {missing[:3]}, unexpected {extra[:3]})")
+        """Put back everything a checkpoint holds; call before `fit`.
+
+        Everything is checked before anything is changed: a checkpoint whose
+        files verify but whose content this run cannot use (tampered JSON
+        with a matching manifest, another model's adapters, a data position
+        outside the corpus) raises CheckpointCorruptError, like a damaged one,
+        and leaves the trainer as it was, so an older checkpoint can be tried.
+        """
+        try:
+            loop, early_stopping, rng = self._checked_state(saved)
+        except (KeyError, TypeError, ValueError, IndexError, OverflowError, AttributeError) as exc:
+            raise CheckpointCorruptError(f"checkpoint {source} holds a state this run cannot use: "
+                                         f"{type(exc).__name__}: {exc}") from None
         self.model.load_weights(list(saved.adapters.items()), strict=False)
         self.optimizer.state = tree_unflatten(list(saved.optimizer.items()))
-        trainer = saved.trainer
-        loop = trainer["loop"]
-        self.state = LoopState(
-            step=saved.step,
-            position=DataPosition.from_dict(loop["position"]),
-            tokens_seen=loop["tokens_seen"],
-            best_val_loss=loop["best_val_loss"],
-            best_val_step=loop["best_val_step"],
-            last_val_loss=trainer["val_loss"],
-            last_loss=trainer["loss"],
-            train_seconds=loop["train_seconds"],
-        )
-        self.early_stopping.load_state_dict(trainer["early_stopping"])
-        self.progress_state = trainer["progress"]
-        _set_host_rng_state(trainer["rng"])
+        self.state = loop
+        self.early_stopping = early_stopping
+        self.progress_state = saved.trainer["progress"]
+        _set_host_rng_state(rng)
         self.last_save_step = saved.step
         self.last_save_path = Path(source)
         self.resumed_from = source
         mx.eval(self.model.parameters(), self.optimizer.state)
+
+    def _checked_state(self, saved: TrainingState) -> tuple[LoopState, EarlyStopping, dict]:
+        """What `restore` will put back, each part checked against this run (types, ranges,
+        shapes, the data position against the corpus); raises on the first problem."""
+        _same_arrays("adapters", saved.adapters, adapter_weights(self.model))
+        _same_arrays("optimizer state", saved.optimizer, dict(tree_flatten(self.optimizer.state)))
+        trainer, t = saved.trainer, self.config.training
+        step = _bounded_int(saved.step, "step", 0, MAX_STEP)
+        loop = trainer["loop"]
+        position = DataPosition.from_dict(loop["position"])
+        batches_per_epoch = len(epoch_order(self.train_index.lengths, t.batch_size, t.seed, 0))
+        # The data position is a function of the step: step * grad_accum micro-batches in.
+        if not 0 <= position.batch < batches_per_epoch or \
+                position.epoch * batches_per_epoch + position.batch != step * t.grad_accum:
+            raise ValueError(f"data position (epoch {position.epoch}, batch {position.batch}) is not where step "
+                             f"{step} leaves a corpus of {batches_per_epoch} batches per epoch")
+        best_val_step = loop["best_val_step"]
+        state = LoopState(
+            step=step,
+            position=position,
+            tokens_seen=_bounded_int(loop["tokens_seen"], "tokens_seen", 0, 2**62),
+            best_val_loss=_float_or_inf(loop["best_val_loss"], "best_val_loss"),
+            best_val_step=None if best_val_step is None else _bounded_int(best_val_step, "best_val_step", 0, step),
+            last_val_loss=None if trainer["val_loss"] is None else _float_or_inf(trainer["val_loss"], "val_loss"),
+            last_loss=None if trainer["loss"] is None else _float_or_inf(trainer["loss"], "loss"),
+            train_seconds=_float_or_inf(loop["train_seconds"], "train_seconds"),
+        )
+        early_stopping = self._new_early_stopping()
+        early_stopping.load_state_dict(trainer["early_stopping"])
+        ProgressLine.check_state_dict(trainer["progress"])
+        _check_host_rng_state(trainer["rng"])
+        return state, early_stopping, trainer["rng"]
 
     def training_state(self) -> TrainingState:
         s = self.state
@@ -270,7 +301,11 @@ class DistrustTrainer:
         tokens = 0
         auth, entropy = [], []
         for micro in range(t.grad_accum):
-            position, batch = next(batches)
+            try:
+                position, batch = next(batches)
+            except UserError:
+                self.state.position = start_position  # the step did not happen: it starts here again
+                raise
             mx.random.seed(step_seed(t.seed, self.state.step, micro))
             weights = self.objective.weights(batch.auth_weight, batch.prov_entropy) * batch.real_rows
             w_sum, c_sum, g = gradients(mx.array(batch.inputs), mx.array(batch.targets),
@@ -364,36 +399,23 @@ class DistrustTrainer:
 
     def write_adapters(self, checkpoint: Path) -> None:
         """The newest adapters at the top of the output dir, loadable by mlx_lm:
-        copies of the committed checkpoint's files, each replaced atomically."""
+        copies of the committed checkpoint's files, each replaced atomically
+        (a fresh temporary name, never through a link planted there)."""
         try:
             for name in ("adapters.safetensors", "adapter_config.json"):
-                scratch = self.output_dir / f".{name}.tmp"
-                shutil.copyfile(checkpoint / name, scratch)
-                flush_file(scratch)
-                os.replace(scratch, self.output_dir / name)
-            flush_dir(self.output_dir)
+                copy_file_atomically(checkpoint / name, self.output_dir / name)
         except OSError as exc:
-            self.progress.write(f"WARNING: could not update {self.output_dir / 'adapters.safetensors'} ({exc}); "
-                                f"checkpoint {checkpoint} holds the same adapters")
-
-    # -- signals ----------------------------------------------------------------
-
-    def _on_signal(self, signum, frame):
-        if self._stop_signal == signal.SIGINT and signum == signal.SIGINT:
-            # A second Ctrl+C: leave now. Checkpoints commit by rename, so the
-            # last committed one is intact; a half-written one is cleaned at start.
-            sys.stderr.write("\nSecond interrupt: exiting now; the last committed checkpoint is intact.\n")
-            sys.stderr.flush()
-            os._exit(130)
-        self._stop_signal = signum
-        sys.stderr.write(f"\n{signal.Signals(signum).name}: finishing this step and saving a checkpoint "
-                         f"(Ctrl+C again to exit at once)\n")
+            self.progress.write(f"WARNING: could not update {self.output_dir / 'adapters.safetensors'} "
+                                f"({exc.strerror or exc}; {free_space(self.output_dir)}); checkpoint {checkpoint} "
+                                f"holds the same adapters")
 
     # -- the loop ---------------------------------------------------------------
 
     def fit(self) -> RunEnd:
         t, s = self.config.training, self.state
         self.output_dir.mkdir(parents=True, exist_ok=True)
+        if self.resumed_from and s.step < t.max_steps:
+            self._check_room_for_a_checkpoint(Path(self.resumed_from))
         self.metrics = MetricsLog(self.output_dir, tensorboard=self.config.paths.tensorboard,
                                   resume_step=s.step if self.resumed_from else None)
         index = self.train_index
@@ -410,59 +432,33 @@ class DistrustTrainer:
             self.checkpoints.protect(Path(self.resumed_from))
         self._compiled = self._compile()
         batches = training_batches(self.train_index, t.batch_size, t.seed, s.position, self.pad_id)
-        previous = {sig: signal.signal(sig, self._on_signal) for sig in SIGNAL_EXIT_CODES}
         self.model.train()
         end = None
-        try:
-            if s.step >= t.max_steps:
-                end = RunEnd(f"already at step {s.step} of --max-steps {t.max_steps}; nothing to do")
-            while end is None:
-                figures, stop = self._optimizer_step(batches)
-                if stop is not None:
-                    # The update was not applied: the state is that of the last good step.
-                    self.metrics.log(s.step + 1, loss=figures.loss, ce=figures.ce, grad_norm=figures.grad_norm)
-                    end = self._end_with_checkpoint(RunEnd(stop))
-                    break
-                s.step += 1
-                s.tokens_seen += figures.tokens
-                s.train_seconds += figures.seconds
-                s.last_loss = figures.loss
-                memory = mx.get_active_memory()
-                self.metrics.log(s.step, loss=figures.loss, ce=figures.ce, distrust=figures.distrust,
-                                 lr=figures.learning_rate, grad_norm=figures.grad_norm,
-                                 tokens=figures.tokens, tokens_per_sec=figures.tokens / max(figures.seconds, 1e-9),
-                                 memory_mb=memory / 1e6)
-                self.progress.update(s.step, figures.loss, figures.tokens, figures.seconds,
-                                     memory, s.step - self.last_save_step)
-
-                finished = s.step >= t.max_steps
-                is_best = False
-                if s.step % t.eval_steps == 0 or finished:
-                    is_best = self._validation_check()
-                    # A plateau is judged on a full smoothing window only: the
-                    # weighted objective is noisy from batch to batch.
-                    if s.step % t.eval_steps == 0 and len(self.progress.losses) == self.progress.window:
-                        stop = self.early_stopping.check_plateau(s.step, self.progress.smoothed_loss)
-                if stop is not None:
-                    end = RunEnd(stop)
-                elif finished:
-                    end = RunEnd(f"finished: reached --max-steps {t.max_steps}")
-                elif self._stop_signal is not None:
-                    name = signal.Signals(self._stop_signal).name
-                    end = RunEnd(f"interrupted by {name} at step {s.step}", SIGNAL_EXIT_CODES[self._stop_signal])
-                if end is not None:
-                    end = self._end_with_checkpoint(end, is_best=is_best)
-                elif is_best or s.step % t.checkpoint_interval == 0:
-                    self.save_checkpoint(is_best=is_best)
-        except Exception as exc:
-            # Even a run that fails says why in its last line.
-            self.metrics.end(f"error at step {s.step}: {exc}", steps=s.step)
-            self.metrics.close()
-            raise
-        finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
-            self.progress.close()
+        with StopRequests() as stops:
+            try:
+                if self.resumed_from:
+                    self._reconcile_bookkeeping(Path(self.resumed_from))
+                if s.step >= t.max_steps:
+                    # Committed already: only `final` (and the bookkeeping above) to make agree.
+                    end = self._end_with_checkpoint(
+                        RunEnd(f"already at step {s.step} of --max-steps {t.max_steps}; nothing to do"))
+                while end is None:
+                    end = self._one_step(batches, stops)
+            except UserError:
+                # Bad data found mid-run (a val file read at the first validation, a
+                # training file changed under a streaming run): keep the steps done.
+                if s.step > self.last_save_step:
+                    self.save_checkpoint()
+                self.metrics.end(f"stopped at step {s.step}: bad input", steps=s.step)
+                self.metrics.close()
+                raise
+            except Exception as exc:
+                # Even a run that fails says why in its last line.
+                self.metrics.end(f"error at step {s.step}: {exc}", steps=s.step)
+                self.metrics.close()
+                raise
+            finally:
+                self.progress.close()
         summary = {
             "steps": s.step, "max_steps": t.max_steps, "tokens": s.tokens_seen, "seconds": s.train_seconds,
             "best_val_loss": s.best_val_loss if s.best_val_step is not None else None,
@@ -473,6 +469,70 @@ class DistrustTrainer:
         self.metrics.close()
         self.log(summary_text(reason=end.reason, **summary))
         return end
+
+    def _one_step(self, batches, stops: StopRequests) -> RunEnd | None:
+        """One optimizer step and what follows it (log, validate, save); the run's end, or None to go on."""
+        t, s = self.config.training, self.state
+        figures, stop = self._optimizer_step(batches)
+        if stop is not None:
+            # The update was not applied: the state is that of the last good step.
+            self.metrics.log(s.step + 1, loss=figures.loss, ce=figures.ce, grad_norm=figures.grad_norm)
+            return self._end_with_checkpoint(RunEnd(stop))
+        s.step += 1
+        s.tokens_seen += figures.tokens
+        s.train_seconds += figures.seconds
+        s.last_loss = figures.loss
+        memory = mx.get_active_memory()
+        self.metrics.log(s.step, loss=figures.loss, ce=figures.ce, distrust=figures.distrust,
+                         lr=figures.learning_rate, grad_norm=figures.grad_norm,
+                         tokens=figures.tokens, tokens_per_sec=figures.tokens / max(figures.seconds, 1e-9),
+                         memory_mb=memory / 1e6)
+        self.progress.update(s.step, figures.loss, figures.tokens, figures.seconds,
+                             memory, s.step - self.last_save_step)
+
+        finished = s.step >= t.max_steps
+        is_best = False
+        if s.step % t.eval_steps == 0 or finished:
+            is_best = self._validation_check()
+            # A plateau is judged on a full smoothing window only: the
+            # weighted objective is noisy from batch to batch.
+            if s.step % t.eval_steps == 0 and len(self.progress.losses) == self.progress.window:
+                stop = self.early_stopping.check_plateau(s.step, self.progress.smoothed_loss)
+        end = None
+        if stop is not None:
+            end = RunEnd(stop)
+        elif finished:
+            end = RunEnd(f"finished: reached --max-steps {t.max_steps}")
+        elif stops.signal is not None:
+            end = RunEnd(f"interrupted by {stops.name} at step {s.step}", stops.exit_code)
+        if end is not None:
+            return self._end_with_checkpoint(end, is_best=is_best)
+        if is_best or s.step % t.checkpoint_interval == 0:
+            self.save_checkpoint(is_best=is_best)
+        return None
+
+    def _check_room_for_a_checkpoint(self, resumed: Path) -> None:
+        """A resumed run whose next checkpoint cannot fit would train for nothing: say so first."""
+        needed = directory_size(resumed) + (resumed / "adapters.safetensors").stat().st_size
+        try:
+            free = shutil.disk_usage(self.checkpoints.directory).free
+        except OSError:
+            return
+        if free < needed:
+            raise UserError(f"{self.checkpoints.directory}: {free / 1e6:,.1f} MB free, and a checkpoint of this run "
+                            f"needs about {needed / 1e6:,.1f} MB; free some space and run the same command again "
+                            f"(nothing was changed)")
+
+    def _reconcile_bookkeeping(self, resumed: Path) -> None:
+        """After a resume: make the top-level adapters and the `best` pointer agree with the
+        committed checkpoints. A kill between a commit and its bookkeeping (the copy of the
+        adapters, the pointers) would otherwise leave the previous step's adapters exported."""
+        if resumed.parent.resolve() != self.checkpoints.directory.resolve():
+            return  # resumed from a checkpoint elsewhere: this run's own saves do the bookkeeping
+        self.write_adapters(resumed)
+        best_step = self.state.best_val_step
+        if best_step is not None:
+            self.checkpoints.mark_best_step(best_step)
 
     def _end_with_checkpoint(self, end: RunEnd, is_best: bool = False) -> RunEnd:
         """The final checkpoint; a run whose last state could not be saved has not succeeded."""
@@ -491,13 +551,7 @@ class DistrustTrainer:
     def _validation_check(self) -> bool:
         """Validate, log, and say whether this is the best validation so far."""
         s = self.state
-        try:
-            result = self.validate()
-        except UserError:
-            # A bad val file is found at the first validation (it is read
-            # lazily): keep the steps already done before stopping.
-            self.save_checkpoint()
-            raise
+        result = self.validate()  # a bad val file raises UserError: fit keeps the steps done
         if result is None:
             return False
         self.metrics.log_validation(s.step, **result)
@@ -516,6 +570,37 @@ def _host_rng_state() -> dict:
     kind, keys, pos, has_gauss, cached = np.random.get_state()
     return {"python": [version, list(internal), gauss],
             "numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(cached)]}
+
+
+def _check_host_rng_state(state: dict) -> None:
+    """Raises unless `state` is a generator state that _set_host_rng_state can put back."""
+    version, internal, gauss = state["python"]
+    random.Random().setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.RandomState().set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+
+
+def _same_arrays(what: str, saved: dict, expected: dict) -> None:
+    if set(saved) != set(expected):
+        missing, extra = sorted(set(expected) - set(saved)), sorted(set(saved) - set(expected))
+        raise ValueError(f"its {what} do not fit this model (missing {missing[:3]}, unexpected {extra[:3]})")
+    for name, array in expected.items():
+        if saved[name].shape != array.shape or saved[name].dtype != array.dtype:
+            raise ValueError(f"its {what} {name!r} is {saved[name].dtype}{list(saved[name].shape)}, "
+                             f"this model's is {array.dtype}{list(array.shape)}")
+
+
+def _bounded_int(value, name: str, low: int, high: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise ValueError(f"{name} must be a whole number in [{low}, {high}], got {value!r}")
+    return value
+
+
+def _float_or_inf(value, name: str) -> float:
+    """A loss or a duration: a number (infinity allowed: no validation yet), never NaN or a string."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+        raise ValueError(f"{name} must be a number, got {value!r}")
+    return float(value)
 
 
 def _set_host_rng_state(state: dict) -> None:

@@ -30,13 +30,12 @@ import mlx.core as mx
 
 from errors import UserError
 
-from durable import flush_dir, write_text_atomically
+from durable import TEMP_PREFIX, flush_dir, open_regular_file, write_text_atomically
 from .manifest import verify_checkpoint, write_manifest
 from .retention import RetentionPolicy
 from .state import ArrayWriteError, TrainingState, check_state, describe_error, read_state_files, write_state_files
 
 STEP_DIR_PATTERN = re.compile(r"^step-(\d{8,})$")
-TEMP_PREFIX = ".tmp-"
 BEST_POINTER = "best"
 FINAL_POINTER = "final"
 # A temporary name ends with the pid of the process that made it, so that a
@@ -193,14 +192,17 @@ class CheckpointManager:
         """Point `final` at an already committed checkpoint (the run ended on its state)."""
         self._update_pointers(as_path(path).name, is_best=False, is_final=True, replaced=False)
 
+    def mark_best_step(self, step: int) -> None:
+        """Point `best` at the committed checkpoint of `step`, if it is there and `best` names another."""
+        name = checkpoint_dir_name(step)
+        if (self.directory / name).is_dir() and self._read_pointer(BEST_POINTER) != name:
+            self._update_pointers(name, is_best=True, is_final=False, replaced=False)
+
     def _update_pointers(self, name: str, *, is_best: bool, is_final: bool, replaced: bool) -> None:
         for pointer, flagged in ((BEST_POINTER, is_best), (FINAL_POINTER, is_final)):
             try:
                 if flagged:
-                    write_text_atomically(
-                        self.directory / pointer, name + "\n",
-                        temp_name=f"{TEMP_PREFIX}{pointer}-{os.getpid()}", fsync=self.fsync,
-                    )
+                    write_text_atomically(self.directory / pointer, name + "\n", fsync=self.fsync)
                 elif replaced and self._read_pointer(pointer) == name:
                     # The directory it named now holds a different state.
                     (self.directory / pointer).unlink(missing_ok=True)
@@ -321,7 +323,8 @@ class CheckpointManager:
 
     def _read_pointer(self, pointer: str) -> str | None:
         try:
-            name = (self.directory / pointer).read_text(encoding="utf-8").strip()
+            with open_regular_file(self.directory / pointer) as handle:  # never a link or a FIFO
+                name = handle.read(256).decode("utf-8").strip()
         except (OSError, UnicodeDecodeError):
             return None
         # Only a step directory's name: never a path leading elsewhere.

@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import stat
 import platform
 from datetime import datetime, timezone
 from functools import lru_cache
 from importlib import metadata
 from pathlib import Path
 
-from durable import flush_fd, sha256_of_file
+from durable import flush_fd, open_regular_file, sha256_of_file
 from .state import STATE_FILES
 
 MANIFEST_FILE = "manifest.json"
@@ -78,7 +80,8 @@ def read_manifest(directory: Path) -> tuple[dict | None, str | None]:
     """(manifest, None) or (None, problem): whether it exists and is well formed, not the file sums."""
     path = directory / MANIFEST_FILE
     try:
-        text = path.read_text(encoding="utf-8")
+        with open_regular_file(path) as handle:  # not a link out of the checkpoint, not a FIFO
+            text = handle.read().decode("utf-8")
     except FileNotFoundError:
         return None, f"{MANIFEST_FILE} is missing (not a checkpoint, or its save did not finish)"
     except (OSError, UnicodeDecodeError) as error:
@@ -126,11 +129,15 @@ def verify_checkpoint(directory: Path, expected_step: int | None = None,
             return manifest, f"{MANIFEST_FILE} lists a bad file name {name!r}"
         path = directory / name
         try:
-            size = path.stat().st_size
+            status = os.lstat(path)
         except FileNotFoundError:
             return manifest, f"{name} is missing"
         except OSError as error:
             return manifest, f"{name} cannot be read: {error}"
+        if not stat.S_ISREG(status.st_mode):
+            # A link could lead out of the checkpoint; a FIFO would block every read.
+            return manifest, f"{name} is not a regular file (a link, a FIFO or a device)"
+        size = status.st_size
         if size != entry["size"]:
             return manifest, f"{name} has {size} bytes, the manifest says {entry['size']} (truncated or overwritten)"
         if not hash_contents:

@@ -9,6 +9,7 @@ prompt, nor silently throw away a night of training.
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
 from dataclasses import dataclass
@@ -16,7 +17,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from checkpoints.manager import CheckpointCorruptError, CheckpointManager
+from checkpoints.run_dir import check_run_dir, remove_leftovers
 from checkpoints.state import TrainingState
+from durable import CLOSE_ON_EXEC, NO_FOLLOW
 from errors import UserError
 
 
@@ -24,6 +27,7 @@ from errors import UserError
 class ResumePoint:
     path: Path
     state: TrainingState
+    explicit: bool = False  # named by --resume: if it cannot be used, stop rather than take another
 
 
 def choose_start(manager: CheckpointManager, config, args, inputs: dict, *, stdin=None,
@@ -46,6 +50,7 @@ def choose_start(manager: CheckpointManager, config, args, inputs: dict, *, stdi
     if args.resume:
         info = manager.resolve(args.resume)
         point = _load_checked(manager, info.path, config, inputs)
+        point.explicit = True
         if info.path.resolve().parent == manager.directory.resolve():
             set_aside_newer(manager, point, out)
         return point
@@ -103,10 +108,15 @@ class RunLock:
     def __enter__(self) -> "RunLock":
         import fcntl
 
+        check_run_dir(self.path.parent)  # before anything is written there
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.handle = open(self.path, "a+")
+            # Never through a link: a planted .run.lock must not make us write "pid N" elsewhere.
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | NO_FOLLOW | CLOSE_ON_EXEC, 0o666)
+            self.handle = os.fdopen(fd, "r+")
         except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise UserError(f"{self.path} is a symbolic link; remove it") from None
             raise UserError(f"{self.path.parent}: cannot use as --output-dir ({exc.strerror})") from None
         try:
             fcntl.flock(self.handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -116,21 +126,48 @@ class RunLock:
             self.handle.close()
             raise UserError(f"{self.path.parent} is in use by a run still going ({holder}); "
                             f"wait for it, or use another --output-dir") from None
-        self.handle.seek(0)
-        self.handle.truncate()
-        self.handle.write(f"pid {os.getpid()}")
-        self.handle.flush()
+        try:  # who holds it, for the message above; the lock itself is the flock
+            self.handle.seek(0)
+            self.handle.truncate()
+            self.handle.write(f"pid {os.getpid()}")
+            self.handle.flush()
+        except OSError:
+            pass
+        remove_leftovers(self.path.parent)  # ours alone now: a dead run's half-replaced files go
         return self
 
     def __exit__(self, *exc) -> None:
         self.handle.close()  # closing releases the lock; the file itself may stay
 
 
-def _newest_loadable(manager: CheckpointManager, config, inputs: dict) -> ResumePoint | None:
-    """The newest checkpoint that verifies and loads; each one that does not is named.
-    None only when there is no checkpoint at all: starting anew over damaged ones
-    would overwrite them."""
+def restore_with_fallback(manager: CheckpointManager, point: ResumePoint, restore, config,
+                          inputs: dict) -> ResumePoint:
+    """`restore(point)`; when the trainer rejects the checkpoint's content, take the
+    next older one that loads (warning about each), as for a damaged checkpoint.
+    A checkpoint named with --resume PATH is not replaced by another: exit 2."""
+    while True:
+        try:
+            restore(point)
+            return point
+        except CheckpointCorruptError as exc:
+            if point.explicit:
+                raise UserError(str(exc)) from None
+            manager.warn(f"skipping checkpoint {point.path.name}: {exc}")
+            older = _newest_loadable(manager, config, inputs, below_step=point.state.step)
+            if older is None:
+                raise UserError(f"{manager.directory}: no checkpoint older than {point.path.name} can be used; "
+                                f"nothing was changed: --fresh moves them aside and starts anew") from None
+            point = older
+
+
+def _newest_loadable(manager: CheckpointManager, config, inputs: dict,
+                     below_step: int | None = None) -> ResumePoint | None:
+    """The newest checkpoint (before `below_step`, if given) that verifies and loads; each one
+    that does not is named. None only when there is no checkpoint at all: starting anew over
+    damaged ones would overwrite them."""
     for info in reversed(manager.checkpoints(deep=False)):  # load() verifies the SHA-256 sums
+        if below_step is not None and info.step >= below_step:
+            continue
         if not info.valid:
             manager.warn(f"skipping checkpoint {info.path.name} ({info.path}): {info.problem}")
             continue
@@ -155,11 +192,16 @@ def _load_checked(manager: CheckpointManager, path: Path, config, inputs: dict,
 
     try:
         state = manager.load(path)
+        try:
+            saved = Config.from_dict(state.config, source=f"{path}/config.json")
+            if not isinstance(state.trainer.get("inputs", {}), dict):
+                raise UserError(f"{path}/trainer_state.json: 'inputs' is not an object")
+        except UserError as exc:  # not a config this code wrote: damaged, like a failed manifest
+            raise CheckpointCorruptError(f"checkpoint {path} is corrupt: {exc}") from None
     except (CheckpointCorruptError, FileNotFoundError) as exc:
         if not corrupt_is_error and isinstance(exc, CheckpointCorruptError):
             raise
         raise UserError(str(exc)) from None
-    saved = Config.from_dict(state.config, source=f"{path}/config.json")
     differences = differing_fields(saved.fingerprint_fields(), config.fingerprint_fields())
     differences += differing_fields(state.trainer.get("inputs", {}), inputs)
     if differences:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from durable import flush_fd
+from durable import flush_fd, open_regular_file
 
 # The files of a checkpoint. adapters.safetensors + adapter_config.json are the
 # mlx-lm adapter format, so `mlx_lm.load(model, adapter_path=checkpoint_dir)`
@@ -208,8 +208,8 @@ def read_arrays(path: Path) -> dict[str, mx.array]:
 
 
 def read_json(path: Path) -> dict:
-    with open(path, encoding="utf-8") as f:
-        value = json.load(f)
+    with open_regular_file(path) as f:
+        value = json.loads(f.read().decode("utf-8"))
     if not isinstance(value, dict):
         raise ValueError(f"{path.name} holds a {type(value).__name__}, not an object")
     return value

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 from array import array
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from corpus.records import EncodedSample, encode_records, parse_record
+from durable import open_regular_file, replace_file
 from errors import UserError
 
 
@@ -73,6 +75,9 @@ class CorpusIndex:
         if cache_dir is not None and limit is None:
             cache_file = Path(cache_dir) / f"index-{_cache_key(path, max_tokens, tokenizer_key)}.safetensors"
             cached = _read_cache(cache_file)
+            codes = cached["source_type"] if cached is not None else None
+            if codes is not None and len(codes) and int(codes.max()) >= len(cached["source_type_names"]):
+                cached = _rejected(cache_file, "names a source type it does not list")
             if cached is not None:
                 index = cls(path=path, max_tokens=max_tokens, tokenizer=tokenizer, file_size=file_size, **cached)
                 if in_memory:
@@ -173,37 +178,60 @@ def _cache_key(path: Path, max_tokens: int, tokenizer_key: str) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def _read_cache(cache_file: Path) -> dict | None:
-    """The cached columns, or None when absent or unreadable (then it is rebuilt)."""
-    from safetensors import SafetensorError, safe_open
+def _checksum(columns: dict, truncated: int, no_target: list, source_type_names: list) -> str:
+    """SHA-256 of everything the cache holds, so that a flipped bit is found, not trained on."""
+    digest = hashlib.sha256()
+    for name, kind in COLUMN_TYPES.items():
+        digest.update(name.encode())
+        digest.update(np.ascontiguousarray(columns[name], dtype=kind).tobytes())
+    digest.update(json.dumps([int(truncated), [int(n) for n in no_target], source_type_names]).encode())
+    return digest.hexdigest()
 
-    if not cache_file.is_file():
-        return None
+
+def _read_cache(cache_file: Path) -> dict | None:
+    """The cached columns, or None when absent, unreadable or failing its checksum (then it is rebuilt)."""
+    from safetensors import SafetensorError
+    from safetensors.numpy import load
+
     try:
-        with safe_open(str(cache_file), framework="numpy") as handle:
-            arrays = {name: handle.get_tensor(name) for name in handle.keys()}
-            names = json.loads((handle.metadata() or {}).get("source_type_names", "null"))
-        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
-            return None
-        columns = {name: arrays[name].astype(kind, copy=False) for name, kind in COLUMN_TYPES.items()}
-        if len(columns["source_type"]) and int(columns["source_type"].max()) >= len(names):
-            return None
-        return {**columns, "truncated": int(arrays["truncated"][0]), "no_target": arrays["no_target"].tolist(),
-                "source_type_names": names}
-    except (OSError, KeyError, ValueError, SafetensorError):
+        with open_regular_file(cache_file) as handle:  # never through a link
+            blob = handle.read()
+    except FileNotFoundError:
         return None
+    except OSError as exc:
+        return _rejected(cache_file, f"cannot be read ({exc.strerror or exc})")
+    try:
+        arrays = load(blob)
+        metadata = json.loads(blob[8:8 + int.from_bytes(blob[:8], "little")]).get("__metadata__") or {}
+        names = json.loads(metadata.get("source_type_names", "null"))
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            return _rejected(cache_file, "has no list of source types")
+        columns = {name: arrays[name].astype(kind, copy=False) for name, kind in COLUMN_TYPES.items()}
+        truncated, no_target = int(arrays["truncated"][0]), arrays["no_target"].tolist()
+    except (KeyError, ValueError, IndexError, TypeError, SafetensorError, RecursionError) as exc:
+        return _rejected(cache_file, f"is not a valid index ({type(exc).__name__})")
+    if metadata.get("sha256") != _checksum(columns, truncated, no_target, names):
+        return _rejected(cache_file, "fails its checksum (changed since it was written)")
+    return {**columns, "truncated": truncated, "no_target": no_target, "source_type_names": names}
+
+
+def _rejected(cache_file: Path, why: str) -> None:
+    print(f"note: index cache {cache_file} {why}; rebuilding it from the data", file=sys.stderr)
+    return None
 
 
 def _write_cache(cache_file: Path, columns: dict, truncated: int, no_target: list, source_type_names: list) -> None:
-    """Best effort: a cache that cannot be written only costs the next start its time."""
-    from safetensors.numpy import save_file
+    """Best effort: a cache that cannot be written only costs the next start its time.
+    Replaced atomically under a fresh name (never through a link), nothing left half-written."""
+    from safetensors.numpy import save
 
     arrays = dict(columns, truncated=np.asarray([truncated], dtype=np.int64),
                   no_target=np.asarray(no_target, dtype=np.int64))
+    metadata = {"source_type_names": json.dumps(source_type_names),
+                "sha256": _checksum(columns, truncated, no_target, source_type_names)}
     try:
         cache_file.parent.mkdir(parents=True, exist_ok=True)
-        scratch = cache_file.with_name(f".{cache_file.name}.{os.getpid()}.tmp")
-        save_file(arrays, str(scratch), metadata={"source_type_names": json.dumps(source_type_names)})
-        os.replace(scratch, cache_file)
+        blob = save(arrays, metadata=metadata)
+        replace_file(cache_file, lambda handle: handle.write(blob))
     except OSError:
         pass

@@ -32,13 +32,12 @@ from typing import Callable, Iterator
 import numpy as np
 
 from corpus import scoring
-from corpus.records import messages_problem
+from corpus.records import SCORE_FIELDS, messages_problem, scores_problem
 from distrust import distrust_scores
 from durable import flush_dir
 from errors import UserError
 
 CONTENT_FIELDS = ("text", "messages", "prompt", "completion")
-SCORE_FIELDS = ("auth_weight", "prov_entropy")
 SCORE_DECIMALS = 4  # rounded so the bytes do not depend on the last bit of a libm
 DOMINANT_SHARE = 0.8  # warn when one source type is more than this share of the records
 WARNINGS_KEPT = 200  # warnings kept verbatim; the rest are only counted by reason
@@ -266,18 +265,10 @@ def given_scores(fields: dict) -> tuple[float, float] | None:
     """The record's own scores when it has both, checked; None when it lacks one."""
     if not all(name in fields for name in SCORE_FIELDS):
         return None
-    values = []
-    for name in SCORE_FIELDS:
-        value = fields[name]
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise BadRecord(f"bad {name}", f"'{name}' must be a finite number, got {_short(value)}")
-        values.append(float(value))
-    authority, entropy = values
-    if not scoring.AUTH_WEIGHT_MIN <= authority <= scoring.AUTH_WEIGHT_MAX:
-        raise BadRecord("bad auth_weight", f"'auth_weight' {authority} out of range [0, {scoring.AUTH_WEIGHT_MAX}]")
-    if entropy < 0:
-        raise BadRecord("bad prov_entropy", f"'prov_entropy' {entropy} is negative")
-    return authority, entropy
+    problem = scores_problem(fields["auth_weight"], fields["prov_entropy"])
+    if problem:
+        raise BadRecord(*problem)
+    return float(fields["auth_weight"]), float(fields["prov_entropy"])
 
 
 # ---------------------------------------------------------------- dedup keys

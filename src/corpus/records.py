@@ -13,7 +13,11 @@ from dataclasses import dataclass
 
 from errors import UserError
 
+SCORE_FIELDS = ("auth_weight", "prov_entropy")
 AUTH_WEIGHT_MAX = 0.99
+# No provenance has this many bits (the reference's scale tops out near 10); past
+# it d = alpha * (ln(1 - a) + H)^2 grows toward overflow and means nothing.
+PROV_ENTROPY_MAX = 1000.0
 CHAT_ROLES = ("system", "user", "assistant", "tool")
 
 
@@ -27,24 +31,16 @@ class EncodedSample:
 def parse_record(line: bytes | str, path: str, line_number: int) -> dict:
     """Parse and check one line. Returns the record dict (fields untouched)."""
     where = f"{path}:{line_number}"
-    try:
-        record = json.loads(line)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        problem = getattr(exc, "msg", None) or str(exc)
-        raise UserError(f"{where}: invalid JSON ({problem})") from None
+    record = load_json_line(line, where)
     if not isinstance(record, dict):
         raise UserError(f"{where}: expected a JSON object, got {type(record).__name__}")
 
-    for name in ("auth_weight", "prov_entropy"):
+    for name in SCORE_FIELDS:
         if name not in record:
             raise UserError(f"{where}: missing field '{name}'")
-        value = record[name]
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise UserError(f"{where}: '{name}' must be a finite number, got {value!r}")
-    if not 0.0 <= record["auth_weight"] <= AUTH_WEIGHT_MAX:
-        raise UserError(f"{where}: 'auth_weight' must be in [0, {AUTH_WEIGHT_MAX}], got {record['auth_weight']!r}")
-    if record["prov_entropy"] < 0:
-        raise UserError(f"{where}: 'prov_entropy' must be >= 0, got {record['prov_entropy']!r}")
+    problem = scores_problem(record["auth_weight"], record["prov_entropy"])
+    if problem:
+        raise UserError(f"{where}: {problem[1]}")
 
     if "messages" in record:
         problem = messages_problem(record["messages"])
@@ -64,6 +60,44 @@ def parse_record(line: bytes | str, path: str, line_number: int) -> dict:
     else:
         raise UserError(f"{where}: missing field 'text' (or 'messages', or 'prompt' + 'completion')")
     return record
+
+
+def load_json_line(line: bytes | str, where: str):
+    """json.loads of one line; UserError naming `where` for anything that is not JSON we can hold
+    (bad syntax, bad UTF-8, nesting too deep for the parser, an integer of thousands of digits)."""
+    try:
+        return json.loads(line)
+    except RecursionError:
+        raise UserError(f"{where}: invalid JSON (nested too deeply)") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        problem = getattr(exc, "msg", None) or str(exc)
+        raise UserError(f"{where}: invalid JSON ({problem})") from None
+    except ValueError as exc:  # e.g. an integer longer than Python's digit limit
+        raise UserError(f"{where}: invalid JSON ({' '.join(str(exc).split())[:120]})") from None
+
+
+def scores_problem(authority, entropy) -> tuple[str, str] | None:
+    """(kind, what is wrong) with a record's two scores, or None: the one check of their
+    types and ranges, for the training reader and the data preparation alike."""
+    for name, value in zip(SCORE_FIELDS, (authority, entropy)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return f"bad {name}", f"'{name}' must be a finite number, got {_short(value)}"
+        try:
+            number = float(value)
+        except OverflowError:  # an int too large for a float
+            return f"bad {name}", f"'{name}' must be a finite number, got an integer of {len(str(abs(value)))} digits"
+        if not math.isfinite(number):
+            return f"bad {name}", f"'{name}' must be a finite number, got {value!r}"
+    if not 0.0 <= authority <= AUTH_WEIGHT_MAX:
+        return "bad auth_weight", f"'auth_weight' must be in [0, {AUTH_WEIGHT_MAX}], got {authority!r}"
+    if not 0.0 <= entropy <= PROV_ENTROPY_MAX:
+        return "bad prov_entropy", f"'prov_entropy' must be in [0, {PROV_ENTROPY_MAX:g}], got {entropy!r}"
+    return None
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def messages_problem(messages) -> tuple[str, str] | None:

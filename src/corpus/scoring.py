@@ -44,8 +44,9 @@ from dataclasses import dataclass
 from typing import Any, Iterator, Mapping
 from urllib.parse import urlsplit
 
+from corpus.records import AUTH_WEIGHT_MAX  # noqa: F401  (the objective's range: a record may bring up to this)
+
 AUTH_WEIGHT_MIN = 0.0
-AUTH_WEIGHT_MAX = 0.99  # the objective's range: a record may bring a score up to this
 SCORED_AUTHORITY_MAX = 0.95  # what this scorer gives at most (the reference's highest prior, government)
 ENTROPY_MIN, ENTROPY_MAX = 0.0, 10.0  # the reference's scale: "0 to about 10 bits"
 SECONDARY = "secondary"  # the one evidence kind every consensus source traces to

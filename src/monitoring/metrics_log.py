@@ -9,7 +9,8 @@ written, so a crash loses at most the line being written:
 
 NaN and infinity are written as null (standard JSON has no token for them).
 
-TensorBoard scalars go to `output_dir/logs` through tensorboardX. Known keys
+TensorBoard scalars go to `output_dir/logs` through tensorboardX's event
+writer, in the caller's thread (see TensorBoardWriter for why). Known keys
 get grouped tags from TAGS ("loss" -> "train/loss", "val_loss" -> "val/loss");
 any other numeric key is logged as "misc/<key>", so nothing passed in is lost
 and the known groups stay uncluttered. Non-numeric values (strings) go to the
@@ -21,6 +22,9 @@ so it is whole at every moment), and the TensorBoard writer purges events
 after N. The resumed run's record then reads like an uninterrupted one.
 A fresh run (`resume_step=None`) moves an existing metrics.jsonl aside
 (never deleting it) and hides older TensorBoard events (purge from step 0).
+
+A full disk never stops the run from here: a failed write is warned about
+once (file and free space) and training goes on while checkpoints commit.
 """
 
 from __future__ import annotations
@@ -29,10 +33,13 @@ import json
 import math
 import numbers
 import os
+import shutil
+import sys
 import time
 from pathlib import Path
 
-from durable import flush_dir
+from durable import flush_fd, open_for_append, open_regular_file, replace_file
+from errors import UserError
 
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "logs"
@@ -89,19 +96,36 @@ def _keep_line(line: str, resume_step: int) -> bool:
 
 
 def truncate_after(path: Path, resume_step: int) -> None:
-    """Rewrite `path` keeping only lines with step <= resume_step, atomically."""
-    if not path.exists():
+    """Rewrite `path` keeping only lines with step <= resume_step, atomically.
+
+    UserError (one line) when it cannot be rewritten, for example on a full
+    disk: the file is then left as it was and nothing half-written stays.
+    """
+    try:
+        with open_regular_file(path, "r") as f:
+            kept = [line for line in f if line.strip() and _keep_line(line, resume_step)]
+    except FileNotFoundError:
         return
-    with open(path, encoding="utf-8") as f:
-        kept = [line for line in f if line.strip() and _keep_line(line, resume_step)]
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for line in kept:
-            f.write(line if line.endswith("\n") else line + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    flush_dir(path.parent)
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path}: cannot be read to resume ({_reason(exc)})") from None
+    text = "".join(line if line.endswith("\n") else line + "\n" for line in kept)
+    try:
+        replace_file(path, lambda handle: handle.write(text.encode("utf-8")))
+    except OSError as exc:
+        raise UserError(f"{path}: cannot be rewritten to resume at step {resume_step} ({_reason(exc)}; "
+                        f"{free_space(path.parent)}); free some space and run the same command again") from None
+
+
+def _reason(exc: BaseException) -> str:
+    return exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+
+
+def free_space(folder: Path) -> str:
+    """'N MB free' on the file system holding `folder`, for messages about failed writes."""
+    try:
+        return f"{shutil.disk_usage(folder).free / 1e6:,.1f} MB free there"
+    except OSError:
+        return "free space unknown"
 
 
 def _aside_name(path: Path) -> Path:
@@ -113,49 +137,117 @@ def _aside_name(path: Path) -> Path:
     return aside
 
 
+class TensorBoardWriter:
+    """Scalars into one TensorBoard event file, written in the caller's thread.
+
+    tensorboardX's SummaryWriter writes from a background thread through a
+    bounded queue: when the disk fills, that thread dies with a traceback and
+    the next writes block on the full queue for ever (a hung overnight run).
+    Its synchronous EventsWriter, fed here with the same Event protos, raises
+    an OSError that the caller can handle instead.
+    """
+
+    def __init__(self, folder: Path, purge_step: int):
+        from tensorboardX.event_file_writer import EventsWriter
+        from tensorboardX.proto.event_pb2 import Event, SessionLog
+        from tensorboardX.summary import scalar
+
+        self._event, self._scalar = Event, scalar
+        folder.mkdir(parents=True, exist_ok=True)
+        # Event file names hold the time in whole seconds and are opened with
+        # "wb", so a restart within the same second would overwrite the last
+        # one; the nanosecond suffix keeps names unique and in the order
+        # TensorBoard reads them (by name), so the purge comes after what it purges.
+        self._writer = EventsWriter(str(folder / "events"), filename_suffix=f".{time.time_ns()}.{os.getpid()}")
+        # TensorBoard hides events at or after `purge_step` in older files: what
+        # an interrupted run logged after the step a resume starts from.
+        self._writer.write_event(Event(step=purge_step, session_log=SessionLog(status=SessionLog.START),
+                                       wall_time=time.time()))
+
+    def add_scalar(self, tag: str, value: float, step: int) -> None:
+        self._writer.write_event(self._event(step=step, wall_time=time.time(), summary=self._scalar(tag, value)))
+
+    def flush(self) -> None:
+        self._writer.flush()
+
+    def close(self) -> None:
+        self._writer.close()
+
+
 class MetricsLog:
-    def __init__(self, output_dir: Path, tensorboard: bool = True, resume_step: int | None = None):
+    """metrics.jsonl and TensorBoard. A write that fails (a full disk) is warned
+    about once per run, naming the file and the free space, and the run goes
+    on: the lines of that time are lost, the file is cut back to its last whole
+    line, and later lines are written when there is room again. Losing metrics must never stop
+    the training that checkpoints protect."""
+
+    def __init__(self, output_dir: Path, tensorboard: bool = True, resume_step: int | None = None,
+                 warn=None):
         self.output_dir = Path(output_dir)
         self.output_dir.mkdir(parents=True, exist_ok=True)
         self.path = self.output_dir / METRICS_FILE
+        self.warn = warn or (lambda message: print(f"WARNING: {message}", file=sys.stderr, flush=True))
+        self._failing: set[str] = set()  # what has failed: each is warned about once per run, not per line
 
         if resume_step is not None:
             truncate_after(self.path, resume_step)
         elif self.path.exists() and self.path.stat().st_size > 0:
             os.replace(self.path, _aside_name(self.path))
-        self._file = open(self.path, "a", encoding="utf-8")
+        try:
+            self._file = open_for_append(self.path)  # never through a link planted there
+        except OSError as exc:
+            raise UserError(f"{self.path}: cannot be written ({_reason(exc)}; {free_space(self.output_dir)})") from None
+        self._good_size = self._file.tell()  # the end of the last whole line
 
         self._writer = None
         if tensorboard:
-            from tensorboardX import SummaryWriter  # imported only when used
+            try:
+                self._writer = TensorBoardWriter(self.output_dir / TENSORBOARD_DIR,
+                                                 purge_step=0 if resume_step is None else resume_step + 1)
+            except OSError as exc:
+                self._failed("tensorboard", f"TensorBoard logs in {self.output_dir / TENSORBOARD_DIR} are off for "
+                                            f"this run: {_reason(exc)} ({free_space(self.output_dir)})")
 
-            # purge_step: TensorBoard hides events at or after it from older
-            # event files, i.e. what the interrupted run logged after resume_step.
-            purge_step = 0 if resume_step is None else resume_step + 1
-            # Event file names hold the time in whole seconds and are opened
-            # with "wb", so a restart within the same second (tests, a quick
-            # crash) would overwrite the previous file. The nanosecond suffix
-            # keeps names unique and in the order TensorBoard reads them
-            # (by name), so the purge comes after what it purges.
-            self._writer = SummaryWriter(
-                str(self.output_dir / TENSORBOARD_DIR),
-                purge_step=purge_step,
-                flush_secs=30,
-                filename_suffix=f".{time.time_ns()}.{os.getpid()}",
-            )
+    def _failed(self, what: str, message: str) -> None:
+        if what not in self._failing:
+            self._failing.add(what)
+            self.warn(message)
 
     def _write_line(self, record: dict) -> None:
         record = {key: _json_value(value) for key, value in record.items()}
-        self._file.write(json.dumps(record, allow_nan=False, default=str) + "\n")
-        self._file.flush()
+        line = json.dumps(record, allow_nan=False, default=str) + "\n"
+        try:
+            self._file.write(line)
+            self._file.flush()
+            self._good_size += len(line.encode("utf-8"))
+        except OSError as exc:
+            self._failed(METRICS_FILE, f"could not write {self.path} ({_reason(exc)}; {free_space(self.output_dir)}); "
+                                       f"metrics lines are lost until it can be written again, checkpoints go on")
+            self._cut_back()
+
+    def _cut_back(self) -> None:
+        """After a failed write: drop what part of a line reached the file, so the next line starts whole."""
+        try:
+            self._file.close()
+        except OSError:
+            pass  # its buffer could not be written either: dropped with the file object
+        try:
+            self._file = open_for_append(self.path)
+            os.ftruncate(self._file.fileno(), self._good_size)
+        except OSError:
+            pass  # tried again at the next line
 
     def _write_scalars(self, step: int, scalars: dict) -> None:
         if self._writer is None:
             return
-        for key, value in scalars.items():
-            if _is_number(value):
-                self._writer.add_scalar(tag_for(key), float(value), global_step=step)
-
+        try:
+            for key, value in scalars.items():
+                if _is_number(value):
+                    self._writer.add_scalar(tag_for(key), float(value), step)
+        except OSError as exc:
+            self._failed("tensorboard", f"could not write TensorBoard logs in {self.output_dir / TENSORBOARD_DIR} "
+                                        f"({_reason(exc)}; {free_space(self.output_dir)}); they are incomplete for "
+                                        f"this run, training goes on")
     def log(self, step: int, **scalars) -> None:
         """One training line: log(step, loss=..., lr=..., grad_norm=...)."""
         self._write_line({"step": step, **scalars})
@@ -179,18 +271,33 @@ class MetricsLog:
 
     def flush(self) -> None:
         """Flush both to disk, e.g. when a checkpoint is committed."""
-        self._file.flush()
-        os.fsync(self._file.fileno())
+        try:
+            self._file.flush()
+            flush_fd(self._file.fileno())
+        except OSError as exc:
+            self._failed(METRICS_FILE, f"could not flush {self.path} ({_reason(exc)}; {free_space(self.output_dir)})")
+            self._cut_back()
         if self._writer is not None:
-            self._writer.flush()
+            try:
+                self._writer.flush()
+            except OSError as exc:
+                self._failed("tensorboard", f"could not flush TensorBoard logs ({_reason(exc)}; "
+                                            f"{free_space(self.output_dir)})")
 
     def close(self) -> None:
         if self._file.closed:
             return
         self.flush()
-        self._file.close()
+        try:
+            self._file.close()
+        except OSError:
+            pass  # warned about by flush
         if self._writer is not None:
-            self._writer.close()
+            try:
+                self._writer.close()
+            except OSError:
+                pass  # warned about by flush
+            self._writer = None
 
 
 def _duration(seconds: float) -> str:

@@ -67,7 +67,7 @@ class ProgressLine:
         initial_step: int = 0,
         window: int = 50,
         disable: bool = False,
-        file=sys.stderr,
+        file=None,
     ):
         self.total_steps = total_steps
         self.window = window
@@ -77,6 +77,7 @@ class ProgressLine:
         self.updates_seen = 0
         self.memory_baseline_bytes: int | None = None
 
+        file = file if file is not None else sys.stderr  # looked up now: the command line may have wrapped it
         self._file = file
         self._terminal = _is_terminal(file)
         self._bar = tqdm(
@@ -178,10 +179,22 @@ class ProgressLine:
         }
 
     def load_state_dict(self, state: dict) -> None:
+        losses, tokens, seconds, updates_seen, baseline = self._decode(state)
         # deque(maxlen=...) keeps the newest entries if the window shrank.
-        self.losses = deque((float(x) for x in state["losses"]), maxlen=self.window)
-        self.tokens = deque((int(x) for x in state["tokens"]), maxlen=self.window)
-        self.seconds = deque((float(x) for x in state["seconds"]), maxlen=self.window)
-        self.updates_seen = int(state["updates_seen"])
+        self.losses = deque(losses, maxlen=self.window)
+        self.tokens = deque(tokens, maxlen=self.window)
+        self.seconds = deque(seconds, maxlen=self.window)
+        self.updates_seen = updates_seen
+        self.memory_baseline_bytes = baseline
+
+    @classmethod
+    def check_state_dict(cls, state: dict) -> None:
+        """Raises (KeyError, TypeError, ValueError) unless load_state_dict can take `state`."""
+        cls._decode(state)
+
+    @staticmethod
+    def _decode(state: dict) -> tuple:
         baseline = state["memory_baseline_bytes"]
-        self.memory_baseline_bytes = None if baseline is None else int(baseline)
+        return ([float(x) for x in state["losses"]], [int(x) for x in state["tokens"]],
+                [float(x) for x in state["seconds"]], int(state["updates_seen"]),
+                None if baseline is None else int(baseline))
