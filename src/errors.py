@@ -16,3 +16,22 @@ class OneLineArgumentParser(argparse.ArgumentParser):
 
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def run_command(work) -> int:
+    """The shell of a command line tool: `work()` (its exit code, or None for 0), with
+    no MLX backend or a UserError turned into one line on stderr and exit 2."""
+    import sys
+
+    try:
+        import mlx.core  # noqa: F401
+    except ImportError as exc:
+        print(f"error: MLX has no backend here ({exc}); install with pip install '.[cpu]' (Linux CPU) "
+              f"or '.[cuda]' (NVIDIA); on a Mac, pip install . is enough", file=sys.stderr)
+        return 2
+    try:
+        code = work()
+    except UserError as exc:
+        print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
+        return 2
+    return 0 if code is None else code

@@ -28,7 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script from anywhere
 
-from errors import OneLineArgumentParser, UserError  # noqa: E402
+from errors import OneLineArgumentParser, UserError, run_command  # noqa: E402
 
 DATA_FILES = ("test.jsonl", "val.jsonl", "valid.jsonl")  # the first that exists is evaluated
 
@@ -51,19 +51,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        import mlx.core  # noqa: F401
-    except ImportError as exc:
-        print(f"error: MLX has no backend here ({exc}); install with pip install '.[cpu]' or '.[cuda]'", file=sys.stderr)
-        return 2
-    try:
+
+    def work() -> None:
         result = evaluate_run(args)
-    except UserError as exc:
-        print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
-        return 2
-    print(format_table(result), flush=True)
-    print(f"figures written to {result['json']}", file=sys.stderr)
-    return 0
+        print(format_table(result), flush=True)
+        print(f"figures written to {result['json']}", file=sys.stderr)
+
+    return run_command(work)
 
 
 def evaluate_run(args: argparse.Namespace) -> dict:
@@ -136,17 +130,12 @@ def find_data_file(data_dir: Path) -> Path:
 
 
 def base_model_of(state, config) -> str:
-    """The base the run trained on: the resolved path it recorded, or, when that
-    local folder is gone (the project moved), the model as the run named it."""
-    from modeling import resolve_model
+    """The base the run trained on, as it was trained (see modeling.run_base_model:
+    its quantized copy when it was quantized on load; the tiny model rebuilt when
+    the project moved); loading it as is gives the model the adapters were trained on."""
+    from modeling import run_base_model
 
-    recorded = state.adapter_config.get("model") or config.model.model
-    if Path(recorded).is_absolute() and not Path(recorded).exists():
-        if config.model.model == "tiny":
-            return resolve_model("tiny")  # rebuilt locally, byte for byte
-        raise UserError(f"base model {recorded} not found (the run was trained on it; restore it or move the run "
-                        f"to a machine that has it)")
-    return recorded
+    return run_base_model(state.adapter_config, config).path
 
 
 def _finite(value):

@@ -1,5 +1,15 @@
 """Load a base model, quantize it, attach LoRA: mlx-lm does the work.
 
+A base that is not quantized is quantized once, the way `mlx_lm convert -q`
+does it, into an ordinary mlx-lm model directory in the cache
+(`.cache/quantized/`, keyed by the base's files, bits and group size); training
+loads that directory, and a run's adapter_config.json names it. So
+`mlx_lm.load(adapter_config["model"], adapter_path=RUN)` is exactly the model
+that was trained, not the unquantized base the adapters never saw.
+`run_base_model` finds that base again for a finished run (export, generate,
+evaluate), rebuilding the quantized copy, or the tiny model, when the project
+has moved.
+
 Also builds `tiny`, the demo model: a small Llama with a byte-level BPE
 tokenizer trained on the demo corpus, written once as an ordinary mlx-lm model
 directory (so `mlx_lm.load` and `mlx_lm generate` take it like any other).
@@ -20,6 +30,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
+from durable import flush_dir, flush_file
 from errors import UserError
 
 # transformers (under mlx-lm) warns that PyTorch is missing: MLX does the work here.
@@ -27,6 +38,9 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 QUANT_GROUP_SIZE = 64
+QUANT_MODE = "affine"  # mlx-lm's default: what `mlx_lm convert -q` writes
+QUANTIZED_FORMAT = 1  # part of the quantized copies' cache key: bump if how they are made changes
+BASE_RECORD_FILE = "distrust_qlora_base.json"  # in a quantized copy: what it was made from
 
 # The demo model: small enough that the README's demo runs in minutes on two
 # CPU cores, big enough that its loss visibly falls.
@@ -56,11 +70,21 @@ TINY_CHAT_TEMPLATE = (
 
 
 @dataclass
+class BaseModel:
+    """The base a run trains on: where it comes from and what is loaded."""
+
+    source: str  # what the user named, resolved: an HF id or an absolute local path
+    path: str  # what mlx_lm.load takes: the source itself, or its quantized copy in the cache
+    quantization: dict | None  # {"group_size", "bits", "mode"} applied on load; None: loaded as it is
+
+
+@dataclass
 class LoadedModel:
     model: nn.Module
     tokenizer: object  # mlx_lm TokenizerWrapper
     path: str  # what the user named, resolved: an HF id or an absolute local path
     quantized_bits: int | None
+    base: BaseModel | None = None  # what was loaded (base.path), and from what
 
 
 # ---------------------------------------------------------------------------
@@ -83,30 +107,209 @@ def resolve_model(name: str) -> str:
 
 
 def load_model(name: str, quantize_bits: int, trust_remote_code: bool = False) -> LoadedModel:
-    """Load with mlx-lm; quantize a non-quantized base (group size 64) unless bits is 0."""
-    from mlx_lm.utils import load, quantize_model
+    """Load with mlx-lm; a non-quantized base is quantized (group size 64) unless bits is 0.
 
+    The quantization is written once to the cache (see prepare_base) and the
+    model is loaded from there: what trains is exactly what the run's
+    adapter_config.json names.
+    """
     resolved = resolve_model(name)
+    base = prepare_base(resolved, quantize_bits, trust_remote_code, shown=name)
+    model, tokenizer, model_config = load_with_mlx_lm(base.path, trust_remote_code, shown=name)
+    quantization = model_config.get("quantization")
+    bits = quantization.get("bits") if quantization else None
+    return LoadedModel(model=model, tokenizer=tokenizer, path=resolved, quantized_bits=bits, base=base)
+
+
+def load_with_mlx_lm(path: str, trust_remote_code: bool, *, shown: str | None = None, adapter_path: str | None = None):
+    """mlx_lm.load, its many kinds of failure turned into one UserError line."""
+    from mlx_lm.utils import load
+
     try:
-        model, tokenizer, model_config = load(
-            resolved,
+        return load(
+            path,
             tokenizer_config={"trust_remote_code": trust_remote_code},
+            adapter_path=adapter_path,
             return_config=True,
             trust_remote_code=trust_remote_code,
         )
     except Exception as exc:  # mlx-lm / huggingface_hub raise many kinds
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"{name}: cannot load model ({reason})") from None
+        raise UserError(f"{shown or path}: cannot load model ({first_line(exc)})") from None
 
-    quantization = model_config.get("quantization")
-    if quantization:
-        bits = quantization.get("bits")
-    elif quantize_bits > 0:
-        model, _ = quantize_model(model, model_config, group_size=QUANT_GROUP_SIZE, bits=quantize_bits)
-        bits = quantize_bits
-    else:
-        bits = None
-    return LoadedModel(model=model, tokenizer=tokenizer, path=resolved, quantized_bits=bits)
+
+def first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def prepare_base(resolved: str, quantize_bits: int, trust_remote_code: bool = False, *,
+                 shown: str | None = None) -> BaseModel:
+    """What to load for a base resolved by `resolve_model`: the base itself when it is
+    already quantized or `quantize_bits` is 0, else its quantized copy, written once.
+
+    The copy is what `mlx_lm convert -q --q-group-size 64` would write (mlx-lm's
+    quantize_model and save), so a model loaded from it has exactly the arrays
+    of the base quantized in memory; it lives in the cache under a name keyed by
+    the base's files (name, size, modification time), the bits and the group
+    size. Cost: one quantized copy per base and bit width (about 0.28 of the
+    float16 base at 4 bits), shared by every run on it.
+    """
+    if quantize_bits <= 0:
+        return BaseModel(source=resolved, path=resolved, quantization=None)
+    local = local_model_dir(resolved, shown)
+    model_config = read_model_config(local, shown)
+    if declares_quantization(model_config):
+        return BaseModel(source=resolved, path=resolved, quantization=None)
+    quantization = {"group_size": QUANT_GROUP_SIZE, "bits": quantize_bits, "mode": QUANT_MODE}
+    target = quantized_copy_dir(local, quantization)
+
+    def build(scratch: Path) -> None:
+        _write_quantized_copy(local, resolved, scratch, quantization, trust_remote_code, shown)
+
+    build_model_dir_once(target, build, f"the {quantize_bits}-bit copy of {shown or resolved}")
+    return BaseModel(source=resolved, path=str(target), quantization=quantization)
+
+
+def local_model_dir(resolved: str, shown: str | None = None) -> Path:
+    """The local folder of a resolved model: itself, or the HF snapshot (downloaded
+    by mlx-lm if not yet there, as loading it would)."""
+    path = Path(resolved)
+    if path.is_dir():
+        return path
+    from mlx_lm.utils import _download
+
+    try:
+        return Path(_download(resolved))
+    except Exception as exc:
+        raise UserError(f"{shown or resolved}: cannot load model ({first_line(exc)})") from None
+
+
+def read_model_config(local: Path, shown: str | None = None) -> dict:
+    from mlx_lm.utils import load_config
+
+    try:
+        return load_config(local)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"{shown or local}: cannot load model (config.json: {first_line(exc)})") from None
+
+
+def declares_quantization(model_config: dict) -> bool:
+    """Whether mlx-lm loads this model already quantized (its own format, or a
+    `quantization_config` it converts): such a base is trained as it is."""
+    text_config = model_config.get("text_config") or {}
+    return any(key in model_config or key in text_config for key in ("quantization", "quantization_config"))
+
+
+def quantized_copy_dir(local: Path, quantization: dict) -> Path:
+    """Where the quantized copy of the base in `local` lives: named for the base,
+    keyed by its files (name, size, modification time; for an HF snapshot the
+    blob each file links to, which is named by its hash), so a changed base
+    never reuses a stale copy, while the base moved or copied with its times
+    (cp -p, shutil.copytree) finds it again."""
+    files = []
+    for entry in sorted(os.scandir(local), key=lambda e: e.name):
+        if entry.is_file():  # follows links
+            info = entry.stat()
+            target = os.path.basename(os.path.realpath(entry.path)) if entry.is_symlink() else None
+            files.append([entry.name, target, info.st_size, info.st_mtime_ns])
+    blob = json.dumps([QUANTIZED_FORMAT, files, quantization], sort_keys=True)
+    key = hashlib.sha256(blob.encode()).hexdigest()[:12]
+    name = f"{local.resolve().name}-{quantization['bits']}bit-g{quantization['group_size']}-{key}"
+    return cache_dir() / "quantized" / name
+
+
+def _write_quantized_copy(local: Path, resolved: str, scratch: Path, quantization: dict, trust_remote_code: bool,
+                          shown: str | None) -> None:
+    import mlx
+    import mlx_lm
+    from mlx_lm.utils import quantize_model, save
+
+    model, tokenizer, model_config = load_with_mlx_lm(str(local), trust_remote_code, shown=shown)
+    model, model_config = quantize_model(model, model_config, group_size=quantization["group_size"],
+                                         bits=quantization["bits"], mode=quantization["mode"])
+    # From the local folder, never the HF id: save() would fetch the model card.
+    save(scratch, str(local), model, tokenizer, model_config, donate_model=True)
+    record = {"source": resolved, "local_source": str(local.resolve()), "quantization": quantization,
+              "mlx": getattr(mlx.core, "__version__", None), "mlx_lm": getattr(mlx_lm, "__version__", None)}
+    (scratch / BASE_RECORD_FILE).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+
+
+def run_base_model(adapter_config: dict, config) -> BaseModel:
+    """The base of a run as it was trained, from the adapter config it saved and its
+    Config: the one helper export.py, generate.py and evaluate.py share.
+
+    The run records the base it was given (resolved: an HF id or an absolute
+    path) and how it was quantized on load. That base must still be there; its
+    quantized copy is rebuilt in this project's cache when it is not (the
+    project moved: same base, same bits, same arrays). When the recorded local
+    folder is gone and the run used `--model tiny`, the tiny model is rebuilt
+    locally, byte for byte.
+    """
+    record = adapter_config.get("base_model") if isinstance(adapter_config.get("base_model"), dict) else {}
+    # Runs from before the record named the base itself in "model".
+    recorded = record.get("source") or adapter_config.get("model") or config.model.model
+    if Path(recorded).is_absolute() and not Path(recorded).exists():
+        if config.model.model == "tiny":
+            recorded = resolve_model("tiny")  # rebuilt locally, byte for byte
+        else:
+            raise UserError(f"base model {recorded} not found (the run was trained on it; restore it or move the run "
+                            f"to a machine that has it)")
+    # The quantized copy the run names, still here, is exactly what it trained
+    # on, even where the base's files were touched since (which changes the key).
+    named, quantization = adapter_config.get("model"), record.get("quantized_on_load")
+    if quantization and isinstance(named, str) and _is_quantized_copy_of(Path(named), record.get("source")):
+        return BaseModel(source=recorded, path=named, quantization=quantization)
+    return prepare_base(recorded, config.model.quantize_bits, config.model.trust_remote_code)
+
+
+def _is_quantized_copy_of(path: Path, source: str | None) -> bool:
+    try:
+        made_from = json.loads((path / BASE_RECORD_FILE).read_text(encoding="utf-8")).get("source")
+    except (OSError, ValueError, AttributeError):
+        return False
+    return made_from == source and (path / "config.json").is_file()
+
+
+@dataclass
+class TrainedRun:
+    """One checkpoint of a run, verified, with the base it was trained on."""
+
+    run: Path
+    checkpoint: Path  # holds adapters.safetensors + adapter_config.json: an mlx-lm adapter folder
+    step: int
+    config: object  # config.Config of the run
+    adapter_config: dict
+    base: BaseModel
+
+
+def open_run(run: Path, checkpoint: str, purpose: str) -> TrainedRun:
+    """The run's chosen checkpoint (`latest`, `best`, `final` or a path), checked
+    against its manifest, and its base as trained; UserError, one line, otherwise.
+    `purpose` completes "no adapters to ..." (export, generate from)."""
+    from checkpoints import CheckpointCorruptError, CheckpointManager
+    from config import Config
+
+    run = Path(run)
+    if not run.is_dir():
+        raise UserError(f"{run}: no such run folder")
+    manager = CheckpointManager(run / "checkpoints")
+    if not manager.has_any():
+        raise UserError(f"{run}: no checkpoints, so no adapters to {purpose} (has a run been trained here?)")
+    info = manager.resolve(checkpoint)
+    try:
+        state = manager.load(info)
+    except (CheckpointCorruptError, FileNotFoundError) as exc:
+        raise UserError(str(exc)) from None
+    config = Config.from_dict(state.config, source=f"{info.path}/config.json")
+    return TrainedRun(run=run, checkpoint=info.path, step=state.step, config=config,
+                      adapter_config=state.adapter_config, base=run_base_model(state.adapter_config, config))
+
+
+def load_trained_model(trained: TrainedRun):
+    """(model, tokenizer, model config) as mlx-lm loads them: the base as trained,
+    with the checkpoint's adapters put on by mlx-lm itself (in eval mode)."""
+    return load_with_mlx_lm(trained.base.path, trained.config.model.trust_remote_code,
+                            adapter_path=str(trained.checkpoint))
 
 
 def attach_lora(model: nn.Module, rank: int, alpha: float, layers: int, dropout: float, seed: int) -> tuple[int, str | None]:
@@ -154,14 +357,25 @@ def tokenizer_key(loaded: LoadedModel) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def adapter_config(model_path: str, num_layers: int, rank: int, alpha: float, dropout: float) -> dict:
-    """What mlx_lm needs to rebuild the LoRA layers, plus the base model."""
-    return {
+def adapter_config(model_path: str, num_layers: int, rank: int, alpha: float, dropout: float,
+                   base: BaseModel | None = None) -> dict:
+    """What mlx_lm needs to rebuild the LoRA layers, plus the base model.
+
+    With `base`, "model" names what was loaded (the quantized copy, when the
+    base was quantized on load), so that `mlx_lm.load(config["model"],
+    adapter_path=...)` and `mlx_lm generate --model ... --adapter-path ...` run
+    the model that was trained; "base_model" records where it came from, for
+    run_base_model.
+    """
+    config = {
         "fine_tune_type": "lora",
         "num_layers": num_layers,
         "lora_parameters": lora_parameters(rank, alpha, dropout),
-        "model": model_path,
+        "model": base.path if base is not None else model_path,
     }
+    if base is not None:
+        config["base_model"] = {"source": base.source, "quantized_on_load": base.quantization}
+    return config
 
 
 def adapter_weights(model: nn.Module) -> dict[str, mx.array]:
@@ -172,8 +386,14 @@ def adapter_weights(model: nn.Module) -> dict[str, mx.array]:
 # the tiny demo model
 
 
-def tiny_cache_dir() -> Path:
+def cache_dir() -> Path:
+    """Built models (tiny, quantized copies of bases): the project's .cache/ unless
+    DISTRUST_QLORA_CACHE names another folder."""
     return Path(os.environ.get("DISTRUST_QLORA_CACHE", REPO_ROOT / ".cache"))
+
+
+def tiny_cache_dir() -> Path:
+    return cache_dir()
 
 
 def _tiny_training_texts() -> list[str]:
@@ -228,8 +448,8 @@ def ensure_tiny_model() -> Path:
 def build_model_dir_once(target: Path, build, what: str) -> Path:
     """`target`, built by `build(scratch_dir)` the first time it is asked for.
 
-    Built beside the target and renamed, so a concurrent or killed build never
-    leaves a half-written model that a later run would take.
+    Built beside the target, flushed and renamed, so a concurrent or killed
+    build never leaves a half-written model that a later run would take.
     """
     if (target / "config.json").is_file():
         return target
@@ -238,15 +458,27 @@ def build_model_dir_once(target: Path, build, what: str) -> Path:
     scratch = Path(tempfile.mkdtemp(prefix=f".{target.name}-build-", dir=target.parent))
     try:
         build(scratch)
+        flush_tree(scratch)
         try:
             os.rename(scratch, target)
         except OSError:
             if not (target / "config.json").is_file():
                 raise
+        else:
+            flush_dir(target.parent)
     finally:
         if scratch.exists():
             shutil.rmtree(scratch, ignore_errors=True)
     return target
+
+
+def flush_tree(directory: Path) -> None:
+    """Every file and folder under `directory` (itself included) to stable storage,
+    before it is renamed into place."""
+    for root, _, names in os.walk(directory):
+        for name in names:
+            flush_file(Path(root) / name)
+        flush_dir(Path(root))
 
 
 def _write_tiny_tokenizer(directory: Path, texts: list[str]) -> None:

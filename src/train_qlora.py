@@ -14,7 +14,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from errors import OneLineArgumentParser, UserError
+from errors import OneLineArgumentParser, UserError, run_command
 
 FLAGS = [
     # flag, config name, type, help
@@ -97,20 +97,15 @@ def main(argv: list[str] | None = None) -> int:
 
     guard_standard_streams()  # a terminal closing mid-run must not kill it with EIO
     args = build_parser().parse_args(argv)  # argparse itself exits 2 on bad usage
-    try:
-        import mlx.core  # noqa: F401
-    except ImportError as exc:
-        print(f"error: MLX has no backend here ({exc}); install with pip install '.[cpu]' (Linux CPU) "
-              f"or '.[cuda]' (NVIDIA); on a Mac, pip install . is enough", file=sys.stderr)
-        return 2
-    try:
-        return run(args)
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("\ninterrupted outside the training loop; committed checkpoints are intact", file=sys.stderr)
-        return 130
+
+    def work() -> int:
+        try:
+            return run(args)
+        except KeyboardInterrupt:
+            print("\ninterrupted outside the training loop; committed checkpoints are intact", file=sys.stderr)
+            return 130
+
+    return run_command(work)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -166,6 +161,8 @@ def train(config, output_dir: Path, manager, start, inputs: dict) -> int:
         print(f"note: {note}", file=sys.stderr)
     trainable, total = parameter_counts(loaded.model)
     quant = f"{loaded.quantized_bits}-bit" if loaded.quantized_bits else "not quantized"
+    if loaded.base is not None and loaded.base.quantization:
+        quant += f"; its quantized copy {loaded.base.path}"
     print(f"model: {loaded.path} ({quant}); LoRA on {num_layers} blocks; trainable parameters "
           f"{trainable:,} of {total:,} ({100 * trainable / total:.3f}%)", file=sys.stderr)
 
@@ -186,7 +183,10 @@ def train(config, output_dir: Path, manager, start, inputs: dict) -> int:
 
     trainer = DistrustTrainer(
         config, loaded.model, loaded.tokenizer,
-        adapter_config(loaded.path, num_layers, config.lora.rank, config.lora.alpha, config.lora.dropout),
+        # Names the base as trained (its quantized copy, if quantized on load), so
+        # mlx_lm.load(that, adapter_path=output_dir) is the model being trained.
+        adapter_config(loaded.path, num_layers, config.lora.rank, config.lora.alpha, config.lora.dropout,
+                       base=loaded.base),
         index, val_path, output_dir, manager, inputs=inputs, log=lambda msg: print(msg, file=sys.stderr),
     )
     if start is not None:

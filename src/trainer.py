@@ -14,7 +14,6 @@ mx.async_eval so that it runs while the host prepares the next batch.
 from __future__ import annotations
 
 import math
-import os
 import random
 import shutil
 import time
@@ -138,7 +137,7 @@ class DistrustTrainer:
         self.checkpoints = checkpoints
         self.inputs = inputs or {}  # identity of the data and model, checked on resume
         self.log = log
-        t, d, es = config.training, config.distrust, config.early_stopping
+        t, d = config.training, config.distrust
 
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.objective = DistrustObjective(d.alpha, d.lambda_weight, d.mode,

@@ -64,6 +64,53 @@ def run_cli(*args, timeout: float = 300, input: str | None = None, cwd: Path = R
                           capture_output=True, text=True, timeout=timeout, input=input)
 
 
+def run_script(name: str, *args, timeout: float = 300) -> subprocess.CompletedProcess:
+    """One of the project's other commands (evaluate, export, generate, ...) as a user runs it."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    return subprocess.run([sys.executable, str(REPO / "src" / f"{name}.py"), *map(str, args)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def assert_one_line_error(result, *fragments, only_line: bool = False):
+    """Exit 2, no traceback, exactly one `error:` line holding each fragment (with `only_line`,
+    nothing else on stderr either)."""
+    assert result.returncode == 2, (result.returncode, result.stderr)
+    assert "Traceback" not in result.stderr, result.stderr
+    lines = result.stderr.strip().splitlines() if only_line else \
+        [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+def train_on_a_tiny_copy(root: Path, val: int = 8, steps: int = 10, *extra) -> tuple[Path, Path]:
+    """A short run on a local copy of the tiny model (so that a test can make the base go missing).
+    Returns (base, run folder)."""
+    import shutil
+
+    import modeling
+
+    base = root / "tiny-base"
+    shutil.copytree(modeling.ensure_tiny_model(), base)
+    data = write_corpus(root / "data", train=24, val=val)
+    out = root / "run"
+    result = run_cli(*FAST, "--model", base, "--data-dir", data, "--output-dir", out, "--max-steps", steps, *extra)
+    assert result.returncode == 0, result.stderr
+    return base, out
+
+
+def copy_with_damaged_adapters(run: Path, destination: Path, checkpoint: str) -> Path:
+    """A copy of a run whose checkpoint's adapters have their last byte flipped (the manifest no longer matches)."""
+    import shutil
+
+    shutil.copytree(run, destination)
+    adapters = destination / "checkpoints" / checkpoint / "adapters.safetensors"
+    blob = bytearray(adapters.read_bytes())
+    blob[-1] ^= 0xFF
+    adapters.write_bytes(bytes(blob))
+    return destination
+
+
 def read_metrics(output_dir: Path) -> list[dict]:
     with open(output_dir / "metrics.jsonl", encoding="utf-8") as handle:
         return [json.loads(line) for line in handle]

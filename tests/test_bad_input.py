@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from conftest import FAST, make_record, run_cli, write_corpus, write_jsonl
+from conftest import FAST, assert_one_line_error, make_record, run_cli, write_corpus, write_jsonl
 
 
 def good_lines(n=12, seed=0):
@@ -47,15 +47,6 @@ BAD_TRAIN_FILES = {
                                             "auth_weight": 0.5, "prov_entropy": 1})],
                                ["train.jsonl:1", "last message must be a non-empty 'assistant'"]),
 }
-
-
-def assert_one_line_error(result, *fragments):
-    assert result.returncode == 2, (result.returncode, result.stderr)
-    assert "Traceback" not in result.stderr
-    error_lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert len(error_lines) == 1, result.stderr
-    for fragment in fragments:
-        assert fragment in error_lines[0], error_lines[0]
 
 
 @pytest.mark.parametrize("case", sorted(BAD_TRAIN_FILES))

@@ -5,18 +5,14 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
 import subprocess
-import sys
 
 import numpy as np
 import pytest
 
-from conftest import REPO, read_metrics, run_cli, write_corpus, write_jsonl
+from conftest import copy_with_damaged_adapters, REPO, assert_one_line_error, read_metrics, run_cli, run_script, train_on_a_tiny_copy, write_jsonl
 from distrust import DistrustObjective, weight_report_lines
 
-EVALUATE_SCRIPT = REPO / "src" / "evaluate.py"
 DEMO_DATA = REPO / "data"
 # Short demo runs: sequences cut to 64 tokens, 60 steps of 8, validated once at the end on 64 val records.
 DEMO_RUN = ["--model", "tiny", "--data-dir", DEMO_DATA, "--batch-size", "8", "--max-seq-length", "64",
@@ -27,10 +23,8 @@ DEMO_RUN = ["--model", "tiny", "--data-dir", DEMO_DATA, "--batch-size", "8", "--
 GAP_MARGIN = 0.5
 
 
-def run_evaluate(*args, cwd=REPO) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    return subprocess.run([sys.executable, str(EVALUATE_SCRIPT), *map(str, args)], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=300)
+def run_evaluate(*args) -> subprocess.CompletedProcess:
+    return run_script("evaluate", *args)
 
 
 @pytest.fixture(scope="module")
@@ -154,28 +148,15 @@ def test_evaluate_works_for_a_lambda_zero_run_and_the_runs_compare(demo_runs):
 
 
 def assert_refused(result, *phrases):
-    assert result.returncode == 2, result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    assert "Traceback" not in result.stderr
-    for phrase in phrases:
-        assert phrase in lines[0], lines[0]
+    assert_one_line_error(result, *phrases, only_line=True)
 
 
 @pytest.fixture(scope="module")
 def small_run(tmp_path_factory):
     """A 2-step run on a copy of the tiny model, so that the base can go missing."""
     root = tmp_path_factory.mktemp("small-run")
-    import modeling
-
-    base = root / "base-model"
-    shutil.copytree(modeling.ensure_tiny_model(), base)
-    data = write_corpus(root / "data", train=16, val=8)
-    out = root / "run"
-    result = run_cli("--model", base, "--data-dir", data, "--output-dir", out, "--max-steps", "2",
-                     "--batch-size", "4", "--max-seq-length", "32", "--eval-steps", "2", "--no-tensorboard")
-    assert result.returncode == 0, result.stderr
-    return root, base, data, out
+    base, out = train_on_a_tiny_copy(root, 8, 2, "--eval-steps", "2")
+    return root, base, root / "data", out
 
 
 def test_evaluate_refuses_bad_input_in_one_line_and_writes_nothing(small_run, tmp_path):
@@ -191,12 +172,7 @@ def test_evaluate_refuses_bad_input_in_one_line_and_writes_nothing(small_run, tm
     assert_refused(run_evaluate("--output-dir", out, "--data-dir", tmp_path / "no-data"), "no such data folder")
     assert_refused(run_evaluate("--output-dir", out, "--checkpoint", "best", "--max-batches", "0"), "--max-batches")
 
-    damaged = tmp_path / "damaged"
-    shutil.copytree(out, damaged)
-    adapters = damaged / "checkpoints" / "step-00000002" / "adapters.safetensors"
-    blob = bytearray(adapters.read_bytes())
-    blob[-1] ^= 0xFF
-    adapters.write_bytes(bytes(blob))
+    damaged = copy_with_damaged_adapters(out, tmp_path / "damaged", "step-00000002")
     assert_refused(run_evaluate("--output-dir", damaged, "--checkpoint", damaged / "checkpoints" / "step-00000002"),
                    "invalid")
     for run in (out, damaged, empty):

@@ -10,7 +10,6 @@ import json
 import os
 import select
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -19,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from checkpoints.manifest import write_manifest
-from conftest import (FAST, REPO, TRAIN_SCRIPT, adapters_equal, load_adapters, read_metrics, run_cli,
+from conftest import (FAST, REPO, TRAIN_SCRIPT, adapters_equal, assert_one_line_error, load_adapters, read_metrics, run_cli,
                       train_lines, write_corpus, write_jsonl)
 
 STEPS = 12
@@ -59,15 +58,6 @@ def assert_no_traceback(result):
     assert "Traceback" not in result.stderr, result.stderr
 
 
-def assert_one_line_refusal(result, *fragments):
-    assert result.returncode == 2, (result.returncode, result.stderr)
-    assert_no_traceback(result)
-    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1, result.stderr
-    for fragment in fragments:
-        assert fragment in errors[0], errors[0]
-
-
 # ------------------------------------------------------------ planted links
 
 
@@ -80,7 +70,7 @@ def test_a_link_planted_where_the_run_writes_is_refused_and_the_victim_untouched
     (out / name).unlink() if (out / name).is_file() else shutil.rmtree(out / name, ignore_errors=True)
     (out / name).symlink_to(victim)
     result = run_cli(*ARGS, "--data-dir", data, "--output-dir", out, "--auto-resume", "--max-steps", "14")
-    assert_one_line_refusal(result, str(out / name), "symbolic link")
+    assert_one_line_error(result, str(out / name), "symbolic link")
     assert (victim.read_text() == VICTIM_TEXT) if victim.is_file() else not any(victim.iterdir())
 
 
@@ -213,7 +203,7 @@ def test_a_disk_filling_up_mid_run_warns_goes_on_then_stops_after_three_failed_s
     # Resuming while the disk is still full: one line saying so, nothing changed.
     before = sorted(p.name for p in (out / "checkpoints").iterdir())
     result = run_cli(*args, "--auto-resume", timeout=120)
-    assert_one_line_refusal(result, "MB free", "free some space")
+    assert_one_line_error(result, "MB free", "free some space")
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == before
     assert not list(out.rglob(".tmp-*"))
 
@@ -351,7 +341,7 @@ def test_a_checkpoint_named_with_resume_that_cannot_be_used_stops_the_run(data, 
     out = copy_run(reference, tmp_path / "out", up_to=8)
     tamper(out / "checkpoints" / "step-00000008", set_position(10**6))
     result = run_cli(*ARGS, "--data-dir", data, "--output-dir", out, "--resume", out / "checkpoints" / "step-00000008")
-    assert_one_line_refusal(result, "step-00000008", "data position")
+    assert_one_line_error(result, "step-00000008", "data position")
 
 
 # ------------------------------------------------------------ the training file changing under the run

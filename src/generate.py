@@ -1,0 +1,153 @@
+"""Generate text with the model a run trained: its base as trained, with the
+chosen checkpoint's adapters, streamed token by token to the terminal.
+
+    python src/generate.py --output-dir RUN --prompt "..." [--checkpoint latest|best|final|PATH]
+                           [--max-tokens N] [--temp T] [--seed S] [--prompt-format auto|chat|text]
+
+The base is loaded as it was trained (modeling.run_base_model: its quantized
+copy when it was quantized on load) and mlx-lm puts the adapters on and
+generates (mlx_lm.stream_generate). The prompt is given to the model the way
+the run's training data was: through the chat template as a user message
+when the model has one and the training records were chat (`messages`, or
+`prompt` + `completion`), as plain text otherwise; which one is said on
+stderr, and --prompt-format chat|text chooses. The text goes to stdout, the
+rest to stderr.
+
+Exit codes: 0 done; 2 bad usage or input (one line).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script from anywhere
+
+from errors import OneLineArgumentParser, UserError, run_command  # noqa: E402
+
+DATA_SAMPLE_LINES = 1000  # the records looked at to tell chat training data from plain text
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = OneLineArgumentParser(
+        prog="generate.py", description="Generate text with the model a run trained (base + its adapters).")
+    parser.add_argument("--output-dir", required=True, type=Path, help="the run's folder (its --output-dir)")
+    parser.add_argument("--prompt", required=True, help="the text to continue, or the user's message in chat format")
+    parser.add_argument("--checkpoint", default="latest", metavar="latest|best|final|PATH",
+                        help="which checkpoint's adapters (default: latest)")
+    parser.add_argument("--max-tokens", type=int, default=100, help="tokens to generate at most (default: 100)")
+    parser.add_argument("--temp", type=float, default=0.0, help="sampling temperature; 0 is greedy (default: 0)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed for sampling (default: 0)")
+    parser.add_argument("--prompt-format", choices=("auto", "chat", "text"), default="auto",
+                        help="auto: the chat template if the model has one and the run trained on chat records")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+
+    def work() -> None:
+        generate(args)  # it returns the text, already streamed
+
+    return run_command(work)
+
+
+def generate(args: argparse.Namespace, out=None) -> str:
+    """Stream the generated text to `out` (stdout); returns it."""
+    import mlx.core as mx
+    from mlx_lm.generate import stream_generate
+    from mlx_lm.sample_utils import make_sampler
+
+    from modeling import load_trained_model, open_run
+
+    out = out or sys.stdout
+    if args.max_tokens < 1:
+        raise UserError(f"--max-tokens must be at least 1, got {args.max_tokens}")
+    if not args.temp >= 0:
+        raise UserError(f"--temp must be 0 or more, got {args.temp}")
+    if not args.prompt.strip():
+        raise UserError("--prompt is empty")
+    trained = open_run(args.output_dir, args.checkpoint, "generate from")
+    model, tokenizer, _ = load_trained_model(trained)
+    use_chat, why = prompt_format(args.prompt_format, tokenizer, trained.config.train_file)
+    if use_chat:
+        prompt = chat_ids(tokenizer, [{"role": "user", "content": args.prompt}])
+    else:
+        prompt = list(tokenizer.encode(args.prompt))  # as a plain-text record was encoded in training
+    print(f"model: {trained.base.path} + adapters of {trained.checkpoint} (step {trained.step}); "
+          f"prompt: {'chat template' if use_chat else 'plain text'} ({why})", file=sys.stderr, flush=True)
+
+    mx.random.seed(args.seed)
+    pieces, last = [], None
+    for last in stream_generate(model, tokenizer, mx.array(prompt), max_tokens=args.max_tokens,
+                                sampler=make_sampler(args.temp)):
+        pieces.append(last.text)
+        out.write(last.text)
+        out.flush()
+    out.write("\n")
+    out.flush()
+    if last is not None:
+        ended = "the end-of-sequence token" if last.finish_reason == "stop" else f"--max-tokens {args.max_tokens}"
+        print(f"{last.generation_tokens} tokens ({last.generation_tps:.1f} tokens/s); ended by {ended}",
+              file=sys.stderr)
+    return "".join(pieces)
+
+
+def prompt_format(choice: str, tokenizer, train_file: Path) -> tuple[bool, str]:
+    """(use the chat template?, why) for --prompt-format."""
+    has_template = bool(getattr(tokenizer, "chat_template", None))
+    if choice == "chat":
+        if not has_template:
+            raise UserError("--prompt-format chat: this model's tokenizer has no chat template")
+        return True, "--prompt-format chat"
+    if choice == "text":
+        return False, "--prompt-format text"
+    if not has_template:
+        return False, "the model has no chat template"
+    kind = training_data_kind(train_file)
+    if kind is None:
+        return False, (f"the run's training file {train_file} is not here to tell; "
+                       f"--prompt-format chat uses the template")
+    if kind == "chat":
+        return True, "the run trained on chat records"
+    return False, "the run trained on plain text records"
+
+
+def training_data_kind(train_file: Path) -> str | None:
+    """"chat" when most of the first records are `messages` or `prompt` + `completion`
+    (both were encoded with the chat template), "text" otherwise; None if unreadable."""
+    chat = text = 0
+    try:
+        with open(train_file, encoding="utf-8", errors="replace") as handle:
+            for line in handle:
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if isinstance(record, dict):
+                    if "messages" in record or "completion" in record:
+                        chat += 1
+                    else:
+                        text += 1
+                if chat + text >= DATA_SAMPLE_LINES:
+                    break
+    except OSError:
+        return None
+    if chat + text == 0:
+        return None
+    return "chat" if chat > text else "text"
+
+
+def chat_ids(tokenizer, messages: list) -> list[int]:
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    if isinstance(ids, dict):  # newer transformers may return a BatchEncoding
+        ids = ids["input_ids"]
+    return list(ids)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,204 @@
+"""export.py on a tiny run, run as a user runs it.
+
+The fused folder loads with mlx_lm.load and gives the logits of the trained
+model (base as trained + adapters) within float tolerance, by default and
+with --dequantize; --requantize is measurably not the same model. The GGUF
+reads back with the `gguf` package: tensor names and shapes, vocabulary,
+merges, chat template, and weights equal to the fused model's. Bad input is
+one line, exit 2, and nothing is written.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+
+from conftest import copy_with_damaged_adapters, FAST, REPO, assert_one_line_error, run_cli, run_script, train_on_a_tiny_copy, write_corpus
+
+EXPORT = REPO / "src" / "export.py"
+PROBE = [[5, 100, 200, 300, 400, 17, 99, 1000, 3, 7] * 3]
+
+
+def run_export(*args) -> subprocess.CompletedProcess:
+    return run_script("export", *args)
+
+
+def logits(model) -> np.ndarray:
+    import mlx.core as mx
+
+    return np.array(model(mx.array(PROBE)).astype(mx.float32))
+
+
+def assert_refused(result, *phrases):
+    assert_one_line_error(result, *phrases, only_line=True)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """10 steps on a local copy of the tiny model (so that the base can go missing)."""
+    root = tmp_path_factory.mktemp("export")
+    base, out = train_on_a_tiny_copy(root, val=8)
+    return root, base, out
+
+
+@pytest.fixture(scope="module")
+def trained_logits(tiny_run):
+    from mlx_lm import load
+
+    _, _, out = tiny_run
+    adapter_config = json.loads((out / "adapter_config.json").read_text())
+    return logits(load(adapter_config["model"], adapter_path=str(out))[0])
+
+
+def test_export_is_the_trained_model_and_its_gguf_reads_back(tiny_run, trained_logits, tmp_path):
+    import mlx.core as mx
+    from gguf import GGUFReader, GGUFValueType
+    from mlx.utils import tree_flatten
+    from mlx_lm import load
+    from mlx_lm.gguf import permute_weights, translate_weight_names
+    from mlx_lm.utils import dequantize_model
+
+    _, base, out = tiny_run
+    save = tmp_path / "exports" / "distrust-tiny"
+    result = run_export("--output-dir", out, "--save-path", save, "--gguf")
+    assert result.returncode == 0, result.stderr
+    assert "fused model:" in result.stdout and "GGUF:" in result.stdout
+    assert sorted(p.name for p in save.parent.iterdir()) == ["distrust-tiny"]  # no temporary left
+
+    model, tokenizer, config = load(str(save), return_config=True)
+    assert np.abs(logits(model) - trained_logits).max() <= 1e-4
+    # The layers with adapters are unquantized; the rest is 4-bit as trained.
+    weights = dict(tree_flatten(model.parameters()))
+    assert config["quantization"]["bits"] == 4
+    assert "model.layers.1.self_attn.q_proj.scales" not in weights and "model.embed_tokens.scales" in weights
+    assert tokenizer.chat_template and "<|assistant|>" in tokenizer.chat_template
+    record = json.loads((save / "distrust_qlora_export.json").read_text())
+    assert record["step"] == 10 and record["fused"] == "exact"
+
+    reader = GGUFReader(str(save / "distrust-tiny-f16.gguf"))
+    fields = {name: field.contents() for name, field in reader.fields.items() if not name.startswith("GGUF.")}
+    assert fields["general.architecture"] == "llama" and fields["llama.block_count"] == 2
+    assert fields["general.name"] == "distrust-tiny"
+    vocabulary = sorted(tokenizer.get_vocab().items(), key=lambda item: item[1])
+    assert fields["tokenizer.ggml.tokens"] == [token for token, _ in vocabulary]
+    assert fields["tokenizer.ggml.model"] == "gpt2" and fields["tokenizer.ggml.pre"] == "gpt-2"
+    merges = json.loads((base / "tokenizer.json").read_text())["model"]["merges"]
+    assert fields["tokenizer.ggml.merges"] == [" ".join(pair) for pair in merges]
+    assert fields["tokenizer.chat_template"] == tokenizer.chat_template
+    assert fields["tokenizer.ggml.eos_token_id"] == tokenizer.eos_token_id
+    assert fields["tokenizer.ggml.add_bos_token"] is False
+    # llama.cpp refuses token types of any other type than int32.
+    assert reader.fields["tokenizer.ggml.token_type"].types == [GGUFValueType.ARRAY, GGUFValueType.INT32]
+
+    # Weights: the fused model, unquantized, as mlx-lm's writer lays them out (q and k rows permuted).
+    fused = {translate_weight_names(name): np.array(value.astype(mx.float32)) for name, value in
+             tree_flatten(dequantize_model(model).parameters())}
+    for name in fused:
+        if "attn_q" in name or "attn_k" in name:
+            fused[name] = np.array(permute_weights(mx.array(fused[name]), 4, 4))
+    tensors = {tensor.name: tensor for tensor in reader.tensors}
+    assert tensors.keys() == fused.keys()
+    for name, tensor in tensors.items():
+        data = np.asarray(tensor.data, dtype=np.float32)
+        assert data.shape == fused[name].shape, name
+        assert tensor.tensor_type.name == ("F32" if "norm" in name else "F16"), name
+        assert np.abs(data - fused[name]).max() <= 1e-3, name
+
+
+def test_dequantize_gives_the_same_model_and_requantize_does_not(tiny_run, trained_logits, tmp_path):
+    from mlx.utils import tree_flatten
+    from mlx_lm import load
+
+    _, _, out = tiny_run
+    result = run_export("--output-dir", out, "--save-path", tmp_path / "float", "--dequantize")
+    assert result.returncode == 0, result.stderr
+    model, _, config = load(str(tmp_path / "float"), return_config=True)
+    assert "quantization" not in config
+    assert not any(name.endswith(".scales") for name, _ in tree_flatten(model.parameters()))
+    exact = np.abs(logits(model) - trained_logits).max()
+    assert exact <= 1e-4
+
+    result = run_export("--output-dir", out, "--save-path", tmp_path / "small", "--requantize")
+    assert result.returncode == 0, result.stderr
+    assert "not exactly the trained model" in result.stdout
+    drift = np.abs(logits(load(str(tmp_path / "small"))[0]) - trained_logits).max()
+    assert drift > 100 * max(exact, 1e-6)
+
+
+def test_an_existing_save_path_is_replaced_only_with_force(tiny_run, tmp_path):
+    _, _, out = tiny_run
+    save = tmp_path / "model"
+    save.mkdir()
+    (save / "mine.txt").write_text("keep me")
+    assert_refused(run_export("--output-dir", out, "--save-path", save), "exists", "--force")
+    assert [p.name for p in save.iterdir()] == ["mine.txt"]
+
+    result = run_export("--output-dir", out, "--save-path", save, "--force")
+    assert result.returncode == 0, result.stderr
+    assert not (save / "mine.txt").exists() and (save / "config.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
+def test_bad_input_is_one_line_exit_2_and_nothing_written(tiny_run, tmp_path):
+    root, base, out = tiny_run
+    save = tmp_path / "exported"
+    empty = tmp_path / "empty-run"
+    empty.mkdir()
+    assert_refused(run_export("--output-dir", empty, "--save-path", save), "no checkpoints", "no adapters")
+    assert_refused(run_export("--output-dir", tmp_path / "nowhere", "--save-path", save), "no such run folder")
+    assert_refused(run_export("--output-dir", out, "--save-path", save, "--checkpoint", "step-00000099"),
+                   "does not exist")
+    assert_refused(run_export("--output-dir", out, "--save-path", out, "--force"), "would replace")
+
+    damaged = copy_with_damaged_adapters(out, tmp_path / "damaged", "step-00000010")
+    assert_refused(run_export("--output-dir", damaged, "--save-path", save,
+                              "--checkpoint", damaged / "checkpoints" / "step-00000010"), "invalid")
+
+    moved = root / "tiny-base-moved"
+    base.rename(moved)
+    try:
+        assert_refused(run_export("--output-dir", out, "--save-path", save), "base model", "not found")
+    finally:
+        moved.rename(base)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["damaged", "empty-run"]
+
+
+def test_gguf_of_an_architecture_mlx_lm_cannot_write_is_refused_before_anything_is_written(tmp_path, monkeypatch):
+    """A Qwen2 model (attention biases; mlx-lm's GGUF writer knows llama, mistral, mixtral)."""
+    import mlx.core as mx
+    from mlx_lm.models import qwen2
+    from mlx_lm.utils import save_config, save_model
+
+    import modeling
+
+    tiny = modeling.ensure_tiny_model()
+    # A new model each time: its quantized copy goes to a cache of this test's own.
+    monkeypatch.setenv("DISTRUST_QLORA_CACHE", str(tmp_path / "cache"))
+    base = tmp_path / "tiny-qwen2"
+    base.mkdir()
+    for item in tiny.iterdir():  # the tiny tokenizer and chat template
+        if item.name.startswith("tokenizer") or item.suffix == ".jinja":
+            shutil.copy2(item, base / item.name)
+    config = {"model_type": "qwen2", "hidden_size": 64, "num_hidden_layers": 1, "intermediate_size": 128,
+              "num_attention_heads": 4, "num_key_value_heads": 4, "rms_norm_eps": 1e-5, "vocab_size": 1024,
+              "tie_word_embeddings": True, "eos_token_id": 1, "pad_token_id": 0}
+    mx.random.seed(0)
+    model = qwen2.Model(qwen2.ModelArgs.from_dict(config))
+    mx.eval(model.parameters())
+    save_model(base, model)
+    save_config(config, base / "config.json")
+
+    corpus = write_corpus(tmp_path / "data", train=8, val=0)
+    out = tmp_path / "run"
+    result = run_cli(*FAST, "--model", base, "--data-dir", corpus, "--output-dir", out, "--max-steps", "2")
+    assert result.returncode == 0, result.stderr
+    save = tmp_path / "exported"
+    assert_refused(run_export("--output-dir", out, "--save-path", save, "--gguf"),
+                   "--gguf", "'qwen2'", "llama, mistral, mixtral")
+    assert not save.exists()
+    result = run_export("--output-dir", out, "--save-path", save)  # without --gguf it exports
+    assert result.returncode == 0, result.stderr
