@@ -44,25 +44,12 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import REPO, SRC, cmd_text, is_train_line, run_watched, scratch_dir, train_command  # noqa: E402
+from common import REPO, SRC, cmd_text, is_train_line, medium_model, run_watched, scratch_dir, train_command  # noqa: E402
 
 DEFAULT_INTERVAL = 250
 
-LARGER_CONFIG = {"hidden_size": 256, "num_hidden_layers": 4, "intermediate_size": 512,
-                 "num_attention_heads": 4, "num_key_value_heads": 4, "head_dim": 64}
-LARGER_SEED = 4321
-
-
 # ---------------------------------------------------------------------------
 # models and data
-
-
-def build_larger_model(root: Path) -> Path:
-    """A random Llama, larger than tiny, with tiny's tokenizer."""
-    sys.path.insert(0, str(SRC))
-    from modeling import build_random_model
-
-    return build_random_model(root / "larger-model", LARGER_CONFIG, LARGER_SEED)
 
 
 def train_only_data(root: Path) -> Path:
@@ -198,7 +185,7 @@ def main() -> int:
         data = train_only_data(root)
         paths = {"tiny": "tiny"}
         if "larger" in models + resume_models:
-            paths["larger"] = str(build_larger_model(root))
+            paths["larger"] = str(medium_model())
         else:
             sys.path.insert(0, str(SRC))
             from modeling import ensure_tiny_model

@@ -39,55 +39,33 @@ wait4) swings less, so both are shown.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import platform
 import re
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-SRC = REPO / "src"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import REPO, SRC, bench_cache, medium_model, run_child  # noqa: E402
+
 OPENBLAS = Path("/usr/lib/x86_64-linux-gnu/libopenblas.so.0")
 QUANT_BITS, QUANT_GROUP = 4, 64
-
-MEDIUM_CONFIG = {  # the tiny model's shape, larger; same tokenizer, vocab 1024
-    "hidden_size": 256,
-    "num_hidden_layers": 4,
-    "intermediate_size": 512,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 4,
-    "head_dim": 64,
-}
-MEDIUM_SEED = 4321
 
 # ---------------------------------------------------------------------------
 # the models
 
 
-def bench_cache() -> Path:
-    # .cache/ is git-ignored: built here on first use, never committed.
-    return Path(os.environ.get("DISTRUST_QLORA_CACHE", REPO / ".cache")) / "bench"
-
-
 def base_model(size: str) -> Path:
-    sys.path.insert(0, str(SRC))
-    from modeling import TINY_MODEL_CONFIG, build_model_dir_once, build_random_model, ensure_tiny_model
-
-    tiny = ensure_tiny_model()
     if size == "tiny":
-        return tiny
-    config = dict(TINY_MODEL_CONFIG, **MEDIUM_CONFIG)
-    tag = hashlib.sha256(json.dumps([tiny.name, config, MEDIUM_SEED]).encode()).hexdigest()[:12]
-    target = bench_cache() / f"medium-{tag}"
-    return build_model_dir_once(target, lambda scratch: build_random_model(scratch, MEDIUM_CONFIG, MEDIUM_SEED),
-                                "the medium model")
+        sys.path.insert(0, str(SRC))
+        from modeling import ensure_tiny_model
+
+        return ensure_tiny_model()
+    return medium_model()
 
 
 def quantized_copy(base: Path) -> Path:
@@ -199,24 +177,14 @@ runpy.run_module("mlx_lm", run_name="__main__")
 # running one side
 
 
-def run_child(cmd: list[str], env: dict, log_path: Path) -> dict:
-    """Spawn, stream stdout+stderr to a log, wait4 for the child's own rusage."""
-    started_wall = time.time()
-    started = time.perf_counter()
-    env = dict(env, PYTHONUNBUFFERED="1")
-    with open(log_path, "w", encoding="utf-8") as log:
-        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
-        _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - started
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    rss = usage.ru_maxrss * (1 if platform.system() == "Darwin" else 1024)
-    text = log_path.read_text(encoding="utf-8", errors="replace")
-    phases = None
-    for line in text.splitlines():
+def run_side(cmd: list[str], env: dict, log_path: Path) -> dict:
+    """One side's process, with the phase timings its wrapper printed."""
+    result = run_child(cmd, log_path, env)
+    result["phases"] = None
+    for line in result["log"].splitlines():
         if line.startswith("BENCH_PHASES "):
-            phases = json.loads(line[len("BENCH_PHASES "):])
-    return {"rc": proc.returncode, "wall": wall, "t_spawn": started_wall, "rss": rss,
-            "cpu": usage.ru_utime + usage.ru_stime, "log": text, "phases": phases}
+            result["phases"] = json.loads(line[len("BENCH_PHASES "):])
+    return result
 
 
 def ours_command(args, model: Path, out: Path, plain: bool) -> list[str]:
@@ -471,7 +439,7 @@ def main() -> int:
                     shown = ours_command(args, model, out, True) if who == "ours" else \
                         theirs_command(args, model, data, out, lora_yaml, True)
                     print(f"{who} command: {' '.join(shown)}")
-                result = run_child(cmd, env, work / f"{out.name}.log")
+                result = run_side(cmd, env, work / f"{out.name}.log")
                 if who == "ours":
                     read_ours(result, out, args.report_every)
                     ours_runs.append(result)

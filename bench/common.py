@@ -20,6 +20,47 @@ SRC = REPO / "src"
 TRAIN = SRC / "train_qlora.py"
 POLL_S = 0.010
 
+# The benchmarks' larger model: the tiny model's shape, 4 blocks 256 wide; its
+# tokenizer (vocabulary 1024); random weights from a fixed seed.
+MEDIUM_CONFIG = {"hidden_size": 256, "num_hidden_layers": 4, "intermediate_size": 512,
+                 "num_attention_heads": 4, "num_key_value_heads": 4, "head_dim": 64}
+MEDIUM_SEED = 4321
+
+
+def bench_cache() -> Path:
+    # .cache/ is git-ignored: built here on first use, never committed.
+    return Path(os.environ.get("DISTRUST_QLORA_CACHE", REPO / ".cache")) / "bench"
+
+
+def medium_model() -> Path:
+    """The larger model, built once into the bench cache (keyed by its shape, seed and the tiny model)."""
+    import hashlib
+
+    sys.path.insert(0, str(SRC))
+    from modeling import TINY_MODEL_CONFIG, build_model_dir_once, build_random_model, ensure_tiny_model
+
+    tiny = ensure_tiny_model()
+    config = dict(TINY_MODEL_CONFIG, **MEDIUM_CONFIG)
+    tag = hashlib.sha256(json.dumps([tiny.name, config, MEDIUM_SEED]).encode()).hexdigest()[:12]
+    return build_model_dir_once(bench_cache() / f"medium-{tag}",
+                                lambda scratch: build_random_model(scratch, MEDIUM_CONFIG, MEDIUM_SEED),
+                                "the medium model")
+
+
+def run_child(cmd: list[str], log_path: Path, env: dict | None = None) -> dict:
+    """Spawn, stdout and stderr to a log, wait4 for the child's own rusage: exit code,
+    wall seconds, max RSS in bytes, CPU seconds (user + system) and the log's text."""
+    started_wall = time.time()
+    started = time.perf_counter()
+    env = dict(env if env is not None else os.environ, PYTHONUNBUFFERED="1")
+    with open(log_path, "w", encoding="utf-8") as log:
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+        _, status, usage = os.wait4(proc.pid, 0)
+    rss_unit = 1 if platform.system() == "Darwin" else 1024  # bytes on macOS, KiB on Linux
+    return {"rc": os.waitstatus_to_exitcode(status), "wall": time.perf_counter() - started,
+            "t_spawn": started_wall, "rss": usage.ru_maxrss * rss_unit,
+            "cpu": usage.ru_utime + usage.ru_stime, "log": log_path.read_text(encoding="utf-8", errors="replace")}
+
 
 class MetricsWatcher:
     """Records the time each line of OUT/metrics.jsonl first appears.

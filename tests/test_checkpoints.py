@@ -319,10 +319,17 @@ def test_a_failing_writer_leaves_the_previous_checkpoint(manager, monkeypatch, c
 def test_a_failing_fsync_leaves_the_previous_checkpoint(manager, monkeypatch, code):
     manager.save(make_state(1))
 
-    def failing_fsync(fd):
+    def failing_flush(fd):
         raise OSError(code, os.strerror(code))
 
-    monkeypatch.setattr(os, "fsync", failing_fsync)
+    # flush_fd is the one flush of every platform (fsync, or F_FULLFSYNC on macOS):
+    # replaced wherever it was imported, so the failure is reached on any OS.
+    import checkpoints.manifest
+    import checkpoints.state
+    import durable
+
+    for module in (durable, checkpoints.state, checkpoints.manifest):
+        monkeypatch.setattr(module, "flush_fd", failing_flush)
     with pytest.raises(CheckpointSaveError, match=os.strerror(code)):
         manager.save(make_state(2))
     monkeypatch.undo()

@@ -45,7 +45,12 @@ def test_padded_lengths_are_a_small_fixed_set():
 def test_streaming_and_in_memory_give_the_same_batches(tmp_path):
     streaming = build_index(tmp_path, in_memory=False)
     memory = build_index(tmp_path, in_memory=True)
-    assert streaming.bytes_per_record <= 32
+    # Streaming keeps no sample, only the columns: what they really hold, per record, is small.
+    assert streaming.in_memory is None and len(memory.in_memory) == len(memory)
+    columns = (streaming.offsets, streaming.line_numbers, streaming.lengths, streaming.auth_weight,
+               streaming.prov_entropy, streaming.source_type)
+    assert all(len(column) == len(streaming) for column in columns)
+    assert sum(column.nbytes for column in columns) / len(streaming) == streaming.bytes_per_record <= 32
     a = training_batches(streaming, 4, 0, DataPosition(), pad_id=0)
     b = training_batches(memory, 4, 0, DataPosition(), pad_id=0)
     for _ in range(12):

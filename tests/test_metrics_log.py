@@ -6,7 +6,7 @@ import math
 import numpy as np
 
 from conftest import read_tensorboard
-from monitoring.metrics_log import MetricsLog, summary_text, tag_for
+from monitoring.metrics_log import MetricsLog, summary_text
 
 
 def read_lines(path):
@@ -131,7 +131,7 @@ def test_tensorboard_event_files_hold_the_grouped_tags(tmp_path):
     log.log(1, loss=2.5, ce=2.4, distrust=0.1, lr=1e-4, grad_norm=3.0,
             tokens_per_sec=1234.0, memory_mb=900.0, custom=7, note="text", flag=True)
     log.log_validation(1, val_loss=2.2, val_loss_low_auth=2.0,
-                       val_loss_high_auth=2.4, val_objective=2.3)
+                       val_loss_high_auth=2.4, val_objective=2.3, val_loss_gap=-0.4)
     log.close()
 
     logged = scalars(read_tensorboard(tmp_path / "logs"))
@@ -140,6 +140,7 @@ def test_tensorboard_event_files_hold_the_grouped_tags(tmp_path):
         "train/loss", "train/ce", "train/distrust", "train/lr", "train/grad_norm",
         "train/tokens_per_sec", "train/memory_mb", "misc/custom",
         "val/loss", "val/loss_low_auth", "val/loss_high_auth", "val/objective",
+        "val/loss_gap_primary_minus_consensus",
     }
     assert ("train/loss", 1, 2.5) in logged
     assert any(tag == "val/loss" and step == 1 and abs(v - 2.2) < 1e-6 for tag, step, v in logged)
@@ -162,13 +163,6 @@ def test_tensorboard_resume_purges_after_the_resume_step(tmp_path):
         ("train/loss", 1, 1.0), ("train/loss", 2, 2.0), ("train/loss", 3, 3.0),
         ("train/loss", 4, 40.0), ("train/loss", 5, 50.0), ("train/loss", 6, 60.0),
     ]
-
-
-def test_tag_table():
-    assert tag_for("loss") == "train/loss"
-    assert tag_for("learning_rate") == "train/lr"
-    assert tag_for("val_objective") == "val/objective"
-    assert tag_for("epoch") == "misc/epoch"
 
 
 def test_summary_text_says_what_a_user_needs():

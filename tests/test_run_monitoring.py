@@ -220,18 +220,36 @@ def test_a_val_set_of_one_kind_reports_only_that_split(spike_run):
     assert "val_loss_low_auth" in vals[0] and "val_loss_high_auth" not in vals[0]
 
 
-def test_the_logged_learning_rate_is_the_one_each_step_used(validated_run):
-    """Step k's update uses schedule(k - 1) (the optimizer counts from 0);
-    the lr written on step k's line must be that one, not the previous step's."""
-    from trainer import learning_rate_schedule
+def expected_learning_rate(t: int, peak: float, warmup: int, total: int) -> float:
+    """Linear warmup from 0 over `warmup` updates, then cosine decay to 0 at `total`: by hand."""
+    if t < warmup:
+        return peak * t / warmup
+    decay_steps = max(total - warmup, 1)
+    return peak * 0.5 * (1 + math.cos(math.pi * min(t - warmup, decay_steps) / decay_steps))
 
+
+def test_the_logged_learning_rate_is_the_one_each_step_used(validated_run):
+    """Step k's update uses the rate at t = k - 1 (the optimizer counts from 0);
+    the lr written on step k's line must be that one, not the previous step's."""
+    out, _ = validated_run
+    logged = [line["lr"] for line in train_lines(out)]
+    used = [expected_learning_rate(step - 1, 3e-3, 2, 12) for step in range(1, 13)]
+    assert logged == pytest.approx(used, rel=1e-5, abs=1e-12), list(zip(logged, used))
+    assert logged[0] == 0.0 and logged[2] == pytest.approx(3e-3)  # warmup from 0, the peak right after it
+
+
+@pytest.mark.parametrize("warmup", [0, 3])
+def test_the_schedule_with_and_without_warmup(warmup):
     import mlx.core as mx
 
-    out, _ = validated_run
-    schedule = learning_rate_schedule(3e-3, 2, 12)
-    logged = [line["lr"] for line in train_lines(out)]
-    used = [schedule(mx.array(step - 1)).item() for step in range(1, 13)]
-    assert logged == pytest.approx(used, rel=1e-6, abs=1e-12), list(zip(logged, used))
+    from trainer import learning_rate_schedule
+
+    schedule = learning_rate_schedule(1e-3, warmup, 10)
+    rates = [schedule(mx.array(t)).item() for t in range(11)]
+    assert rates == pytest.approx([expected_learning_rate(t, 1e-3, warmup, 10) for t in range(11)], rel=1e-5,
+                                  abs=1e-10)
+    if warmup == 0:
+        assert rates[0] == pytest.approx(1e-3) and rates[10] == pytest.approx(0.0, abs=1e-12)
 
 
 # ------------------------------------------------- early stopping and resume

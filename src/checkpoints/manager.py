@@ -251,14 +251,22 @@ class CheckpointManager:
         return None
 
     def best(self) -> CheckpointInfo | None:
-        return next((info for info in self.checkpoints() if info.is_best), None)
+        return self._pointed(BEST_POINTER)
 
     def has_any(self) -> bool:
         """Whether any committed checkpoint directory exists, valid or not."""
         return bool(self.checkpoints(deep=False))
 
     def final(self) -> CheckpointInfo | None:
-        return next((info for info in self.checkpoints() if info.is_final), None)
+        return self._pointed(FINAL_POINTER)
+
+    def _pointed(self, pointer: str) -> CheckpointInfo | None:
+        """The checkpoint a pointer names, verified in full; the others are not read."""
+        name = self._read_pointer(pointer)
+        path = self.directory / name if name is not None else None
+        if path is None or path.is_symlink() or not path.is_dir():
+            return None
+        return self._inspect_path(path)
 
     def resolve(self, spec: str) -> CheckpointInfo:
         """`latest`, `best`, `final` or a path (absolute, relative, or a name inside the directory).
