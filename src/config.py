@@ -4,8 +4,11 @@ One `Config` holds a section per part of the toolkit. The command line, a YAML
 file (`--config run.yaml`) and a checkpoint all go through `Config.from_dict`,
 so a value is checked in one place whatever its source.
 
-YAML accepts either the nested sections (`lora: {rank: 8}`) or the flat names
-of the command line with underscores (`lora_rank: 8`); flags override the file.
+YAML accepts the nested sections (`lora: {rank: 8}`), the flat names of the
+command line with underscores (`lora_rank: 8`, switches too: `no_tensorboard:
+true`), and the keys of an `mlx_lm lora` config that mean the same thing here
+(`iters`, `num_layers`, `lora_parameters`, ...: see MLX_LM_KEYS); flags
+override the file. A key this toolkit does not support is named in one error.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ class LoraConfig:
     alpha: float = 32.0
     layers: int = 16
     dropout: float = 0.0
+    fine_tune_type: str = "lora"  # or "dora" (weight-decomposed LoRA, mlx-lm's DoRALinear)
 
 
 @dataclass
@@ -48,6 +52,16 @@ class TrainingConfig:
     max_seq_length: int = 1024
     max_grad_norm: float = 1.0
     weight_decay: float = 0.0
+    # The optimizer (mlx.optimizers) and its settings; the learning rate is the schedule's.
+    optimizer: str = "adamw"
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    sgd_momentum: float = 0.0
+    sgd_nesterov: bool = False
+    # Recompute each block's activations in the backward pass (mlx-lm's grad_checkpoint):
+    # less memory, more time; what is learned is the same within float rounding.
+    grad_checkpoint: bool = False
     seed: int = 0
     checkpoint_interval: int = 250
     keep_checkpoints: int = 3
@@ -69,6 +83,7 @@ class EarlyStoppingConfig:
     min_delta: float = 0.01
     grad_spike_threshold: float = 1000.0
     grad_spike_patience: int = 3
+    window: int = 50  # the plateau check compares the mean training objective over this many steps
 
 
 @dataclass
@@ -77,6 +92,7 @@ class PathsConfig:
     output_dir: str = ""  # empty: models/distrust-<model name>
     streaming: bool = True
     tensorboard: bool = True
+    init_adapters: str = ""  # start a new run from these adapters (a run folder, or an adapters.safetensors)
 
 
 @dataclass
@@ -116,7 +132,12 @@ class Config:
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> dict:
-        """Read a YAML file into a plain dict (validated later, with the flags)."""
+        """Read a YAML file into a plain dict of settings (validated later, with the flags)."""
+        return read_settings_file(path).values
+
+    @staticmethod
+    def read_yaml(path: str | Path) -> dict:
+        """The YAML file as it is: a mapping (empty for an empty file)."""
         path = Path(path)
         try:
             text = path.read_text(encoding="utf-8")
@@ -182,6 +203,36 @@ class Config:
             raise bad("lora-dropout", f"must be in [0, 1) (got {lo.dropout})")
         if d.mode not in ("weighted", "reference"):
             raise bad("distrust-mode", f"must be 'weighted' or 'reference' (got {d.mode!r})")
+        if lo.fine_tune_type not in FINE_TUNE_TYPES:
+            raise bad("fine-tune-type", f"must be one of {', '.join(FINE_TUNE_TYPES)} (got {lo.fine_tune_type!r})")
+        if t.grad_checkpoint and lo.dropout > 0:
+            # mx.checkpoint recomputes a block in the backward pass, drawing new dropout masks:
+            # the gradient would not be that of the loss computed (mlx_lm lora allows it).
+            raise bad("grad-checkpoint", f"cannot go with --lora-dropout above 0 (got {lo.dropout}): the "
+                                         f"recomputed pass would draw other dropout masks than the forward pass, "
+                                         f"and the gradient would not be the loss's; choose one")
+        if es.window < 1:
+            raise bad("early-stopping-window", f"must be at least 1 (got {es.window})")
+        self._validate_optimizer(bad)
+
+    def _validate_optimizer(self, bad) -> None:
+        t = self.training
+        if t.optimizer not in OPTIMIZERS:
+            raise bad("optimizer", f"must be one of {', '.join(OPTIMIZERS)} (got {t.optimizer!r})")
+        for flag, value in (("adam-beta1", t.adam_beta1), ("adam-beta2", t.adam_beta2)):
+            if not (math.isfinite(value) and 0 <= value < 1):
+                raise bad(flag, f"must be in [0, 1) (got {value})")
+        if not (math.isfinite(t.adam_eps) and t.adam_eps > 0):
+            raise bad("adam-eps", f"must be a positive number (got {t.adam_eps})")
+        if not (math.isfinite(t.sgd_momentum) and 0 <= t.sgd_momentum < 1):
+            raise bad("sgd-momentum", f"must be in [0, 1) (got {t.sgd_momentum})")
+        if t.sgd_nesterov and t.sgd_momentum == 0:
+            raise bad("sgd-nesterov", "needs --sgd-momentum above 0")
+        # A setting of another optimizer than the one chosen is a mistake, not a no-op to keep quiet about.
+        defaults = TrainingConfig()
+        for flag, name, used_by in OPTIMIZER_SETTINGS:
+            if t.optimizer not in used_by and getattr(t, name) != getattr(defaults, name):
+                raise bad(flag, f"applies to --optimizer {' or '.join(used_by)}, not {t.optimizer}")
 
     # -- derived values ---------------------------------------------------
     @property
@@ -197,17 +248,26 @@ class Config:
 
     @property
     def val_file(self) -> Path:
-        return Path(self.paths.data_dir) / "val.jsonl"
+        """val.jsonl, else mlx-lm's name valid.jsonl (val.jsonl when neither exists)."""
+        data = Path(self.paths.data_dir)
+        for name in VAL_FILES:
+            if (data / name).is_file():
+                return data / name
+        return data / VAL_FILES[0]
 
     def fingerprint_fields(self) -> dict:
         """The fields that change what is learned; a resume must match them.
 
-        DESIGN.md names model, data, LoRA shape, batch, sequence length, seed
-        and objective. The optimizer settings (learning rate, warmup, clipping,
-        weight decay) change the result just as much, so they are in too.
-        Max steps, intervals, patience and paths are not: they may change.
-        What the data and model *are* (not what they are called) is compared
+        They are the model, the LoRA shape (DoRA or LoRA included), batch,
+        sequence length, seed and objective, and the optimizer with its
+        settings (which optimizer, learning rate, warmup, clipping, weight
+        decay, betas, momentum), which change the result just as much. Max
+        steps, intervals, patience, paths and --grad-checkpoint (memory, not
+        what is learned) are not: they may change. What the data, the model and
+        the starting adapters *are* (not what they are called) is compared
         beside these, from the run's inputs (see train_qlora.run_inputs).
+        New fields get the default that old runs had, so their checkpoints
+        still resume.
         """
         t = self.training
         return {
@@ -222,6 +282,8 @@ class Config:
             "warmup_steps": t.warmup_steps,
             "max_grad_norm": t.max_grad_norm,
             "weight_decay": t.weight_decay,
+            "optimizer": {name: getattr(t, name) for name in ("optimizer", "adam_beta1", "adam_beta2", "adam_eps",
+                                                              "sgd_momentum", "sgd_nesterov")},
             "distrust": dataclasses.asdict(self.distrust),
         }
 
@@ -243,6 +305,18 @@ def differing_fields(saved: dict, current: dict, prefix: str = "") -> list[str]:
 
 
 SECTION_TYPES = {f.name: f.default_factory for f in dataclasses.fields(Config)}
+VAL_FILES = ("val.jsonl", "valid.jsonl")  # the validation file: ours, else mlx-lm's name
+FINE_TUNE_TYPES = ("lora", "dora")
+OPTIMIZERS = ("adamw", "adam", "sgd", "adafactor")
+# (flag, field, the optimizers it applies to); weight decay: every one but adam, which has none.
+OPTIMIZER_SETTINGS = (
+    ("adam-beta1", "adam_beta1", ("adamw", "adam")),
+    ("adam-beta2", "adam_beta2", ("adamw", "adam")),
+    ("adam-eps", "adam_eps", ("adamw", "adam")),
+    ("sgd-momentum", "sgd_momentum", ("sgd",)),
+    ("sgd-nesterov", "sgd_nesterov", ("sgd",)),
+    ("weight-decay", "weight_decay", ("adamw", "sgd", "adafactor")),
+)
 
 # Flat names (the command-line flags with underscores) -> (section, field).
 FLAT_NAMES = {
@@ -253,6 +327,7 @@ FLAT_NAMES = {
     "lora_alpha": ("lora", "alpha"),
     "lora_layers": ("lora", "layers"),
     "lora_dropout": ("lora", "dropout"),
+    "fine_tune_type": ("lora", "fine_tune_type"),
     **{f.name: ("training", f.name) for f in dataclasses.fields(TrainingConfig)},
     "alpha": ("distrust", "alpha"),
     "lambda_weight": ("distrust", "lambda_weight"),
@@ -262,10 +337,12 @@ FLAT_NAMES = {
     "early_stopping_min_delta": ("early_stopping", "min_delta"),
     "grad_spike_threshold": ("early_stopping", "grad_spike_threshold"),
     "grad_spike_patience": ("early_stopping", "grad_spike_patience"),
+    "early_stopping_window": ("early_stopping", "window"),
     "data_dir": ("paths", "data_dir"),
     "output_dir": ("paths", "output_dir"),
     "streaming": ("paths", "streaming"),
     "tensorboard": ("paths", "tensorboard"),
+    "init_adapters": ("paths", "init_adapters"),
 }
 
 
@@ -298,3 +375,155 @@ def _coerce(value: Any, kind: type, name: str, source: str) -> Any:
         if isinstance(value, str):
             return value
     raise UserError(f"{source}: '{name}' must be {kind.__name__}, got {value!r}")
+
+
+# ---------------------------------------------------------------------------
+# settings files: ours, with every flag name, or an `mlx_lm lora` config
+
+# Switches of the command line that set a setting to the opposite of their name.
+NEGATED_SWITCHES = {"no_tensorboard": "tensorboard", "no_early_stopping": "early_stopping",
+                    "no_streaming": "streaming"}
+# Choices of where a run starts (flags, not settings): a file may hold them too.
+START_CHOICES = ("auto_resume", "resume", "fresh")
+
+# mlx_lm lora keys -> our flat name, where the meaning is the same.
+MLX_LM_KEYS = {
+    "iters": "max_steps",
+    "num_layers": "lora_layers",
+    "steps_per_eval": "eval_steps",
+    "save_every": "checkpoint_interval",
+    "adapter_path": "output_dir",
+    "data": "data_dir",
+    "grad_accumulation_steps": "grad_accum",
+    "resume_adapter_file": "init_adapters",
+}
+# mlx_lm lora keys that change nothing here (with any value): accepted and left alone.
+MLX_LM_NO_EFFECT = {
+    "steps_per_report": "the progress line is updated at every step, metrics.jsonl has every step",
+    "test_batches": "used only with test: true",
+    "project_name": "used only with report_to",
+    "config": "",
+}
+# mlx_lm lora keys accepted only with the value that does what this toolkit does;
+# any other value is named in the error with why.
+MLX_LM_ONLY_VALUE = {
+    "train": (True, "this command only trains"),
+    "test": (False, "evaluate after training with src/evaluate.py (it takes DATA/test.jsonl)"),
+    "report_to": (None, "metrics go to metrics.jsonl and TensorBoard (logs/)"),
+    "wandb": (None, "metrics go to metrics.jsonl and TensorBoard (logs/)"),
+    "lr_schedule": (None, "the schedule is a linear warmup (--warmup-steps) then cosine decay to 0"),
+    "clear_cache_threshold": (0, "not needed: memory is reported on the progress line"),
+    "hf_dataset": (None, "give a local folder with train.jsonl (data:)"),
+}
+# optimizer_config.<optimizer>.<key> -> our flat name (betas: two of them)
+MLX_LM_OPTIMIZER_KEYS = {"eps": "adam_eps", "weight_decay": "weight_decay", "momentum": "sgd_momentum",
+                         "nesterov": "sgd_nesterov"}
+
+
+@dataclass
+class SettingsFile:
+    """What a settings file holds, split the way the command line needs it."""
+    values: dict  # settings for Config.from_dict (nested sections and/or flat names)
+    start: dict = field(default_factory=dict)  # auto_resume / resume / fresh
+    notes: list = field(default_factory=list)  # said once at the start
+    lora_scale: float | None = None  # mlx-lm's lora_parameters.scale: alpha = scale * rank, whatever rank ends up
+
+
+def read_settings_file(path: str | Path) -> SettingsFile:
+    """A YAML settings file as settings: our names (flags with underscores, switches
+    included, or nested sections) and the `mlx_lm lora` keys that mean the same
+    here. Every key that is not supported is named in one UserError."""
+    path = Path(path)
+    raw = Config.read_yaml(path)
+    result = SettingsFile(values={})
+    unsupported: list[str] = []
+    for key, value in raw.items():
+        if not isinstance(key, str):
+            raise UserError(f"{path}: setting names must be strings, got {key!r}")
+        if key in NEGATED_SWITCHES:
+            if not isinstance(value, bool):
+                raise UserError(f"{path}: '{key}' must be true or false, got {value!r}")
+            result.values[NEGATED_SWITCHES[key]] = not value
+        elif key in START_CHOICES:
+            result.start[key] = value
+        elif key in MLX_LM_KEYS:
+            if value is not None:  # mlx-lm writes null for "not given"
+                result.values[MLX_LM_KEYS[key]] = value
+        elif key in MLX_LM_NO_EFFECT:
+            continue
+        elif key in MLX_LM_ONLY_VALUE:
+            wanted, why = MLX_LM_ONLY_VALUE[key]
+            if value != wanted or type(value) is not type(wanted):
+                unsupported.append(f"{key}: {_yaml_text(value)} ({why})")
+        elif key == "mask_prompt":
+            if value is False:
+                result.notes.append(f"{path}: mask_prompt: false is not followed: for chat and prompt/completion "
+                                    f"records only the answer is learned here (text records are learned whole)")
+            elif value is not True:
+                unsupported.append(f"mask_prompt: {_yaml_text(value)} (true or false)")
+        elif key == "lora_parameters":
+            _lora_parameters(value, result, unsupported, path)
+        elif key == "optimizer_config":
+            pass  # read below, once the optimizer is known
+        elif key == "use_dora":  # older mlx-lm configs
+            if not isinstance(value, bool):
+                raise UserError(f"{path}: 'use_dora' must be true or false, got {value!r}")
+            if value:
+                result.values.setdefault("fine_tune_type", "dora")
+        elif key == "val_batches" and value == -1:
+            unsupported.append("val_batches: -1 (the whole validation file: give a number of batches)")
+        elif key == "fine_tune_type" and value == "full":
+            unsupported.append("fine_tune_type: full (this toolkit trains LoRA or DoRA adapters on a quantized base)")
+        elif key == "optimizer" and value == "muon":
+            unsupported.append(f"optimizer: muon (one of {', '.join(OPTIMIZERS)})")
+        else:
+            result.values[key] = value  # ours (or unknown: Config.from_dict names it)
+    if "optimizer_config" in raw:
+        chosen = raw.get("optimizer", TrainingConfig.optimizer)
+        _optimizer_config(raw["optimizer_config"], chosen, result, unsupported, path)
+    if unsupported:
+        raise UserError(f"{path}: not supported here (an mlx_lm lora setting with no equivalent): "
+                        f"{'; '.join(unsupported)}; remove or change {'it' if len(unsupported) == 1 else 'them'}")
+    return result
+
+
+def _yaml_text(value) -> str:
+    text = json.dumps(value, default=str) if not isinstance(value, str) else value
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _lora_parameters(value, result: SettingsFile, unsupported: list, path: Path) -> None:
+    if not isinstance(value, dict):
+        raise UserError(f"{path}: lora_parameters must be a mapping of rank, scale, dropout")
+    for name, item in value.items():
+        if name == "rank":
+            result.values["lora_rank"] = item
+        elif name == "dropout":
+            result.values["lora_dropout"] = item
+        elif name == "scale":
+            if isinstance(item, bool) or not isinstance(item, (int, float)):
+                raise UserError(f"{path}: lora_parameters.scale must be a number, got {item!r}")
+            result.lora_scale = float(item)
+        elif name == "keys":
+            unsupported.append("lora_parameters.keys (LoRA goes on every linear layer of the last num_layers "
+                               "blocks)")
+        else:
+            unsupported.append(f"lora_parameters.{name}")
+
+
+def _optimizer_config(value, chosen, result: SettingsFile, unsupported: list, path: Path) -> None:
+    """mlx-lm reads only the section of the optimizer it uses: so does this."""
+    if not isinstance(value, dict):
+        raise UserError(f"{path}: optimizer_config must be a mapping of optimizer name -> settings")
+    section = (value.get(chosen) if isinstance(chosen, str) else None) or {}
+    if not isinstance(section, dict):
+        raise UserError(f"{path}: optimizer_config.{chosen} must be a mapping of settings")
+    for name, item in section.items():
+        if name == "betas":
+            if not (isinstance(item, list) and len(item) == 2):
+                raise UserError(f"{path}: optimizer_config.{chosen}.betas must be a list of two numbers, got {item!r}")
+            result.values["adam_beta1"], result.values["adam_beta2"] = item
+        elif name in MLX_LM_OPTIMIZER_KEYS:
+            result.values[MLX_LM_OPTIMIZER_KEYS[name]] = item
+        else:
+            unsupported.append(f"optimizer_config.{chosen}.{name}")

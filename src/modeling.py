@@ -17,6 +17,7 @@ directory (so `mlx_lm.load` and `mlx_lm generate` take it like any other).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -225,10 +226,12 @@ def _write_quantized_copy(local: Path, resolved: str, scratch: Path, quantizatio
     from mlx_lm.utils import quantize_model, save
 
     model, tokenizer, model_config = load_with_mlx_lm(str(local), trust_remote_code, shown=shown)
-    model, model_config = quantize_model(model, model_config, group_size=quantization["group_size"],
-                                         bits=quantization["bits"], mode=quantization["mode"])
-    # From the local folder, never the HF id: save() would fetch the model card.
-    save(scratch, str(local), model, tokenizer, model_config, donate_model=True)
+    # mlx-lm prints "[INFO] Quantized model with ..." to stdout: everything we say goes to stderr.
+    with contextlib.redirect_stdout(sys.stderr):
+        model, model_config = quantize_model(model, model_config, group_size=quantization["group_size"],
+                                             bits=quantization["bits"], mode=quantization["mode"])
+        # From the local folder, never the HF id: save() would fetch the model card.
+        save(scratch, str(local), model, tokenizer, model_config, donate_model=True)
     record = {"source": resolved, "local_source": str(local.resolve()), "quantization": quantization,
               "mlx": getattr(mlx.core, "__version__", None), "mlx_lm": getattr(mlx_lm, "__version__", None)}
     (scratch / BASE_RECORD_FILE).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
@@ -312,10 +315,12 @@ def load_trained_model(trained: TrainedRun):
                             adapter_path=str(trained.checkpoint))
 
 
-def attach_lora(model: nn.Module, rank: int, alpha: float, layers: int, dropout: float, seed: int) -> tuple[int, str | None]:
-    """Freeze the base and put mlx-lm LoRA layers on the last `layers` blocks.
+def attach_lora(model: nn.Module, rank: int, alpha: float, layers: int, dropout: float, seed: int, *,
+                fine_tune_type: str = "lora") -> tuple[int, str | None]:
+    """Freeze the base and put mlx-lm LoRA layers (DoRA layers with `fine_tune_type`
+    "dora") on the last `layers` blocks.
 
-    Returns the number of blocks that got LoRA and a note when the request was
+    Returns the number of blocks that got them and a note when the request was
     more than the model has. The LoRA A matrices are drawn from `seed`.
     """
     from mlx_lm.tuner.utils import linear_to_lora_layers
@@ -331,8 +336,61 @@ def attach_lora(model: nn.Module, rank: int, alpha: float, layers: int, dropout:
         num_layers = layers
     model.freeze()
     mx.random.seed(seed)
-    linear_to_lora_layers(model, num_layers, lora_parameters(rank, alpha, dropout))
+    try:
+        linear_to_lora_layers(model, num_layers, lora_parameters(rank, alpha, dropout),
+                              use_dora=fine_tune_type == "dora")
+    except ValueError as exc:  # e.g. a layer kind mlx-lm has no DoRA for
+        raise UserError(f"--fine-tune-type {fine_tune_type}: {first_line(exc)}") from None
     return num_layers, note
+
+
+def adapters_file(path: str | Path) -> Path:
+    """The adapters file of `path`: the file itself, or a run or mlx-lm adapter
+    folder's adapters.safetensors. UserError when there is none."""
+    path = Path(path).expanduser()
+    candidate = path / "adapters.safetensors" if path.is_dir() else path
+    if not candidate.is_file():
+        where = f"{path} holds no adapters.safetensors" if path.is_dir() else f"{path}: no such adapters file"
+        raise UserError(f"--init-adapters: {where} (give a run folder, an mlx-lm adapter folder or a .safetensors "
+                        f"file)")
+    return candidate
+
+
+def adapters_signature(path: str | Path) -> dict:
+    """What identifies the adapters a run started from, by content: a resume compares it."""
+    candidate = adapters_file(path)
+    try:
+        blob = candidate.read_bytes()
+    except OSError as exc:
+        raise UserError(f"--init-adapters: {candidate}: cannot read ({exc.strerror})") from None
+    return {"size": len(blob), "sha256": hashlib.sha256(blob).hexdigest()}
+
+
+def load_init_adapters(model: nn.Module, path: str | Path) -> str:
+    """Put the adapters of `path` into the model's LoRA (or DoRA) layers, after checking
+    that they are exactly this model's adapters: the same names and shapes (the same
+    blocks, rank, kind). Returns what was loaded, for the start line."""
+    candidate = adapters_file(path)
+    try:
+        loaded = mx.load(str(candidate))
+    except Exception as exc:  # not a safetensors file, or a damaged one
+        raise UserError(f"--init-adapters: {candidate}: cannot read adapters ({first_line(exc)})") from None
+    if not isinstance(loaded, dict):
+        raise UserError(f"--init-adapters: {candidate}: not a safetensors file of arrays")
+    expected = adapter_weights(model)
+    missing, extra = sorted(set(expected) - set(loaded)), sorted(set(loaded) - set(expected))
+    if missing or extra:
+        detail = (f"missing {len(missing)}, e.g. {missing[0]}" if missing else "") + \
+                 ("; " if missing and extra else "") + (f"unexpected {len(extra)}, e.g. {extra[0]}" if extra else "")
+        raise UserError(f"--init-adapters: {candidate} does not fit this run's adapters ({detail}): use the same "
+                        f"--lora-layers, --fine-tune-type and model as the run that made them")
+    for name, array in expected.items():
+        if loaded[name].shape != array.shape:
+            raise UserError(f"--init-adapters: {candidate}: {name} is {list(loaded[name].shape)}, this run's is "
+                            f"{list(array.shape)} (use the same --lora-rank and model as the run that made them)")
+    model.load_weights([(name, value.astype(expected[name].dtype)) for name, value in loaded.items()], strict=False)
+    mx.eval(model.trainable_parameters())
+    return f"{candidate} ({len(loaded)} arrays)"
 
 
 def lora_parameters(rank: int, alpha: float, dropout: float) -> dict:
@@ -358,7 +416,7 @@ def tokenizer_key(loaded: LoadedModel) -> str:
 
 
 def adapter_config(model_path: str, num_layers: int, rank: int, alpha: float, dropout: float,
-                   base: BaseModel | None = None) -> dict:
+                   base: BaseModel | None = None, fine_tune_type: str = "lora") -> dict:
     """What mlx_lm needs to rebuild the LoRA layers, plus the base model.
 
     With `base`, "model" names what was loaded (the quantized copy, when the
@@ -368,7 +426,7 @@ def adapter_config(model_path: str, num_layers: int, rank: int, alpha: float, dr
     run_base_model.
     """
     config = {
-        "fine_tune_type": "lora",
+        "fine_tune_type": fine_tune_type,
         "num_layers": num_layers,
         "lora_parameters": lora_parameters(rank, alpha, dropout),
         "model": base.path if base is not None else model_path,

@@ -2,10 +2,9 @@
 
     python src/train_qlora.py --model tiny
     python src/train_qlora.py --model mlx-community/Qwen2.5-7B-Instruct-4bit --auto-resume
+    python src/train_qlora.py --config examples/lora_config.yaml     # an mlx_lm lora config works too
 
-Exit codes: 0 finished or stopped early; 2 bad usage, config or data;
-130 after SIGINT, 143 after SIGTERM (each once a checkpoint is committed);
-1 anything unexpected.
+Exit codes: see EXIT_CODES (printed by --help).
 """
 
 from __future__ import annotations
@@ -17,66 +16,116 @@ from pathlib import Path
 from errors import OneLineArgumentParser, UserError, run_command
 
 FLAGS = [
-    # flag, config name, type, help
-    ("--model", "model", str, "HF id, local mlx-lm model dir, or 'tiny' (the built-in demo model)"),
-    ("--data-dir", "data_dir", str, "holds train.jsonl and optionally val.jsonl (default: data)"),
+    # flag, config name, type, help (the default is added from config.py)
+    ("--model", "model", str, "HF id, local mlx-lm model dir, or 'tiny' (the built-in demo model); required"),
+    ("--data-dir", "data_dir", str, "holds train.jsonl, and val.jsonl or mlx-lm's valid.jsonl for validation"),
     ("--output-dir", "output_dir", str, "everything a run writes (default: models/distrust-<model name>)"),
-    ("--max-steps", "max_steps", int, "optimizer steps (default: 2000)"),
-    ("--batch-size", "batch_size", int, "micro-batch size (default: 8)"),
-    ("--grad-accum", "grad_accum", int, "micro-batches per optimizer step (default: 1)"),
-    ("--learning-rate", "learning_rate", float, "peak learning rate (default: 1e-4)"),
-    ("--warmup-steps", "warmup_steps", int, "linear warmup steps before cosine decay (default: 50)"),
-    ("--max-seq-length", "max_seq_length", int, "longer samples are truncated (default: 1024)"),
-    ("--max-grad-norm", "max_grad_norm", float, "gradient clipping norm (default: 1.0)"),
-    ("--weight-decay", "weight_decay", float, "AdamW weight decay (default: 0.0)"),
-    ("--lora-rank", "lora_rank", int, "LoRA rank (default: 16)"),
-    ("--lora-alpha", "lora_alpha", float, "LoRA alpha; scale = alpha / rank (default: 32)"),
-    ("--lora-layers", "lora_layers", int, "last N blocks get LoRA; -1 = all (default: 16)"),
-    ("--lora-dropout", "lora_dropout", float, "LoRA dropout (default: 0.0)"),
-    ("--quantize-bits", "quantize_bits", int, "quantize a non-quantized base on load; 0 keeps it (default: 4)"),
-    ("--alpha", "alpha", float, "Empirical Distrust alpha (default: 2.7)"),
-    ("--lambda-weight", "lambda_weight", float, "Empirical Distrust lambda (default: 1.0)"),
+    ("--max-steps", "max_steps", int, "optimizer steps"),
+    ("--batch-size", "batch_size", int, "micro-batch size"),
+    ("--grad-accum", "grad_accum", int, "micro-batches per optimizer step"),
+    ("--learning-rate", "learning_rate", float, "peak learning rate"),
+    ("--warmup-steps", "warmup_steps", int, "linear warmup steps, then cosine decay to 0 at the last step"),
+    ("--max-seq-length", "max_seq_length", int, "longer samples are truncated"),
+    ("--max-grad-norm", "max_grad_norm", float, "gradient clipping norm"),
+    ("--optimizer", "optimizer", str, "adamw, adam, sgd or adafactor (mlx.optimizers); adafactor takes its "
+                                      "step size from the schedule"),
+    ("--weight-decay", "weight_decay", float, "weight decay (adamw, sgd, adafactor)"),
+    ("--adam-beta1", "adam_beta1", float, "Adam's first-moment decay (adamw, adam)"),
+    ("--adam-beta2", "adam_beta2", float, "Adam's second-moment decay (adamw, adam)"),
+    ("--adam-eps", "adam_eps", float, "Adam's epsilon (adamw, adam)"),
+    ("--sgd-momentum", "sgd_momentum", float, "momentum (sgd)"),
+    ("--fine-tune-type", "fine_tune_type", str, "lora, or dora (weight-decomposed LoRA)"),
+    ("--lora-rank", "lora_rank", int, "LoRA rank"),
+    ("--lora-alpha", "lora_alpha", float, "LoRA alpha; scale = alpha / rank"),
+    ("--lora-layers", "lora_layers", int, "the last N blocks get LoRA; -1 = all"),
+    ("--lora-dropout", "lora_dropout", float, "LoRA dropout"),
+    ("--init-adapters", "init_adapters", str, "start a new run from these adapters: a run or mlx-lm adapter "
+                                              "folder, or an adapters .safetensors file (shapes must match)"),
+    ("--quantize-bits", "quantize_bits", int, "quantize a non-quantized base on load; 0 keeps it"),
+    ("--alpha", "alpha", float, "Empirical Distrust alpha"),
+    ("--lambda-weight", "lambda_weight", float, "Empirical Distrust lambda; 0 = plain cross-entropy"),
     ("--distrust-mode", "distrust_mode", str, "weighted (the score weights each sample) or reference (as published)"),
-    ("--checkpoint-interval", "checkpoint_interval", int, "steps between checkpoints (default: 250)"),
-    ("--keep-checkpoints", "keep_checkpoints", int, "rolling checkpoints kept, besides best and final (default: 3)"),
-    ("--eval-steps", "eval_steps", int, "steps between validations (default: 250)"),
-    ("--val-batches", "val_batches", int, "validation batches, the same each time (default: 50)"),
-    ("--early-stopping-patience", "early_stopping_patience", int, "plateau checks without improvement (default: 5)"),
-    ("--early-stopping-min-delta", "early_stopping_min_delta", float, "improvement that counts (default: 0.01)"),
-    ("--grad-spike-threshold", "grad_spike_threshold", float, "gradient norm that counts as a spike (default: 1000)"),
-    ("--grad-spike-patience", "grad_spike_patience", int, "consecutive spikes that abort the run (default: 3)"),
-    ("--seed", "seed", int, "every random choice follows from it (default: 0)"),
+    ("--checkpoint-interval", "checkpoint_interval", int, "steps between checkpoints"),
+    ("--keep-checkpoints", "keep_checkpoints", int, "rolling checkpoints kept, besides best and final"),
+    ("--eval-steps", "eval_steps", int, "steps between validations (and plateau checks)"),
+    ("--val-batches", "val_batches", int, "validation batches, the same each time"),
+    ("--early-stopping-patience", "early_stopping_patience", int, "plateau checks without improvement that stop "
+                                                                  "the run"),
+    ("--early-stopping-min-delta", "early_stopping_min_delta", float, "improvement of the smoothed objective that "
+                                                                      "counts"),
+    ("--early-stopping-window", "early_stopping_window", int, "steps the plateau check averages the training "
+                                                              "objective over"),
+    ("--grad-spike-threshold", "grad_spike_threshold", float, "gradient norm that counts as a spike"),
+    ("--grad-spike-patience", "grad_spike_patience", int, "consecutive spikes that stop the run"),
+    ("--seed", "seed", int, "every random choice follows from it"),
 ]
 SWITCHES = [
-    ("--no-early-stopping", "early_stopping", False, "never stop on a plateau (non-finite steps still stop)"),
-    ("--no-tensorboard", "tensorboard", False, "write no TensorBoard logs"),
-    ("--no-streaming", "streaming", False, "load the corpus into memory instead of reading by offset"),
-    ("--trust-remote-code", "trust_remote_code", True, "let a model's own code run (never by default)"),
+    # flag, config name, the value it sets, help (with the default)
+    ("--grad-checkpoint", "grad_checkpoint", True, "recompute each block's activations in the backward pass: much "
+                                                   "less memory for long sequences, some more time (default: off)"),
+    ("--sgd-nesterov", "sgd_nesterov", True, "Nesterov momentum (sgd; default: off)"),
+    ("--no-early-stopping", "early_stopping", False, "never stop on a plateau; non-finite steps and gradient spikes "
+                                                     "still stop (default: plateaus stop the run)"),
+    ("--no-tensorboard", "tensorboard", False, "write no TensorBoard logs (default: they go to OUTPUT/logs)"),
+    ("--no-streaming", "streaming", False, "load the corpus into memory (default: read by byte offset as needed)"),
+    ("--trust-remote-code", "trust_remote_code", True, "let a model's own code run (default: never)"),
 ]
+EXIT_CODES = """exit codes:
+  0    finished, or stopped early (the reason is printed and is the last line of metrics.jsonl)
+  2    bad usage, config or data: one line naming the file, line and problem; nothing is lost
+  1    anything unexpected, or checkpoints failing to save 3 times in a row
+  130  after Ctrl+C, 143 after SIGTERM, 129 after SIGHUP (the terminal closed): each once a
+       checkpoint is committed; a second Ctrl+C exits at once, the last checkpoint intact
+"""
+
+
+def _default_text(name: str) -> str:
+    from config import FLAT_NAMES, Config
+
+    if name in ("model", "output_dir", "init_adapters"):
+        return ""
+    section, field_name = FLAT_NAMES[name]
+    value = getattr(getattr(Config(), section), field_name)
+    return f" (default: {value:g})" if isinstance(value, float) else f" (default: {value})"
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineArgumentParser(
         prog="train_qlora.py",
         description="QLoRA fine-tuning with the Empirical Distrust objective, made for long unattended runs.",
+        epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--config", metavar="RUN.YAML", help="YAML file of settings; flags override it")
+    parser.add_argument("--config", metavar="RUN.YAML",
+                        help="YAML file of settings, flags override it: the flag names with underscores (switches "
+                             "too: no_tensorboard: true), or an mlx_lm lora config (iters, num_layers, "
+                             "lora_parameters, ...); see examples/")
     for flag, name, kind, help_text in FLAGS:
-        parser.add_argument(flag, dest=name, type=kind, default=None, help=help_text)
+        # Values are checked by config.py, for the flags and the YAML file alike.
+        parser.add_argument(flag, dest=name, type=kind, default=None, help=help_text + _default_text(name))
     for flag, name, value, help_text in SWITCHES:
         parser.add_argument(flag, dest=name, action="store_const", const=value, default=None, help=help_text)
     resume = parser.add_mutually_exclusive_group()
-    resume.add_argument("--auto-resume", action="store_true", help="resume from the newest valid checkpoint without asking")
+    resume.add_argument("--auto-resume", action="store_true",
+                        help="resume from the newest valid checkpoint without asking; start anew if there is none")
     resume.add_argument("--resume", metavar="latest|best|PATH", help="resume from that checkpoint")
-    resume.add_argument("--fresh", action="store_true", help="start anew; existing checkpoints are moved aside, never deleted")
+    resume.add_argument("--fresh", action="store_true",
+                        help="start anew; existing checkpoints, metrics.jsonl and logs/ are moved aside, never deleted")
     resume.add_argument("--list-checkpoints", action="store_true", help="print the checkpoints of --output-dir and exit")
+    parser.epilog = EXIT_CODES + ("\nWithout --auto-resume, --resume or --fresh, a run that finds checkpoints asks "
+                                  "at a terminal\nand exits 2 without one.")
     return parser
 
 
 def config_from_args(args: argparse.Namespace):
-    from config import FLAT_NAMES, Config
+    return settings_from_args(args)[0]
 
-    values = Config.from_yaml(args.config) if args.config else {}
+
+def settings_from_args(args: argparse.Namespace):
+    """(Config, SettingsFile): the file's settings with the flags over them, validated."""
+    from config import FLAT_NAMES, Config, SettingsFile, read_settings_file
+
+    settings = read_settings_file(args.config) if args.config else SettingsFile(values={})
+    values = settings.values
     names = [name for _, name, _, _ in FLAGS] + [name for _, name, _, _ in SWITCHES]
     given = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
     # A flag overrides that one setting of the file, wherever the file put it.
@@ -89,7 +138,32 @@ def config_from_args(args: argparse.Namespace):
         else:
             values[name] = value
     source = f"{args.config} + command line" if args.config else "command line"
-    return Config.from_dict(values, source=source)
+    config = Config.from_dict(values, source=source)
+    if settings.lora_scale is not None and "lora_alpha" not in given:
+        # mlx-lm's scale is alpha / rank here, whichever rank the file and flags ended with.
+        if "lora_alpha" in values or "alpha" in (values.get("lora") or {}):
+            raise UserError(f"{args.config}: give lora_parameters.scale or lora_alpha, not both")
+        config.lora.alpha = settings.lora_scale * config.lora.rank
+        config.validate(source)
+    return config, settings
+
+
+def apply_start_choices(args: argparse.Namespace, start: dict, source: str) -> None:
+    """auto_resume / resume / fresh from the file, unless the command line chose."""
+    if args.auto_resume or args.resume or args.fresh or not start:
+        return
+    chosen = {key: value for key, value in start.items() if value not in (None, False)}
+    if len(chosen) > 1:
+        raise UserError(f"{source}: {', '.join(sorted(chosen))}: choose one of them")
+    for key, value in chosen.items():
+        if key == "resume":
+            if not isinstance(value, str):
+                raise UserError(f"{source}: 'resume' must be latest, best or a path, got {value!r}")
+            args.resume = value
+        elif value is not True:
+            raise UserError(f"{source}: '{key}' must be true or false, got {value!r}")
+        else:
+            setattr(args, key, True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -116,7 +190,10 @@ def run(args: argparse.Namespace) -> int:
         # Listing needs only where to look: no model, no other setting.
         print(describe_checkpoints(CheckpointManager(Path(args.output_dir) / "checkpoints")))
         return 0
-    config = config_from_args(args)
+    config, settings = settings_from_args(args)
+    apply_start_choices(args, settings.start, args.config)
+    for note in settings.notes:
+        print(f"note: {note}", file=sys.stderr)
     output_dir = config.output_dir
     manager = CheckpointManager(output_dir / "checkpoints", keep=config.training.keep_checkpoints)
     if args.list_checkpoints:
@@ -130,10 +207,11 @@ def run(args: argparse.Namespace) -> int:
 
 
 def run_inputs(config) -> dict:
-    """What the run reads, by identity: the training file's content and the
-    resolved model. A resume from other inputs would not continue the same run."""
+    """What the run reads, by identity: the training file's content, the resolved
+    model, and the adapters it started from (if any). A resume from other inputs
+    would not continue the same run."""
     from corpus.index import content_signature
-    from modeling import resolve_model
+    from modeling import adapters_signature, resolve_model
 
     train_path = config.train_file
     if not train_path.is_file():
@@ -142,33 +220,44 @@ def run_inputs(config) -> dict:
         signature = content_signature(train_path)
     except OSError as exc:
         raise UserError(f"{train_path}: cannot read ({exc.strerror})") from None
-    return {"train_data": signature, "model": resolve_model(config.model.model)}
+    inputs = {"train_data": signature, "model": resolve_model(config.model.model)}
+    if config.paths.init_adapters:
+        inputs["init_adapters"] = adapters_signature(config.paths.init_adapters)
+    return inputs
 
 
 def train(config, output_dir: Path, manager, start, inputs: dict) -> int:
-    from corpus.index import CorpusIndex
-    from modeling import adapter_config, attach_lora, load_model, parameter_counts, tokenizer_key
     from checkpoints.resume import restore_with_fallback
+    from corpus.index import CorpusIndex, check_records
+    from modeling import (adapter_config, attach_lora, load_init_adapters, load_model, parameter_counts,
+                          tokenizer_key)
     from trainer import CheckpointingFailed, DistrustTrainer
 
-    t = config.training
+    t, lo = config.training, config.lora
     train_path = config.train_file
     # inputs["model"] is the model already resolved (for `tiny`: already built).
     loaded = load_model(inputs["model"], config.model.quantize_bits, config.model.trust_remote_code)
-    num_layers, note = attach_lora(loaded.model, config.lora.rank, config.lora.alpha, config.lora.layers,
-                                   config.lora.dropout, t.seed)
+    num_layers, note = attach_lora(loaded.model, lo.rank, lo.alpha, lo.layers, lo.dropout, t.seed,
+                                   fine_tune_type=lo.fine_tune_type)
     if note:
         print(f"note: {note}", file=sys.stderr)
+    if config.paths.init_adapters:
+        source = load_init_adapters(loaded.model, config.paths.init_adapters)
+        if start is None:
+            print(f"adapters: starting from {source}", file=sys.stderr)
     trainable, total = parameter_counts(loaded.model)
     quant = f"{loaded.quantized_bits}-bit" if loaded.quantized_bits else "not quantized"
     if loaded.base is not None and loaded.base.quantization:
         quant += f"; its quantized copy {loaded.base.path}"
-    print(f"model: {loaded.path} ({quant}); LoRA on {num_layers} blocks; trainable parameters "
+    kind = "DoRA" if lo.fine_tune_type == "dora" else "LoRA"
+    print(f"model: {loaded.path} ({quant}); {kind} on {num_layers} blocks; trainable parameters "
           f"{trainable:,} of {total:,} ({100 * trainable / total:.3f}%)", file=sys.stderr)
 
     index = CorpusIndex.build(train_path, loaded.tokenizer, t.max_seq_length + 1, in_memory=not config.paths.streaming,
                               cache_dir=output_dir / "cache", tokenizer_key=tokenizer_key(loaded))
     print(f"data: {len(index):,} training samples from {train_path}", file=sys.stderr)
+    if index.scored_at_load:
+        print(scored_at_load_line(index.scored_at_load, len(index), "training", train_path), file=sys.stderr)
     if index.truncated:
         print(f"note: {index.truncated} of {len(index)} samples are longer than --max-seq-length "
               f"{t.max_seq_length} and were truncated", file=sys.stderr)
@@ -176,19 +265,39 @@ def train(config, output_dir: Path, manager, start, inputs: dict) -> int:
         print(f"note: {len(index.no_target)} samples have nothing to learn after truncation and are left out "
               f"(lines {', '.join(map(str, index.no_target[:5]))}{' ...' if len(index.no_target) > 5 else ''})",
               file=sys.stderr)
+    data_summary = {"train_file": str(train_path), "train_samples": len(index),
+                    "train_scored_at_load": index.scored_at_load}
     val_path = config.val_file
+    data_dir = Path(config.paths.data_dir)
     if not val_path.is_file():
-        print(f"note: no {val_path}; training without validation", file=sys.stderr)
+        print(f"note: no val.jsonl or valid.jsonl in {data_dir}; training without validation", file=sys.stderr)
         val_path = None
+    else:
+        # The whole file is checked now (a bad line stops the run before its first step);
+        # its samples are read at the first validation.
+        records, scored = check_records(val_path, loaded.tokenizer)
+        why = " (mlx-lm's name; there is no val.jsonl)" if val_path.name != "val.jsonl" else ""
+        ignored = f"; {data_dir / 'valid.jsonl'} is not used" if why == "" and (data_dir / "valid.jsonl").is_file() \
+            else ""
+        used = "all used" if records <= t.batch_size * t.val_batches else \
+            f"the first {t.batch_size * t.val_batches:,} used (--val-batches {t.val_batches} x --batch-size {t.batch_size})"
+        print(f"data: validation on {val_path}{why}: {records:,} records checked, {used}{ignored}", file=sys.stderr)
+        if scored:
+            print(scored_at_load_line(scored, records, "validation", val_path), file=sys.stderr)
+        data_summary.update(val_file=str(val_path), val_records=records, val_scored_at_load=scored)
+    if (data_dir / "test.jsonl").is_file():
+        print(f"data: {data_dir / 'test.jsonl'} is not used in training; src/evaluate.py takes it by default",
+              file=sys.stderr)
 
     trainer = DistrustTrainer(
         config, loaded.model, loaded.tokenizer,
         # Names the base as trained (its quantized copy, if quantized on load), so
         # mlx_lm.load(that, adapter_path=output_dir) is the model being trained.
-        adapter_config(loaded.path, num_layers, config.lora.rank, config.lora.alpha, config.lora.dropout,
-                       base=loaded.base),
+        adapter_config(loaded.path, num_layers, lo.rank, lo.alpha, lo.dropout, base=loaded.base,
+                       fine_tune_type=lo.fine_tune_type),
         index, val_path, output_dir, manager, inputs=inputs, log=lambda msg: print(msg, file=sys.stderr),
     )
+    trainer.data_summary = data_summary
     if start is not None:
         # A checkpoint whose content this run cannot use is skipped like a damaged one.
         start = restore_with_fallback(manager, start, lambda point: trainer.restore(point.state, str(point.path)),
@@ -200,6 +309,13 @@ def train(config, output_dir: Path, manager, start, inputs: dict) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     return end.exit_code
+
+
+def scored_at_load_line(scored: int, total: int, what: str, path: Path) -> str:
+    """The one line that says how many records were scored at load, and how to see why."""
+    return (f"data: {scored:,} of {total:,} {what} records have no auth_weight/prov_entropy: scored at load from "
+            f"their metadata, else their text, as src/prepare_data.py scores them (to see why: python "
+            f"src/prepare_data.py --input {path} --output SOME_DIR --explain)")
 
 
 if __name__ == "__main__":

@@ -259,3 +259,25 @@ def test_runs_from_another_working_directory(tmp_path):
     assert done.returncode == 0, done.stderr
     assert (tmp_path / "out" / "train.jsonl").exists()
     assert os.path.exists(tmp_path / "out" / "val.jsonl")
+
+
+def test_a_txt_document_gets_the_source_type_inferred_from_its_text_written_and_reported(tmp_path):
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    (raw / "notes.txt").write_text("Measured the spring at 4 inches with the gauge; the barometer reading was "
+                                   "29 inches, and I weighed the sample at 12 grains.\n")
+    (raw / "other.txt").write_text("Nothing here says what this is.\n")
+    result = run_cli("--input", raw, "--output", tmp_path / "out", "--val-fraction", "0", "--explain")
+    assert result.returncode == 0, result.stderr
+    rows = {row["text"].split()[0]: row for row in read_jsonl(tmp_path / "out" / "train.jsonl")}
+    measured = rows["Measured"]
+    assert (measured["source_type"], measured["source_type_inferred"]) == ("measurement", True)
+    assert "source_type" not in rows["Nothing"]  # nothing to infer from: not made up
+    table = {line.split()[0]: line.split() for line in result.stdout.splitlines() if line[:1].isalpha()}
+    assert table["measurement"][1] == "1" and table["unknown"][1] == "1", result.stdout
+    # --explain still says it was inferred, and the written scores are what the scorer gives the text.
+    assert "source type measurement (inferred from text)" in result.stdout
+    from corpus import scoring
+
+    expected = scoring.score({"text": measured["text"]})
+    assert (measured["auth_weight"], measured["prov_entropy"]) == (round(expected[0], 4), round(expected[1], 4))

@@ -368,19 +368,19 @@ class CheckpointManager:
         if path.resolve().parent == self.directory.resolve():
             self._protected.add(path.name)
 
-    def move_aside(self) -> Path | None:
-        """For --fresh: rename the directory to `<name>.old-<UTC time>`; never deletes.
+    def move_aside(self, stamp: str | None = None) -> Path | None:
+        """For --fresh: rename the directory to `<name>.old-<UTC time>`, the time given as
+        `stamp` (what a fresh start moves aside together has one time) or now, in the one
+        format of everything moved aside (monitoring.metrics_log.ASIDE_STAMP_FORMAT);
+        never deletes.
 
         Returns the new location, or None when there was nothing to move.
         """
+        from monitoring.metrics_log import ASIDE_STAMP_FORMAT, aside_name
+
         if not self.directory.is_dir() or not any(self.directory.iterdir()):
             return None
-        stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-        target = self.directory.with_name(f"{self.directory.name}.old-{stamp}")
-        counter = 1
-        while target.exists():
-            target = self.directory.with_name(f"{self.directory.name}.old-{stamp}-{counter}")
-            counter += 1
+        target = aside_name(self.directory, "old", stamp or datetime.now(timezone.utc).strftime(ASIDE_STAMP_FORMAT))
         os.rename(self.directory, target)
         if self.fsync:
             flush_dir(target.parent)

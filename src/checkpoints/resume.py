@@ -13,7 +13,6 @@ import errno
 import os
 import sys
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 
 from checkpoints.manager import CheckpointCorruptError, CheckpointManager
@@ -43,9 +42,10 @@ def choose_start(manager: CheckpointManager, config, args, inputs: dict, *, stdi
         print(f"removed the leftover of an interrupted save: {leftover}", file=out)
 
     if args.fresh:
-        moved = manager.move_aside()
+        moved = move_run_aside(manager)
         if moved:
-            print(f"--fresh: earlier checkpoints moved to {moved} (nothing was deleted)", file=out)
+            print(f"--fresh: the earlier run moved aside to {', '.join(map(str, moved))} (nothing was deleted)",
+                  file=out)
         return None
     if args.resume:
         info = manager.resolve(args.resume)
@@ -65,15 +65,20 @@ def choose_start(manager: CheckpointManager, config, args, inputs: dict, *, stdi
         _refuse_if_only_invalid(manager)
         return None
     if _is_terminal(stdin):
-        print(f"Found checkpoints in {manager.directory}.", file=out)
+        print(f"Found checkpoints in {manager.directory} (newest valid: step {newest.step}).", file=out)
+        print(f"  y (or Enter): resume from step {newest.step}, with everything as it was then", file=out)
+        print("  n: start anew from step 0; the checkpoints, metrics.jsonl and logs/ are moved aside "
+              "(renamed *.old-<time>, nothing is deleted)", file=out)
+        print("  (next time, --auto-resume or --fresh chooses without asking)", file=out)
         out.write(f"Resume from step {newest.step}? [Y/n] ")
         out.flush()
         answer = stdin.readline().strip().lower()
         if answer in ("", "y", "yes"):
             return _newest_loadable(manager, config, inputs)
         if answer in ("n", "no"):
-            moved = manager.move_aside()
-            print(f"starting anew; earlier checkpoints moved to {moved} (nothing was deleted)", file=out)
+            moved = move_run_aside(manager)
+            print(f"starting anew; the earlier run moved aside to {', '.join(map(str, moved))} "
+                  f"(nothing was deleted)", file=out)
             return None
         raise UserError(f"answer {answer!r} is neither yes nor no; nothing was changed")
     raise UserError(
@@ -82,15 +87,40 @@ def choose_start(manager: CheckpointManager, config, args, inputs: dict, *, stdi
         f"(the old ones are moved aside, not deleted)")
 
 
+def move_run_aside(manager: CheckpointManager) -> list[Path]:
+    """A fresh start over an earlier run: its checkpoints, metrics.jsonl and TensorBoard
+    logs are renamed `<name>.old-<time>`, with one time for the three; nothing is deleted.
+    Returns where they went."""
+    from monitoring.metrics_log import METRICS_FILE, TENSORBOARD_DIR, aside_name, aside_stamp
+
+    stamp = aside_stamp()
+    moved = []
+    checkpoints = manager.move_aside(stamp=stamp)
+    if checkpoints is not None:
+        moved.append(checkpoints)
+    run = manager.directory.parent
+    for name in (METRICS_FILE, TENSORBOARD_DIR):
+        path = run / name
+        if not os.path.lexists(path) or path.is_symlink():
+            continue  # a link is refused by check_run_dir before anything is moved
+        if path.is_dir() and not any(path.iterdir()) or path.is_file() and path.stat().st_size == 0:
+            continue
+        target = aside_name(path, "old", stamp)
+        os.rename(path, target)
+        moved.append(target)
+    return moved
+
+
 def set_aside_newer(manager: CheckpointManager, point: ResumePoint, out=None) -> Path | None:
     """Resuming from an older checkpoint (say `best`) abandons the newer ones:
     move them aside, so that after a crash `latest` cannot pick them up."""
     newer = [info.path for info in manager.checkpoints(deep=False) if info.step > point.state.step]
     if not newer:
         return None
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    target = manager.directory.with_name(f"{manager.directory.name}.superseded-{stamp}")
-    target.mkdir(parents=True, exist_ok=True)
+    from monitoring.metrics_log import aside_name
+
+    target = aside_name(manager.directory, "superseded")
+    target.mkdir(parents=True)
     for path in newer:
         os.rename(path, target / path.name)
     print(f"resuming from step {point.state.step}: the {len(newer)} newer checkpoint(s) were moved to "
@@ -106,11 +136,31 @@ class RunLock:
         self.handle = None
 
     def __enter__(self) -> "RunLock":
-        import fcntl
-
         check_run_dir(self.path.parent)  # before anything is written there
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise UserError(f"{self.path.parent}: cannot use as --output-dir ({exc.strerror})") from None
+        # The file is removed when the run ends: a lock taken on a file another run has
+        # just removed would lock nothing, so it is taken again until the locked file is
+        # the one at the path.
+        while not self._lock_once():
+            pass
+        try:  # who holds it, for the message above; the lock itself is the flock
+            self.handle.seek(0)
+            self.handle.truncate()
+            self.handle.write(f"pid {os.getpid()}")
+            self.handle.flush()
+        except OSError:
+            pass
+        remove_leftovers(self.path.parent)  # ours alone now: a dead run's half-replaced files go
+        return self
+
+    def _lock_once(self) -> bool:
+        """Open and lock the file at the path; False when it was removed or replaced meanwhile."""
+        import fcntl
+
+        try:
             # Never through a link: a planted .run.lock must not make us write "pid N" elsewhere.
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT | NO_FOLLOW | CLOSE_ON_EXEC, 0o666)
             self.handle = os.fdopen(fd, "r+")
@@ -126,18 +176,21 @@ class RunLock:
             self.handle.close()
             raise UserError(f"{self.path.parent} is in use by a run still going ({holder}); "
                             f"wait for it, or use another --output-dir") from None
-        try:  # who holds it, for the message above; the lock itself is the flock
-            self.handle.seek(0)
-            self.handle.truncate()
-            self.handle.write(f"pid {os.getpid()}")
-            self.handle.flush()
-        except OSError:
-            pass
-        remove_leftovers(self.path.parent)  # ours alone now: a dead run's half-replaced files go
-        return self
+        try:
+            same = os.fstat(self.handle.fileno()).st_ino == os.lstat(self.path).st_ino
+        except FileNotFoundError:
+            same = False
+        if not same:
+            self.handle.close()
+        return same
 
     def __exit__(self, *exc) -> None:
-        self.handle.close()  # closing releases the lock; the file itself may stay
+        # Removed while still locked, then released: a run that ends leaves no .run.lock.
+        try:
+            os.unlink(self.path)
+        except OSError:
+            pass
+        self.handle.close()
 
 
 def restore_with_fallback(manager: CheckpointManager, point: ResumePoint, restore, config,

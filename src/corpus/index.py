@@ -2,8 +2,10 @@
 
 Building it reads the file once, line by line, checking and tokenizing each
 record (so bad data stops the run before the first step, and the length of
-every sample is known for batching). Training then reads samples by offset;
-with `in_memory=True` (`--no-streaming`) the encoded samples are kept instead.
+every sample is known for batching). A record without scores (an mlx-lm
+record) is scored here, as prepare_data.py would score it; the index keeps the
+scores. Training then reads samples by offset; with `in_memory=True`
+(`--no-streaming`) the encoded samples are kept instead.
 """
 
 from __future__ import annotations
@@ -18,13 +20,16 @@ from pathlib import Path
 
 import numpy as np
 
-from corpus.records import EncodedSample, encode_records, parse_record
+from corpus.prepare import check_load_time_metadata, load_time_scores
+from corpus.records import EncodedSample, encode_records, has_scores, parse_record
+from corpus.scoring import current_year
 from durable import open_regular_file, replace_file
 from errors import UserError
 
 
 ENCODE_CHUNK = 1024
-INDEX_FORMAT = 2
+INDEX_FORMAT = 3  # 3: scores computed at load for records without them (and how many were)
+SCORER_FILES = ("scoring.py", "prepare.py")  # what computes them: part of the cache key
 COLUMN_TYPES = {"offsets": np.int64, "line_numbers": np.int64, "lengths": np.int32,
                 "auth_weight": np.float32, "prov_entropy": np.float32, "source_type": np.int16}
 NO_SOURCE_TYPE = -1  # the code of a record without a `source_type` string
@@ -46,6 +51,7 @@ class CorpusIndex:
     in_memory: list | None = field(default=None, repr=False)
     file_size: int = -1  # when indexed, to notice the file changing under a streaming run
     source_type_names: list = field(default_factory=list)  # code -> the record's `source_type`, for reports
+    scored_at_load: int = 0  # records that brought no scores: scored here, as prepare_data.py scores
 
     def __len__(self) -> int:
         return len(self.offsets)
@@ -88,11 +94,12 @@ class CorpusIndex:
         columns = {name: array(np.dtype(kind).char) for name, kind in COLUMN_TYPES.items()}
         samples = [] if in_memory else None
         type_codes: dict[str, int] = {}  # source_type -> code, in order of first appearance
-        truncated, no_target, offset = 0, [], 0
+        truncated, no_target, offset, scored_at_load = 0, [], 0, 0
         pending = []  # (byte offset, line number, record), encoded a chunk at a time
+        this_year = current_year()
 
         def flush():
-            nonlocal truncated
+            nonlocal truncated, scored_at_load
             encoded = encode_records([record for _, _, record in pending], tokenizer, max_tokens)
             for (start, line_number, record), sample in zip(pending, encoded):
                 if limit is not None and len(columns["offsets"]) >= limit:
@@ -103,8 +110,13 @@ class CorpusIndex:
                 truncated += sample.truncated
                 kind = record.get("source_type")
                 code = type_codes.setdefault(kind, len(type_codes)) if isinstance(kind, str) else NO_SOURCE_TYPE
+                if has_scores(record):
+                    authority, entropy = record["auth_weight"], record["prov_entropy"]
+                else:
+                    authority, entropy = load_time_scores(record, f"{path}:{line_number}", this_year)
+                    scored_at_load += 1
                 for name, value in (("offsets", start), ("line_numbers", line_number), ("lengths", len(sample.tokens)),
-                                    ("auth_weight", record["auth_weight"]), ("prov_entropy", record["prov_entropy"]),
+                                    ("auth_weight", authority), ("prov_entropy", entropy),
                                     ("source_type", code)):
                     columns[name].append(value)
                 if samples is not None:
@@ -137,9 +149,10 @@ class CorpusIndex:
         arrays = {name: np.frombuffer(values, dtype=COLUMN_TYPES[name]).copy() for name, values in columns.items()}
         names = list(type_codes)
         index = cls(path=path, max_tokens=max_tokens, tokenizer=tokenizer, truncated=truncated,
-                    no_target=no_target, in_memory=samples, file_size=file_size, source_type_names=names, **arrays)
+                    no_target=no_target, in_memory=samples, file_size=file_size, source_type_names=names,
+                    scored_at_load=scored_at_load, **arrays)
         if cache_file is not None:
-            _write_cache(cache_file, arrays, truncated, no_target, names)
+            _write_cache(cache_file, arrays, truncated, no_target, names, scored_at_load)
         return index
 
     def samples(self, indices) -> list[EncodedSample]:
@@ -158,6 +171,36 @@ class CorpusIndex:
         return encode_records(records, self.tokenizer, self.max_tokens)
 
 
+def check_records(path: str | Path, tokenizer) -> tuple[int, int]:
+    """Check every record of a JSONL file as the index will read it, in one streaming
+    pass that keeps nothing (memory stays flat whatever the file's size): UserError at
+    the first bad line, naming FILE:LINE. Returns (records, records without scores)."""
+    path = Path(path)
+    records = unscored = 0
+    this_year = current_year()
+    template = bool(getattr(tokenizer, "chat_template", None))
+    try:
+        handle = open(path, "rb")
+    except OSError as exc:
+        raise UserError(f"{path}: cannot read ({exc.strerror})") from None
+    with handle:
+        for line_number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}:{line_number}"
+            record = parse_record(line, str(path), line_number)
+            if "messages" in record and not template:
+                raise UserError(f"{where}: chat 'messages' need a model with a chat template, "
+                                f"and this model's tokenizer has none (use 'text' or 'prompt' + 'completion')")
+            if not has_scores(record):
+                check_load_time_metadata(record, where, this_year)
+                unscored += 1
+            records += 1
+    if not records:
+        raise UserError(f"{path}: empty file (no samples)")
+    return records, unscored
+
+
 def content_signature(path: Path, edge_bytes: int = 1 << 20) -> dict:
     """Size and SHA-256 of the first and last MiB: what a resume compares to tell
     the same corpus from another (hashing a corpus of many GB at each start
@@ -174,17 +217,28 @@ def content_signature(path: Path, edge_bytes: int = 1 << 20) -> dict:
 
 def _cache_key(path: Path, max_tokens: int, tokenizer_key: str) -> str:
     stat = os.stat(path)
-    blob = json.dumps([INDEX_FORMAT, str(path.resolve()), stat.st_size, stat.st_mtime_ns, max_tokens, tokenizer_key])
+    blob = json.dumps([INDEX_FORMAT, str(path.resolve()), stat.st_size, stat.st_mtime_ns, max_tokens, tokenizer_key,
+                       _scorer_key()])
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def _checksum(columns: dict, truncated: int, no_target: list, source_type_names: list) -> str:
+def _scorer_key() -> str:
+    """The scorer's own source: scores computed at load are cached, so a changed scorer
+    must not reuse them."""
+    digest = hashlib.sha256()
+    for name in SCORER_FILES:
+        digest.update((Path(__file__).parent / name).read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def _checksum(columns: dict, truncated: int, no_target: list, source_type_names: list, scored_at_load: int) -> str:
     """SHA-256 of everything the cache holds, so that a flipped bit is found, not trained on."""
     digest = hashlib.sha256()
     for name, kind in COLUMN_TYPES.items():
         digest.update(name.encode())
         digest.update(np.ascontiguousarray(columns[name], dtype=kind).tobytes())
-    digest.update(json.dumps([int(truncated), [int(n) for n in no_target], source_type_names]).encode())
+    digest.update(json.dumps([int(truncated), [int(n) for n in no_target], source_type_names,
+                              int(scored_at_load)]).encode())
     return digest.hexdigest()
 
 
@@ -208,11 +262,13 @@ def _read_cache(cache_file: Path) -> dict | None:
             return _rejected(cache_file, "has no list of source types")
         columns = {name: arrays[name].astype(kind, copy=False) for name, kind in COLUMN_TYPES.items()}
         truncated, no_target = int(arrays["truncated"][0]), arrays["no_target"].tolist()
+        scored_at_load = int(metadata["scored_at_load"])
     except (KeyError, ValueError, IndexError, TypeError, SafetensorError, RecursionError) as exc:
         return _rejected(cache_file, f"is not a valid index ({type(exc).__name__})")
-    if metadata.get("sha256") != _checksum(columns, truncated, no_target, names):
+    if metadata.get("sha256") != _checksum(columns, truncated, no_target, names, scored_at_load):
         return _rejected(cache_file, "fails its checksum (changed since it was written)")
-    return {**columns, "truncated": truncated, "no_target": no_target, "source_type_names": names}
+    return {**columns, "truncated": truncated, "no_target": no_target, "source_type_names": names,
+            "scored_at_load": scored_at_load}
 
 
 def _rejected(cache_file: Path, why: str) -> None:
@@ -220,15 +276,16 @@ def _rejected(cache_file: Path, why: str) -> None:
     return None
 
 
-def _write_cache(cache_file: Path, columns: dict, truncated: int, no_target: list, source_type_names: list) -> None:
+def _write_cache(cache_file: Path, columns: dict, truncated: int, no_target: list, source_type_names: list,
+                 scored_at_load: int) -> None:
     """Best effort: a cache that cannot be written only costs the next start its time.
     Replaced atomically under a fresh name (never through a link), nothing left half-written."""
     from safetensors.numpy import save
 
     arrays = dict(columns, truncated=np.asarray([truncated], dtype=np.int64),
                   no_target=np.asarray(no_target, dtype=np.int64))
-    metadata = {"source_type_names": json.dumps(source_type_names),
-                "sha256": _checksum(columns, truncated, no_target, source_type_names)}
+    metadata = {"source_type_names": json.dumps(source_type_names), "scored_at_load": str(int(scored_at_load)),
+                "sha256": _checksum(columns, truncated, no_target, source_type_names, scored_at_load)}
     try:
         cache_file.parent.mkdir(parents=True, exist_ok=True)
         blob = save(arrays, metadata=metadata)

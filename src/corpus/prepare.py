@@ -43,6 +43,7 @@ DOMINANT_SHARE = 0.8  # warn when one source type is more than this share of the
 WARNINGS_KEPT = 200  # warnings kept verbatim; the rest are only counted by reason
 TRAIN_FILE, VAL_FILE = "train.jsonl", "val.jsonl"
 EXPLAIN_ALPHA = 2.7  # --explain shows each record's distrust score d at the default alpha
+INFERRED_MARK = "source_type_inferred"  # written beside a source_type the scorer inferred from the text
 
 
 @dataclass(frozen=True)
@@ -271,6 +272,45 @@ def given_scores(fields: dict) -> tuple[float, float] | None:
     return float(fields["auth_weight"]), float(fields["prov_entropy"])
 
 
+def computed_scores(content: dict, metadata: dict) -> tuple[float, float]:
+    """The scorer's (auth_weight, prov_entropy) of a checked record: the one call that
+    prepare_data.py and the training reader (load_time_scores) both make."""
+    return scoring.score({**metadata, **content})
+
+
+def load_time_scores(record: dict, where: str, this_year: int | None = None) -> tuple[float, float]:
+    """The scores of a record that brings none (an mlx-lm record), computed when the
+    corpus is indexed exactly as prepare_data.py computes and writes them (rounded to
+    SCORE_DECIMALS). UserError naming `where` for metadata that cannot be right."""
+    try:
+        content = content_of(record)
+        metadata = checked_metadata(record, this_year if this_year is not None else scoring.current_year())
+    except BadRecord as bad:
+        raise UserError(f"{where}: {bad.detail}") from None
+    authority, entropy = computed_scores(content, metadata)
+    return round(authority, SCORE_DECIMALS), round(entropy, SCORE_DECIMALS)
+
+
+def check_load_time_metadata(record: dict, where: str, this_year: int) -> None:
+    """What load_time_scores would reject, without scoring (a quick check of a whole file)."""
+    try:
+        checked_metadata(record, this_year)
+    except BadRecord as bad:
+        raise UserError(f"{where}: {bad.detail}") from None
+
+
+def _write_inferred_source_type(content: dict, metadata: dict) -> None:
+    """A record without a source_type gets the one the scorer inferred from its text
+    (the one --explain shows), marked as inferred, so the output and the report say it."""
+    if metadata.get("source_type") is not None:
+        return
+    record = {**metadata, **content}
+    source_type, inferred = scoring.resolve_source_type(record, scoring.match_text(scoring.record_text(record)))
+    if inferred:
+        metadata["source_type"] = source_type
+        metadata[INFERRED_MARK] = True
+
+
 # ---------------------------------------------------------------- dedup keys
 
 
@@ -461,7 +501,8 @@ def _read_and_stage(files: list[Path], staging, result: PrepareResult, *, rescor
                 else:
                     scored_here = scores is None
                     if scored_here:
-                        scores = scoring.score({**metadata, **content})
+                        scores = computed_scores(content, metadata)
+                        _write_inferred_source_type(content, metadata)
                     staging.write(output_line(content, scores, metadata))
                     source_type = metadata.get("source_type")
                     staged.add(item.where, dedup_keys(content), source_type if isinstance(source_type, str) else scoring.UNKNOWN_SOURCE_TYPE,
@@ -552,6 +593,8 @@ def _explain_record(explain: Callable[[str], None], where: str, line: bytes, sco
     if not scored_here:
         explain("  scores taken from the input (use --rescore to recompute)")
         return
+    if record.get(INFERRED_MARK) is True:
+        record = {k: v for k, v in record.items() if k not in ("source_type", INFERRED_MARK)}  # as it was scored
     for what, amount in scoring.explain(record):
         explain(f"  {amount:+.4f}  {what}")
 

@@ -1,7 +1,9 @@
 """One JSONL line -> a checked record -> token ids with a loss mask start.
 
-A record has `text`, chat `messages`, or `prompt` + `completion`, and the
-scores `auth_weight` in [0, 0.99] and `prov_entropy` >= 0. Any problem is a
+A record has `text`, chat `messages`, or `prompt` + `completion` (the three
+forms mlx-lm reads), and either both scores, `auth_weight` in [0, 0.99] and
+`prov_entropy` >= 0, or neither: then the index scores it at load as
+prepare_data.py would (corpus.prepare.load_time_scores). Any problem is a
 UserError naming the file and line, so the command line can print it as is.
 """
 
@@ -35,12 +37,15 @@ def parse_record(line: bytes | str, path: str, line_number: int) -> dict:
     if not isinstance(record, dict):
         raise UserError(f"{where}: expected a JSON object, got {type(record).__name__}")
 
-    for name in SCORE_FIELDS:
-        if name not in record:
-            raise UserError(f"{where}: missing field '{name}'")
-    problem = scores_problem(record["auth_weight"], record["prov_entropy"])
-    if problem:
-        raise UserError(f"{where}: {problem[1]}")
+    present = [name for name in SCORE_FIELDS if name in record]
+    if len(present) == 1:
+        missing = next(name for name in SCORE_FIELDS if name not in record)
+        raise UserError(f"{where}: missing field '{missing}' (a record gives both scores, or neither and is "
+                        f"scored at load from its metadata and text)")
+    if present:
+        problem = scores_problem(record["auth_weight"], record["prov_entropy"])
+        if problem:
+            raise UserError(f"{where}: {problem[1]}")
 
     if "messages" in record:
         problem = messages_problem(record["messages"])
@@ -60,6 +65,11 @@ def parse_record(line: bytes | str, path: str, line_number: int) -> dict:
     else:
         raise UserError(f"{where}: missing field 'text' (or 'messages', or 'prompt' + 'completion')")
     return record
+
+
+def has_scores(record: dict) -> bool:
+    """Whether a record parsed by parse_record brings its own scores (else it is scored at load)."""
+    return SCORE_FIELDS[0] in record
 
 
 def load_json_line(line: bytes | str, where: str):

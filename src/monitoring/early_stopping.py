@@ -10,11 +10,14 @@ as the `reason` of the last metrics line):
   several consecutive optimizer steps. One large norm is common and clipping
   handles it; a run of them means training has diverged.
 - plateau: the smoothed training loss has not improved by `min_delta` for
-  `patience` checks (the trainer checks once per eval interval).
+  `patience` checks (the trainer checks once per eval interval). The loss is
+  smoothed here, over the last `window` steps (`record_loss` each step): the
+  per-step objective is noisy from batch to batch, so a check is made only
+  once the window is full (`check_plateau_now`).
 
 Nothing here knows about MLX or the trainer: it receives Python floats and
-ints. `state_dict()` holds the counters so that a resumed run stops at the
-same step as an uninterrupted one. The settings themselves (patience,
+ints. `state_dict()` holds the counters and the window so that a resumed run
+stops at the same step as an uninterrupted one. The settings themselves (patience,
 thresholds) are not part of the state: they come from the config, and a
 resumed run may change them.
 """
@@ -22,6 +25,7 @@ resumed run may change them.
 from __future__ import annotations
 
 import math
+from collections import deque
 from dataclasses import dataclass, field
 
 from monitoring.floats import decode_float, encode_float
@@ -35,12 +39,34 @@ class EarlyStopping:
     grad_spike_threshold: float = 1000.0
     grad_spike_patience: int = 3
     plateau_enabled: bool = True
+    window: int = 50  # steps the plateau check averages the loss over
 
     # Running state (what state_dict() saves).
+    losses: deque = field(default=None, init=False)  # the last `window` step losses
     consecutive_spikes: int = field(default=0, init=False)
     best_loss: float = field(default=math.inf, init=False)
     best_step: int | None = field(default=None, init=False)
     checks_without_improvement: int = field(default=0, init=False)
+
+    def __post_init__(self):
+        self.losses = deque(maxlen=self.window)
+
+    def record_loss(self, loss: float) -> None:
+        """The loss of each step that was applied (the plateau window)."""
+        self.losses.append(float(loss))
+
+    @property
+    def smoothed_loss(self) -> float:
+        """Mean over the window, non-finite steps left out; NaN when none is finite."""
+        finite = [x for x in self.losses if math.isfinite(x)]
+        return sum(finite) / len(finite) if finite else math.nan
+
+    def check_plateau_now(self, step: int) -> str | None:
+        """check_plateau with the smoothed loss of the window, once the window is full
+        (before, no check is made and nothing is counted)."""
+        if len(self.losses) < self.window:
+            return None
+        return self.check_plateau(step, self.smoothed_loss)
 
     def check_step(self, step: int, loss: float, grad_norm: float) -> str | None:
         """Call every optimizer step, before the update, with the loss and the
@@ -104,9 +130,18 @@ class EarlyStopping:
             "best_loss": encode_float(self.best_loss),
             "best_step": self.best_step,
             "checks_without_improvement": self.checks_without_improvement,
+            "losses": [encode_float(x) for x in self.losses],
         }
 
     def load_state_dict(self, state: dict) -> None:
+        """`losses` may be absent (a checkpoint written before the window was kept here):
+        the window then starts empty, and the caller may fill it with `record_loss`."""
+        raw = state.get("losses", [])
+        if not isinstance(raw, list):
+            raise TypeError(f"early stopping losses must be a list of numbers, got {raw!r}")
+        losses = [decode_float(x) for x in raw]
+        # deque(maxlen=...) keeps the newest if the window shrank.
+        self.losses = deque(losses, maxlen=self.window)
         self.consecutive_spikes = int(state["consecutive_spikes"])
         self.best_loss = decode_float(state["best_loss"])
         self.best_step = None if state["best_step"] is None else int(state["best_step"])

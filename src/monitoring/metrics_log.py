@@ -20,8 +20,11 @@ Resuming (`resume_step=N`): the lines written after step N by the interrupted
 run are dropped (the file is rewritten to a temporary name and renamed over,
 so it is whole at every moment), and the TensorBoard writer purges events
 after N. The resumed run's record then reads like an uninterrupted one.
-A fresh run (`resume_step=None`) moves an existing metrics.jsonl aside
-(never deleting it) and hides older TensorBoard events (purge from step 0).
+A fresh run (`resume_step=None`) moves an existing metrics.jsonl and the
+TensorBoard folder aside (never deleting them: `metrics.jsonl.before-<UTC
+time>`, `logs.before-<UTC time>`, the time in the one format of everything a
+run moves aside, ASIDE_STAMP_FORMAT), so TensorBoard shows the new run alone
+instead of dropping its steps as out of order.
 
 A full disk never stops the run from here: a failed write is warned about
 once (file and free space) and training goes on while checkpoints commit.
@@ -36,6 +39,7 @@ import os
 import shutil
 import sys
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 from durable import flush_fd, open_for_append, open_regular_file, replace_file
@@ -54,6 +58,7 @@ TAGS = {
     "grad_norm": "train/grad_norm",
     "tokens_per_sec": "train/tokens_per_sec",
     "memory_mb": "train/memory_mb",
+    "peak_memory_mb": "train/peak_memory_mb",
     # validation lines (log_validation)
     "val_loss": "val/loss",
     "val_loss_low_auth": "val/loss_low_auth",
@@ -128,13 +133,26 @@ def free_space(folder: Path) -> str:
         return "free space unknown"
 
 
-def _aside_name(path: Path) -> Path:
-    """A free name for an old log that a fresh run moves aside (never deletes)."""
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    aside, n = path.with_name(f"{path.name}.before-{stamp}"), 1
-    while aside.exists():
-        aside, n = path.with_name(f"{path.name}.before-{stamp}-{n}"), n + 1
+# The time in the name of everything a run moves aside (checkpoints, metrics.jsonl,
+# logs/), one format for all: UTC, e.g. 20260125T140306Z.
+ASIDE_STAMP_FORMAT = "%Y%m%dT%H%M%SZ"
+
+
+def aside_stamp() -> str:
+    return datetime.now(timezone.utc).strftime(ASIDE_STAMP_FORMAT)
+
+
+def aside_name(path: Path, word: str, stamp: str | None = None) -> Path:
+    """A free name beside `path` for moving it aside (never deleting it): `<name>.<word>-<stamp>`."""
+    stamp = stamp or aside_stamp()
+    aside, n = path.with_name(f"{path.name}.{word}-{stamp}"), 1
+    while os.path.lexists(aside):
+        aside, n = path.with_name(f"{path.name}.{word}-{stamp}-{n}"), n + 1
     return aside
+
+
+def _aside_name(path: Path) -> Path:
+    return aside_name(path, "before")
 
 
 class TensorBoardWriter:
@@ -191,8 +209,13 @@ class MetricsLog:
 
         if resume_step is not None:
             truncate_after(self.path, resume_step)
-        elif self.path.exists() and self.path.stat().st_size > 0:
-            os.replace(self.path, _aside_name(self.path))
+        else:
+            stamp = aside_stamp()
+            if self.path.exists() and self.path.stat().st_size > 0:
+                os.replace(self.path, aside_name(self.path, "before", stamp))
+            logs = self.output_dir / TENSORBOARD_DIR
+            if tensorboard and logs.is_dir() and not logs.is_symlink() and any(logs.iterdir()):
+                os.replace(logs, aside_name(logs, "before", stamp))
         try:
             self._file = open_for_append(self.path)  # never through a link planted there
         except OSError as exc:
@@ -334,6 +357,12 @@ def summary_text(**summary) -> str:
             lines.append(f"  best val  {best:.4f}{at}")
     if "adapters" in summary:
         lines.append(f"  adapters  {summary.pop('adapters')}")
-    for key, value in summary.items():
-        lines.append(f"  {key}  {value}")
+    if "peak_memory_mb" in summary:
+        peak = summary.pop("peak_memory_mb")
+        shown = f"{peak / 1000:.2f} GB" if _is_number(peak) and peak >= 1000 else \
+            f"{peak:.1f} MB" if _is_number(peak) else str(peak)
+        lines.append(f"  memory    {shown} at the peak (MLX)")
+    for key, value in summary.items():  # aligned with the lines above
+        lines.append(f"  {key:<8}  {value:.4g}" if _is_number(value) and not isinstance(value, int)
+                     else f"  {key:<8}  {value}")
     return "\n".join(lines)

@@ -1,16 +1,26 @@
 """The progress line: one tqdm bar with the figures worth watching in a long run.
 
-Postfix, after each optimizer step:
+After each optimizer step it reads, for example:
 
-    loss       this step's loss
-    loss_avg   mean loss over the last `window` steps (NaN steps left out)
-    tok/s      tokens per second over the window
-    eta_h      remaining steps x mean seconds per step over the window, in hours
-    ckpt       steps since the last committed checkpoint
-    memory_mb  MLX active memory, in MB (10**6 bytes), as passed in
-    mem_delta  percent change of that memory against a baseline taken at the
-               5th update (after compilation and the first allocations have
-               settled); marked "!" past +50%, which usually means a leak
+     6%|#4        | step 120/2000 [01:23 elapsed, train ce 4.512 (mean of last 50 steps, compare val_loss) |
+     objective 5.103 | 1,234 tok/s | ETA 1h 05m | last checkpoint 20 steps ago | memory 43.8 MB (+0.1 MB since step 10)]
+
+    train ce        the plain cross-entropy per token, averaged over the last
+                    `window` steps (NaN steps left out): the same measure as
+                    the validation's val_loss, so the two compare
+    objective       the loss being minimized (cross-entropy weighted by the
+                    distrust scores), averaged over the same steps; it equals
+                    train ce at --lambda-weight 0
+    tok/s           tokens per second over the window
+    ETA             remaining steps x mean seconds per step over the window
+    last checkpoint steps since the last committed checkpoint
+    memory          MLX peak memory so far, in MB or GB (10**6, 10**9 bytes),
+                    and how much it grew since a baseline taken at step
+                    `memory_baseline_step` (the trainer takes the step after
+                    the first validation, when everything a step needs has
+                    been allocated once); "growing" is added when it grew
+                    by more than half and by at least 64 MB: a leak, or
+                    batches much longer than before
 
 It never touches MLX: the trainer passes Python floats and ints, so drawing the
 bar never forces a device sync.
@@ -30,10 +40,12 @@ from tqdm import tqdm
 
 from monitoring.floats import encode_float
 
-BASELINE_UPDATE = 5  # the update whose memory reading becomes the baseline
-MEMORY_WARNING_PERCENT = 50.0
+DEFAULT_BASELINE_STEP = 5  # the step whose memory reading becomes the baseline, unless told otherwise
+GROWTH_WARNING_FRACTION = 0.5  # "growing" past +50% of the baseline ...
+GROWTH_WARNING_BYTES = 64 * 10**6  # ... and past +64 MB (a few MB more on a tiny model is no alarm)
 TTY_MININTERVAL_S = 0.5
 PIPE_MININTERVAL_S = 30.0
+BAR_FORMAT = "{percentage:3.0f}%|{bar}| step {n_fmt}/{total_fmt} [{elapsed} elapsed{postfix}]"
 
 
 def _is_terminal(file) -> bool:
@@ -41,6 +53,32 @@ def _is_terminal(file) -> bool:
         return bool(file.isatty())
     except (AttributeError, ValueError):  # no isatty, or a closed file
         return False
+
+
+def format_bytes(count: float) -> str:
+    """43.8 MB, 512 MB, 4.52 GB (decimal units, as the summary's MB)."""
+    sign = "-" if count < 0 else ""
+    count = abs(count)
+    if count >= 1e9:
+        return f"{sign}{count / 1e9:.2f} GB"
+    mb = count / 1e6
+    return f"{sign}{mb:.1f} MB" if mb < 100 else f"{sign}{mb:.0f} MB"
+
+
+def format_duration(seconds: float) -> str:
+    """Hours and minutes: '2h 05m', '21m', '45s'; '?' when unknown."""
+    if not math.isfinite(seconds):
+        return "?"
+    seconds = int(round(max(seconds, 0.0)))
+    if seconds < 60:
+        return f"{seconds}s"
+    hours, minutes = divmod(seconds // 60, 60)
+    return f"{hours}h {minutes:02d}m" if hours else f"{minutes}m"
+
+
+def _mean_finite(values) -> float:
+    finite = [x for x in values if math.isfinite(x)]
+    return sum(finite) / len(finite) if finite else math.nan
 
 
 class _LinePerRedraw:
@@ -68,14 +106,19 @@ class ProgressLine:
         window: int = 50,
         disable: bool = False,
         file=None,
+        memory_baseline_step: int = DEFAULT_BASELINE_STEP,
     ):
         self.total_steps = total_steps
         self.window = window
-        self.losses: deque[float] = deque(maxlen=window)
+        self.memory_baseline_step = memory_baseline_step
+        self.objectives: deque[float] = deque(maxlen=window)
+        self.ces: deque[float] = deque(maxlen=window)
         self.tokens: deque[int] = deque(maxlen=window)
         self.seconds: deque[float] = deque(maxlen=window)
         self.updates_seen = 0
         self.memory_baseline_bytes: int | None = None
+        self.memory_baseline_at: int | None = None  # the step of the baseline reading
+        self.text = ""  # the figures as last drawn
 
         file = file if file is not None else sys.stderr  # looked up now: the command line may have wrapped it
         self._file = file
@@ -84,6 +127,7 @@ class ProgressLine:
             total=total_steps,
             initial=initial_step,
             unit="step",
+            bar_format=BAR_FORMAT,
             # One bar, always on the first line: without this tqdm places a
             # bar below any other still open, moving the cursor with escapes.
             position=0,
@@ -97,62 +141,76 @@ class ProgressLine:
     # -- figures over the window ------------------------------------------
 
     @property
-    def smoothed_loss(self) -> float:
-        """Mean loss over the window, NaN/inf steps left out; NaN if none is finite."""
-        finite = [x for x in self.losses if math.isfinite(x)]
-        return sum(finite) / len(finite) if finite else math.nan
+    def smoothed_ce(self) -> float:
+        """Mean plain cross-entropy over the window, NaN/inf steps left out; NaN if none is finite."""
+        return _mean_finite(self.ces)
+
+    @property
+    def smoothed_objective(self) -> float:
+        """Mean objective (the weighted loss) over the window, NaN/inf steps left out."""
+        return _mean_finite(self.objectives)
 
     @property
     def tokens_per_second(self) -> float:
         seconds = sum(self.seconds)
         return sum(self.tokens) / seconds if seconds > 0 else math.nan
 
-    def eta_hours(self, step: int) -> float:
+    def eta_seconds(self, step: int) -> float:
         if not self.seconds:
             return math.nan
         seconds_per_step = sum(self.seconds) / len(self.seconds)
-        return max(self.total_steps - step, 0) * seconds_per_step / 3600
+        return max(self.total_steps - step, 0) * seconds_per_step
 
-    def memory_delta_percent(self, memory_bytes: int) -> float | None:
-        if not self.memory_baseline_bytes:  # not taken yet, or no memory reported
+    def memory_growth_bytes(self, memory_bytes: int) -> int | None:
+        if self.memory_baseline_bytes is None:
             return None
-        return 100.0 * (memory_bytes - self.memory_baseline_bytes) / self.memory_baseline_bytes
+        return int(memory_bytes) - self.memory_baseline_bytes
 
     # -- drawing -------------------------------------------------------------
 
     def update(
         self,
         step: int,
-        loss: float,
+        objective: float,
+        ce: float,
         tokens: int,
         seconds: float,
         memory_bytes: int,
         steps_since_checkpoint: int,
     ) -> None:
-        """Record the step just finished (`step` counts finished steps) and redraw."""
-        self.losses.append(float(loss))
+        """Record the step just finished (`step` counts finished steps) and redraw.
+        `memory_bytes` is the peak memory so far."""
+        self.objectives.append(float(objective))
+        self.ces.append(float(ce))
         self.tokens.append(int(tokens))
         self.seconds.append(float(seconds))
         self.updates_seen += 1
-        if self.updates_seen == BASELINE_UPDATE:
-            self.memory_baseline_bytes = int(memory_bytes)
-
-        postfix = {
-            "loss": f"{loss:.4f}",
-            "loss_avg": f"{self.smoothed_loss:.4f}",
-            "tok/s": f"{self.tokens_per_second:.0f}",
-            "eta_h": f"{self.eta_hours(step):.2f}",
-            "ckpt": str(steps_since_checkpoint),
-            "memory_mb": f"{memory_bytes / 1e6:.0f}",
-        }
-        delta = self.memory_delta_percent(memory_bytes)
-        if delta is not None:
-            mark = "!" if delta > MEMORY_WARNING_PERCENT else ""
-            postfix["mem_delta"] = f"{delta:+.0f}%{mark}"
-
+        if self.memory_baseline_bytes is None and step >= self.memory_baseline_step and memory_bytes > 0:
+            self.memory_baseline_bytes, self.memory_baseline_at = int(memory_bytes), step
+        self.text = self.describe(step, memory_bytes, steps_since_checkpoint)
         # refresh=False: let update() redraw, so mininterval is respected.
-        self._bar.set_postfix(postfix, refresh=False)
+        self._bar.set_postfix_str(self.text, refresh=False)
         self._bar.update(step - self._bar.n)
+
+    def describe(self, step: int, memory_bytes: int, steps_since_checkpoint: int) -> str:
+        """The figures of the line, each with its label and unit."""
+        n = len(self.ces)
+        parts = [
+            f"train ce {self.smoothed_ce:.3f} (mean of last {n} step{'s' if n != 1 else ''}, compare val_loss)",
+            f"objective {self.smoothed_objective:.3f}",
+            f"{self.tokens_per_second:,.0f} tok/s" if math.isfinite(self.tokens_per_second) else "? tok/s",
+            f"ETA {format_duration(self.eta_seconds(step))}",
+            f"last checkpoint {steps_since_checkpoint} step{'s' if steps_since_checkpoint != 1 else ''} ago",
+        ]
+        memory = f"memory {format_bytes(memory_bytes)}"
+        growth = self.memory_growth_bytes(memory_bytes)
+        if growth is not None:
+            memory += f" ({'+' if growth >= 0 else ''}{format_bytes(growth)} since step {self.memory_baseline_at}"
+            if growth > GROWTH_WARNING_FRACTION * self.memory_baseline_bytes and growth >= GROWTH_WARNING_BYTES:
+                memory += ": growing"
+            memory += ")"
+        parts.append(memory)
+        return " | ".join(parts)
 
     def write(self, msg: str) -> None:
         """Print a message above the bar (validation results, checkpoints...)."""
@@ -169,23 +227,24 @@ class ProgressLine:
     # -- resume -------------------------------------------------------------
 
     def state_dict(self) -> dict:
-        """The windows and the memory baseline, JSON-able (NaN written as "nan")."""
+        """The windows, JSON-able (NaN written as "nan"). The memory baseline is not
+        kept: memory is a process's own, so a resumed process takes its own baseline."""
         return {
-            "losses": [encode_float(x) for x in self.losses],
+            "losses": [encode_float(x) for x in self.objectives],
+            "ces": [encode_float(x) for x in self.ces],
             "tokens": list(self.tokens),
             "seconds": list(self.seconds),
             "updates_seen": self.updates_seen,
-            "memory_baseline_bytes": self.memory_baseline_bytes,
         }
 
     def load_state_dict(self, state: dict) -> None:
-        losses, tokens, seconds, updates_seen, baseline = self._decode(state)
+        objectives, ces, tokens, seconds, updates_seen = self._decode(state)
         # deque(maxlen=...) keeps the newest entries if the window shrank.
-        self.losses = deque(losses, maxlen=self.window)
+        self.objectives = deque(objectives, maxlen=self.window)
+        self.ces = deque(ces, maxlen=self.window)
         self.tokens = deque(tokens, maxlen=self.window)
         self.seconds = deque(seconds, maxlen=self.window)
         self.updates_seen = updates_seen
-        self.memory_baseline_bytes = baseline
 
     @classmethod
     def check_state_dict(cls, state: dict) -> None:
@@ -194,7 +253,11 @@ class ProgressLine:
 
     @staticmethod
     def _decode(state: dict) -> tuple:
-        baseline = state["memory_baseline_bytes"]
-        return ([float(x) for x in state["losses"]], [int(x) for x in state["tokens"]],
-                [float(x) for x in state["seconds"]], int(state["updates_seen"]),
-                None if baseline is None else int(baseline))
+        """A checkpoint written before `ces` was kept has none: that window starts empty
+        (its `memory_baseline_bytes` is not used)."""
+        ces = state.get("ces", [])
+        if not isinstance(ces, list):
+            raise TypeError(f"progress ces must be a list, got {type(ces).__name__}")
+        return ([float(x) for x in state["losses"]], [float(x) for x in ces],
+                [int(x) for x in state["tokens"]], [float(x) for x in state["seconds"]],
+                int(state["updates_seen"]))
