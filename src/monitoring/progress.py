@@ -2,8 +2,8 @@
 
 After each optimizer step it reads, for example:
 
-     6%|#4        | step 120/2000 [01:23 elapsed, train ce 4.512 (mean of last 50 steps, compare val_loss) |
-     objective 5.103 | 1,234 tok/s | ETA 1h 05m | last checkpoint 20 steps ago | memory 43.8 MB (+0.1 MB since step 10)]
+     61%|######1   | step 183/300 [00:50 elapsed, train ce 5.508 (mean of last 50 steps, compare val_loss) |
+     objective 4.659 | 2,827 tok/s | ETA 29s | last checkpoint 83 steps ago | memory 39.9 MB (+0.0 MB since step 101)]
 
     train ce        the plain cross-entropy per token, averaged over the last
                     `window` steps (NaN steps left out): the same measure as
