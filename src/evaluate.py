@@ -97,7 +97,8 @@ def evaluate_run(args: argparse.Namespace) -> dict:
     batches = fixed_batches(index, batch_size, math.ceil(len(index) / batch_size), pad_id)
 
     base = loss_report(sample_losses(loaded.model, compile_row_losses(loaded.model), batches), index)
-    attach_lora(loaded.model, config.lora.rank, config.lora.alpha, config.lora.layers, config.lora.dropout, t.seed)
+    attach_lora(loaded.model, config.lora.rank, config.lora.alpha, config.lora.layers, config.lora.dropout, t.seed,
+                fine_tune_type=config.lora.fine_tune_type)  # DoRA's magnitudes too
     loaded.model.load_weights(list(state.adapters.items()), strict=False)
     adapted = loss_report(sample_losses(loaded.model, compile_row_losses(loaded.model), batches), index)
 
