@@ -94,7 +94,7 @@ class CorpusIndex:
         columns = {name: array(np.dtype(kind).char) for name, kind in COLUMN_TYPES.items()}
         samples = [] if in_memory else None
         type_codes: dict[str, int] = {}  # source_type -> code, in order of first appearance
-        truncated, no_target, offset, scored_at_load = 0, [], 0, 0
+        truncated, no_target, scored_at_load = 0, [], 0
         pending = []  # (byte offset, line number, record), encoded a chunk at a time
         this_year = current_year()
 
@@ -123,27 +123,15 @@ class CorpusIndex:
                     samples.append(sample)
             pending.clear()
 
-        try:
-            handle = open(path, "rb")
-        except OSError as exc:
-            raise UserError(f"{path}: cannot read ({exc.strerror})") from None
-        with handle:
-            for line_number, line in enumerate(handle, start=1):
-                start, offset = offset, offset + len(line)
-                if not line.strip():
-                    continue
-                record = parse_record(line, str(path), line_number)
-                if "messages" in record and not getattr(tokenizer, "chat_template", None):
-                    raise UserError(f"{path}:{line_number}: chat 'messages' need a model with a chat template, "
-                                    f"and this model's tokenizer has none (use 'text' or 'prompt' + 'completion')")
-                pending.append((start, line_number, record))
-                if len(pending) == ENCODE_CHUNK:
-                    flush()
-                    if limit is not None and len(columns["offsets"]) >= limit:
-                        break
-            flush()
+        for start, line_number, record in checked_records(path, tokenizer):
+            pending.append((start, line_number, record))
+            if len(pending) == ENCODE_CHUNK:
+                flush()
+                if limit is not None and len(columns["offsets"]) >= limit:
+                    break
+        flush()
         if not columns["offsets"]:
-            if offset == 0:
+            if file_size == 0:
                 raise UserError(f"{path}: empty file (no samples)")
             raise UserError(f"{path}: no usable sample (every record was empty after truncation to {max_tokens} tokens)")
         arrays = {name: np.frombuffer(values, dtype=COLUMN_TYPES[name]).copy() for name, values in columns.items()}
@@ -171,6 +159,29 @@ class CorpusIndex:
         return encode_records(records, self.tokenizer, self.max_tokens)
 
 
+def checked_records(path: str | Path, tokenizer):
+    """(byte offset, line number, record) for each non-blank line, checked: the one reading
+    loop of the index and of the start-of-run check. UserError naming FILE:LINE at the first
+    bad line, or a chat record for a tokenizer without a chat template."""
+    path = Path(path)
+    template = bool(getattr(tokenizer, "chat_template", None))
+    try:
+        handle = open(path, "rb")
+    except OSError as exc:
+        raise UserError(f"{path}: cannot read ({exc.strerror})") from None
+    offset = 0
+    with handle:
+        for line_number, line in enumerate(handle, start=1):
+            start, offset = offset, offset + len(line)
+            if not line.strip():
+                continue
+            record = parse_record(line, str(path), line_number)
+            if "messages" in record and not template:
+                raise UserError(f"{path}:{line_number}: chat 'messages' need a model with a chat template, "
+                                f"and this model's tokenizer has none (use 'text' or 'prompt' + 'completion')")
+            yield start, line_number, record
+
+
 def check_records(path: str | Path, tokenizer) -> tuple[int, int]:
     """Check every record of a JSONL file as the index will read it, in one streaming
     pass that keeps nothing (memory stays flat whatever the file's size): UserError at
@@ -178,24 +189,11 @@ def check_records(path: str | Path, tokenizer) -> tuple[int, int]:
     path = Path(path)
     records = unscored = 0
     this_year = current_year()
-    template = bool(getattr(tokenizer, "chat_template", None))
-    try:
-        handle = open(path, "rb")
-    except OSError as exc:
-        raise UserError(f"{path}: cannot read ({exc.strerror})") from None
-    with handle:
-        for line_number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{line_number}"
-            record = parse_record(line, str(path), line_number)
-            if "messages" in record and not template:
-                raise UserError(f"{where}: chat 'messages' need a model with a chat template, "
-                                f"and this model's tokenizer has none (use 'text' or 'prompt' + 'completion')")
-            if not has_scores(record):
-                check_load_time_metadata(record, where, this_year)
-                unscored += 1
-            records += 1
+    for _, line_number, record in checked_records(path, tokenizer):
+        if not has_scores(record):
+            check_load_time_metadata(record, f"{path}:{line_number}", this_year)
+            unscored += 1
+        records += 1
     if not records:
         raise UserError(f"{path}: empty file (no samples)")
     return records, unscored
