@@ -3,6 +3,7 @@
     python src/train_qlora.py --model tiny
     python src/train_qlora.py --model mlx-community/Qwen2.5-7B-Instruct-4bit --auto-resume
     python src/train_qlora.py --config examples/lora_config.yaml     # an mlx_lm lora config works too
+    mlx.launch -n 2 --backend ring -- python src/train_qlora.py --model tiny --auto-resume   # 2 processes
 
 Exit codes: see EXIT_CODES (printed by --help).
 """
@@ -10,6 +11,8 @@ Exit codes: see EXIT_CODES (printed by --help).
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
 import sys
 from pathlib import Path
 
@@ -173,19 +176,42 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)  # argparse itself exits 2 on bad usage
 
     def work() -> int:
+        import os
+
+        from process_group import PeerLost, ProcessGroup, ReportedByRankZero
+
+        group = ProcessGroup.from_environment()
+        stderr = sys.stderr
+        if not group.is_writer:
+            # Rank 0 speaks for the run; the others print only their own errors.
+            sys.stdout = sys.stderr = open(os.devnull, "w")
         try:
-            return run(args)
+            return run(args, group)
         except KeyboardInterrupt:
             print("\ninterrupted outside the training loop; committed checkpoints are intact", file=sys.stderr)
             return 130
+        except ReportedByRankZero:
+            return 2  # rank 0 has said it
+        except UserError as exc:
+            if group.is_writer:
+                raise
+            print(f"rank {group.rank}: error: {' '.join(str(exc).split())}", file=stderr)
+            return 2
+        except PeerLost as exc:
+            print(f"{'' if group.is_writer else f'rank {group.rank}: '}error: lost contact with the other processes "
+                  f"({exc}); the newest committed checkpoint is intact: run the same mlx.launch command with "
+                  f"--auto-resume to continue", file=stderr)
+            return 1
 
     return run_command(work)
 
 
-def run(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace, group=None) -> int:
     from checkpoints import CheckpointManager
     from checkpoints.resume import RunLock, choose_start, describe_checkpoints
+    from process_group import ProcessGroup
 
+    group = group or ProcessGroup()
     if args.list_checkpoints and args.output_dir and not args.model:
         # Listing needs only where to look: no model, no other setting.
         print(describe_checkpoints(CheckpointManager(Path(args.output_dir) / "checkpoints")))
@@ -200,10 +226,17 @@ def run(args: argparse.Namespace) -> int:
         print(describe_checkpoints(manager))
         return 0
 
-    with RunLock(output_dir):
+    if config.training.batch_size % group.size:
+        raise UserError(f"--batch-size {config.training.batch_size} is the global batch: it must divide among the "
+                        f"{group.size} processes (try {group.size * max(config.training.batch_size // group.size, 1)} or "
+                        f"{group.size * (config.training.batch_size // group.size + 1)})")
+    # Rank 0 alone writes to the output dir (the lock, checkpoints, logs); the others only read their data.
+    with RunLock(output_dir) if group.is_writer else contextlib.nullcontext():
         inputs = run_inputs(config)
-        start = choose_start(manager, config, args, inputs)  # may ask at a terminal, or exit 2 without one
-        return train(config, output_dir, manager, start, inputs)
+        group.check_same("the training data, model and settings", json.dumps([inputs, config.fingerprint()]))
+        # May ask at a terminal, or exit 2 without one; several processes: rank 0 chooses for all.
+        start = group.on_writer(lambda: choose_start(manager, config, args, inputs))
+        return train(config, output_dir, manager, start, inputs, group)
 
 
 def run_inputs(config) -> dict:
@@ -226,7 +259,7 @@ def run_inputs(config) -> dict:
     return inputs
 
 
-def train(config, output_dir: Path, manager, start, inputs: dict) -> int:
+def train(config, output_dir: Path, manager, start, inputs: dict, group) -> int:
     from checkpoints.resume import restore_with_fallback
     from corpus.index import CorpusIndex, check_records
     from modeling import (adapter_config, attach_lora, load_init_adapters, load_model, parameter_counts,
@@ -254,7 +287,8 @@ def train(config, output_dir: Path, manager, start, inputs: dict) -> int:
           f"{trainable:,} of {total:,} ({100 * trainable / total:.3f}%)", file=sys.stderr)
 
     index = CorpusIndex.build(train_path, loaded.tokenizer, t.max_seq_length + 1, in_memory=not config.paths.streaming,
-                              cache_dir=output_dir / "cache", tokenizer_key=tokenizer_key(loaded))
+                              cache_dir=output_dir / "cache" if group.is_writer else None,
+                              tokenizer_key=tokenizer_key(loaded))
     print(f"data: {len(index):,} training samples from {train_path}", file=sys.stderr)
     if index.scored_at_load:
         print(scored_at_load_line(index.scored_at_load, len(index), "training", train_path), file=sys.stderr)
@@ -296,13 +330,18 @@ def train(config, output_dir: Path, manager, start, inputs: dict) -> int:
         adapter_config(loaded.path, num_layers, lo.rank, lo.alpha, lo.dropout, base=loaded.base,
                        fine_tune_type=lo.fine_tune_type),
         index, val_path, output_dir, manager, inputs=inputs, log=lambda msg: print(msg, file=sys.stderr),
+        group=group,
     )
     trainer.data_summary = data_summary
-    if start is not None:
+
+    def restore() -> None:
         # A checkpoint whose content this run cannot use is skipped like a damaged one.
-        start = restore_with_fallback(manager, start, lambda point: trainer.restore(point.state, str(point.path)),
-                                      config, inputs)
-        print(f"resumed from {start.path} at step {start.state.step}", file=sys.stderr)
+        point = restore_with_fallback(manager, start, lambda p: trainer.restore(p.state, str(p.path)), config, inputs)
+        print(f"resumed from {point.path} at step {point.state.step}", file=sys.stderr)
+
+    if start is not None or group.distributed:  # several processes: rank 0 restores, then shares
+        group.on_writer(lambda: restore() if start is not None else None)
+        trainer.share_resume_point()
     try:
         end = trainer.fit()
     except CheckpointingFailed as exc:

@@ -11,6 +11,13 @@ so that only one pass's activations are held), then one host sync (loss and
 gradient norm are needed to decide whether to update at all), then one
 compiled update, started with mx.async_eval so that it runs while the host
 prepares the next batch.
+
+With several processes (mlx.launch; process_group.py), each rank runs the same
+loop on its share of every global batch. The step's gradients are averaged
+across ranks inside a compiled function and its figures (loss sums, tokens,
+stop signals) summed with them, so every rank sees the same numbers and takes
+the same decisions; rank 0 alone writes (checkpoints, adapters, logs, the
+progress line), and whether its save worked is broadcast.
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ from __future__ import annotations
 import math
 import random
 import shutil
+import signal
 import time
 from dataclasses import dataclass, field
 from functools import partial
@@ -32,17 +40,18 @@ from mlx.utils import tree_flatten, tree_map, tree_unflatten
 from checkpoints import CheckpointCorruptError, CheckpointManager, CheckpointSaveError, TrainingState
 from checkpoints.manager import directory_size
 from config import Config
-from corpus.batching import Batch, DataPosition, epoch_order, fixed_batches, training_batches
+from corpus.batching import Batch, DataPosition, Share, epoch_order, fixed_batches, training_batches
 from corpus.index import CorpusIndex
 from distrust import DistrustObjective, weight_report_lines
 from durable import copy_file_atomically
 from errors import UserError
 from modeling import adapter_weights
 from monitoring.early_stopping import EarlyStopping
-from monitoring.evaluation import compile_row_losses, loss_report, sample_losses, token_losses
-from monitoring.metrics_log import MetricsLog, free_space, summary_text
+from monitoring.evaluation import SampleLosses, compile_row_losses, loss_report, sample_losses, token_losses
+from monitoring.metrics_log import MetricsLog, NoMetrics, free_space, summary_text
 from monitoring.progress import ProgressLine
-from stop_signals import StopRequests
+from process_group import PeerLost, ProcessGroup
+from stop_signals import EXIT_CODES, StopRequests
 
 MAX_STEP = 10**12  # more optimizer steps than any run makes: a larger one is a tampered checkpoint
 # Saves that fail this many times in a row stop the run: an overnight run that
@@ -132,6 +141,7 @@ class CompiledFunctions:
     global_norm: object  # (grads, tokens) -> gradient norm of the per-token mean
     update: object  # (grads, tokens, norm) -> applies the clipped update
     row_losses: object  # (inputs, targets, mask) -> ce sum per row, eval mode
+    reduce: object  # (grads, figures) -> grads averaged over the ranks, figures summed (several processes)
 
 
 @dataclass
@@ -143,6 +153,7 @@ class StepFigures:
     tokens: int
     learning_rate: float
     seconds: float
+    signal: int | None = None  # a stop signal any rank received (several processes)
 
 
 @dataclass
@@ -162,7 +173,8 @@ class LoopState:
 class DistrustTrainer:
     def __init__(self, config: Config, model: nn.Module, tokenizer, adapter_config: dict,
                  train_index: CorpusIndex, val_path: Path | None, output_dir: Path,
-                 checkpoints: CheckpointManager, inputs: dict | None = None, log=print):
+                 checkpoints: CheckpointManager, inputs: dict | None = None, log=print,
+                 group: ProcessGroup | None = None):
         self.config = config
         self.model = model
         self.tokenizer = tokenizer
@@ -172,7 +184,8 @@ class DistrustTrainer:
         self.output_dir = Path(output_dir)
         self.checkpoints = checkpoints
         self.inputs = inputs or {}  # identity of the data and model, checked on resume
-        self.log = log
+        self.group = group or ProcessGroup()
+        self.log = log if self.group.is_writer else (lambda message: None)
         t, d = config.training, config.distrust
 
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -193,9 +206,11 @@ class DistrustTrainer:
         self.val_index: CorpusIndex | None = None
         self.val_batches: list[Batch] | None = None
         self.resumed_from: str | None = None
+        self.restored: TrainingState | None = None
         self.save_failures = 0
         self.last_save_step = 0
         self.last_save_path: Path | None = None
+        self.last_save_here = False  # last_save_path is one of this run's checkpoints (the same on every rank)
         self._compiled = None
         self.data_summary: dict | None = None  # what the data is, for a "data" line of metrics.jsonl
 
@@ -231,8 +246,42 @@ class DistrustTrainer:
         _set_host_rng_state(rng)
         self.last_save_step = saved.step
         self.last_save_path = Path(source)
+        self.last_save_here = self.last_save_path.parent.resolve() == self.checkpoints.directory.resolve()
         self.resumed_from = source
+        if self.group.distributed:
+            self.restored = saved  # for share_resume_point: the other ranks take the same
+        saved_processes = saved.trainer.get("processes", 1)
+        if saved_processes != self.group.size:
+            # The global batch and the data position do not depend on the world size: the
+            # run continues as the same run; only float rounding differs (summation order).
+            self.log(f"note: checkpoint {source} was written by a run of {saved_processes} process(es), this one "
+                     f"has {self.group.size}: training continues with the same global batch (--batch-size "
+                     f"{self.config.training.batch_size}); the result equals the uninterrupted run's up to float "
+                     f"rounding, not bit for bit")
         mx.eval(self.model.parameters(), self.optimizer.state)
+
+    def share_resume_point(self) -> None:
+        """Several processes: rank 0 alone chose and restored a checkpoint (or none);
+        every other rank takes that same state from it, never from its own reading
+        of the output dir (on another machine there is none). Call on every rank."""
+        if not self.group.distributed:
+            return
+        saved = self.restored
+        header = self.group.broadcast_json(None if not self.group.is_writer else {
+            "source": self.resumed_from, "here": self.last_save_here,
+            "step": saved.step if saved else None, "trainer": saved.trainer if saved else None})
+        if header["source"] is None:
+            return
+        own_adapters, own_optimizer = adapter_weights(self.model), dict(tree_flatten(self.optimizer.state))
+        adapters = self.group.broadcast_arrays(saved.adapters if saved else None, like=own_adapters)
+        optimizer = self.group.broadcast_arrays(saved.optimizer if saved else None, like=own_optimizer)
+        if not self.group.is_writer:
+            self.restore(TrainingState(step=header["step"], adapters=adapters, optimizer=optimizer,
+                                       trainer=header["trainer"], config=self.config.to_dict(),
+                                       fingerprint=self.config.fingerprint(), adapter_config=self.adapter_config),
+                         header["source"])
+            self.last_save_here = header["here"]
+        self.restored = None
 
     def _checked_state(self, saved: TrainingState) -> tuple[LoopState, EarlyStopping, dict]:
         """What `restore` will put back, each part checked against this run (types, ranges,
@@ -269,6 +318,7 @@ class DistrustTrainer:
             for loss in trainer["progress"]["losses"]:
                 early_stopping.record_loss(float(loss))
         _check_host_rng_state(trainer["rng"])
+        _bounded_int(trainer.get("processes", 1), "processes", 1, 2**20)
         return state, early_stopping, trainer["rng"]
 
     def training_state(self) -> TrainingState:
@@ -282,6 +332,7 @@ class DistrustTrainer:
                 "train_seconds": s.train_seconds,
             },
             "inputs": self.inputs,
+            "processes": self.group.size,  # world size: a resume with another continues (see restore)
             "early_stopping": self.early_stopping.state_dict(),
             "progress": self.progress.state_dict(),
             "rng": _host_rng_state(),
@@ -334,13 +385,22 @@ class DistrustTrainer:
             scale = mx.minimum(1.0, max_norm / (norm + 1e-6)) / tokens
             optimizer.update(model, tree_map(lambda g: g * scale, grads))
 
+        group = self.group
+
+        @mx.compile
+        def reduce(grads, figures):
+            # One process's gradients are sums over its tokens: their mean over the ranks,
+            # divided by the mean tokens per rank, is the global per-token mean.
+            return group.average(grads), group.sum(figures)
+
         # Validation runs the model in eval mode (no dropout), compiled like the step.
-        return CompiledFunctions(gradients, global_norm, update, compile_row_losses(model))
+        return CompiledFunctions(gradients, global_norm, update, compile_row_losses(model), reduce)
 
     # -- one optimizer step ---------------------------------------------------
 
-    def _optimizer_step(self, batches) -> tuple[StepFigures, str | None]:
-        """Run one step over `grad_accum` micro-batches; update unless told to stop."""
+    def _optimizer_step(self, batches, stops: StopRequests | None = None) -> tuple[StepFigures, str | None]:
+        """Run one step over `grad_accum` micro-batches; update unless told to stop.
+        With several processes, `stops` (this rank's signals) is summed with the step's figures."""
         gradients, global_norm, update = self._compiled.gradients, self._compiled.global_norm, self._compiled.update
         t = self.config.training
         started = time.perf_counter()
@@ -369,23 +429,43 @@ class DistrustTrainer:
             # against 265 MB).
             mx.async_eval(weighted_sum, ce_sum, grads)
             tokens += batch.tokens
-            auth.append(batch.auth_weight[batch.real_rows])
-            entropy.append(batch.prov_entropy[batch.real_rows])
+            # The whole global batch's samples (one process: its own real rows).
+            auth.append(self.train_index.auth_weight[batch.batch_indices])
+            entropy.append(self.train_index.prov_entropy[batch.batch_indices])
             self.state.position = position
 
-        tokens_or_one = max(tokens, 1)  # a step of fill rows only has no tokens
-        denominator = mx.array(float(tokens_or_one))
+        signal_received = None
+        if self.group.distributed:
+            # Sums over the ranks: loss sums, tokens, and which stop signals arrived anywhere.
+            received = [float(stops is not None and stops.signal == sig) for sig in EXIT_CODES]
+            totals = mx.concatenate([mx.stack([weighted_sum, ce_sum]), mx.array([float(tokens), *received])])
+            grads, totals = self._compiled.reduce(grads, totals)
+            weighted_sum, ce_sum = totals[0], totals[1]
+            denominator = mx.maximum(totals[2], 1.0) / self.group.size  # mean tokens per rank
+        else:
+            denominator = mx.array(float(max(tokens, 1)))  # a step of fill rows only has no tokens
         norm = global_norm(grads, denominator)
         # The rate this step's update uses (optimizer.learning_rate still holds the last one's).
         learning_rate = self.schedule(self.optimizer.step)
-        mx.eval(weighted_sum, ce_sum, norm, learning_rate)  # the one sync of the step
+        try:
+            mx.eval(weighted_sum, ce_sum, norm, learning_rate)  # the one sync of the step
+        except RuntimeError as exc:
+            if self.group.distributed:
+                self.state.position = start_position
+                raise PeerLost(str(exc)) from None
+            raise
+        if self.group.distributed:
+            counts = np.asarray(totals)
+            tokens = int(counts[2])
+            signal_received = next((sig for sig, count in zip(EXIT_CODES, counts[3:]) if count > 0), None)
+        tokens_or_one = max(tokens, 1)
         weighted_ce = weighted_sum.item() / tokens_or_one
         plain_ce = ce_sum.item() / tokens_or_one
         auth, entropy = np.concatenate(auth), np.concatenate(entropy)
         loss = self.objective.objective(weighted_ce, plain_ce, auth, entropy)
         figures = StepFigures(
             loss=loss, ce=plain_ce, distrust=loss - plain_ce, grad_norm=norm.item(), tokens=tokens,
-            learning_rate=learning_rate.item(), seconds=0.0,
+            learning_rate=learning_rate.item(), seconds=0.0, signal=signal_received,
         )
         # Checked before the update: a non-finite or exploding step is never
         # applied, so the last checkpoint holds the last good state.
@@ -411,8 +491,15 @@ class DistrustTrainer:
         if self.val_batches is None:  # lazy: the val file is first read here
             self.val_index = CorpusIndex.build(self.val_path, self.tokenizer, t.max_seq_length + 1,
                                                limit=t.batch_size * t.val_batches)
-            self.val_batches = fixed_batches(self.val_index, t.batch_size, t.val_batches, self.pad_id)
+            self.val_batches = fixed_batches(self.val_index, t.batch_size, t.val_batches, self.pad_id,
+                                             Share(self.group.rank, self.group.size))
         losses = sample_losses(self.model, self._compiled.row_losses, self.val_batches)
+        if self.group.distributed:
+            # Each rank has its share of the samples: every rank gets them all, by position.
+            count = min(len(self.val_index), t.batch_size * t.val_batches)
+            losses = SampleLosses(self.group.gather_rows(losses.ce, losses.positions, count),
+                                  self.group.gather_rows(losses.tokens, losses.positions, count),
+                                  np.arange(count))
         report = loss_report(losses, self.val_index)
         auth = self.val_index.auth_weight[losses.positions]
         entropy = self.val_index.prov_entropy[losses.positions]
@@ -431,18 +518,27 @@ class DistrustTrainer:
     def save_checkpoint(self, *, is_best: bool = False, is_final: bool = False) -> bool:
         """Commit a checkpoint; on failure warn loudly and carry on (a few times)."""
         started = time.perf_counter()
-        try:
-            path = self.checkpoints.save(self.training_state(), is_best=is_best, is_final=is_final)
-        except CheckpointSaveError as exc:
+        path = failure = None
+        if self.group.is_writer:
+            try:
+                path = self.checkpoints.save(self.training_state(), is_best=is_best, is_final=is_final)
+            except CheckpointSaveError as exc:
+                failure = str(exc)
+        # Rank 0 saves; every rank counts its failures alike, so all stop together.
+        failure = self.group.broadcast_json(failure)
+        if failure is not None:
             self.save_failures += 1
-            self.progress.write(f"WARNING: checkpoint at step {self.state.step} failed ({exc}); "
+            self.progress.write(f"WARNING: checkpoint at step {self.state.step} failed ({failure}); "
                                 f"retrying at the next interval")
             if self.save_failures >= MAX_CONSECUTIVE_SAVE_FAILURES:
                 raise CheckpointingFailed(
-                    f"{self.save_failures} checkpoint saves failed in a row, the last: {exc}") from None
+                    f"{self.save_failures} checkpoint saves failed in a row, the last: {failure}") from None
             return False
         self.save_failures = 0
-        self.last_save_step, self.last_save_path = self.state.step, path
+        self.last_save_step, self.last_save_here = self.state.step, True
+        if not self.group.is_writer:
+            return True
+        self.last_save_path = path
         self.write_adapters(path)
         self.metrics.event(self.state.step, "checkpoint", path=str(path), seconds=time.perf_counter() - started,
                            best=is_best, final=is_final)
@@ -465,12 +561,13 @@ class DistrustTrainer:
     # -- the loop ---------------------------------------------------------------
 
     def fit(self) -> RunEnd:
-        t, s = self.config.training, self.state
-        self.output_dir.mkdir(parents=True, exist_ok=True)
+        t, s, writer = self.config.training, self.state, self.group.is_writer
+        if writer:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
         if self.resumed_from and s.step < t.max_steps:
-            self._check_room_for_a_checkpoint(Path(self.resumed_from))
+            self.group.on_writer(lambda: self._check_room_for_a_checkpoint(Path(self.resumed_from)))
         self.metrics = MetricsLog(self.output_dir, tensorboard=self.config.paths.tensorboard,
-                                  resume_step=s.step if self.resumed_from else None)
+                                  resume_step=s.step if self.resumed_from else None) if writer else NoMetrics()
         index = self.train_index
         weights = self.objective.weight_report(index.auth_weight, index.prov_entropy,
                                                index.source_type, index.source_type_names)
@@ -482,18 +579,20 @@ class DistrustTrainer:
                 self.metrics.event(0, "data", **self.data_summary)
         # A run with nothing left to do draws no bar (it would show the same line twice).
         self.progress = ProgressLine(t.max_steps, initial_step=s.step, disable=s.step >= t.max_steps,
-                                     memory_baseline_step=self._memory_baseline_step())
+                                     memory_baseline_step=self._memory_baseline_step(), quiet=not writer,
+                                     processes=self.group.size)
         if self.progress_state is not None:
             self.progress.load_state_dict(self.progress_state)
-        if self.resumed_from:
+        if self.resumed_from and writer:
             self.checkpoints.protect(Path(self.resumed_from))
         self._compiled = self._compile()
-        batches = training_batches(self.train_index, t.batch_size, t.seed, s.position, self.pad_id)
+        batches = training_batches(self.train_index, t.batch_size, t.seed, s.position, self.pad_id,
+                                   Share(self.group.rank, self.group.size))
         self.model.train()
         end = None
         with StopRequests() as stops:
             try:
-                if self.resumed_from:
+                if self.resumed_from and writer:
                     self._reconcile_bookkeeping(Path(self.resumed_from))
                 if s.step >= t.max_steps:
                     # Committed already: only `final` (and the bookkeeping above) to make agree.
@@ -504,7 +603,8 @@ class DistrustTrainer:
             except UserError:
                 # Bad data found mid-run (a val file read at the first validation, a
                 # training file changed under a streaming run): keep the steps done.
-                if s.step > self.last_save_step:
+                # With several processes only this rank knows: saving would wait on the others.
+                if s.step > self.last_save_step and not self.group.distributed:
                     self.save_checkpoint()
                 self.metrics.end(f"stopped at step {s.step}: bad input", steps=s.step)
                 self.metrics.close()
@@ -520,17 +620,17 @@ class DistrustTrainer:
             "steps": s.step, "max_steps": t.max_steps, "tokens": s.tokens_seen, "seconds": s.train_seconds,
             "best_val_loss": s.best_val_loss if s.best_val_step is not None else None,
             "best_val_step": s.best_val_step, "adapters": str(self.output_dir / "adapters.safetensors"),
-            "peak_memory_mb": round(mx.get_peak_memory() / 1e6, 1),
+            "peak_memory_mb": round(mx.get_peak_memory() / 1e6, 1), "processes": self.group.size,
         }
         self.metrics.end(end.reason, **summary)
         self.metrics.close()
-        self.log(summary_text(reason=end.reason, **summary))
+        self.log(summary_text(reason=end.reason, **summary))  # rank 0 only: the others' log is quiet
         return end
 
     def _one_step(self, batches, stops: StopRequests) -> RunEnd | None:
         """One optimizer step and what follows it (log, validate, save); the run's end, or None to go on."""
         t, s = self.config.training, self.state
-        figures, stop = self._optimizer_step(batches)
+        figures, stop = self._optimizer_step(batches, stops)
         if stop is not None:
             # The update was not applied: the state is that of the last good step.
             self.metrics.log(s.step + 1, loss=figures.loss, ce=figures.ce, grad_norm=figures.grad_norm)
@@ -561,13 +661,19 @@ class DistrustTrainer:
             end = RunEnd(stop)
         elif finished:
             end = RunEnd(f"finished: reached --max-steps {t.max_steps}")
-        elif stops.signal is not None:
-            end = RunEnd(f"interrupted by {stops.name} at step {s.step}", stops.exit_code)
+        elif self._stop_signal(stops, figures) is not None:
+            sig = self._stop_signal(stops, figures)
+            end = RunEnd(f"interrupted by {signal.Signals(sig).name} at step {s.step}", EXIT_CODES[sig])
         if end is not None:
             return self._end_with_checkpoint(end, is_best=is_best)
         if is_best or s.step % t.checkpoint_interval == 0:
             self.save_checkpoint(is_best=is_best)
         return None
+
+    def _stop_signal(self, stops: StopRequests, figures: StepFigures) -> int | None:
+        """The stop signal to act on now: this process's own, or with several processes the
+        one summed with the step's figures (so every rank stops at the same step)."""
+        return figures.signal if self.group.distributed else stops.signal
 
     def _memory_baseline_step(self) -> int:
         """The step from which this process's memory growth is measured: right after its first
@@ -604,12 +710,11 @@ class DistrustTrainer:
 
     def _end_with_checkpoint(self, end: RunEnd, is_best: bool = False) -> RunEnd:
         """The final checkpoint; a run whose last state could not be saved has not succeeded."""
-        saved = self.last_save_path
-        if (self.last_save_step == self.state.step and saved is not None
-                and saved.parent.resolve() == self.checkpoints.directory.resolve()):
+        if self.last_save_step == self.state.step and self.last_save_here:
             # This very state is committed already (a stop right after a save,
             # or nothing left to do): point `final` at it rather than save it again.
-            self.checkpoints.mark_final(saved)
+            if self.group.is_writer:
+                self.checkpoints.mark_final(self.last_save_path)
             return end
         if self.save_checkpoint(is_best=is_best, is_final=True):
             return end

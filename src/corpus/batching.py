@@ -13,6 +13,11 @@ seen exactly once per epoch and the batch shape stays fixed.
 The position in the data is a plain value (epoch, batch within the epoch):
 the order of an epoch is a function of the seed, so resuming needs nothing
 else and never reads the data before its position.
+
+With several processes (mlx.launch), `--batch-size` is the global batch: the
+order and the positions are the same for every world size, and each rank
+collates only its own share of each batch's rows (`share`), so any world size
+can compute where a run is.
 """
 
 from __future__ import annotations
@@ -49,6 +54,8 @@ class Batch:
     indices: np.ndarray  # int64 [B], position in the index; -1 for a fill row
     auth_weight: np.ndarray  # float32 [B]
     prov_entropy: np.ndarray  # float32 [B]
+    # The samples of the whole global batch this share belongs to (one process: its own real rows).
+    batch_indices: np.ndarray | None = None
 
     @property
     def real_rows(self) -> np.ndarray:
@@ -82,9 +89,10 @@ def epoch_order(lengths: np.ndarray, batch_size: int, seed: int, epoch: int) -> 
 
 def collate(index: CorpusIndex, positions: np.ndarray, batch_size: int, pad_id: int) -> Batch:
     """Read, pad and mask the samples at `positions` into a batch of `batch_size` rows."""
-    samples: list[EncodedSample] = index.samples(positions)
+    samples: list[EncodedSample] = index.samples(positions) if len(positions) else []
     max_positions = index.max_tokens - 1
-    width = padded_length(max(len(s.tokens) - 1 for s in samples), max_positions)
+    # A share of only fill rows (the end of an epoch, several processes) is one short empty batch.
+    width = padded_length(max((len(s.tokens) - 1 for s in samples), default=1), max_positions)
     inputs = np.full((batch_size, width), pad_id, dtype=np.int32)
     targets = np.full((batch_size, width), pad_id, dtype=np.int32)
     mask = np.zeros((batch_size, width), dtype=np.float32)
@@ -105,22 +113,43 @@ def collate(index: CorpusIndex, positions: np.ndarray, batch_size: int, pad_id: 
     return Batch(inputs, targets, mask, indices, auth, entropy)
 
 
-def training_batches(index: CorpusIndex, batch_size: int, seed: int, start: DataPosition,
-                     pad_id: int) -> Iterator[tuple[DataPosition, Batch]]:
-    """Batches forever from `start`; each comes with the position after it."""
+@dataclass(frozen=True)
+class Share:
+    """Which rows of each global batch this process takes: `rank` of `size` processes."""
+    rank: int = 0
+    size: int = 1
+
+    def rows(self, batch_rows: np.ndarray, batch_size: int) -> np.ndarray:
+        per_process = batch_size // self.size
+        return batch_rows[self.rank * per_process:(self.rank + 1) * per_process]
+
+
+def shared_batch(index: CorpusIndex, rows: np.ndarray, batch_size: int, pad_id: int, share: Share) -> Batch:
+    """This process's share of the global batch `rows` (contiguous, disjoint across processes),
+    padded to `batch_size / share.size` rows."""
+    batch = collate(index, share.rows(rows, batch_size), batch_size // share.size, pad_id)
+    batch.batch_indices = rows
+    return batch
+
+
+def training_batches(index: CorpusIndex, batch_size: int, seed: int, start: DataPosition, pad_id: int,
+                     share: Share = Share()) -> Iterator[tuple[DataPosition, Batch]]:
+    """Batches forever from `start`; each comes with the position after it. With
+    several processes, `share` picks this process's rows of each global batch."""
     epoch, batch = start.epoch, start.batch
     while True:
         order = epoch_order(index.lengths, batch_size, seed, epoch)
         for i in range(batch, len(order)):
             following = DataPosition(epoch, i + 1) if i + 1 < len(order) else DataPosition(epoch + 1, 0)
-            yield following, collate(index, order[i], batch_size, pad_id)
+            yield following, shared_batch(index, order[i], batch_size, pad_id, share)
         epoch, batch = epoch + 1, 0
 
 
-def fixed_batches(index: CorpusIndex, batch_size: int, count: int, pad_id: int) -> list[Batch]:
+def fixed_batches(index: CorpusIndex, batch_size: int, count: int, pad_id: int,
+                  share: Share = Share()) -> list[Batch]:
     """The first `count` batches' worth of samples in file order, the same every
     time (so validation losses compare), sorted by length to cut padding."""
     first = np.arange(min(len(index), batch_size * count))
     positions = first[np.argsort(index.lengths[first], kind="stable")]
-    return [collate(index, positions[i:i + batch_size], batch_size, pad_id)
+    return [shared_batch(index, positions[i:i + batch_size], batch_size, pad_id, share)
             for i in range(0, len(positions), batch_size)]

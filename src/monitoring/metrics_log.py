@@ -323,6 +323,28 @@ class MetricsLog:
             self._writer = None
 
 
+class NoMetrics:
+    """MetricsLog's interface, writing nothing: the processes of a distributed run other than rank 0."""
+
+    def log(self, step: int, **scalars) -> None:
+        pass
+
+    def log_validation(self, step: int, **scalars) -> None:
+        pass
+
+    def event(self, step: int, name: str, **fields) -> None:
+        pass
+
+    def end(self, reason: str, **summary) -> None:
+        pass
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 def _duration(seconds: float) -> str:
     seconds = int(round(seconds))
     hours, rest = divmod(seconds, 3600)
@@ -333,9 +355,12 @@ def _duration(seconds: float) -> str:
 def summary_text(**summary) -> str:
     """The end-of-run summary as a few lines. Known keys (all optional):
     reason, steps, max_steps, tokens, seconds, best_val_loss, best_val_step,
-    adapters (where the adapters were written). Others are listed as they are."""
+    adapters (where the adapters were written), peak_memory_mb, processes (mlx.launch:
+    tokens are the whole group's, memory rank 0's). Others are listed as they are."""
     summary = dict(summary)
     lines = [f"Run ended: {summary.pop('reason', 'unknown reason')}"]
+    processes = summary.pop("processes", 1)
+    group = f", all {processes} processes" if processes > 1 else ""
 
     if "steps" in summary:
         steps = summary.pop("steps")
@@ -344,7 +369,7 @@ def summary_text(**summary) -> str:
     tokens = summary.pop("tokens", None)
     seconds = summary.pop("seconds", None)
     if tokens is not None:
-        rate = f" ({tokens / seconds:,.0f} tok/s)" if seconds else ""
+        rate = f" ({tokens / seconds:,.0f} tok/s{group})" if seconds else ""
         lines.append(f"  tokens    {tokens:,}{rate}")
     if seconds is not None:
         lines.append(f"  time      {_duration(seconds)}")
@@ -361,7 +386,7 @@ def summary_text(**summary) -> str:
         peak = summary.pop("peak_memory_mb")
         shown = f"{peak / 1000:.2f} GB" if _is_number(peak) and peak >= 1000 else \
             f"{peak:.1f} MB" if _is_number(peak) else str(peak)
-        lines.append(f"  memory    {shown} at the peak (MLX)")
+        lines.append(f"  memory    {shown} at the peak (MLX{', rank 0' if processes > 1 else ''})")
     for key, value in summary.items():  # aligned with the lines above
         lines.append(f"  {key:<8}  {value:.4g}" if _is_number(value) and not isinstance(value, int)
                      else f"  {key:<8}  {value}")

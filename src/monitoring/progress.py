@@ -11,7 +11,8 @@ After each optimizer step it reads, for example:
     objective       the loss being minimized (cross-entropy weighted by the
                     distrust scores), averaged over the same steps; it equals
                     train ce at --lambda-weight 0
-    tok/s           tokens per second over the window
+    tok/s           tokens per second over the window; with several processes
+                    (mlx.launch) the whole group's, "(2 processes)" after it
     ETA             remaining steps x mean seconds per step over the window
     last checkpoint steps since the last committed checkpoint
     memory          MLX peak memory so far, in MB or GB (10**6, 10**9 bytes),
@@ -107,6 +108,8 @@ class ProgressLine:
         disable: bool = False,
         file=None,
         memory_baseline_step: int = DEFAULT_BASELINE_STEP,
+        quiet: bool = False,
+        processes: int = 1,
     ):
         self.total_steps = total_steps
         self.window = window
@@ -119,6 +122,8 @@ class ProgressLine:
         self.memory_baseline_bytes: int | None = None
         self.memory_baseline_at: int | None = None  # the step of the baseline reading
         self.text = ""  # the figures as last drawn
+        self.quiet = quiet  # draws and writes nothing (the ranks of a distributed run other than 0)
+        self.processes = processes  # tok/s is the whole group's
 
         file = file if file is not None else sys.stderr  # looked up now: the command line may have wrapped it
         self._file = file
@@ -131,7 +136,7 @@ class ProgressLine:
             # One bar, always on the first line: without this tqdm places a
             # bar below any other still open, moving the cursor with escapes.
             position=0,
-            disable=disable,
+            disable=disable or quiet,
             file=file if self._terminal else _LinePerRedraw(file),
             mininterval=TTY_MININTERVAL_S if self._terminal else PIPE_MININTERVAL_S,
             dynamic_ncols=self._terminal,
@@ -198,7 +203,8 @@ class ProgressLine:
         parts = [
             f"train ce {self.smoothed_ce:.3f} (mean of last {n} step{'s' if n != 1 else ''}, compare val_loss)",
             f"objective {self.smoothed_objective:.3f}",
-            f"{self.tokens_per_second:,.0f} tok/s" if math.isfinite(self.tokens_per_second) else "? tok/s",
+            (f"{self.tokens_per_second:,.0f} tok/s" if math.isfinite(self.tokens_per_second) else "? tok/s")
+            + (f" ({self.processes} processes)" if self.processes > 1 else ""),
             f"ETA {format_duration(self.eta_seconds(step))}",
             f"last checkpoint {steps_since_checkpoint} step{'s' if steps_since_checkpoint != 1 else ''} ago",
         ]
@@ -214,6 +220,8 @@ class ProgressLine:
 
     def write(self, msg: str) -> None:
         """Print a message above the bar (validation results, checkpoints...)."""
+        if self.quiet:
+            return
         if self._terminal and not self._bar.disable:
             self._bar.write(msg, file=self._file)
         else:

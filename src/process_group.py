@@ -1,0 +1,180 @@
+"""The processes of one run: one, or several started by `mlx.launch`.
+
+MLX's own distributed layer does the transport (`mx.distributed`: the ring
+backend over Ethernet, Thunderbolt or loopback; MPI; NCCL on CUDA). This module
+is the little the training loop needs on top of it:
+
+- `rank` and `size`, and whether this process writes (rank 0 alone does);
+- `average` of a gradient tree inside the compiled step (mlx.nn's
+  `average_gradients`, which packs small arrays into few all-sums) and `sum`
+  of a small vector of step figures;
+- `broadcast_*` from rank 0 (the resume point, whether a save worked), done
+  as an all-sum to which the other ranks add zeros, so every rank holds the
+  same bytes and takes the same decision.
+
+Every collective must be called by every rank in the same order, or the ranks
+wait on each other for ever: the trainer calls them at points that follow
+from the step alone (each step, each validation, each checkpoint), never from
+a rank's own state.
+
+A rank that dies closes its connections: the others' next collective raises
+(measured on loopback with the ring backend: within a second), and
+`mlx.launch` terminates the rest when one exits with an error.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+from errors import UserError
+
+
+class PeerLost(Exception):
+    """A collective failed: another process of the group has died or cannot be reached."""
+
+
+class ReportedByRankZero(UserError):
+    """The error rank 0 met and reported; the other ranks stop with it (exit 2) and say nothing."""
+
+
+class ProcessGroup:
+    def __init__(self, group=None):
+        self.group = group
+        self.rank = group.rank() if group is not None else 0
+        self.size = group.size() if group is not None else 1
+
+    @classmethod
+    def from_environment(cls) -> "ProcessGroup":
+        """The group `mlx.launch` started this process in; one process without it.
+
+        mlx.launch sets MLX_RANK for each process (and the backend's own settings,
+        MLX_HOSTFILE for the ring); a plain `python src/train_qlora.py` has none.
+        """
+        if os.environ.get("MLX_RANK") is None:
+            return cls()
+        try:
+            group = mx.distributed.init(strict=True)
+        except RuntimeError as exc:
+            raise UserError(f"mlx.launch started this process (MLX_RANK={os.environ['MLX_RANK']}) but MLX's "
+                            f"distributed layer could not start: {exc}") from None
+        return cls(group) if group.size() > 1 else cls()
+
+    @property
+    def distributed(self) -> bool:
+        return self.size > 1
+
+    @property
+    def is_writer(self) -> bool:
+        """Rank 0 alone writes to the output dir and the terminal."""
+        return self.rank == 0
+
+    def describe(self) -> str:
+        return f"{self.size} processes" if self.distributed else "1 process"
+
+    # -- inside the compiled step ---------------------------------------------
+
+    def average(self, tree):
+        """The mean of a tree of arrays over the ranks (the tree itself for one process)."""
+        return nn.average_gradients(tree, self.group) if self.distributed else tree
+
+    def sum(self, array: mx.array) -> mx.array:
+        return mx.distributed.all_sum(array, group=self.group) if self.distributed else array
+
+    # -- from rank 0 to all ---------------------------------------------------
+
+    def broadcast_bytes(self, data: bytes | None) -> bytes:
+        """Rank 0's `data` on every rank (the others pass None)."""
+        if not self.distributed:
+            return data
+        length = self._broadcast_array(mx.array([len(data) if self.is_writer else 0], dtype=mx.int32))
+        size = int(length.item())
+        mine = np.frombuffer(data, dtype=np.uint8) if self.is_writer else np.zeros(size, dtype=np.uint8)
+        # uint8 would overflow nothing (the others add zeros), but int32 is what every backend sums.
+        received = self._broadcast_array(mx.array(mine.astype(np.int32)))
+        return np.asarray(received).astype(np.uint8).tobytes()
+
+    def broadcast_json(self, value=None):
+        """Rank 0's JSON-able `value` on every rank."""
+        if not self.distributed:
+            return value
+        data = json.dumps(value).encode("utf-8") if self.is_writer else None
+        return json.loads(self.broadcast_bytes(data).decode("utf-8"))
+
+    def broadcast_arrays(self, arrays: dict[str, mx.array], like: dict[str, mx.array]) -> dict[str, mx.array]:
+        """Rank 0's `arrays` on every rank; the others pass `like` (same names, shapes and dtypes)."""
+        if not self.distributed:
+            return arrays
+        source = arrays if self.is_writer else {name: mx.zeros_like(value) for name, value in like.items()}
+        received = {name: self._broadcast_array(source[name]) for name in sorted(like)}
+        mx.eval(received)
+        return received
+
+    def broadcast_flag(self, flag: bool | None) -> bool:
+        if not self.distributed:
+            return bool(flag)
+        return bool(self._broadcast_array(mx.array([1 if (self.is_writer and flag) else 0])).item())
+
+    def _broadcast_array(self, array: mx.array) -> mx.array:
+        if not self.is_writer:
+            array = mx.zeros_like(array)
+        return self._collect(self.sum(array))
+
+    @staticmethod
+    def _collect(result: mx.array) -> mx.array:
+        try:
+            mx.eval(result)
+        except RuntimeError as exc:
+            raise PeerLost(str(exc)) from None
+        return result
+
+    def on_writer(self, work):
+        """`work()` on rank 0 alone, its result broadcast when JSON-able; a UserError it
+        raises stops every rank (rank 0 reports it)."""
+        if not self.distributed:
+            return work()
+        result = error = None
+        if self.is_writer:
+            try:
+                result = work()
+            except UserError as exc:
+                error = str(exc)
+        error = self.broadcast_json(error)
+        if error is not None:
+            raise (UserError if self.is_writer else ReportedByRankZero)(error)
+        return result
+
+    def gather_rows(self, values: np.ndarray, positions: np.ndarray, count: int) -> np.ndarray:
+        """Every rank's `values` at their `positions` in an array of `count` (each position
+        is filled by one rank, the others add zeros: the values arrive exactly)."""
+        if not self.distributed:
+            full = np.zeros(count, dtype=values.dtype)
+            full[positions] = values
+            return full
+        full = np.zeros(count, dtype=np.float32)
+        full[positions] = values
+        return np.asarray(self._collect(self.sum(mx.array(full))))
+
+    def check_same(self, what: str, value: str) -> None:
+        """Raise UserError on every rank unless `value` is the same on all of them
+        (a hostfile run whose machines hold different data or settings)."""
+        if not self.distributed:
+            return
+        digest = np.frombuffer(_sha256(value), dtype=np.uint8).astype(np.int32)
+        mine = mx.array(digest)
+        total = self._collect(self.sum(mine))
+        # If every rank sees the sum as `size` times its own digest, all digests are equal.
+        differs = self._collect(self.sum(mx.array([0 if bool(mx.all(total == self.size * mine).item()) else 1])))
+        if int(differs.item()):
+            raise UserError(f"the {self.size} processes do not agree on {what}: every machine of an mlx.launch "
+                            f"run needs the same files and settings")
+
+
+def _sha256(text: str) -> bytes:
+    import hashlib
+
+    return hashlib.sha256(text.encode("utf-8")).digest()
