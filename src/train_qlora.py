@@ -233,7 +233,13 @@ def run(args: argparse.Namespace, group=None) -> int:
     # Rank 0 alone writes to the output dir (the lock, checkpoints, logs); the others only read their data.
     with RunLock(output_dir) if group.is_writer else contextlib.nullcontext():
         inputs = run_inputs(config)
-        group.check_same("the training data, model and settings", json.dumps([inputs, config.fingerprint()]))
+        if group.distributed:
+            # Validation and every step are collectives: the processes must read the same things.
+            from corpus.index import content_signature
+
+            val = config.val_file
+            group.check_same("the training and validation data, model and settings", json.dumps(
+                [inputs, config.fingerprint(), content_signature(val) if val.is_file() else None]))
         # May ask at a terminal, or exit 2 without one; several processes: rank 0 chooses for all.
         start = group.on_writer(lambda: choose_start(manager, config, args, inputs))
         return train(config, output_dir, manager, start, inputs, group)

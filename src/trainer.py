@@ -23,7 +23,6 @@ progress line), and whether its save worked is broadcast.
 from __future__ import annotations
 
 import math
-import random
 import shutil
 import signal
 import time
@@ -43,8 +42,8 @@ from config import Config
 from corpus.batching import Batch, DataPosition, Share, epoch_order, fixed_batches, training_batches
 from corpus.index import CorpusIndex
 from distrust import DistrustObjective, weight_report_lines
-from durable import copy_file_atomically
 from errors import UserError
+from host_rng import check_host_rng_state, host_rng_state, set_host_rng_state
 from modeling import adapter_weights
 from monitoring.early_stopping import EarlyStopping
 from monitoring.evaluation import SampleLosses, compile_row_losses, loss_report, sample_losses, token_losses
@@ -202,7 +201,10 @@ class DistrustTrainer:
             use_grad_checkpoint(model)
         self.early_stopping = self._new_early_stopping()
         self.state = LoopState()
-        self.progress_state: dict | None = None
+        # Until `fit` starts the run's own (which open files and draw the bar), every
+        # public method works with these: messages printed plainly, no metrics lines.
+        self.metrics: MetricsLog | NoMetrics = NoMetrics()
+        self.progress = ProgressLine(t.max_steps, disable=True, quiet=not self.group.is_writer)
         self.val_index: CorpusIndex | None = None
         self.val_batches: list[Batch] | None = None
         self.resumed_from: str | None = None
@@ -242,8 +244,8 @@ class DistrustTrainer:
         self.optimizer.state = tree_unflatten(list(saved.optimizer.items()))
         self.state = loop
         self.early_stopping = early_stopping
-        self.progress_state = saved.trainer["progress"]
-        _set_host_rng_state(rng)
+        self.progress.load_state_dict(saved.trainer["progress"])
+        set_host_rng_state(rng)
         self.last_save_step = saved.step
         self.last_save_path = Path(source)
         self.last_save_here = self.last_save_path.parent.resolve() == self.checkpoints.directory.resolve()
@@ -317,7 +319,7 @@ class DistrustTrainer:
             # Written when the plateau window was the progress line's: the same step losses.
             for loss in trainer["progress"]["losses"]:
                 early_stopping.record_loss(float(loss))
-        _check_host_rng_state(trainer["rng"])
+        check_host_rng_state(trainer["rng"])
         _bounded_int(trainer.get("processes", 1), "processes", 1, 2**20)
         return state, early_stopping, trainer["rng"]
 
@@ -335,7 +337,7 @@ class DistrustTrainer:
             "processes": self.group.size,  # world size: a resume with another continues (see restore)
             "early_stopping": self.early_stopping.state_dict(),
             "progress": self.progress.state_dict(),
-            "rng": _host_rng_state(),
+            "rng": host_rng_state(),
             "loss": s.last_loss,
             # Only at the step it was measured: a checkpoint between validations has none.
             "val_loss": s.last_val_loss if s.last_val_step == s.step else None,
@@ -547,12 +549,10 @@ class DistrustTrainer:
         return True
 
     def write_adapters(self, checkpoint: Path) -> None:
-        """The newest adapters at the top of the output dir, loadable by mlx_lm:
-        copies of the committed checkpoint's files, each replaced atomically
-        (a fresh temporary name, never through a link planted there)."""
+        """The newest adapters at the top of the output dir, loadable by mlx_lm; a
+        failure is a warning (the checkpoint holds them)."""
         try:
-            for name in ("adapters.safetensors", "adapter_config.json"):
-                copy_file_atomically(checkpoint / name, self.output_dir / name)
+            self.checkpoints.export_adapters(checkpoint, self.output_dir)
         except OSError as exc:
             self.progress.write(f"WARNING: could not update {self.output_dir / 'adapters.safetensors'} "
                                 f"({exc.strerror or exc}; {free_space(self.output_dir)}); checkpoint {checkpoint} "
@@ -578,11 +578,11 @@ class DistrustTrainer:
             if self.data_summary:
                 self.metrics.event(0, "data", **self.data_summary)
         # A run with nothing left to do draws no bar (it would show the same line twice).
+        windows = self.progress.state_dict()  # the restored smoothing windows, if any
         self.progress = ProgressLine(t.max_steps, initial_step=s.step, disable=s.step >= t.max_steps,
                                      memory_baseline_step=self._memory_baseline_step(), quiet=not writer,
                                      processes=self.group.size)
-        if self.progress_state is not None:
-            self.progress.load_state_dict(self.progress_state)
+        self.progress.load_state_dict(windows)
         if self.resumed_from and writer:
             self.checkpoints.protect(Path(self.resumed_from))
         self._compiled = self._compile()
@@ -737,20 +737,6 @@ class DistrustTrainer:
         return False
 
 
-def _host_rng_state() -> dict:
-    """Python's and numpy's global generators, in JSON (user code may draw from them)."""
-    version, internal, gauss = random.getstate()
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
-    return {"python": [version, list(internal), gauss],
-            "numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(cached)]}
-
-
-def _check_host_rng_state(state: dict) -> None:
-    """Raises unless `state` is a generator state that _set_host_rng_state can put back."""
-    version, internal, gauss = state["python"]
-    random.Random().setstate((version, tuple(internal), gauss))
-    kind, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.RandomState().set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
 
 
 def _same_arrays(what: str, saved: dict, expected: dict) -> None:
@@ -774,10 +760,3 @@ def _float_or_inf(value, name: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
         raise ValueError(f"{name} must be a number, got {value!r}")
     return float(value)
-
-
-def _set_host_rng_state(state: dict) -> None:
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    kind, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))

@@ -217,3 +217,19 @@ def test_a_resume_with_another_world_size_continues_the_same_run(data, one_proce
         result.stderr
     assert "Run ended: finished" in result.stderr
     assert relative_difference(load_adapters(out), load_adapters(two_processes)) < RELATIVE_TOLERANCE
+
+
+def test_processes_that_read_different_data_are_stopped_before_training(tmp_path):
+    # What a hostfile run meets when one machine holds another corpus: each rank checks the
+    # same way as train_qlora.py does, here with a value that differs by rank.
+    script = ("import os, sys; sys.path.insert(0, 'src'); from errors import UserError; "
+              "from process_group import ProcessGroup; g = ProcessGroup.from_environment()\n"
+              "try:\n    g.check_same('the data', 'same'); g.check_same('the data', os.environ['MLX_RANK'])\n"
+              "except UserError as e:\n    print(f'rank {g.rank}: {e}'); sys.exit(2)\n")
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    result = subprocess.run([str(LAUNCHER), "-n", "2", "--backend", "ring", "-p", str(free_port()), "--",
+                             sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True,
+                            timeout=120, stdin=subprocess.DEVNULL)
+    out = result.stdout + result.stderr
+    for rank in (0, 1):
+        assert f"rank {rank}: the 2 processes do not agree on the data" in out, out

@@ -30,12 +30,13 @@ import mlx.core as mx
 
 from errors import UserError
 
-from durable import TEMP_PREFIX, flush_dir, open_regular_file, write_text_atomically
+from durable import TEMP_PREFIX, copy_file_atomically, flush_dir, open_regular_file, write_text_atomically
 from .manifest import verify_checkpoint, write_manifest
 from .retention import RetentionPolicy
 from .state import ArrayWriteError, TrainingState, check_state, describe_error, read_state_files, write_state_files
 
 STEP_DIR_PATTERN = re.compile(r"^step-(\d{8,})$")
+EXPORTED_FILES = ("adapters.safetensors", "adapter_config.json")  # what mlx_lm.load(adapter_path=...) reads
 BEST_POINTER = "best"
 FINAL_POINTER = "final"
 # A temporary name ends with the pid of the process that made it, so that a
@@ -361,6 +362,14 @@ class CheckpointManager:
         return state
 
     # ------------------------------------------------------- run life cycle
+
+    def export_adapters(self, path: str | os.PathLike | CheckpointInfo, destination: Path) -> None:
+        """Copy a committed checkpoint's adapters (the files mlx_lm loads) into `destination`,
+        each replaced atomically (a fresh temporary name, never through a link planted
+        there). Raises OSError; the checkpoint itself holds the same adapters."""
+        checkpoint = Path(path.path if isinstance(path, CheckpointInfo) else path)
+        for name in EXPORTED_FILES:
+            copy_file_atomically(checkpoint / name, Path(destination) / name)
 
     def protect(self, path: str | os.PathLike | CheckpointInfo) -> None:
         """Retention will never delete this checkpoint (the one this run resumed from)."""
