@@ -233,6 +233,7 @@ def run(args: argparse.Namespace, group=None) -> int:
     # Rank 0 alone writes to the output dir (the lock, checkpoints, logs); the others only read their data.
     with RunLock(output_dir) if group.is_writer else contextlib.nullcontext():
         inputs = run_inputs(config)
+        manager.run_inputs = inputs  # stamped on each checkpoint, compared on resume
         if group.distributed:
             # Validation and every step are collectives: the processes must read the same things.
             from corpus.index import content_signature
@@ -335,14 +336,14 @@ def train(config, output_dir: Path, manager, start, inputs: dict, group) -> int:
         # mlx_lm.load(that, adapter_path=output_dir) is the model being trained.
         adapter_config(loaded.path, num_layers, lo.rank, lo.alpha, lo.dropout, base=loaded.base,
                        fine_tune_type=lo.fine_tune_type),
-        index, val_path, output_dir, manager, inputs=inputs, log=lambda msg: print(msg, file=sys.stderr),
+        index, val_path, output_dir, manager, log=lambda msg: print(msg, file=sys.stderr),
         group=group,
     )
     trainer.data_summary = data_summary
 
     def restore() -> None:
         # A checkpoint whose content this run cannot use is skipped like a damaged one.
-        point = restore_with_fallback(manager, start, lambda p: trainer.restore(p.state, str(p.path)), config, inputs)
+        point = restore_with_fallback(manager, start, lambda p: trainer.restore(p.state, p.path), config, inputs)
         print(f"resumed from {point.path} at step {point.state.step}", file=sys.stderr)
 
     if start is not None or group.distributed:  # several processes: rank 0 restores, then shares

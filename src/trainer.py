@@ -172,7 +172,7 @@ class LoopState:
 class DistrustTrainer:
     def __init__(self, config: Config, model: nn.Module, tokenizer, adapter_config: dict,
                  train_index: CorpusIndex, val_path: Path | None, output_dir: Path,
-                 checkpoints: CheckpointManager, inputs: dict | None = None, log=print,
+                 checkpoints: CheckpointManager, log=print,
                  group: ProcessGroup | None = None):
         self.config = config
         self.model = model
@@ -182,7 +182,6 @@ class DistrustTrainer:
         self.val_path = val_path
         self.output_dir = Path(output_dir)
         self.checkpoints = checkpoints
-        self.inputs = inputs or {}  # identity of the data and model, checked on resume
         self.group = group or ProcessGroup()
         self.log = log if self.group.is_writer else (lambda message: None)
         t, d = config.training, config.distrust
@@ -207,7 +206,7 @@ class DistrustTrainer:
         self.progress = ProgressLine(t.max_steps, disable=True, quiet=not self.group.is_writer)
         self.val_index: CorpusIndex | None = None
         self.val_batches: list[Batch] | None = None
-        self.resumed_from: str | None = None
+        self.resumed_from: Path | None = None  # the checkpoint restored
         self.restored: TrainingState | None = None
         self.save_failures = 0
         self.last_save_step = 0
@@ -226,7 +225,7 @@ class DistrustTrainer:
 
     # -- resume -------------------------------------------------------------
 
-    def restore(self, saved: TrainingState, source: str) -> None:
+    def restore(self, saved: TrainingState, source: Path) -> None:
         """Put back everything a checkpoint holds; call before `fit`.
 
         Everything is checked before anything is changed: a checkpoint whose
@@ -249,7 +248,7 @@ class DistrustTrainer:
         self.last_save_step = saved.step
         self.last_save_path = Path(source)
         self.last_save_here = self.last_save_path.parent.resolve() == self.checkpoints.directory.resolve()
-        self.resumed_from = source
+        self.resumed_from = Path(source)
         if self.group.distributed:
             self.restored = saved  # for share_resume_point: the other ranks take the same
         saved_processes = saved.trainer.get("processes", 1)
@@ -270,7 +269,7 @@ class DistrustTrainer:
             return
         saved = self.restored
         header = self.group.broadcast_json(None if not self.group.is_writer else {
-            "source": self.resumed_from, "here": self.last_save_here,
+            "source": str(self.resumed_from) if self.resumed_from else None, "here": self.last_save_here,
             "step": saved.step if saved else None, "trainer": saved.trainer if saved else None})
         if header["source"] is None:
             return
@@ -281,7 +280,7 @@ class DistrustTrainer:
             self.restore(TrainingState(step=header["step"], adapters=adapters, optimizer=optimizer,
                                        trainer=header["trainer"], config=self.config.to_dict(),
                                        fingerprint=self.config.fingerprint(), adapter_config=self.adapter_config),
-                         header["source"])
+                         Path(header["source"]))
             self.last_save_here = header["here"]
         self.restored = None
 
@@ -333,7 +332,6 @@ class DistrustTrainer:
                 "best_val_step": s.best_val_step,
                 "train_seconds": s.train_seconds,
             },
-            "inputs": self.inputs,
             "processes": self.group.size,  # world size: a resume with another continues (see restore)
             "early_stopping": self.early_stopping.state_dict(),
             "progress": self.progress.state_dict(),
@@ -565,7 +563,7 @@ class DistrustTrainer:
         if writer:
             self.output_dir.mkdir(parents=True, exist_ok=True)
         if self.resumed_from and s.step < t.max_steps:
-            self.group.on_writer(lambda: self._check_room_for_a_checkpoint(Path(self.resumed_from)))
+            self.group.on_writer(lambda: self._check_room_for_a_checkpoint(self.resumed_from))
         self.metrics = MetricsLog(self.output_dir, tensorboard=self.config.paths.tensorboard,
                                   resume_step=s.step if self.resumed_from else None) if writer else NoMetrics()
         index = self.train_index
@@ -584,7 +582,7 @@ class DistrustTrainer:
                                      processes=self.group.size)
         self.progress.load_state_dict(windows)
         if self.resumed_from and writer:
-            self.checkpoints.protect(Path(self.resumed_from))
+            self.checkpoints.protect(self.resumed_from)
         self._compiled = self._compile()
         batches = training_batches(self.train_index, t.batch_size, t.seed, s.position, self.pad_id,
                                    Share(self.group.rank, self.group.size))
@@ -593,7 +591,7 @@ class DistrustTrainer:
         with StopRequests() as stops:
             try:
                 if self.resumed_from and writer:
-                    self._reconcile_bookkeeping(Path(self.resumed_from))
+                    self._reconcile_bookkeeping(self.resumed_from)
                 if s.step >= t.max_steps:
                     # Committed already: only `final` (and the bookkeeping above) to make agree.
                     end = self._end_with_checkpoint(

@@ -55,7 +55,7 @@ def test_a_restored_trainer_carries_the_smoothing_windows_into_its_next_checkpoi
     final = manager.final()
     saved = manager.load(final)
     again, _, _ = build_trainer(tmp_path / "again")
-    again.restore(saved, str(final.path))
+    again.restore(saved, final.path)
     # Before any fit: the state it would save is the one it restored.
     assert again.training_state().trainer["progress"] == saved.trainer["progress"]
     assert saved.trainer["progress"]["updates_seen"] == 3

@@ -21,6 +21,7 @@ import os
 import re
 import shutil
 import sys
+import dataclasses
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -92,8 +93,13 @@ class CheckpointManager:
         *,
         fsync: bool = True,
         warn: Callable[[str], None] = print_to_stderr,
+        run_inputs: dict | None = None,
     ):
         self.directory = Path(directory)
+        # What the run reads, by identity (training file, resolved model, initial adapters):
+        # when given, stamped on every checkpoint as trainer_state.json's "inputs" and
+        # compared on resume (checkpoints/resume.py).
+        self.run_inputs = run_inputs
         self.retention = RetentionPolicy(keep_last=keep)
         self.fsync = fsync
         self.warn = warn
@@ -109,6 +115,8 @@ class CheckpointManager:
         (full disk, I/O error, permission): then the previous checkpoints are
         untouched and no temporary directory is left behind.
         """
+        if self.run_inputs is not None:
+            state = dataclasses.replace(state, trainer={**state.trainer, "inputs": self.run_inputs})
         check_state(state)
         name = checkpoint_dir_name(state.step)
         val_loss = state.trainer.get("val_loss")
