@@ -31,7 +31,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from durable import flush_dir, flush_file
+from durable import commit_directory
 from errors import UserError
 
 # transformers (under mlx-lm) warns that PyTorch is missing: MLX does the work here.
@@ -516,27 +516,16 @@ def build_model_dir_once(target: Path, build, what: str) -> Path:
     scratch = Path(tempfile.mkdtemp(prefix=f".{target.name}-build-", dir=target.parent))
     try:
         build(scratch)
-        flush_tree(scratch)
         try:
-            os.rename(scratch, target)
+            commit_directory(scratch, target)
         except OSError:
-            if not (target / "config.json").is_file():
+            # Ours not renamed, because another process's build came first: take that one.
+            if not (scratch.exists() and (target / "config.json").is_file()):
                 raise
-        else:
-            flush_dir(target.parent)
     finally:
         if scratch.exists():
             shutil.rmtree(scratch, ignore_errors=True)
     return target
-
-
-def flush_tree(directory: Path) -> None:
-    """Every file and folder under `directory` (itself included) to stable storage,
-    before it is renamed into place."""
-    for root, _, names in os.walk(directory):
-        for name in names:
-            flush_file(Path(root) / name)
-        flush_dir(Path(root))
 
 
 def _write_tiny_tokenizer(directory: Path, texts: list[str]) -> None:

@@ -30,7 +30,7 @@ import mlx.core as mx
 
 from errors import UserError
 
-from durable import TEMP_PREFIX, flush_dir, open_regular_file, write_text_atomically
+from durable import TEMP_PREFIX, commit_directory, flush_dir, open_regular_file, write_text_atomically
 from .manifest import verify_checkpoint, write_manifest
 from .retention import RetentionPolicy
 from .state import ArrayWriteError, TrainingState, check_state, describe_error, read_state_files, write_state_files
@@ -123,10 +123,9 @@ class CheckpointManager:
             self.directory.mkdir(parents=True, exist_ok=True)
             remove_path(temp)  # our own leftover of an earlier failed attempt
             temp.mkdir()
-            write_state_files(state, temp, fsync=self.fsync)
-            write_manifest(temp, state.step, state.trainer, fsync=self.fsync)
-            if self.fsync:
-                flush_dir(temp)
+            # Flushed all at once by the commit, each file and the folder.
+            write_state_files(state, temp, fsync=False)
+            write_manifest(temp, state.step, state.trainer, fsync=False)
             replaced = self._commit(temp, final)
         except (ArrayWriteError, OSError) as error:
             remove_path(temp, quiet=True)
@@ -145,33 +144,18 @@ class CheckpointManager:
         return final
 
     def _commit(self, temp: Path, final: Path) -> bool:
-        """Rename `temp` to `final`; returns whether an existing `final` was replaced.
+        """Flush `temp` and rename it to `final`; returns whether an existing `final` was replaced.
 
-        A directory cannot be atomically renamed over a non-empty one, so an
-        existing one (a resumed run saving the same step again) is renamed
-        aside first and removed only after the new one is in place. If we die
-        in between, clean_temporaries() puts it back.
+        An existing one (a resumed run saving the same step again) is renamed aside
+        first and removed only after the new one is in place (durable.commit_directory).
+        If we die in between, clean_temporaries() puts it back.
         """
-        aside = None
-        if final.exists():
-            aside = self.directory / f"{TEMP_PREFIX}replaced-{final.name}-{os.getpid()}"
-            remove_path(aside)
-            os.rename(final, aside)
-        try:
-            os.rename(temp, final)
-        except BaseException:
-            if aside is not None:
-                os.rename(aside, final)
-            raise
-        if self.fsync:
-            try:
-                flush_dir(self.directory)
-            except OSError as error:
-                self.warn(f"checkpoint {final.name} is in place but flushing {self.directory} failed: "
-                          f"{describe_error(error)}; it may not survive a power loss")
-        if aside is not None:
-            remove_path(aside, quiet=True)
-        return aside is not None
+        def unflushed(error: OSError) -> None:
+            self.warn(f"checkpoint {final.name} is in place but flushing {self.directory} failed: "
+                      f"{describe_error(error)}; it may not survive a power loss")
+
+        aside = self.directory / f"{TEMP_PREFIX}replaced-{final.name}-{os.getpid()}"
+        return commit_directory(temp, final, aside=aside, fsync=self.fsync, on_unflushed=unflushed)
 
     def _save_error(self, name: str, error: BaseException) -> CheckpointSaveError:
         parameter = None
