@@ -1,5 +1,6 @@
 """Durability helpers: flush to stable storage, replace a file or commit a directory
-atomically, and open files without following links planted in a run folder.
+atomically, open files without following links planted in a run folder, and say how
+much room is left when a write fails.
 
 A rename is atomic, but it is only durable once the directory holding the new
 name has been flushed too; and a file's bytes are only durable once the file
@@ -187,6 +188,15 @@ def commit_directory(temp: Path, target: Path, *, aside: Path | None = None, fsy
     if moved:
         shutil.rmtree(aside, ignore_errors=True)
     return moved
+
+
+def free_space(folder: Path) -> str:
+    """'N MB free there' on the file system holding `folder`: what messages about a
+    failed write add, since a full disk is so often the cause."""
+    try:
+        return f"{shutil.disk_usage(folder).free / 1e6:,.1f} MB free there"
+    except OSError:
+        return "free space unknown"
 
 
 def sha256_of_file(path: Path) -> str:

@@ -30,7 +30,7 @@ import mlx.core as mx
 
 from errors import UserError
 
-from durable import TEMP_PREFIX, commit_directory, flush_dir, open_regular_file, write_text_atomically
+from durable import TEMP_PREFIX, commit_directory, flush_dir, free_space, open_regular_file, write_text_atomically
 from .manifest import verify_checkpoint, write_manifest
 from .retention import RetentionPolicy
 from .state import ArrayWriteError, TrainingState, check_state, describe_error, read_state_files, write_state_files
@@ -165,10 +165,7 @@ class CheckpointManager:
         message = f"could not save checkpoint {name} in {self.directory}: {error}"
         if not (isinstance(cause, OSError) and cause.errno is not None):
             # mlx reports a failed write without its reason; the free space often is it.
-            try:
-                message += f" ({shutil.disk_usage(self.directory).free} bytes free there)"
-            except OSError:
-                pass
+            message += f" ({free_space(self.directory)})"
         message += "; the previous checkpoints are untouched"
         return CheckpointSaveError(message, checkpoint=name, cause=cause, parameter=parameter)
 

@@ -36,13 +36,12 @@ import json
 import math
 import numbers
 import os
-import shutil
 import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from durable import flush_fd, open_for_append, open_regular_file, replace_file
+from durable import flush_fd, free_space, open_for_append, open_regular_file, replace_file
 from errors import UserError
 
 METRICS_FILE = "metrics.jsonl"
@@ -123,14 +122,6 @@ def truncate_after(path: Path, resume_step: int) -> None:
 
 def _reason(exc: BaseException) -> str:
     return exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-
-
-def free_space(folder: Path) -> str:
-    """'N MB free' on the file system holding `folder`, for messages about failed writes."""
-    try:
-        return f"{shutil.disk_usage(folder).free / 1e6:,.1f} MB free there"
-    except OSError:
-        return "free space unknown"
 
 
 # The time in the name of everything a run moves aside (checkpoints, metrics.jsonl,
