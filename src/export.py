@@ -203,6 +203,7 @@ def write_export(trained, base_dir: Path, temp: Path, args: argparse.Namespace, 
     from mlx.utils import tree_flatten, tree_unflatten
     from mlx_lm.utils import dequantize_model, save
 
+    from json_files import json_text
     from modeling import load_trained_model
 
     model, tokenizer, model_config = load_trained_model(trained)
@@ -241,7 +242,7 @@ def write_export(trained, base_dir: Path, temp: Path, args: argparse.Namespace, 
         "fused": "dequantize" if args.dequantize else "requantize" if args.requantize else "exact",
         "layout": layout, "gguf": details.get("gguf"),
     }
-    (temp / EXPORT_RECORD_FILE).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    (temp / EXPORT_RECORD_FILE).write_text(json_text(record, indent=2) + "\n", encoding="utf-8")
     return details
 
 

@@ -32,6 +32,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from durable import commit_directory
+from json_files import json_text
 from errors import UserError
 
 # transformers (under mlx-lm) warns that PyTorch is missing: MLX does the work here.
@@ -234,7 +235,7 @@ def _write_quantized_copy(local: Path, resolved: str, scratch: Path, quantizatio
         save(scratch, str(local), model, tokenizer, model_config, donate_model=True)
     record = {"source": resolved, "local_source": str(local.resolve()), "quantization": quantization,
               "mlx": getattr(mlx.core, "__version__", None), "mlx_lm": getattr(mlx_lm, "__version__", None)}
-    (scratch / BASE_RECORD_FILE).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    (scratch / BASE_RECORD_FILE).write_text(json_text(record, indent=2) + "\n", encoding="utf-8")
 
 
 def run_base_model(adapter_config: dict, config) -> BaseModel:

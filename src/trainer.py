@@ -250,11 +250,12 @@ class DistrustTrainer:
             raise ValueError(f"data position (epoch {position.epoch}, batch {position.batch}) is not where step "
                              f"{step} leaves a corpus of {batches_per_epoch} batches per epoch")
         best_val_step = loop["best_val_step"]
+        best_val_loss = loop["best_val_loss"]  # null: no validation yet (Infinity in older checkpoints)
         state = LoopState(
             step=step,
             position=position,
             tokens_seen=_bounded_int(loop["tokens_seen"], "tokens_seen", 0, 2**62),
-            best_val_loss=_float_or_inf(loop["best_val_loss"], "best_val_loss"),
+            best_val_loss=math.inf if best_val_loss is None else _float_or_inf(best_val_loss, "best_val_loss"),
             best_val_step=None if best_val_step is None else _bounded_int(best_val_step, "best_val_step", 0, step),
             last_val_loss=None if trainer["val_loss"] is None else _float_or_inf(trainer["val_loss"], "val_loss"),
             last_val_step=None if trainer["val_loss"] is None else step,
@@ -277,7 +278,7 @@ class DistrustTrainer:
             "loop": {
                 "position": s.position.to_dict(),
                 "tokens_seen": s.tokens_seen,
-                "best_val_loss": s.best_val_loss,  # inf until a validation: checkpoint JSON keeps it
+                "best_val_loss": s.best_val_loss if s.best_val_step is not None else None,  # null: none yet
                 "best_val_step": s.best_val_step,
                 "train_seconds": s.train_seconds,
             },
@@ -286,8 +287,9 @@ class DistrustTrainer:
             "progress": self.progress.state_dict(),
             "rng": _host_rng_state(),
             "loss": s.last_loss,
-            # Only at the step it was measured: a checkpoint between validations has none.
-            "val_loss": s.last_val_loss if s.last_val_step == s.step else None,
+            # Only at the step it was measured: a checkpoint between validations has none,
+            # nor one whose validation loss was not a number (null, as in metrics.jsonl).
+            "val_loss": s.last_val_loss if s.last_val_step == s.step and math.isfinite(s.last_val_loss) else None,
         }
         return TrainingState(
             step=s.step,
@@ -665,7 +667,8 @@ def _bounded_int(value, name: str, low: int, high: int) -> int:
 
 
 def _float_or_inf(value, name: str) -> float:
-    """A loss or a duration: a number (infinity allowed: no validation yet), never NaN or a string."""
+    """A loss or a duration: a number, never NaN or a string (infinity allowed: the best_val_loss
+    of a checkpoint written before null meant no validation yet)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
         raise ValueError(f"{name} must be a number, got {value!r}")
     return float(value)

@@ -16,7 +16,6 @@ Layout of the directory:
 
 from __future__ import annotations
 
-import math
 import os
 import re
 import shutil
@@ -103,17 +102,14 @@ class CheckpointManager:
     def save(self, state: TrainingState, *, is_best: bool = False, is_final: bool = False) -> Path:
         """Commit `state` as checkpoints/step-NNNNNNNN/ and return its path.
 
-        Raises TypeError for a state that cannot be serialized (a bug: retrying
-        would not help) and CheckpointSaveError when the file system fails
-        (full disk, I/O error, permission): then the previous checkpoints are
-        untouched and no temporary directory is left behind.
+        Raises TypeError for a state that cannot be serialized, a NaN or an
+        infinity included (a bug: retrying would not help), and
+        CheckpointSaveError when the file system fails (full disk, I/O error,
+        permission): then the previous checkpoints are untouched and no
+        temporary directory is left behind.
         """
         check_state(state)
         name = checkpoint_dir_name(state.step)
-        val_loss = state.trainer.get("val_loss")
-        if is_best and isinstance(val_loss, float) and math.isnan(val_loss):
-            self.warn(f"checkpoint {name} has a NaN validation loss: not marking it best")
-            is_best = False
         # One bulk evaluation: the writer then copies memory and computes nothing.
         mx.eval(list(state.adapters.values()) + list(state.optimizer.values()))
 
