@@ -20,7 +20,6 @@ comes from one random.Random(seed): re-running gives the same bytes.
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import sys
 import tempfile
@@ -328,9 +327,11 @@ def _copy_of(rng: random.Random, record: dict) -> dict:
 
 
 def write_raw(path: Path, count: int, seed: int = DEFAULT_SEED) -> None:
+    from json_files import json_text
+
     with open(path, "w", encoding="utf-8") as out:
         for record in generate_records(count, seed):
-            out.write(json.dumps(record, ensure_ascii=False) + "\n")
+            out.write(json_text(record, ensure_ascii=False) + "\n")
 
 
 def main() -> int:

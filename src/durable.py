@@ -1,5 +1,6 @@
-"""Durability helpers: flush to stable storage, replace a file atomically, and
-open files without following links planted in a run folder.
+"""Durability helpers: flush to stable storage, replace a file or commit a directory
+atomically, open files without following links planted in a run folder, and say how
+much room is left when a write fails.
 
 A rename is atomic, but it is only durable once the directory holding the new
 name has been flushed too; and a file's bytes are only durable once the file
@@ -45,6 +46,14 @@ def flush_file(path: Path) -> None:
         flush_fd(fd)
     finally:
         os.close(fd)
+
+
+def flush_tree(directory: Path) -> None:
+    """Every file and folder under `directory` (itself included) to stable storage."""
+    for root, _, names in os.walk(directory):
+        for name in names:
+            flush_file(Path(root) / name)
+        flush_dir(Path(root))
 
 
 def flush_dir(path: Path) -> None:
@@ -137,6 +146,57 @@ def copy_file_atomically(source: Path, target: Path, *, fsync: bool = True) -> N
     """Replace `target` with a copy of the regular file `source`, atomically."""
     with open_regular_file(source) as reader:
         replace_file(target, lambda handle: shutil.copyfileobj(reader, handle, 1 << 20), fsync=fsync)
+
+
+def commit_directory(temp: Path, target: Path, *, aside: Path | None = None, fsync: bool = True,
+                     on_unflushed=None) -> bool:
+    """Put the directory `temp`, built whole under a temporary name beside `target`, in
+    place as `target`: a reader sees the old directory or the new one, never half of one.
+
+    Every file and folder under `temp` is flushed, then `temp` is renamed to `target`
+    and the parent is flushed, so the new name survives a power loss. A directory cannot
+    be renamed over a non-empty one: with `aside`, an existing `target` is renamed there
+    first, put back if the rename fails, and removed only once the new one is in place
+    (a caller's clean-up puts back an `aside` whose replacement never arrived). Without
+    `aside`, the rename of a `temp` onto an existing `target` raises, for the caller to
+    judge. If only the flush of the parent fails, `on_unflushed(error)` is called instead
+    of raising, when given: the directory is in place, only its durability is in doubt.
+    Returns whether an existing `target` was replaced.
+    """
+    if fsync:
+        flush_tree(temp)
+    moved = aside is not None and target.exists()
+    if moved:
+        if aside.is_dir() and not aside.is_symlink():  # a leftover of this process's own earlier attempt
+            shutil.rmtree(aside)
+        elif os.path.lexists(aside):
+            aside.unlink()
+        os.rename(target, aside)
+    try:
+        os.rename(temp, target)
+    except BaseException:
+        if moved:
+            os.rename(aside, target)
+        raise
+    if fsync:
+        try:
+            flush_dir(target.parent)
+        except OSError as error:
+            if on_unflushed is None:
+                raise
+            on_unflushed(error)
+    if moved:
+        shutil.rmtree(aside, ignore_errors=True)
+    return moved
+
+
+def free_space(folder: Path) -> str:
+    """'N MB free there' on the file system holding `folder`: what messages about a
+    failed write add, since a full disk is so often the cause."""
+    try:
+        return f"{shutil.disk_usage(folder).free / 1e6:,.1f} MB free there"
+    except OSError:
+        return "free space unknown"
 
 
 def sha256_of_file(path: Path) -> str:

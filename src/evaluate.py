@@ -21,7 +21,6 @@ Exit codes: 0 done; 2 bad usage or input (one line, nothing written).
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 from pathlib import Path
@@ -66,6 +65,7 @@ def evaluate_run(args: argparse.Namespace) -> dict:
     from corpus.batching import fixed_batches
     from corpus.index import CorpusIndex
     from durable import write_text_atomically
+    from json_files import json_text
     from modeling import attach_lora, load_model
     from monitoring.evaluation import compile_row_losses, loss_report, sample_losses
 
@@ -110,7 +110,7 @@ def evaluate_run(args: argparse.Namespace) -> dict:
         "base": base, "adapted": adapted, "gap_moved": moved,
     }
     json_path.parent.mkdir(parents=True, exist_ok=True)
-    write_text_atomically(json_path, json.dumps(_finite(result), indent=2) + "\n")
+    write_text_atomically(json_path, json_text(_finite(result), indent=2) + "\n")
     result["json"] = str(json_path)
     return result
 
@@ -140,14 +140,15 @@ def base_model_of(state, config) -> str:
 
 
 def _finite(value):
-    """JSON without NaN or infinity: null instead."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
+    """The figures as the written JSON holds them: a loss or a perplexity that is not finite
+    (an overflowing perplexity, a group whose loss is NaN) as null."""
+    from json_files import finite_or_none
+
     if isinstance(value, dict):
         return {k: _finite(v) for k, v in value.items()}
     if isinstance(value, list):
         return [_finite(v) for v in value]
-    return value
+    return finite_or_none(value)
 
 
 def format_table(result: dict) -> str:

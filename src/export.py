@@ -87,6 +87,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def export_run(args: argparse.Namespace) -> str:
+    from durable import commit_directory
     from modeling import local_model_dir, open_run, read_model_config
 
     started = time.perf_counter()
@@ -104,7 +105,9 @@ def export_run(args: argparse.Namespace) -> str:
     try:
         temp.mkdir()
         details = write_export(trained, base_dir, temp, args, gguf_keys, save_path.name)
-        commit(temp, save_path)
+        # Flushed and renamed into place; an existing one (with --force) is renamed
+        # aside first and removed only once the new one is there.
+        commit_directory(temp, save_path, aside=save_path.with_name(f".{save_path.name}{ASIDE_MARK}{os.getpid()}"))
     except BaseException:
         shutil.rmtree(temp, ignore_errors=True)
         for made in reversed(parent_made):
@@ -200,7 +203,8 @@ def write_export(trained, base_dir: Path, temp: Path, args: argparse.Namespace, 
     from mlx.utils import tree_flatten, tree_unflatten
     from mlx_lm.utils import dequantize_model, save
 
-    from modeling import flush_tree, load_trained_model
+    from json_files import json_text
+    from modeling import load_trained_model
 
     model, tokenizer, model_config = load_trained_model(trained)
     # mlx_lm.fuse's loop; the LoRA layers are kept, to fuse again for the GGUF.
@@ -238,8 +242,7 @@ def write_export(trained, base_dir: Path, temp: Path, args: argparse.Namespace, 
         "fused": "dequantize" if args.dequantize else "requantize" if args.requantize else "exact",
         "layout": layout, "gguf": details.get("gguf"),
     }
-    (temp / EXPORT_RECORD_FILE).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
-    flush_tree(temp)
+    (temp / EXPORT_RECORD_FILE).write_text(json_text(record, indent=2) + "\n", encoding="utf-8")
     return details
 
 
@@ -289,26 +292,6 @@ def write_gguf(model_dir: Path, path: Path, model, model_config: dict, tokenizer
     rewritten = path.with_name(path.stem + ".keys.gguf")  # mx.save_gguf wants the suffix
     mx.save_gguf(str(rewritten), arrays, metadata)
     os.replace(rewritten, path)
-
-
-def commit(temp: Path, save_path: Path) -> None:
-    """Rename the finished folder into place; an existing one (with --force) is
-    renamed aside first and removed only once the new one is there."""
-    from durable import flush_dir
-
-    aside = None
-    if save_path.exists():
-        aside = save_path.with_name(f".{save_path.name}{ASIDE_MARK}{os.getpid()}")
-        os.rename(save_path, aside)
-    try:
-        os.rename(temp, save_path)
-    except BaseException:
-        if aside is not None:
-            os.rename(aside, save_path)
-        raise
-    flush_dir(save_path.parent)
-    if aside is not None:
-        shutil.rmtree(aside, ignore_errors=True)
 
 
 def make_parent(parent: Path) -> list[Path]:

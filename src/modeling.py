@@ -31,7 +31,8 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from durable import flush_dir, flush_file
+from durable import commit_directory
+from json_files import json_text
 from errors import UserError
 
 # transformers (under mlx-lm) warns that PyTorch is missing: MLX does the work here.
@@ -234,7 +235,7 @@ def _write_quantized_copy(local: Path, resolved: str, scratch: Path, quantizatio
         save(scratch, str(local), model, tokenizer, model_config, donate_model=True)
     record = {"source": resolved, "local_source": str(local.resolve()), "quantization": quantization,
               "mlx": getattr(mlx.core, "__version__", None), "mlx_lm": getattr(mlx_lm, "__version__", None)}
-    (scratch / BASE_RECORD_FILE).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    (scratch / BASE_RECORD_FILE).write_text(json_text(record, indent=2) + "\n", encoding="utf-8")
 
 
 def run_base_model(adapter_config: dict, config) -> BaseModel:
@@ -516,27 +517,16 @@ def build_model_dir_once(target: Path, build, what: str) -> Path:
     scratch = Path(tempfile.mkdtemp(prefix=f".{target.name}-build-", dir=target.parent))
     try:
         build(scratch)
-        flush_tree(scratch)
         try:
-            os.rename(scratch, target)
+            commit_directory(scratch, target)
         except OSError:
-            if not (target / "config.json").is_file():
+            # Ours not renamed, because another process's build came first: take that one.
+            if not (scratch.exists() and (target / "config.json").is_file()):
                 raise
-        else:
-            flush_dir(target.parent)
     finally:
         if scratch.exists():
             shutil.rmtree(scratch, ignore_errors=True)
     return target
-
-
-def flush_tree(directory: Path) -> None:
-    """Every file and folder under `directory` (itself included) to stable storage,
-    before it is renamed into place."""
-    for root, _, names in os.walk(directory):
-        for name in names:
-            flush_file(Path(root) / name)
-        flush_dir(Path(root))
 
 
 def _write_tiny_tokenizer(directory: Path, texts: list[str]) -> None:

@@ -23,7 +23,6 @@ progress line), and whether its save worked is broadcast.
 from __future__ import annotations
 
 import math
-import shutil
 import signal
 import time
 from dataclasses import dataclass, field
@@ -37,7 +36,6 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 from checkpoints import CheckpointCorruptError, CheckpointManager, CheckpointSaveError, TrainingState
-from checkpoints.manager import directory_size
 from config import Config
 from corpus.batching import Batch, DataPosition, Share, epoch_order, fixed_batches, training_batches
 from corpus.index import CorpusIndex
@@ -47,7 +45,8 @@ from host_rng import check_host_rng_state, host_rng_state, set_host_rng_state
 from modeling import adapter_weights
 from monitoring.early_stopping import EarlyStopping
 from monitoring.evaluation import SampleLosses, compile_row_losses, loss_report, sample_losses, token_losses
-from monitoring.metrics_log import MetricsLog, NoMetrics, free_space, summary_text
+from durable import free_space
+from monitoring.metrics_log import MetricsLog, NoMetrics, summary_text
 from monitoring.progress import ProgressLine
 from process_group import PeerLost, ProcessGroup
 from stop_signals import EXIT_CODES, StopRequests
@@ -300,11 +299,12 @@ class DistrustTrainer:
             raise ValueError(f"data position (epoch {position.epoch}, batch {position.batch}) is not where step "
                              f"{step} leaves a corpus of {batches_per_epoch} batches per epoch")
         best_val_step = loop["best_val_step"]
+        best_val_loss = loop["best_val_loss"]  # null: no validation yet (Infinity in older checkpoints)
         state = LoopState(
             step=step,
             position=position,
             tokens_seen=_bounded_int(loop["tokens_seen"], "tokens_seen", 0, 2**62),
-            best_val_loss=_float_or_inf(loop["best_val_loss"], "best_val_loss"),
+            best_val_loss=math.inf if best_val_loss is None else _float_or_inf(best_val_loss, "best_val_loss"),
             best_val_step=None if best_val_step is None else _bounded_int(best_val_step, "best_val_step", 0, step),
             last_val_loss=None if trainer["val_loss"] is None else _float_or_inf(trainer["val_loss"], "val_loss"),
             last_val_step=None if trainer["val_loss"] is None else step,
@@ -328,7 +328,7 @@ class DistrustTrainer:
             "loop": {
                 "position": s.position.to_dict(),
                 "tokens_seen": s.tokens_seen,
-                "best_val_loss": s.best_val_loss,  # inf until a validation: checkpoint JSON keeps it
+                "best_val_loss": s.best_val_loss if s.best_val_step is not None else None,  # null: none yet
                 "best_val_step": s.best_val_step,
                 "train_seconds": s.train_seconds,
             },
@@ -337,8 +337,9 @@ class DistrustTrainer:
             "progress": self.progress.state_dict(),
             "rng": host_rng_state(),
             "loss": s.last_loss,
-            # Only at the step it was measured: a checkpoint between validations has none.
-            "val_loss": s.last_val_loss if s.last_val_step == s.step else None,
+            # Only at the step it was measured: a checkpoint between validations has none,
+            # nor one whose validation loss was not a number (null, as in metrics.jsonl).
+            "val_loss": s.last_val_loss if s.last_val_step == s.step and math.isfinite(s.last_val_loss) else None,
         }
         return TrainingState(
             step=s.step,
@@ -563,7 +564,8 @@ class DistrustTrainer:
         if writer:
             self.output_dir.mkdir(parents=True, exist_ok=True)
         if self.resumed_from and s.step < t.max_steps:
-            self.group.on_writer(lambda: self._check_room_for_a_checkpoint(self.resumed_from))
+            # A resumed run whose next checkpoint cannot fit would train for nothing: say so first.
+            self.group.on_writer(lambda: self.checkpoints.check_room_like(self.resumed_from))
         self.metrics = MetricsLog(self.output_dir, tensorboard=self.config.paths.tensorboard,
                                   resume_step=s.step if self.resumed_from else None) if writer else NoMetrics()
         index = self.train_index
@@ -683,18 +685,6 @@ class DistrustTrainer:
             after.append((s.step // t.eval_steps + 1) * t.eval_steps + 1)
         return max(after)
 
-    def _check_room_for_a_checkpoint(self, resumed: Path) -> None:
-        """A resumed run whose next checkpoint cannot fit would train for nothing: say so first."""
-        needed = directory_size(resumed) + (resumed / "adapters.safetensors").stat().st_size
-        try:
-            free = shutil.disk_usage(self.checkpoints.directory).free
-        except OSError:
-            return
-        if free < needed:
-            raise UserError(f"{self.checkpoints.directory}: {free / 1e6:,.1f} MB free, and a checkpoint of this run "
-                            f"needs about {needed / 1e6:,.1f} MB; free some space and run the same command again "
-                            f"(nothing was changed)")
-
     def _reconcile_bookkeeping(self, resumed: Path) -> None:
         """After a resume: make the top-level adapters and the `best` pointer agree with the
         committed checkpoints. A kill between a commit and its bookkeeping (the copy of the
@@ -754,7 +744,8 @@ def _bounded_int(value, name: str, low: int, high: int) -> int:
 
 
 def _float_or_inf(value, name: str) -> float:
-    """A loss or a duration: a number (infinity allowed: no validation yet), never NaN or a string."""
+    """A loss or a duration: a number, never NaN or a string (infinity allowed: the best_val_loss
+    of a checkpoint written before null meant no validation yet)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
         raise ValueError(f"{name} must be a number, got {value!r}")
     return float(value)

@@ -7,6 +7,7 @@ import json
 import math
 import os
 import random
+import re
 import subprocess
 import sys
 import tempfile
@@ -44,7 +45,7 @@ def make_state(step: int, *, loss: float | None = None, val_loss: float | None =
     k1, k2 = mx.random.split(key)
     trainer = {
         "data": {"epoch": 0, "index": step * 8, "permutation_seed": 7},
-        "early_stopping": {"best": math.inf, "bad_checks": 0},
+        "early_stopping": {"best": None, "bad_checks": 0},  # null: no best yet (never NaN or Infinity)
     }
     if loss is not None:
         trainer["loss"] = loss
@@ -106,10 +107,10 @@ def manager(tmp_path, warnings) -> CheckpointManager:
 
 
 def test_round_trip_is_bit_exact(manager, warnings):
-    state = make_state(250, loss=1.25, val_loss=float("nan"))
+    state = make_state(250, loss=1.25, val_loss=0.5)
     state.adapters["scalar"] = mx.array(3.5, dtype=mx.float16)
     state.adapters["ints"] = mx.arange(10, dtype=mx.int32)
-    state.trainer["windows"] = {"loss": [1.0, 2.5, float("inf")], "tokens_per_s": []}
+    state.trainer["windows"] = {"loss": [1.0, 2.5, None], "tokens_per_s": []}  # null: a step that was not a number
     state.trainer["step"] = "the trainer's own key, not ours"
 
     path = manager.save(state)
@@ -118,8 +119,7 @@ def test_round_trip_is_bit_exact(manager, warnings):
     assert sorted(os.listdir(path)) == sorted([*STATE_FILES, "manifest.json"])
     assert_states_equal(manager.load(path), state)
     info = manager.checkpoints()[0]
-    assert (info.step, info.valid, info.problem, info.loss) == (250, True, None, 1.25)
-    assert math.isnan(info.val_loss)
+    assert (info.step, info.valid, info.problem, info.loss, info.val_loss) == (250, True, None, 1.25, 0.5)
     assert info.size_bytes == sum(f.stat().st_size for f in path.iterdir())
     manifest = json.loads((path / "manifest.json").read_text())
     assert set(manifest["files"]) == set(STATE_FILES)
@@ -289,6 +289,17 @@ def test_many_clean_checkpoints_raise_no_false_alarm(tmp_path, warnings):
     assert warnings == []
 
 
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+def test_a_nan_or_an_infinity_is_refused_by_name_before_anything_is_written(manager, bad):
+    """Standard JSON has no NaN or Infinity: whoever owns such a value encodes it (null)."""
+    manager.save(make_state(1))
+    state = make_state(2, loss=1.0)
+    state.trainer["windows"] = {"loss": [1.0, bad]}
+    with pytest.raises(TypeError, match=re.escape("TrainingState.trainer['windows']['loss'][1]")):
+        manager.save(state)
+    assert_only_the_first_checkpoint(manager)
+
+
 # --------------------------------------------------------- failure injection
 
 
@@ -350,7 +361,7 @@ def test_the_parameter_that_fails_to_write_is_named(manager, monkeypatch):
         manager.save(make_state(2))
     assert caught.value.parameter == LORA_B
     assert LORA_B in str(caught.value) and "adapters.safetensors" in str(caught.value)
-    assert "bytes free" in str(caught.value)  # mlx gave no reason: the free space is offered
+    assert "MB free" in str(caught.value)  # mlx gave no reason: the free space is offered
     monkeypatch.undo()
     assert_only_the_first_checkpoint(manager)
 
@@ -482,7 +493,7 @@ def test_retention_policy_as_a_value():
 
 operations = st.lists(
     st.one_of(
-        st.tuples(st.just("save"), st.integers(1, 2), st.booleans(), st.booleans()),  # advance, is_best, NaN val loss
+        st.tuples(st.just("save"), st.integers(1, 2), st.booleans(), st.booleans()),  # advance, is_best, val loss
         st.tuples(st.just("crash"), st.booleans(), st.booleans()),  # leave a temp dir, clean at restart
         st.tuples(st.just("resume"), st.integers(0, 100)),
     ),
@@ -505,11 +516,11 @@ def test_retention_keeps_what_must_be_kept(keep, ops):
         for op in ops:
             names_before = {i.path.name for i in manager.checkpoints()}
             if op[0] == "save":
-                _, advance, is_best, nan_val = op
+                _, advance, is_best, validated = op
                 step += advance
-                val_loss = float("nan") if nan_val else 1.0 / step
+                val_loss = 1.0 / step if validated else None
                 name = manager.save(make_state(step, loss=1.0, val_loss=val_loss), is_best=is_best).name
-                if is_best and not nan_val:
+                if is_best:
                     best = name
                 elif best == name:  # replaced by a state that is not the best
                     best = None
@@ -563,8 +574,9 @@ def test_replacing_the_best_with_a_state_that_is_not_drops_the_pointer(manager, 
     manager.save(make_state(2, val_loss=0.9))
     assert manager.best() is None
     assert manager.load(manager.latest_valid().path).trainer["val_loss"] == 0.9
-    manager.save(make_state(3, val_loss=float("nan")), is_best=True)
-    assert manager.best() is None and "NaN" in warnings[-1]
+    with pytest.raises(TypeError, match="val_loss"):  # a NaN is never written, so never marked best
+        manager.save(make_state(3, val_loss=float("nan")), is_best=True)
+    assert manager.best() is None and entries(manager.directory) == ["step-00000001", "step-00000002"]
 
 
 def test_a_protected_checkpoint_is_never_deleted(manager):

@@ -157,7 +157,21 @@ def test_resume_through_json_at_every_point_stops_identically(calls):
 def test_state_round_trip_keeps_infinity_and_best():
     stopper = EarlyStopping()
     state = json.loads(json.dumps(stopper.state_dict(), allow_nan=False))
-    assert state["best_loss"] == "inf"
+    assert state["best_loss"] is None  # null: no best yet
     restored = EarlyStopping()
     restored.load_state_dict(state)
     assert restored.best_loss == math.inf and restored.best_step is None
+
+
+@pytest.mark.parametrize("written", [
+    '{"best_loss": "inf", "losses": [2.0, "nan"]}',  # early stopping's strings, before null
+    '{"best_loss": Infinity, "losses": [2.0, NaN]}',  # what Python's json wrote for bare floats
+])
+def test_a_state_of_an_earlier_version_still_loads(written):
+    state = dict(json.loads(written), consecutive_spikes=1, best_step=None, checks_without_improvement=2)
+    restored = EarlyStopping()
+    restored.load_state_dict(state)
+    assert restored.best_loss == math.inf and restored.checks_without_improvement == 2
+    assert list(restored.losses)[0] == 2.0 and math.isnan(list(restored.losses)[1])
+    assert restored.smoothed_loss == 2.0
+    assert json.loads(json.dumps(restored.state_dict(), allow_nan=False))["losses"] == [2.0, None]

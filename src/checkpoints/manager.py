@@ -16,7 +16,6 @@ Layout of the directory:
 
 from __future__ import annotations
 
-import math
 import os
 import re
 import shutil
@@ -31,7 +30,8 @@ import mlx.core as mx
 
 from errors import UserError
 
-from durable import TEMP_PREFIX, copy_file_atomically, flush_dir, open_regular_file, write_text_atomically
+from durable import (TEMP_PREFIX, commit_directory, copy_file_atomically, flush_dir, free_space, open_regular_file,
+                     write_text_atomically)
 from .manifest import verify_checkpoint, write_manifest
 from .retention import RetentionPolicy
 from .state import ArrayWriteError, TrainingState, check_state, describe_error, read_state_files, write_state_files
@@ -110,19 +110,16 @@ class CheckpointManager:
     def save(self, state: TrainingState, *, is_best: bool = False, is_final: bool = False) -> Path:
         """Commit `state` as checkpoints/step-NNNNNNNN/ and return its path.
 
-        Raises TypeError for a state that cannot be serialized (a bug: retrying
-        would not help) and CheckpointSaveError when the file system fails
-        (full disk, I/O error, permission): then the previous checkpoints are
-        untouched and no temporary directory is left behind.
+        Raises TypeError for a state that cannot be serialized, a NaN or an
+        infinity included (a bug: retrying would not help), and
+        CheckpointSaveError when the file system fails (full disk, I/O error,
+        permission): then the previous checkpoints are untouched and no
+        temporary directory is left behind.
         """
         if self.run_inputs is not None:
             state = dataclasses.replace(state, trainer={**state.trainer, "inputs": self.run_inputs})
         check_state(state)
         name = checkpoint_dir_name(state.step)
-        val_loss = state.trainer.get("val_loss")
-        if is_best and isinstance(val_loss, float) and math.isnan(val_loss):
-            self.warn(f"checkpoint {name} has a NaN validation loss: not marking it best")
-            is_best = False
         # One bulk evaluation: the writer then copies memory and computes nothing.
         mx.eval(list(state.adapters.values()) + list(state.optimizer.values()))
 
@@ -132,10 +129,9 @@ class CheckpointManager:
             self.directory.mkdir(parents=True, exist_ok=True)
             remove_path(temp)  # our own leftover of an earlier failed attempt
             temp.mkdir()
-            write_state_files(state, temp, fsync=self.fsync)
-            write_manifest(temp, state.step, state.trainer, fsync=self.fsync)
-            if self.fsync:
-                flush_dir(temp)
+            # Flushed all at once by the commit, each file and the folder.
+            write_state_files(state, temp, fsync=False)
+            write_manifest(temp, state.step, state.trainer, fsync=False)
             replaced = self._commit(temp, final)
         except (ArrayWriteError, OSError) as error:
             remove_path(temp, quiet=True)
@@ -154,33 +150,18 @@ class CheckpointManager:
         return final
 
     def _commit(self, temp: Path, final: Path) -> bool:
-        """Rename `temp` to `final`; returns whether an existing `final` was replaced.
+        """Flush `temp` and rename it to `final`; returns whether an existing `final` was replaced.
 
-        A directory cannot be atomically renamed over a non-empty one, so an
-        existing one (a resumed run saving the same step again) is renamed
-        aside first and removed only after the new one is in place. If we die
-        in between, clean_temporaries() puts it back.
+        An existing one (a resumed run saving the same step again) is renamed aside
+        first and removed only after the new one is in place (durable.commit_directory).
+        If we die in between, clean_temporaries() puts it back.
         """
-        aside = None
-        if final.exists():
-            aside = self.directory / f"{TEMP_PREFIX}replaced-{final.name}-{os.getpid()}"
-            remove_path(aside)
-            os.rename(final, aside)
-        try:
-            os.rename(temp, final)
-        except BaseException:
-            if aside is not None:
-                os.rename(aside, final)
-            raise
-        if self.fsync:
-            try:
-                flush_dir(self.directory)
-            except OSError as error:
-                self.warn(f"checkpoint {final.name} is in place but flushing {self.directory} failed: "
-                          f"{describe_error(error)}; it may not survive a power loss")
-        if aside is not None:
-            remove_path(aside, quiet=True)
-        return aside is not None
+        def unflushed(error: OSError) -> None:
+            self.warn(f"checkpoint {final.name} is in place but flushing {self.directory} failed: "
+                      f"{describe_error(error)}; it may not survive a power loss")
+
+        aside = self.directory / f"{TEMP_PREFIX}replaced-{final.name}-{os.getpid()}"
+        return commit_directory(temp, final, aside=aside, fsync=self.fsync, on_unflushed=unflushed)
 
     def _save_error(self, name: str, error: BaseException) -> CheckpointSaveError:
         parameter = None
@@ -190,10 +171,7 @@ class CheckpointManager:
         message = f"could not save checkpoint {name} in {self.directory}: {error}"
         if not (isinstance(cause, OSError) and cause.errno is not None):
             # mlx reports a failed write without its reason; the free space often is it.
-            try:
-                message += f" ({shutil.disk_usage(self.directory).free} bytes free there)"
-            except OSError:
-                pass
+            message += f" ({free_space(self.directory)})"
         message += "; the previous checkpoints are untouched"
         return CheckpointSaveError(message, checkpoint=name, cause=cause, parameter=parameter)
 
@@ -378,6 +356,19 @@ class CheckpointManager:
         checkpoint = Path(path.path if isinstance(path, CheckpointInfo) else path)
         for name in EXPORTED_FILES:
             copy_file_atomically(checkpoint / name, Path(destination) / name)
+
+    def check_room_like(self, checkpoint: Path) -> None:
+        """UserError unless the file system has room for another checkpoint as large as
+        `checkpoint` (and its adapters' copy at the top of the run)."""
+        needed = directory_size(checkpoint) + (checkpoint / "adapters.safetensors").stat().st_size
+        try:
+            free = shutil.disk_usage(self.directory).free
+        except OSError:
+            return
+        if free < needed:
+            raise UserError(f"{self.directory}: {free / 1e6:,.1f} MB free, and a checkpoint of this run "
+                            f"needs about {needed / 1e6:,.1f} MB; free some space and run the same command again "
+                            f"(nothing was changed)")
 
     def protect(self, path: str | os.PathLike | CheckpointInfo) -> None:
         """Retention will never delete this checkpoint (the one this run resumed from)."""

@@ -18,6 +18,7 @@ from importlib import metadata
 from pathlib import Path
 
 from durable import flush_fd, open_regular_file, sha256_of_file
+from json_files import json_text
 from .state import STATE_FILES
 
 MANIFEST_FILE = "manifest.json"
@@ -56,8 +57,7 @@ def write_manifest(directory: Path, step: int, trainer: dict, *, fsync: bool = T
     # The manifest guards itself too: a changed loss or step would otherwise pass.
     manifest["manifest_sha256"] = canonical_sha256(manifest)
     with open(directory / MANIFEST_FILE, "w", encoding="utf-8") as f:
-        json.dump(manifest, f, indent=2)
-        f.write("\n")
+        f.write(json_text(manifest, indent=2) + "\n")
         f.flush()
         if fsync:
             flush_fd(f.fileno())
@@ -65,7 +65,10 @@ def write_manifest(directory: Path, step: int, trainer: dict, *, fsync: bool = T
 
 
 def canonical_sha256(manifest: dict) -> str:
-    """SHA-256 of the manifest's content without its own sum, independent of formatting."""
+    """SHA-256 of the manifest's content without its own sum, independent of formatting.
+
+    Plain json.dumps, not json_text: a manifest written by an earlier version may hold
+    a NaN loss, and its sum must still verify."""
     content = {key: value for key, value in manifest.items() if key != "manifest_sha256"}
     return hashlib.sha256(json.dumps(content, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 

@@ -7,6 +7,7 @@ nothing here can execute code when read back (no pickle anywhere).
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,6 +15,7 @@ from pathlib import Path
 import mlx.core as mx
 
 from durable import flush_fd, open_regular_file
+from json_files import json_text
 
 # The files of a checkpoint. adapters.safetensors + adapter_config.json are the
 # mlx-lm adapter format, so `mlx_lm.load(model, adapter_path=checkpoint_dir)`
@@ -87,14 +89,20 @@ def check_state(state: TrainingState) -> None:
 
 
 def check_json_value(value, where: str) -> None:
-    """Accept only what JSON gives back unchanged: dict with str keys, list, str, int, float, bool, None.
+    """Accept only what JSON gives back unchanged: dict with str keys, list, str, int, finite
+    float, bool, None.
 
     Tuples, numpy scalars and int keys would come back as something else (a
     list, an error, a str key), so a resumed run would differ; refuse them
-    here, at the first save, rather than at a resume hours later.
+    here, at the first save, rather than at a resume hours later. NaN and
+    infinity are refused too (json_files' rule: standard JSON has no token for
+    them): whoever owns a value that may be non-finite encodes it, as null.
     """
+    if isinstance(value, float) and not math.isfinite(value):
+        raise TypeError(f"{where} is {value}, which standard JSON cannot hold: its owner must encode it "
+                        f"(null, saying what null means there)")
     if value is None or isinstance(value, (str, bool, int, float)):
-        return  # NaN and inf are allowed: Python's json writes and reads them back
+        return
     if isinstance(value, dict):
         for key, item in value.items():
             if not isinstance(key, str):
@@ -178,8 +186,7 @@ def save_safetensors_file(path: Path, arrays: dict[str, mx.array], *, fsync: boo
 
 def write_json(path: Path, value: dict, *, fsync: bool = True) -> None:
     with open(path, "w", encoding="utf-8") as f:
-        json.dump(value, f, indent=2, sort_keys=True)
-        f.write("\n")
+        f.write(json_text(value, indent=2, sort_keys=True) + "\n")
         f.flush()
         if fsync:
             flush_fd(f.fileno())
@@ -208,6 +215,7 @@ def read_arrays(path: Path) -> dict[str, mx.array]:
 
 
 def read_json(path: Path) -> dict:
+    """Lenient: the NaN / Infinity of checkpoints written by earlier versions read back as floats."""
     with open_regular_file(path) as f:
         value = json.loads(f.read().decode("utf-8"))
     if not isinstance(value, dict):

@@ -24,6 +24,7 @@ from corpus.prepare import check_load_time_metadata, load_time_scores
 from corpus.records import EncodedSample, encode_records, has_scores, parse_record
 from corpus.scoring import current_year
 from durable import open_regular_file, replace_file
+from json_files import json_text
 from errors import UserError
 
 
@@ -282,7 +283,7 @@ def _write_cache(cache_file: Path, columns: dict, truncated: int, no_target: lis
 
     arrays = dict(columns, truncated=np.asarray([truncated], dtype=np.int64),
                   no_target=np.asarray(no_target, dtype=np.int64))
-    metadata = {"source_type_names": json.dumps(source_type_names), "scored_at_load": str(int(scored_at_load)),
+    metadata = {"source_type_names": json_text(source_type_names), "scored_at_load": str(int(scored_at_load)),
                 "sha256": _checksum(columns, truncated, no_target, source_type_names, scored_at_load)}
     try:
         cache_file.parent.mkdir(parents=True, exist_ok=True)

@@ -36,6 +36,7 @@ from corpus.records import SCORE_FIELDS, messages_problem, scores_problem
 from distrust import distrust_scores
 from durable import flush_dir
 from errors import UserError
+from json_files import json_text
 
 CONTENT_FIELDS = ("text", "messages", "prompt", "completion")
 SCORE_DECIMALS = 4  # rounded so the bytes do not depend on the last bit of a libm
@@ -403,7 +404,7 @@ def output_line(content: dict, scores: tuple[float, float], metadata: dict) -> b
     authority, entropy = scores
     record = {**content, "auth_weight": round(authority, SCORE_DECIMALS),
               "prov_entropy": round(entropy, SCORE_DECIMALS), **metadata}
-    return (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8")
+    return (json_text(record, ensure_ascii=False) + "\n").encode("utf-8")
 
 
 # ---------------------------------------------------------------- the whole job

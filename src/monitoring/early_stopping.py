@@ -124,7 +124,8 @@ class EarlyStopping:
         return None
 
     def state_dict(self) -> dict:
-        """JSON-able running state (infinity and NaN written as strings)."""
+        """JSON-able running state: `best_loss` is null while there is no best yet, a window
+        entry is null where the loss was not a number (json_files' rule)."""
         return {
             "consecutive_spikes": self.consecutive_spikes,
             "best_loss": encode_float(self.best_loss),
@@ -135,14 +136,15 @@ class EarlyStopping:
 
     def load_state_dict(self, state: dict) -> None:
         """`losses` may be absent (a checkpoint written before the window was kept here):
-        the window then starts empty, and the caller may fill it with `record_loss`."""
+        the window then starts empty, and the caller may fill it with `record_loss`. The
+        "inf" / "nan" strings of earlier checkpoints read back as those floats."""
         raw = state.get("losses", [])
         if not isinstance(raw, list):
             raise TypeError(f"early stopping losses must be a list of numbers, got {raw!r}")
-        losses = [decode_float(x) for x in raw]
+        losses = [decode_float(x, null_means=math.nan) for x in raw]
         # deque(maxlen=...) keeps the newest if the window shrank.
         self.losses = deque(losses, maxlen=self.window)
         self.consecutive_spikes = int(state["consecutive_spikes"])
-        self.best_loss = decode_float(state["best_loss"])
+        self.best_loss = decode_float(state["best_loss"], null_means=math.inf)
         self.best_step = None if state["best_step"] is None else int(state["best_step"])
         self.checks_without_improvement = int(state["checks_without_improvement"])

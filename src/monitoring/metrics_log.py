@@ -7,7 +7,9 @@ written, so a crash loses at most the line being written:
     {"step": 250, "val_loss": 2.05, ...}                 log_validation()
     {"event": "end", "reason": "...", ...}               end(), the last line
 
-NaN and infinity are written as null (standard JSON has no token for them).
+A number that is not finite (the loss of the step that stopped a run, whose
+`end` line says why) is written as null: json_files' rule, no NaN or Infinity
+in any file.
 
 TensorBoard scalars go to `output_dir/logs` through tensorboardX's event
 writer, in the caller's thread (see TensorBoardWriter for why). Known keys
@@ -36,14 +38,14 @@ import json
 import math
 import numbers
 import os
-import shutil
 import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from durable import flush_fd, open_for_append, open_regular_file, replace_file
+from durable import flush_fd, free_space, open_for_append, open_regular_file, replace_file
 from errors import UserError
+from json_files import finite_or_none, json_text
 
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "logs"
@@ -79,9 +81,8 @@ def _json_value(value):
     if isinstance(value, numbers.Integral):  # int, numpy integers
         return int(value)
     if isinstance(value, numbers.Real):  # float, numpy floats
-        value = float(value)
-        return value if math.isfinite(value) else None
-    return value  # anything else: json.dumps(default=str) writes its text
+        return finite_or_none(float(value))
+    return value  # anything else: json_text(default=str) writes its text
 
 
 def _is_number(value) -> bool:
@@ -123,14 +124,6 @@ def truncate_after(path: Path, resume_step: int) -> None:
 
 def _reason(exc: BaseException) -> str:
     return exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-
-
-def free_space(folder: Path) -> str:
-    """'N MB free' on the file system holding `folder`, for messages about failed writes."""
-    try:
-        return f"{shutil.disk_usage(folder).free / 1e6:,.1f} MB free there"
-    except OSError:
-        return "free space unknown"
 
 
 # The time in the name of everything a run moves aside (checkpoints, metrics.jsonl,
@@ -238,7 +231,7 @@ class MetricsLog:
 
     def _write_line(self, record: dict) -> None:
         record = {key: _json_value(value) for key, value in record.items()}
-        line = json.dumps(record, allow_nan=False, default=str) + "\n"
+        line = json_text(record, default=str) + "\n"
         try:
             self._file.write(line)
             self._file.flush()

@@ -39,7 +39,7 @@ from collections import deque
 
 from tqdm import tqdm
 
-from monitoring.floats import encode_float
+from monitoring.floats import decode_float, encode_float
 
 DEFAULT_BASELINE_STEP = 5  # the step whose memory reading becomes the baseline, unless told otherwise
 GROWTH_WARNING_FRACTION = 0.5  # "growing" past +50% of the baseline ...
@@ -235,7 +235,7 @@ class ProgressLine:
     # -- resume -------------------------------------------------------------
 
     def state_dict(self) -> dict:
-        """The windows, JSON-able (NaN written as "nan"). The memory baseline is not
+        """The windows, JSON-able (a step whose figure was not a number: null). The memory baseline is not
         kept: memory is a process's own, so a resumed process takes its own baseline."""
         return {
             "losses": [encode_float(x) for x in self.objectives],
@@ -266,6 +266,7 @@ class ProgressLine:
         ces = state.get("ces", [])
         if not isinstance(ces, list):
             raise TypeError(f"progress ces must be a list, got {type(ces).__name__}")
-        return ([float(x) for x in state["losses"]], [float(x) for x in ces],
+        return ([decode_float(x, null_means=math.nan) for x in state["losses"]],
+                [decode_float(x, null_means=math.nan) for x in ces],
                 [int(x) for x in state["tokens"]], [float(x) for x in state["seconds"]],
                 int(state["updates_seen"]))
