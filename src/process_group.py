@@ -50,18 +50,23 @@ class ProcessGroup:
 
     @classmethod
     def from_environment(cls) -> "ProcessGroup":
-        """The group `mlx.launch` started this process in; one process without it.
+        """The group `mlx.launch` (or mpirun) started this process in; one process without.
 
-        mlx.launch sets MLX_RANK for each process (and the backend's own settings,
-        MLX_HOSTFILE for the ring); a plain `python src/train_qlora.py` has none.
+        mlx.launch sets MLX_RANK for each process (and the backend's own settings:
+        MLX_HOSTFILE for the ring, empty when it starts a single process); mpirun
+        sets its own world size. A plain `python src/train_qlora.py` has none of
+        them. Once launched, MLX's layer must start: silently training alone in
+        each process would give N runs that overwrite each other's files.
         """
-        if os.environ.get("MLX_RANK") is None:
+        launched = os.environ.get("MLX_RANK") is not None or \
+            any(_whole_number(os.environ.get(name)) > 1 for name in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE"))
+        if not launched or _names_no_hosts(os.environ.get("MLX_HOSTFILE")):
             return cls()
         try:
             group = mx.distributed.init(strict=True)
         except RuntimeError as exc:
-            raise UserError(f"mlx.launch started this process (MLX_RANK={os.environ['MLX_RANK']}) but MLX's "
-                            f"distributed layer could not start: {exc}") from None
+            raise UserError(f"this process was started as one of several (MLX_RANK={os.environ.get('MLX_RANK')}) "
+                            f"but MLX's distributed layer could not start: {exc}") from None
         return cls(group) if group.size() > 1 else cls()
 
     @property
@@ -172,6 +177,24 @@ class ProcessGroup:
         if int(differs.item()):
             raise UserError(f"the {self.size} processes do not agree on {what}: every machine of an mlx.launch "
                             f"run needs the same files and settings")
+
+
+def _whole_number(text: str | None) -> int:
+    try:
+        return int(text) if text is not None else 0
+    except ValueError:
+        return 0
+
+
+def _names_no_hosts(hostfile: str | None) -> bool:
+    """mlx.launch -n 1 hands the ring an empty hostfile: one process, nothing to connect."""
+    if not hostfile:
+        return False
+    try:
+        with open(hostfile, encoding="utf-8") as handle:
+            return not handle.read().strip()
+    except OSError:
+        return False
 
 
 def _sha256(text: str) -> bytes:

@@ -233,3 +233,12 @@ def test_processes_that_read_different_data_are_stopped_before_training(tmp_path
     out = result.stdout + result.stderr
     for rank in (0, 1):
         assert f"rank {rank}: the 2 processes do not agree on the data" in out, out
+
+
+def test_mlx_launch_with_one_process_is_a_plain_run(data, tmp_path):
+    out = tmp_path / "run"
+    result = subprocess.run([str(LAUNCHER), "-n", "1", "--", sys.executable, str(TRAIN_SCRIPT), *FAST,
+                             "--data-dir", str(data), "--output-dir", str(out), "--max-steps", "2"],
+                            cwd=REPO, capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
+    assert "Run ended: finished" in result.stderr, result.stderr
+    assert read_metrics(out)[-1]["processes"] == 1
