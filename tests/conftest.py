@@ -228,7 +228,8 @@ def train_on_a_tiny_copy(root: Path, val: int = 8, steps: int = 10, *extra) -> t
     shutil.copytree(modeling.ensure_tiny_model(), base)
     data = write_corpus(root / "data", train=24, val=val)
     out = root / "run"
-    result = run_cli(*FAST, "--model", base, "--data-dir", data, "--output-dir", out, "--max-steps", steps, *extra)
+    result = run_in_process(*FAST, "--model", base, "--data-dir", data, "--output-dir", out, "--max-steps", steps,
+                            *extra)
     assert result.returncode == 0, result.stderr
     return base, out
 
