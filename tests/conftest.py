@@ -126,17 +126,21 @@ def run_script_in_process(name: str, *args, input: str | None = None, timeout: f
 
     What a process of its own would give afresh is given afresh: standard input (`input`, or
     empty; never a terminal), stdout and stderr (at file-descriptor level too, so that what
-    libraries write there is captured, not a terminal), the working directory, the environment,
-    Python's warning filters, the stop-signal handlers, MLX's peak-memory figure. A run that
+    libraries write there is captured, not a terminal), sys.argv, the working directory, the
+    environment, Python's warning filters, Python's and numpy's global random generators (a
+    resume sets them), the stop-signal handlers, MLX's peak-memory figure. A run that
     asks for --grad-checkpoint is refused (it would patch a model class for every later test):
     such a run needs `run_cli`."""
     import mlx.core as mx
+    import numpy as np
 
     import trainer
 
     module = importlib.import_module(name)
     argv = [str(arg) for arg in args]
     saved_streams = sys.stdin, sys.stdout, sys.stderr
+    saved_argv = sys.argv
+    saved_random = random.getstate(), np.random.get_state()
     saved_handlers = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
     saved_environ = dict(os.environ)
     saved_cwd = os.getcwd()
@@ -161,6 +165,7 @@ def run_script_in_process(name: str, *args, input: str | None = None, timeout: f
             sys.stdout = io.TextIOWrapper(io.FileIO(1, "w", closefd=False), encoding="utf-8", write_through=True)
             sys.stderr = io.TextIOWrapper(io.FileIO(2, "w", closefd=False), encoding="utf-8",
                                           errors="backslashreplace", write_through=True)
+            sys.argv = [str(REPO / "src" / f"{name}.py"), *argv]
             trainer.use_grad_checkpoint = _refuse_grad_checkpoint
             os.chdir(cwd)
             mx.reset_peak_memory()
@@ -184,6 +189,9 @@ def run_script_in_process(name: str, *args, input: str | None = None, timeout: f
                 sys.stderr.flush()
     finally:
         sys.stdin, sys.stdout, sys.stderr = saved_streams
+        sys.argv = saved_argv
+        random.setstate(saved_random[0])
+        np.random.set_state(saved_random[1])
         for sig, handler in saved_handlers.items():
             signal.signal(sig, handler)
         os.environ.clear()
