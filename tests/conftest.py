@@ -1,4 +1,7 @@
-"""Shared helpers: small corpora written by the tests, and the CLI run as a real process.
+"""Shared helpers: small corpora written by the tests, and the commands run as a user runs
+them: in a process of their own (`run_cli`, `run_script`), or in the test's process
+(`run_in_process`, `run_script_in_process`), which skips the interpreter start, the imports
+and the model build of a new process and gives the same result object.
 
 Every run uses the tiny demo model, built locally on first use (no network),
 with short sequences and small batches so a step takes milliseconds on CPU.
@@ -6,12 +9,19 @@ with short sequences and small batches so a step takes milliseconds on CPU.
 
 from __future__ import annotations
 
+import contextlib
+import importlib
+import io
 import json
 import os
 import random
+import signal
 import struct
 import subprocess
 import sys
+import tempfile
+import traceback
+import warnings
 from pathlib import Path
 
 import pytest
@@ -71,6 +81,138 @@ def run_script(name: str, *args, timeout: float = 300) -> subprocess.CompletedPr
                           capture_output=True, text=True, timeout=timeout)
 
 
+# Python's own warning filters in a new process (no -W, no PYTHONWARNINGS): pytest records
+# warnings instead of printing them, and a run in a process of its own would print them.
+FRESH_PROCESS_WARNING_FILTERS = [  # (action, category, module)
+    ("default", DeprecationWarning, "__main__"),
+    ("ignore", DeprecationWarning, ""),
+    ("ignore", PendingDeprecationWarning, ""),
+    ("ignore", ImportWarning, ""),
+    ("ignore", ResourceWarning, ""),
+]
+STOP_SIGNALS = [sig for sig in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", None)) if sig is not None]
+
+
+class InProcessTimeout(BaseException):
+    """Raised inside a command run in-process that went past its timeout. A BaseException, so
+    that no `except Exception` of the command catches it."""
+
+
+class GradCheckpointInProcess(BaseException):
+    """--grad-checkpoint patches mlx-lm's transformer block class for the whole process."""
+
+
+@contextlib.contextmanager
+def _file_descriptor_to(fd: int, target: int):
+    """fd points at `target` while inside; what it pointed at before, afterwards."""
+    saved = os.dup(fd)
+    os.dup2(target, fd)
+    try:
+        yield
+    finally:
+        os.dup2(saved, fd)
+        os.close(saved)
+
+
+def _refuse_grad_checkpoint(model):
+    raise GradCheckpointInProcess("--grad-checkpoint patches mlx-lm's block class for the whole process: "
+                                  "run this with run_cli, in a process of its own")
+
+
+def run_script_in_process(name: str, *args, input: str | None = None, timeout: float = 300,
+                          cwd: Path = REPO) -> subprocess.CompletedProcess:
+    """`name`.main(args) in this process, as `run_script` runs it in its own: the same result
+    (returncode, stdout, stderr), argparse's exit turned into its return code.
+
+    What a process of its own would give afresh is given afresh: standard input (`input`, or
+    empty; never a terminal), stdout and stderr (at file-descriptor level too, so that what
+    libraries write there is captured, not a terminal), sys.argv, the working directory, the
+    environment, Python's warning filters, Python's and numpy's global random generators (a
+    resume sets them), the stop-signal handlers, MLX's peak-memory figure. A run that
+    asks for --grad-checkpoint is refused (it would patch a model class for every later test):
+    such a run needs `run_cli`."""
+    import mlx.core as mx
+    import numpy as np
+
+    import trainer
+
+    module = importlib.import_module(name)
+    argv = [str(arg) for arg in args]
+    saved_streams = sys.stdin, sys.stdout, sys.stderr
+    saved_argv = sys.argv
+    saved_random = random.getstate(), np.random.get_state()
+    saved_handlers = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
+    saved_environ = dict(os.environ)
+    saved_cwd = os.getcwd()
+    saved_grad_checkpoint = trainer.use_grad_checkpoint
+
+    def on_alarm(signum, frame):
+        raise InProcessTimeout()
+
+    out_file, err_file = tempfile.TemporaryFile(), tempfile.TemporaryFile()
+    try:
+        with _file_descriptor_to(1, out_file.fileno()), _file_descriptor_to(2, err_file.fileno()), \
+                warnings.catch_warnings():
+            warnings.resetwarnings()
+            for action, category, module_name in FRESH_PROCESS_WARNING_FILTERS:
+                warnings.filterwarnings(action, category=category, module=module_name, append=True)
+            warnings.showwarning = lambda message, category, filename, lineno, file=None, line=None: \
+                sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
+            sys.stdin = io.StringIO(input or "")
+            # Unbuffered, as PYTHONUNBUFFERED=1 makes a child's: every write reaches the descriptor
+            # at once, in order with what libraries write there. Never closed: a library may keep
+            # a reference (a logging handler); the descriptors themselves are not theirs to close.
+            sys.stdout = io.TextIOWrapper(io.FileIO(1, "w", closefd=False), encoding="utf-8", write_through=True)
+            sys.stderr = io.TextIOWrapper(io.FileIO(2, "w", closefd=False), encoding="utf-8",
+                                          errors="backslashreplace", write_through=True)
+            sys.argv = [str(REPO / "src" / f"{name}.py"), *argv]
+            trainer.use_grad_checkpoint = _refuse_grad_checkpoint
+            os.chdir(cwd)
+            mx.reset_peak_memory()
+            previous_alarm = signal.signal(signal.SIGALRM, on_alarm)
+            signal.setitimer(signal.ITIMER_REAL, timeout)
+            try:
+                code = module.main(argv)
+            except SystemExit as exc:  # argparse: --help, or a usage error
+                code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+                if not isinstance(exc.code, (int, type(None))):
+                    print(exc.code, file=sys.stderr)
+            except InProcessTimeout:
+                raise subprocess.TimeoutExpired([name, *argv], timeout) from None
+            except Exception:  # what the interpreter does with an uncaught exception
+                traceback.print_exc()
+                code = 1
+            finally:
+                signal.setitimer(signal.ITIMER_REAL, 0)
+                signal.signal(signal.SIGALRM, previous_alarm)
+                sys.stdout.flush()
+                sys.stderr.flush()
+    finally:
+        sys.stdin, sys.stdout, sys.stderr = saved_streams
+        sys.argv = saved_argv
+        random.setstate(saved_random[0])
+        np.random.set_state(saved_random[1])
+        for sig, handler in saved_handlers.items():
+            signal.signal(sig, handler)
+        os.environ.clear()
+        os.environ.update(saved_environ)
+        os.chdir(saved_cwd)
+        trainer.use_grad_checkpoint = saved_grad_checkpoint
+        mx.clear_cache()
+    out_file.seek(0)
+    err_file.seek(0)
+    stdout = out_file.read().decode("utf-8", errors="replace")
+    stderr = err_file.read().decode("utf-8", errors="replace")
+    out_file.close()
+    err_file.close()
+    return subprocess.CompletedProcess([name, *argv], 0 if code is None else code, stdout, stderr)
+
+
+def run_in_process(*args, input: str | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    """The training command as `run_cli` runs it, in this process (see run_script_in_process)."""
+    return run_script_in_process("train_qlora", *args, input=input, timeout=timeout)
+
+
 def assert_one_line_error(result, *fragments, only_line: bool = False):
     """Exit 2, no traceback, exactly one `error:` line holding each fragment (with `only_line`,
     nothing else on stderr either)."""
@@ -94,7 +236,8 @@ def train_on_a_tiny_copy(root: Path, val: int = 8, steps: int = 10, *extra) -> t
     shutil.copytree(modeling.ensure_tiny_model(), base)
     data = write_corpus(root / "data", train=24, val=val)
     out = root / "run"
-    result = run_cli(*FAST, "--model", base, "--data-dir", data, "--output-dir", out, "--max-steps", steps, *extra)
+    result = run_in_process(*FAST, "--model", base, "--data-dir", data, "--output-dir", out, "--max-steps", steps,
+                            *extra)
     assert result.returncode == 0, result.stderr
     return base, out
 

@@ -1,4 +1,7 @@
-"""Bad input: one line naming the file, line and problem; exit 2; no traceback; nothing lost."""
+"""Bad input: one line naming the file, line and problem; exit 2; no traceback; nothing lost.
+
+The command runs in the test's process (run_in_process); a missing training file and
+argparse's own message are checked in a process of its own too, as a user sees them."""
 
 from __future__ import annotations
 
@@ -7,7 +10,7 @@ import random
 
 import pytest
 
-from conftest import FAST, assert_one_line_error, make_record, run_cli, write_corpus, write_jsonl
+from conftest import FAST, assert_one_line_error, make_record, run_cli, run_in_process, write_corpus, write_jsonl
 
 
 def good_lines(n=12, seed=0):
@@ -55,7 +58,7 @@ def test_bad_training_file(case, tmp_path):
     data = tmp_path / "data"
     write_jsonl(data / "train.jsonl", lines)
     out = tmp_path / "out"
-    result = run_cli(*FAST, "--data-dir", data, "--output-dir", out, "--max-steps", "2")
+    result = run_in_process(*FAST, "--data-dir", data, "--output-dir", out, "--max-steps", "2")
     assert_one_line_error(result, *fragments)
     assert not (out / "adapters.safetensors").exists()
 
@@ -67,7 +70,7 @@ def test_missing_train_file(tmp_path):
 
 def test_unknown_model_path(corpus, tmp_path):
     args = [a if a != "tiny" else str(tmp_path / "no-such-model") for a in FAST]
-    result = run_cli(*args, "--data-dir", corpus, "--output-dir", tmp_path / "out")
+    result = run_in_process(*args, "--data-dir", corpus, "--output-dir", tmp_path / "out")
     assert_one_line_error(result, "no-such-model", "model not found")
 
 
@@ -79,19 +82,19 @@ def test_unknown_model_path(corpus, tmp_path):
     (["--quantize-bits", "7"], "--quantize-bits must be one of"),
 ])
 def test_bad_config_value(flags, fragment, corpus, tmp_path):
-    result = run_cli(*FAST, *flags, "--data-dir", corpus, "--output-dir", tmp_path / "out")
+    result = run_in_process(*FAST, *flags, "--data-dir", corpus, "--output-dir", tmp_path / "out")
     assert_one_line_error(result, fragment)
 
 
 def test_bad_yaml_config(corpus, tmp_path):
     config = tmp_path / "run.yaml"
     config.write_text("lora:\n  dropout: lots\n")
-    result = run_cli(*FAST, "--config", config, "--data-dir", corpus, "--output-dir", tmp_path / "out",
-                     "--max-steps", "2")
+    result = run_in_process(*FAST, "--config", config, "--data-dir", corpus, "--output-dir", tmp_path / "out",
+                            "--max-steps", "2")
     assert_one_line_error(result, "run.yaml", "lora.dropout", "must be float")
     config.write_text("lora_rank: 4\nbogus_setting: 1\n")
-    result = run_cli(*FAST, "--config", config, "--data-dir", corpus, "--output-dir", tmp_path / "out",
-                     "--max-steps", "2")
+    result = run_in_process(*FAST, "--config", config, "--data-dir", corpus, "--output-dir", tmp_path / "out",
+                            "--max-steps", "2")
     assert_one_line_error(result, "unknown setting 'bogus_setting'")
 
 
@@ -101,7 +104,7 @@ def test_a_bad_line_anywhere_in_the_val_file_stops_the_run_before_its_first_step
         handle.write('{"text": "broken\n')
     out = tmp_path / "out"
     # Line 17 is far beyond the batches a validation reads (2 x 4 samples): the whole file is checked.
-    result = run_cli(*FAST, "--data-dir", data, "--output-dir", out, "--max-steps", "10")
+    result = run_in_process(*FAST, "--data-dir", data, "--output-dir", out, "--max-steps", "10")
     assert_one_line_error(result, "val.jsonl:17", "invalid JSON")
     assert "step 1/" not in result.stderr and not (out / "checkpoints").exists()
     assert not (out / "metrics.jsonl").exists()
@@ -110,7 +113,7 @@ def test_a_bad_line_anywhere_in_the_val_file_stops_the_run_before_its_first_step
 def test_a_bad_line_of_mlx_lms_valid_jsonl_is_named_the_same_way(tmp_path):
     data = write_corpus(tmp_path / "data", val=0)
     write_jsonl(data / "valid.jsonl", [{"text": "fine"}, {"text": "a year to come", "year": 3000}])
-    result = run_cli(*FAST, "--data-dir", data, "--output-dir", tmp_path / "out", "--max-steps", "10")
+    result = run_in_process(*FAST, "--data-dir", data, "--output-dir", tmp_path / "out", "--max-steps", "10")
     assert_one_line_error(result, "valid.jsonl:2", "year 3000 is in the future")
     assert not (tmp_path / "out" / "checkpoints").exists()
 
@@ -118,7 +121,7 @@ def test_a_bad_line_of_mlx_lms_valid_jsonl_is_named_the_same_way(tmp_path):
 def test_output_dir_that_is_a_file(corpus, tmp_path):
     taken = tmp_path / "taken"
     taken.write_text("mine")
-    result = run_cli(*FAST, "--data-dir", corpus, "--output-dir", taken, "--max-steps", "2")
+    result = run_in_process(*FAST, "--data-dir", corpus, "--output-dir", taken, "--max-steps", "2")
     assert_one_line_error(result, str(taken), "cannot use as --output-dir")
     assert taken.read_text() == "mine"
 
@@ -128,7 +131,7 @@ def test_output_dir_that_is_a_file(corpus, tmp_path):
     (["--lambda-weight", "400"], "d**lambda under- or overflows"),
 ])
 def test_values_that_would_break_later(flags, fragment, corpus, tmp_path):
-    result = run_cli(*FAST, *flags, "--data-dir", corpus, "--output-dir", tmp_path / "out")
+    result = run_in_process(*FAST, *flags, "--data-dir", corpus, "--output-dir", tmp_path / "out")
     assert_one_line_error(result, fragment)
 
 
@@ -152,5 +155,5 @@ def test_a_flag_value_of_the_wrong_type_is_one_line_from_argparse(corpus, tmp_pa
     (["--early-stopping-window", "0"], "--early-stopping-window must be at least 1"),
 ])
 def test_bad_values_of_the_new_options(flags, fragment, corpus, tmp_path):
-    result = run_cli(*FAST, *flags, "--data-dir", corpus, "--output-dir", tmp_path / "out")
+    result = run_in_process(*FAST, *flags, "--data-dir", corpus, "--output-dir", tmp_path / "out")
     assert_one_line_error(result, fragment, only_line=True)

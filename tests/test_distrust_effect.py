@@ -1,5 +1,8 @@
 """What the objective does to what is learned, shown on the demo corpus; the
-start line about the weights; and evaluate.py (base against adapted model)."""
+start line about the weights; and evaluate.py (base against adapted model).
+
+The training runs and most evaluations run in the test's process (run_in_process);
+two evaluations run in processes of their own, as a user runs them."""
 
 from __future__ import annotations
 
@@ -10,7 +13,8 @@ import subprocess
 import numpy as np
 import pytest
 
-from conftest import copy_with_damaged_adapters, REPO, assert_one_line_error, read_metrics, run_cli, run_script, train_on_a_tiny_copy, write_jsonl
+from conftest import (REPO, assert_one_line_error, copy_with_damaged_adapters, read_metrics, run_in_process,
+                      run_script, run_script_in_process, train_on_a_tiny_copy, write_jsonl)
 from distrust import DistrustObjective, weight_report_lines
 
 DEMO_DATA = REPO / "data"
@@ -27,6 +31,10 @@ def run_evaluate(*args) -> subprocess.CompletedProcess:
     return run_script("evaluate", *args)
 
 
+def evaluate_in_process(*args) -> subprocess.CompletedProcess:
+    return run_script_in_process("evaluate", *args)
+
+
 @pytest.fixture(scope="module")
 def demo_runs(tmp_path_factory) -> dict:
     """The demo corpus trained at lambda 0 and at lambda 1, everything else equal."""
@@ -34,7 +42,7 @@ def demo_runs(tmp_path_factory) -> dict:
     runs = {}
     for lam in (0, 1):
         out = root / f"lambda-{lam}"
-        result = run_cli(*DEMO_RUN, "--lambda-weight", lam, "--output-dir", out)
+        result = run_in_process(*DEMO_RUN, "--lambda-weight", lam, "--output-dir", out)
         assert result.returncode == 0, result.stderr
         runs[lam] = (out, result)
     return runs
@@ -81,8 +89,8 @@ def test_scores_on_another_scale_are_warned_about(tmp_path):
     rng.shuffle(records)
     data = tmp_path / "data"
     write_jsonl(data / "train.jsonl", records)
-    result = run_cli("--model", "tiny", "--data-dir", data, "--output-dir", tmp_path / "out", "--max-steps", "1",
-                     "--batch-size", "4", "--max-seq-length", "32", "--no-tensorboard")
+    result = run_in_process("--model", "tiny", "--data-dir", data, "--output-dir", tmp_path / "out",
+                            "--max-steps", "1", "--batch-size", "4", "--max-seq-length", "32", "--no-tensorboard")
     assert result.returncode == 0, result.stderr
     warnings = [line for line in result.stderr.splitlines() if line.startswith("WARNING: primary sources")]
     assert len(warnings) == 1 and "prepare_data.py --rescore" in warnings[0]
@@ -139,7 +147,7 @@ def test_evaluate_works_for_a_lambda_zero_run_and_the_runs_compare(demo_runs):
     moved = {}
     for lam, (out, _) in demo_runs.items():
         json_path = out / f"eval-{lam}.json"
-        result = run_evaluate("--output-dir", out, "--max-batches", "8", "--json", json_path)
+        result = evaluate_in_process("--output-dir", out, "--max-batches", "8", "--json", json_path)
         assert result.returncode == 0, result.stderr
         figures = json.loads(json_path.read_text())
         assert figures["distrust"]["lambda"] == lam
@@ -163,18 +171,20 @@ def test_evaluate_refuses_bad_input_in_one_line_and_writes_nothing(small_run, tm
     root, base, data, out = small_run
     empty = tmp_path / "empty-run"
     empty.mkdir()
-    assert_refused(run_evaluate("--output-dir", empty), "no checkpoints")
-    assert_refused(run_evaluate("--output-dir", tmp_path / "nowhere"), "no such run folder")
+    assert_refused(evaluate_in_process("--output-dir", empty), "no checkpoints")
+    assert_refused(evaluate_in_process("--output-dir", tmp_path / "nowhere"), "no such run folder")
 
     bad_val = tmp_path / "bad-data"
     write_jsonl(bad_val / "val.jsonl", [{"text": "fine", "auth_weight": 0.1, "prov_entropy": 7.0}, "{not json"])
-    assert_refused(run_evaluate("--output-dir", out, "--data-dir", bad_val), "val.jsonl:2", "invalid JSON")
-    assert_refused(run_evaluate("--output-dir", out, "--data-dir", tmp_path / "no-data"), "no such data folder")
-    assert_refused(run_evaluate("--output-dir", out, "--checkpoint", "best", "--max-batches", "0"), "--max-batches")
+    assert_refused(evaluate_in_process("--output-dir", out, "--data-dir", bad_val), "val.jsonl:2", "invalid JSON")
+    assert_refused(evaluate_in_process("--output-dir", out, "--data-dir", tmp_path / "no-data"),
+                   "no such data folder")
+    assert_refused(evaluate_in_process("--output-dir", out, "--checkpoint", "best", "--max-batches", "0"),
+                   "--max-batches")
 
     damaged = copy_with_damaged_adapters(out, tmp_path / "damaged", "step-00000002")
-    assert_refused(run_evaluate("--output-dir", damaged, "--checkpoint", damaged / "checkpoints" / "step-00000002"),
-                   "invalid")
+    assert_refused(evaluate_in_process("--output-dir", damaged, "--checkpoint",
+                                       damaged / "checkpoints" / "step-00000002"), "invalid")
     for run in (out, damaged, empty):
         assert not (run / "evaluations").exists()
 

@@ -6,6 +6,10 @@ with --dequantize; --requantize is measurably not the same model. The GGUF
 reads back with the `gguf` package: tensor names and shapes, vocabulary,
 merges, chat template, and weights equal to the fused model's. Bad input is
 one line, exit 2, and nothing is written.
+
+Two tests run export.py in a process of its own, as a user does; the others
+run it in the test's process (conftest.run_script_in_process), and the runs
+they export are trained there too.
 """
 
 from __future__ import annotations
@@ -17,7 +21,8 @@ import subprocess
 import numpy as np
 import pytest
 
-from conftest import copy_with_damaged_adapters, FAST, REPO, assert_one_line_error, run_cli, run_script, train_on_a_tiny_copy, write_corpus
+from conftest import (FAST, REPO, assert_one_line_error, copy_with_damaged_adapters, run_in_process, run_script,
+                      run_script_in_process, train_on_a_tiny_copy, write_corpus)
 
 EXPORT = REPO / "src" / "export.py"
 PROBE = [[5, 100, 200, 300, 400, 17, 99, 1000, 3, 7] * 3]
@@ -25,6 +30,10 @@ PROBE = [[5, 100, 200, 300, 400, 17, 99, 1000, 3, 7] * 3]
 
 def run_export(*args) -> subprocess.CompletedProcess:
     return run_script("export", *args)
+
+
+def export_in_process(*args) -> subprocess.CompletedProcess:
+    return run_script_in_process("export", *args)
 
 
 def logits(model) -> np.ndarray:
@@ -114,7 +123,7 @@ def test_dequantize_gives_the_same_model_and_requantize_does_not(tiny_run, train
     from mlx_lm import load
 
     _, _, out = tiny_run
-    result = run_export("--output-dir", out, "--save-path", tmp_path / "float", "--dequantize")
+    result = export_in_process("--output-dir", out, "--save-path", tmp_path / "float", "--dequantize")
     assert result.returncode == 0, result.stderr
     model, _, config = load(str(tmp_path / "float"), return_config=True)
     assert "quantization" not in config
@@ -122,7 +131,7 @@ def test_dequantize_gives_the_same_model_and_requantize_does_not(tiny_run, train
     exact = np.abs(logits(model) - trained_logits).max()
     assert exact <= 1e-4
 
-    result = run_export("--output-dir", out, "--save-path", tmp_path / "small", "--requantize")
+    result = export_in_process("--output-dir", out, "--save-path", tmp_path / "small", "--requantize")
     assert result.returncode == 0, result.stderr
     assert "not exactly the trained model" in result.stdout
     drift = np.abs(logits(load(str(tmp_path / "small"))[0]) - trained_logits).max()
@@ -148,20 +157,20 @@ def test_bad_input_is_one_line_exit_2_and_nothing_written(tiny_run, tmp_path):
     save = tmp_path / "exported"
     empty = tmp_path / "empty-run"
     empty.mkdir()
-    assert_refused(run_export("--output-dir", empty, "--save-path", save), "no checkpoints", "no adapters")
-    assert_refused(run_export("--output-dir", tmp_path / "nowhere", "--save-path", save), "no such run folder")
-    assert_refused(run_export("--output-dir", out, "--save-path", save, "--checkpoint", "step-00000099"),
+    assert_refused(export_in_process("--output-dir", empty, "--save-path", save), "no checkpoints", "no adapters")
+    assert_refused(export_in_process("--output-dir", tmp_path / "nowhere", "--save-path", save), "no such run folder")
+    assert_refused(export_in_process("--output-dir", out, "--save-path", save, "--checkpoint", "step-00000099"),
                    "does not exist")
-    assert_refused(run_export("--output-dir", out, "--save-path", out, "--force"), "would replace")
+    assert_refused(export_in_process("--output-dir", out, "--save-path", out, "--force"), "would replace")
 
     damaged = copy_with_damaged_adapters(out, tmp_path / "damaged", "step-00000010")
-    assert_refused(run_export("--output-dir", damaged, "--save-path", save,
-                              "--checkpoint", damaged / "checkpoints" / "step-00000010"), "invalid")
+    assert_refused(export_in_process("--output-dir", damaged, "--save-path", save,
+                                     "--checkpoint", damaged / "checkpoints" / "step-00000010"), "invalid")
 
     moved = root / "tiny-base-moved"
     base.rename(moved)
     try:
-        assert_refused(run_export("--output-dir", out, "--save-path", save), "base model", "not found")
+        assert_refused(export_in_process("--output-dir", out, "--save-path", save), "base model", "not found")
     finally:
         moved.rename(base)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["damaged", "empty-run"]
@@ -194,11 +203,11 @@ def test_gguf_of_an_architecture_mlx_lm_cannot_write_is_refused_before_anything_
 
     corpus = write_corpus(tmp_path / "data", train=8, val=0)
     out = tmp_path / "run"
-    result = run_cli(*FAST, "--model", base, "--data-dir", corpus, "--output-dir", out, "--max-steps", "2")
+    result = run_in_process(*FAST, "--model", base, "--data-dir", corpus, "--output-dir", out, "--max-steps", "2")
     assert result.returncode == 0, result.stderr
     save = tmp_path / "exported"
-    assert_refused(run_export("--output-dir", out, "--save-path", save, "--gguf"),
+    assert_refused(export_in_process("--output-dir", out, "--save-path", save, "--gguf"),
                    "--gguf", "'qwen2'", "llama, mistral, mixtral")
     assert not save.exists()
-    result = run_export("--output-dir", out, "--save-path", save)  # without --gguf it exports
+    result = export_in_process("--output-dir", out, "--save-path", save)  # without --gguf it exports
     assert result.returncode == 0, result.stderr

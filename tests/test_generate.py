@@ -4,6 +4,9 @@ It generates what mlx-lm generates from `mlx_lm.load(base, adapter_path=RUN)`
 with the same prompt tokens: plain text for a run trained on text records,
 through the chat template for a run trained on chat records, saying which.
 Bad input is one line on stderr and exit 2.
+
+The first test runs generate.py in a process of its own, as a user does; the
+others in the test's process.
 """
 
 from __future__ import annotations
@@ -14,7 +17,8 @@ import subprocess
 
 import pytest
 
-from conftest import copy_with_damaged_adapters, FAST, REPO, WORDS, run_cli, run_script, train_on_a_tiny_copy, write_jsonl
+from conftest import (FAST, REPO, WORDS, copy_with_damaged_adapters, run_in_process, run_script,
+                      run_script_in_process, train_on_a_tiny_copy, write_jsonl)
 
 GENERATE = REPO / "src" / "generate.py"
 PROMPT = "the measurement was taken at dawn"
@@ -22,6 +26,10 @@ PROMPT = "the measurement was taken at dawn"
 
 def run_generate(*args) -> subprocess.CompletedProcess:
     return run_script("generate", *args)
+
+
+def generate_in_process(*args) -> subprocess.CompletedProcess:
+    return run_script_in_process("generate", *args)
 
 
 def mlx_lm_text(run, prompt_ids, max_tokens, adapters=None) -> str:
@@ -67,10 +75,10 @@ def test_a_run_trained_on_chat_records_is_prompted_through_the_chat_template(tmp
                 "auth_weight": 0.5, "prov_entropy": 1.0} for _ in range(12)]
     write_jsonl(tmp_path / "data" / "train.jsonl", records)
     out = tmp_path / "run"
-    result = run_cli(*FAST, "--data-dir", tmp_path / "data", "--output-dir", out, "--max-steps", "3")
+    result = run_in_process(*FAST, "--data-dir", tmp_path / "data", "--output-dir", out, "--max-steps", "3")
     assert result.returncode == 0, result.stderr
 
-    result = run_generate("--output-dir", out, "--prompt", PROMPT, "--max-tokens", "8")
+    result = generate_in_process("--output-dir", out, "--prompt", PROMPT, "--max-tokens", "8")
     assert result.returncode == 0, result.stderr
     assert "prompt: chat template (the run trained on chat records)" in result.stderr
 
@@ -79,7 +87,8 @@ def test_a_run_trained_on_chat_records_is_prompted_through_the_chat_template(tmp
                                              tokenize=True)
 
     assert result.stdout == mlx_lm_text(out, chat, 8) + "\n"
-    result = run_generate("--output-dir", out, "--prompt", PROMPT, "--max-tokens", "8", "--prompt-format", "text")
+    result = generate_in_process("--output-dir", out, "--prompt", PROMPT, "--max-tokens", "8",
+                                 "--prompt-format", "text")
     assert "prompt: plain text (--prompt-format text)" in result.stderr
 
 

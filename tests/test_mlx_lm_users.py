@@ -1,6 +1,10 @@
 """An mlx-lm user's first day, end to end: their data folder and their YAML config as
 they are, the options they rely on (gradient checkpointing, the optimizer, DoRA,
-starting from adapters), each resuming bit for bit after a kill."""
+starting from adapters), each resuming bit for bit after a kill.
+
+Killed runs, the runs that resume them, runs with --grad-checkpoint (mlx-lm patches
+the block class for the whole process) and the stdout of a quantizing run run in
+processes of their own; the others in the test's process (run_in_process)."""
 
 from __future__ import annotations
 
@@ -17,7 +21,8 @@ import numpy as np
 import pytest
 
 from conftest import (FAST, REPO, TRAIN_SCRIPT, WORDS, adapters_equal, assert_one_line_error, load_adapters,
-                      read_metrics, run_cli, run_script, train_lines, write_corpus, write_jsonl)
+                      read_metrics, run_cli, run_in_process, run_script_in_process, train_lines, write_corpus,
+                      write_jsonl)
 
 
 def mlx_lm_records(n: int, seed: int) -> list[dict]:
@@ -58,7 +63,8 @@ def mlx_data(tmp_path_factory) -> Path:
 
 def test_an_mlx_lm_data_folder_trains_with_the_scores_prepare_data_gives(mlx_data, tmp_path):
     out = tmp_path / "run"
-    result = run_cli(*FAST, "--data-dir", mlx_data, "--output-dir", out, "--max-steps", "5", "--lambda-weight", "0")
+    result = run_in_process(*FAST, "--data-dir", mlx_data, "--output-dir", out, "--max-steps", "5",
+                            "--lambda-weight", "0")
     assert result.returncode == 0, result.stderr
     lines = result.stderr.splitlines()
     said = [line for line in lines if "no auth_weight/prov_entropy" in line]
@@ -78,7 +84,8 @@ def test_an_mlx_lm_data_folder_trains_with_the_scores_prepare_data_gives(mlx_dat
 
     # The run's record of the scores (its corpus index in OUTPUT/cache) is what prepare_data.py writes.
     prepared = tmp_path / "prepared"
-    prep = run_script("prepare_data", "--input", mlx_data / "train.jsonl", "--output", prepared, "--val-fraction", "0")
+    prep = run_script_in_process("prepare_data", "--input", mlx_data / "train.jsonl", "--output", prepared,
+                                 "--val-fraction", "0")
     assert prep.returncode == 0, prep.stderr
     written = [json.loads(line) for line in (prepared / "train.jsonl").read_text().splitlines()]
     from corpus.index import _read_cache
@@ -91,7 +98,7 @@ def test_an_mlx_lm_data_folder_trains_with_the_scores_prepare_data_gives(mlx_dat
     assert len(set(cached["auth_weight"].tolist())) > 3  # metadata and text moved the scores
 
     # evaluate.py takes test.jsonl when the folder has one.
-    evaluated = run_script("evaluate", "--output-dir", out)
+    evaluated = run_script_in_process("evaluate", "--output-dir", out)
     assert evaluated.returncode == 0, evaluated.stderr
     assert f"on {mlx_data / 'test.jsonl'} (12 samples)" in evaluated.stdout
 
@@ -100,7 +107,7 @@ def test_records_with_scores_keep_them_and_one_score_alone_is_refused(tmp_path):
     data = write_corpus(tmp_path / "data", val=0)
     given = [json.loads(line) for line in (data / "train.jsonl").read_text().splitlines()]
     out = tmp_path / "run"
-    result = run_cli(*FAST, "--data-dir", data, "--output-dir", out, "--max-steps", "1")
+    result = run_in_process(*FAST, "--data-dir", data, "--output-dir", out, "--max-steps", "1")
     assert result.returncode == 0, result.stderr
     assert "scored at load" not in result.stderr
     from corpus.index import _read_cache
@@ -110,7 +117,7 @@ def test_records_with_scores_keep_them_and_one_score_alone_is_refused(tmp_path):
         np.asarray([r["auth_weight"] for r in given], np.float32).tolist()
 
     write_jsonl(data / "train.jsonl", [{"text": "a b c", "auth_weight": 0.5}])
-    result = run_cli(*FAST, "--data-dir", data, "--output-dir", tmp_path / "other", "--max-steps", "1")
+    result = run_in_process(*FAST, "--data-dir", data, "--output-dir", tmp_path / "other", "--max-steps", "1")
     assert_one_line_error(result, "train.jsonl:1: missing field 'prov_entropy' (a record gives both scores, or "
                                   "neither and is scored at load")
 
@@ -151,6 +158,7 @@ REST = ["--warmup-steps", "2", "--no-tensorboard", "--no-early-stopping"]
 
 
 def test_an_mlx_lm_lora_yaml_gives_the_same_run_as_the_flags(mlx_data, tmp_path):
+    # Both runs with --grad-checkpoint (grad_checkpoint: true): processes of their own.
     config = tmp_path / "lora.yaml"
     config.write_text(LORA_YAML.format(data=mlx_data, out=tmp_path / "from-yaml"))
     from_yaml = run_cli("--config", config, *REST)
@@ -165,7 +173,7 @@ def test_an_mlx_lm_lora_yaml_gives_the_same_run_as_the_flags(mlx_data, tmp_path)
 
     config.write_text(LORA_YAML.format(data=mlx_data, out=tmp_path / "x") + "lr_schedule:\n  name: cosine_decay\n"
                       "clear_cache_threshold: 1000\n")
-    refused = run_cli("--config", config, *REST)
+    refused = run_in_process("--config", config, *REST)
     assert_one_line_error(refused, f"{config}: not supported here", "lr_schedule: ", "clear_cache_threshold: 1000",
                           only_line=True)
     assert not (tmp_path / "x").exists()
@@ -173,8 +181,9 @@ def test_an_mlx_lm_lora_yaml_gives_the_same_run_as_the_flags(mlx_data, tmp_path)
 
 def test_the_example_config_in_the_repo_trains(tmp_path):
     out = tmp_path / "example"
-    result = run_cli("--config", REPO / "examples" / "lora_config.yaml", "--output-dir", out, "--max-steps", "2",
-                     "--max-seq-length", "48", "--batch-size", "4", "--val-batches", "1", "--no-tensorboard")
+    result = run_in_process("--config", REPO / "examples" / "lora_config.yaml", "--output-dir", out,
+                            "--max-steps", "2", "--max-seq-length", "48", "--batch-size", "4", "--val-batches", "1",
+                            "--no-tensorboard")
     assert result.returncode == 0, result.stderr
     assert "reached --max-steps 2" in result.stderr
     saved = json.loads((out / "checkpoints" / "step-00000002" / "config.json").read_text())["config"]
@@ -220,7 +229,10 @@ def final_optimizer(out: Path) -> dict:
 def test_each_option_trains_and_resumes_bit_for_bit_after_a_kill(options, tmp_path):
     data = write_corpus(tmp_path / "data", train=32, val=8)
     reference, out = tmp_path / "reference", tmp_path / "out"
-    result = run_cli(*BASE, *options, "--data-dir", data, "--output-dir", reference)
+    # The reference in this process, unless --grad-checkpoint (it patches a model class for the
+    # whole process); the resume of the killed run in a process of its own, as always after a kill.
+    run = run_cli if "--grad-checkpoint" in options else run_in_process
+    result = run(*BASE, *options, "--data-dir", data, "--output-dir", reference)
     assert result.returncode == 0, result.stderr
     kill_after_checkpoint([*BASE, *options, "--data-dir", data, "--output-dir", out], tmp_path / "killed.log", 4)
     resumed = run_cli(*BASE, *options, "--data-dir", data, "--output-dir", out, "--auto-resume")
@@ -243,13 +255,13 @@ def test_each_option_trains_and_resumes_bit_for_bit_after_a_kill(options, tmp_pa
         # The same run without it: the same adapters, within float rounding.
         plain = tmp_path / "plain"
         without = [a for a in options if a != "--grad-checkpoint"]
-        assert run_cli(*BASE, *without, "--data-dir", data, "--output-dir", plain).returncode == 0
+        assert run_in_process(*BASE, *without, "--data-dir", data, "--output-dir", plain).returncode == 0
         a, b = load_adapters(out), load_adapters(plain)
         assert a.keys() == b.keys()
         for name in a:
             np.testing.assert_allclose(np.array(a[name]), np.array(b[name]), rtol=1e-5, atol=1e-6)
     # An option that changes what is learned cannot change on resume.
-    refused = run_cli(*BASE, "--data-dir", data, "--output-dir", out, "--auto-resume", "--max-steps", "10")
+    refused = run_in_process(*BASE, "--data-dir", data, "--output-dir", out, "--auto-resume", "--max-steps", "10")
     assert refused.returncode == 2 and "the config differs" in refused.stderr, refused.stderr
     assert "optimizer" in refused.stderr or "fine_tune_type" in refused.stderr
 
@@ -257,10 +269,10 @@ def test_each_option_trains_and_resumes_bit_for_bit_after_a_kill(options, tmp_pa
 def test_init_adapters_start_a_new_run_from_a_finished_one(tmp_path):
     data = write_corpus(tmp_path / "data", train=32, val=8)
     first = tmp_path / "first"
-    assert run_cli(*BASE, "--data-dir", data, "--output-dir", first).returncode == 0
+    assert run_in_process(*BASE, "--data-dir", data, "--output-dir", first).returncode == 0
     second = tmp_path / "second"
-    result = run_cli(*BASE, "--max-steps", "2", "--learning-rate", "1e-9", "--warmup-steps", "0",
-                     "--data-dir", data, "--output-dir", second, "--init-adapters", first)
+    result = run_in_process(*BASE, "--max-steps", "2", "--learning-rate", "1e-9", "--warmup-steps", "0",
+                            "--data-dir", data, "--output-dir", second, "--init-adapters", first)
     assert result.returncode == 0, result.stderr
     assert f"adapters: starting from {first / 'adapters.safetensors'}" in result.stderr
     started, learned = load_adapters(second), load_adapters(first)
@@ -270,11 +282,11 @@ def test_init_adapters_start_a_new_run_from_a_finished_one(tmp_path):
     assert state["trainer"]["inputs"]["init_adapters"]["size"] == (first / "adapters.safetensors").stat().st_size
 
     # Another shape is refused before anything is trained, naming what differs.
-    refused = run_cli(*BASE, "--lora-rank", "8", "--data-dir", data, "--output-dir", tmp_path / "third",
-                      "--init-adapters", first / "adapters.safetensors")
+    refused = run_in_process(*BASE, "--lora-rank", "8", "--data-dir", data, "--output-dir", tmp_path / "third",
+                             "--init-adapters", first / "adapters.safetensors")
     assert_one_line_error(refused, "--init-adapters", "lora_a", "is [", "this run's is [", "--lora-rank")
     assert not (tmp_path / "third" / "checkpoints").exists()
-    missing = run_cli(*BASE, "--data-dir", data, "--output-dir", tmp_path / "fourth", "--init-adapters", data)
+    missing = run_in_process(*BASE, "--data-dir", data, "--output-dir", tmp_path / "fourth", "--init-adapters", data)
     assert_one_line_error(missing, f"{data} holds no adapters.safetensors")
 
 
@@ -285,10 +297,10 @@ def test_a_fresh_start_moves_the_earlier_run_aside_with_one_time_and_the_lock_go
     data = write_corpus(tmp_path / "data", train=24, val=8)
     out = tmp_path / "out"
     with_tensorboard = [a for a in FAST if a != "--no-tensorboard"]
-    first = run_cli(*with_tensorboard, "--data-dir", data, "--output-dir", out, "--max-steps", "3")
+    first = run_in_process(*with_tensorboard, "--data-dir", data, "--output-dir", out, "--max-steps", "3")
     assert first.returncode == 0, first.stderr
     assert not (out / ".run.lock").exists()  # a run that ended leaves no lock behind
-    second = run_cli(*with_tensorboard, "--data-dir", data, "--output-dir", out, "--max-steps", "2", "--fresh")
+    second = run_in_process(*with_tensorboard, "--data-dir", data, "--output-dir", out, "--max-steps", "2", "--fresh")
     assert second.returncode == 0, second.stderr
     moved = sorted(p.name for p in out.iterdir() if ".old-" in p.name)
     assert len(moved) == 3, moved
@@ -307,9 +319,9 @@ def test_a_fresh_start_moves_the_earlier_run_aside_with_one_time_and_the_lock_go
 def test_list_checkpoints_shows_a_val_loss_only_where_a_validation_ran(tmp_path):
     data = write_corpus(tmp_path / "data", train=24, val=8)
     out = tmp_path / "out"
-    assert run_cli(*FAST, "--data-dir", data, "--output-dir", out, "--max-steps", "6", "--eval-steps", "4",
-                   "--checkpoint-interval", "2").returncode == 0
-    listing = run_cli("--output-dir", out, "--list-checkpoints")
+    assert run_in_process(*FAST, "--data-dir", data, "--output-dir", out, "--max-steps", "6", "--eval-steps", "4",
+                          "--checkpoint-interval", "2").returncode == 0
+    listing = run_in_process("--output-dir", out, "--list-checkpoints")
     rows = {line.split()[0]: line.split() for line in listing.stdout.splitlines() if line.startswith("step-")}
     assert rows["step-00000002"][3] == "-" and rows["step-00000004"][3] != "-"
     assert rows["step-00000006"][3] != "-"  # the end validates too

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import FAST, read_metrics, run_cli, write_corpus
+from conftest import FAST, read_metrics, run_in_process, write_corpus
 
 PROBE = [[5, 100, 200, 300, 400, 17, 99, 1000, 3, 7] * 3]  # token ids of the tiny vocabulary (1024)
 STEPS = 6
@@ -28,8 +28,8 @@ QUANTIZED_ON_LOAD = {"group_size": 64, "bits": 4, "mode": "affine"}
 def train(root, *extra):
     corpus = write_corpus(root / "data", train=24, val=8)
     out = root / "run"
-    result = run_cli(*FAST, "--data-dir", corpus, "--output-dir", out, "--max-steps", STEPS,
-                     "--eval-steps", STEPS, *extra)
+    result = run_in_process(*FAST, "--data-dir", corpus, "--output-dir", out, "--max-steps", STEPS,
+                            "--eval-steps", STEPS, *extra)
     assert result.returncode == 0, result.stderr
     return corpus, out
 

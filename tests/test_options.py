@@ -1,6 +1,9 @@
 """Options whose effect is easy to assume and easy to break: clipping, weight decay,
 --lora-layers, --quantize-bits 0, --resume PATH with newer checkpoints set aside,
-the run lock, chat records on a model without a chat template."""
+the run lock, chat records on a model without a chat template.
+
+The runs run in the test's process (run_in_process), but for the run that holds
+the lock: a process of its own, terminated."""
 
 from __future__ import annotations
 
@@ -14,8 +17,8 @@ import time
 import numpy as np
 import pytest
 
-from conftest import (FAST, REPO, TRAIN_SCRIPT, adapters_equal, assert_one_line_error, load_adapters, run_cli,
-                      train_lines, write_corpus, write_jsonl)
+from conftest import (FAST, REPO, TRAIN_SCRIPT, adapters_equal, assert_one_line_error, load_adapters,
+                      run_in_process, train_lines, write_corpus, write_jsonl)
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +28,7 @@ def data(tmp_path_factory):
 
 def train(data, out, *extra, steps=6):
     step_flags = ("--max-steps", steps) if steps is not None else ()
-    result = run_cli(*FAST, "--data-dir", data, "--output-dir", out, *step_flags, *extra)
+    result = run_in_process(*FAST, "--data-dir", data, "--output-dir", out, *step_flags, *extra)
     assert result.returncode == 0, result.stderr
     return result
 
@@ -80,8 +83,8 @@ def test_resume_from_an_older_checkpoint_sets_the_newer_aside_and_ends_as_never_
     train(data, reference, *settings, steps=12)
     shutil.copytree(reference, out)
     older = out / "checkpoints" / "step-00000004"
-    result = run_cli(*FAST, "--data-dir", data, "--output-dir", out, "--max-steps", "12", *settings,
-                     "--resume", older)
+    result = run_in_process(*FAST, "--data-dir", data, "--output-dir", out, "--max-steps", "12", *settings,
+                            "--resume", older)
     assert result.returncode == 0, result.stderr
     (aside,) = list(out.glob("checkpoints.superseded-*"))
     assert sorted(p.name for p in aside.iterdir()) == ["step-00000008", "step-00000012"]
@@ -97,11 +100,11 @@ def test_one_run_per_output_dir(data, tmp_path):
     with open(log, "w") as handle:
         first = subprocess.Popen([sys.executable, str(TRAIN_SCRIPT), *map(str, args)], cwd=REPO, stdout=handle,
                                  stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONUNBUFFERED="1"))
-    try:
+    try:  # the first run a process of its own, holding the lock; the others in this one
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline and not ((out / "metrics.jsonl").exists() and train_lines(out)):
             time.sleep(0.01)
-        second = run_cli(*FAST, "--data-dir", data, "--output-dir", out, "--max-steps", "3", "--fresh")
+        second = run_in_process(*FAST, "--data-dir", data, "--output-dir", out, "--max-steps", "3", "--fresh")
         assert_one_line_error(second, "is in use by a run still going", f"pid {first.pid}")
     finally:
         first.terminate()
@@ -124,5 +127,6 @@ def test_chat_records_on_a_model_without_a_chat_template_are_refused_at_their_li
     chat = {"messages": [{"role": "user", "content": "how deep?"}, {"role": "assistant", "content": "nine feet"}],
             "auth_weight": 0.2, "prov_entropy": 6.0}
     write_jsonl(data / "train.jsonl", [{"text": "plain words here", "auth_weight": 0.2, "prov_entropy": 6.0}, chat])
-    result = run_cli(*FAST, "--model", base, "--data-dir", data, "--output-dir", tmp_path / "out", "--max-steps", "1")
+    result = run_in_process(*FAST, "--model", base, "--data-dir", data, "--output-dir", tmp_path / "out",
+                            "--max-steps", "1")
     assert_one_line_error(result, "train.jsonl:2", "chat template")

@@ -2,7 +2,12 @@
 closed terminal, a full disk, a kill between a commit and its bookkeeping, a
 damaged index cache, a checkpoint whose JSON is wrong but whose manifest
 matches, a training file changed under it. Each ends whole or in a clean
-refusal: no traceback, nothing written outside the run folder."""
+refusal: no traceback, nothing written outside the run folder.
+
+What needs a process of its own runs in one: the closed terminal, the full disk
+and the file-size limit, the file changed under a running process, and the links
+at temporary names (which name this test's pid: another live process's, for the
+run). The other runs run in the test's process (run_in_process)."""
 
 from __future__ import annotations
 
@@ -19,7 +24,7 @@ import pytest
 
 from checkpoints.manifest import write_manifest
 from conftest import (FAST, REPO, TRAIN_SCRIPT, adapters_equal, assert_one_line_error, load_adapters, read_metrics, run_cli,
-                      train_lines, write_corpus, write_jsonl)
+                      run_in_process, train_lines, write_corpus, write_jsonl)
 
 STEPS = 12
 ARGS = [*FAST, "--checkpoint-interval", "4", "--eval-steps", "4", "--max-steps", str(STEPS)]
@@ -35,7 +40,7 @@ def data(tmp_path_factory) -> Path:
 def reference(data, tmp_path_factory) -> Path:
     """One uninterrupted run, every checkpoint kept."""
     out = tmp_path_factory.mktemp("reference") / "out"
-    result = run_cli(*ARGS, "--keep-checkpoints", "100", "--data-dir", data, "--output-dir", out)
+    result = run_in_process(*ARGS, "--keep-checkpoints", "100", "--data-dir", data, "--output-dir", out)
     assert result.returncode == 0, result.stderr
     return out
 
@@ -69,7 +74,7 @@ def test_a_link_planted_where_the_run_writes_is_refused_and_the_victim_untouched
     victim.write_text(VICTIM_TEXT) if name not in ("logs", "cache") else victim.mkdir()
     (out / name).unlink() if (out / name).is_file() else shutil.rmtree(out / name, ignore_errors=True)
     (out / name).symlink_to(victim)
-    result = run_cli(*ARGS, "--data-dir", data, "--output-dir", out, "--auto-resume", "--max-steps", "14")
+    result = run_in_process(*ARGS, "--data-dir", data, "--output-dir", out, "--auto-resume", "--max-steps", "14")
     assert_one_line_error(result, str(out / name), "symbolic link")
     assert (victim.read_text() == VICTIM_TEXT) if victim.is_file() else not any(victim.iterdir())
 
@@ -99,9 +104,9 @@ def test_a_checkpoint_file_that_is_a_link_or_a_fifo_is_skipped_like_a_damaged_on
     shutil.copyfile(state, outside)  # the same bytes: only its kind of file is wrong
     state.unlink()
     state.symlink_to(outside) if how == "symlink" else os.mkfifo(state)
-    listing = run_cli("--output-dir", out, "--list-checkpoints", timeout=60)  # must not hang on the FIFO
+    listing = run_in_process("--output-dir", out, "--list-checkpoints", timeout=60)  # must not hang on the FIFO
     assert listing.returncode == 0 and "not a regular file" in listing.stdout, listing.stdout
-    result = run_cli(*ARGS, "--data-dir", data, "--output-dir", out, "--auto-resume", timeout=120)
+    result = run_in_process(*ARGS, "--data-dir", data, "--output-dir", out, "--auto-resume", timeout=120)
     assert result.returncode == 0, result.stderr
     assert "skipping checkpoint step-00000008" in result.stderr and "resumed from" in result.stderr
     assert "at step 4" in result.stderr
@@ -257,7 +262,7 @@ def test_a_kill_between_the_final_commit_and_its_bookkeeping_is_finished_by_the_
     (checkpoints / "final").unlink()
     (checkpoints / "best").write_text(f"step-{stale_best:08d}\n")
 
-    result = run_cli(*ARGS, "--data-dir", data, "--output-dir", out, "--auto-resume")
+    result = run_in_process(*ARGS, "--data-dir", data, "--output-dir", out, "--auto-resume")
     assert result.returncode == 0, result.stderr
     assert "nothing to do" in result.stderr
     assert adapters_equal(load_adapters(out), load_adapters(reference))
@@ -274,7 +279,7 @@ def test_a_flipped_bit_in_the_index_cache_is_found_and_the_index_rebuilt(data, r
     blob = bytearray(cache.read_bytes())
     blob[-40] ^= 0x01  # in the arrays, past the header
     cache.write_bytes(bytes(blob))
-    result = run_cli(*ARGS, "--data-dir", data, "--output-dir", out, "--auto-resume")
+    result = run_in_process(*ARGS, "--data-dir", data, "--output-dir", out, "--auto-resume")
     assert result.returncode == 0, result.stderr
     assert "fails its checksum" in result.stderr and "rebuilding" in result.stderr
     assert [line["loss"] for line in train_lines(out)] == [line["loss"] for line in train_lines(reference)]
@@ -313,7 +318,7 @@ TAMPERINGS = {
 def test_a_checkpoint_with_wrong_json_and_a_matching_manifest_is_skipped(data, reference, tmp_path, case):
     out = copy_run(reference, tmp_path / "out", up_to=8)
     tamper(out / "checkpoints" / "step-00000008", TAMPERINGS[case])
-    result = run_cli(*ARGS, "--data-dir", data, "--output-dir", out, "--auto-resume")
+    result = run_in_process(*ARGS, "--data-dir", data, "--output-dir", out, "--auto-resume")
     assert result.returncode == 0, result.stderr
     assert_no_traceback(result)
     skipped = [line for line in result.stderr.splitlines() if "skipping checkpoint step-00000008" in line]
@@ -331,7 +336,7 @@ def test_a_step_of_10_to_the_20_in_name_and_manifest_is_refused_cleanly(data, re
     write_manifest(checkpoints / "step-00000008", huge, {}, fsync=False)
     (checkpoints / "step-00000008").rename(checkpoints / f"step-{huge:08d}")
     assert manifest  # rewritten above with the huge step
-    result = run_cli(*ARGS, "--data-dir", data, "--output-dir", out, "--auto-resume")
+    result = run_in_process(*ARGS, "--data-dir", data, "--output-dir", out, "--auto-resume")
     assert result.returncode == 0, result.stderr
     assert_no_traceback(result)
     assert f"skipping checkpoint step-{huge:08d}" in result.stderr and "at step 4" in result.stderr
@@ -340,7 +345,8 @@ def test_a_step_of_10_to_the_20_in_name_and_manifest_is_refused_cleanly(data, re
 def test_a_checkpoint_named_with_resume_that_cannot_be_used_stops_the_run(data, reference, tmp_path):
     out = copy_run(reference, tmp_path / "out", up_to=8)
     tamper(out / "checkpoints" / "step-00000008", set_position(10**6))
-    result = run_cli(*ARGS, "--data-dir", data, "--output-dir", out, "--resume", out / "checkpoints" / "step-00000008")
+    result = run_in_process(*ARGS, "--data-dir", data, "--output-dir", out, "--resume",
+                            out / "checkpoints" / "step-00000008")
     assert_one_line_error(result, "step-00000008", "data position")
 
 
@@ -379,7 +385,7 @@ def test_a_planted_link_in_the_data_folder_is_not_a_write_target(tmp_path):
     (data / "val.jsonl").unlink()
     (data / "val.jsonl").symlink_to(tmp_path / "elsewhere" / "val.jsonl")
     before = (tmp_path / "elsewhere" / "val.jsonl").read_bytes()
-    result = run_cli(*FAST, "--max-steps", "5", "--data-dir", data, "--output-dir", tmp_path / "out")
+    result = run_in_process(*FAST, "--max-steps", "5", "--data-dir", data, "--output-dir", tmp_path / "out")
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "elsewhere" / "val.jsonl").read_bytes() == before
     assert sorted(p.name for p in (tmp_path / "elsewhere").iterdir()) == ["val.jsonl"]

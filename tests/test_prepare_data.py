@@ -1,4 +1,7 @@
-"""Data preparation: reading, checks, duplicates, split, atomic output, and the command line."""
+"""Data preparation: reading, checks, duplicates, split, atomic output, and the command line.
+
+The command line runs in a process of its own for determinism across runs, usage
+errors and another working directory; in the test's process for the rest."""
 
 import json
 import os
@@ -16,8 +19,16 @@ CLI = REPO / "src" / "prepare_data.py"
 
 
 def run_cli(*args, cwd=None):
+    """The command in a process of its own, as a user runs it."""
     return subprocess.run([sys.executable, str(CLI), *map(str, args)], capture_output=True, text=True,
                           cwd=cwd or REPO, timeout=120)
+
+
+def run_in_process(*args):
+    """The command's main() in the test's process, with the same result (conftest.run_script_in_process)."""
+    from conftest import run_script_in_process
+
+    return run_script_in_process("prepare_data", *args, timeout=120)
 
 
 def write_jsonl(path: Path, records) -> Path:
@@ -184,13 +195,13 @@ BAD_LINES = {
 def test_bad_record_is_skipped_with_a_warning_and_strict_stops(tmp_path, problem):
     good = [json.dumps(r) for r in corpus(3, 2)]
     raw = write_jsonl(tmp_path / "raw.jsonl", good[:2] + [BAD_LINES[problem]] + good[2:])
-    done = run_cli("--input", raw, "--output", tmp_path / "out")
+    done = run_in_process("--input", raw, "--output", tmp_path / "out")
     assert done.returncode == 0, done.stderr
     assert f"{raw}:3:" in done.stderr
     assert len(read_jsonl(tmp_path / "out" / "train.jsonl")) + len(read_jsonl(tmp_path / "out" / "val.jsonl")) == 5
     assert "skipped: 1 " in done.stdout
 
-    strict = run_cli("--input", raw, "--output", tmp_path / "strict", "--strict")
+    strict = run_in_process("--input", raw, "--output", tmp_path / "strict", "--strict")
     assert strict.returncode == 2
     assert strict.stderr.count("\n") == 1 and f"{raw}:3:" in strict.stderr
     assert "Traceback" not in strict.stderr
@@ -203,18 +214,18 @@ def test_unreadable_and_empty_files_are_skipped_with_a_warning(tmp_path):
     (raw / "broken.jsonl").symlink_to(raw / "missing-target.jsonl")  # unreadable even for root
     (raw / "empty.jsonl").write_text("", encoding="utf-8")
     (raw / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
-    done = run_cli("--input", raw, "--output", tmp_path / "out")
+    done = run_in_process("--input", raw, "--output", tmp_path / "out")
     assert done.returncode == 0, done.stderr
     assert f"{raw / 'broken.jsonl'}: cannot read file" in done.stderr
     assert f"{raw / 'empty.jsonl'}: empty file" in done.stderr
     assert f"{raw / 'latin1.txt'}:1: not valid UTF-8" in done.stderr
-    strict = run_cli("--input", raw, "--output", tmp_path / "strict", "--strict")
+    strict = run_in_process("--input", raw, "--output", tmp_path / "strict", "--strict")
     assert strict.returncode == 2 and strict.stderr.count("\n") == 1
 
 
 def test_no_usable_record_exits_2_with_one_line(tmp_path):
     raw = write_jsonl(tmp_path / "raw.jsonl", ['{"text": ""}', "nonsense"])
-    done = run_cli("--input", raw, "--output", tmp_path / "out")
+    done = run_in_process("--input", raw, "--output", tmp_path / "out")
     assert done.returncode == 2
     assert done.stderr.count("\n") == 1 and "no usable record" in done.stderr
     assert not (tmp_path / "out").exists()
@@ -227,10 +238,10 @@ def test_existing_output_is_untouched_without_force(tmp_path):
     (out / "train.jsonl").write_text("old train\n")
     (out / "val.jsonl").write_text("old val\n")
     before = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in out.iterdir()}
-    done = run_cli("--input", raw, "--output", out)
+    done = run_in_process("--input", raw, "--output", out)
     assert done.returncode == 2 and done.stderr.count("\n") == 1 and "--force" in done.stderr
     assert {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in out.iterdir()} == before
-    forced = run_cli("--input", raw, "--output", out, "--force")
+    forced = run_in_process("--input", raw, "--output", out, "--force")
     assert forced.returncode == 0, forced.stderr
     assert len(read_jsonl(out / "train.jsonl")) == 90
 
@@ -246,7 +257,7 @@ def test_usage_errors_exit_2_with_one_line(tmp_path):
 
 def test_explain_prints_what_made_each_score(tmp_path):
     raw = write_jsonl(tmp_path / "raw.jsonl", corpus(2, 1))
-    done = run_cli("--input", raw, "--output", tmp_path / "out", "--explain", "--val-fraction", "0")
+    done = run_in_process("--input", raw, "--output", tmp_path / "out", "--explain", "--val-fraction", "0")
     assert done.returncode == 0, done.stderr
     assert f"{raw}:1 (train)" in done.stdout
     assert "prior for source type lab_notebook" in done.stdout
@@ -267,7 +278,7 @@ def test_a_txt_document_gets_the_source_type_inferred_from_its_text_written_and_
     (raw / "notes.txt").write_text("Measured the spring at 4 inches with the gauge; the barometer reading was "
                                    "29 inches, and I weighed the sample at 12 grains.\n")
     (raw / "other.txt").write_text("Nothing here says what this is.\n")
-    result = run_cli("--input", raw, "--output", tmp_path / "out", "--val-fraction", "0", "--explain")
+    result = run_in_process("--input", raw, "--output", tmp_path / "out", "--val-fraction", "0", "--explain")
     assert result.returncode == 0, result.stderr
     rows = {row["text"].split()[0]: row for row in read_jsonl(tmp_path / "out" / "train.jsonl")}
     measured = rows["Measured"]

@@ -1,9 +1,13 @@
 """Resuming, end to end: the training command killed, interrupted, damaged, and resumed.
 
-Every test runs the real CLI in its own process on the tiny model. The
-reference is one uninterrupted run (module fixture `reference`); a run killed or
-stopped at any moment and resumed must end with bit-for-bit its adapters,
-optimizer state and per-step losses: the project's core promise.
+The training command runs on the tiny model. Runs that are killed, signalled,
+asked at a terminal, given no terminal, or held to a file-size limit run in
+processes of their own, and so does the run that resumes what a killed or
+signalled process left; the other runs (the reference among them) run in the
+test's process (run_in_process). The reference is one uninterrupted run (module
+fixture `reference`); a run killed or stopped at any moment and resumed must end
+with bit-for-bit its adapters, optimizer state and per-step losses: the
+project's core promise.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import pytest
 
 from checkpoints import CheckpointManager
 from conftest import (FAST, REPO, TRAIN_SCRIPT, adapters_equal, load_adapters, read_metrics, run_cli,
-                      train_lines, write_corpus)
+                      run_in_process, train_lines, write_corpus)
 
 STEPS = 20
 # A checkpoint every step: kills land inside saves, and there is always one to damage.
@@ -121,7 +125,7 @@ def data(tmp_path_factory) -> Path:
 def reference(data, tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
     """One uninterrupted run, every checkpoint kept (the damage test copies it)."""
     out = tmp_path_factory.mktemp("reference") / "out"
-    result = run_cli(*ARGS, "--keep-checkpoints", "100", "--data-dir", data, "--output-dir", out)
+    result = run_in_process(*ARGS, "--keep-checkpoints", "100", "--data-dir", data, "--output-dir", out)
     assert result.returncode == 0, result.stderr
     return out, result
 
@@ -212,7 +216,7 @@ def test_a_damaged_newest_checkpoint_is_skipped_by_name_and_the_previous_one_use
     reference_out, reference_result = reference
     # No false alarm: a clean run warns about nothing and lists every checkpoint as valid.
     assert "warning" not in reference_result.stderr.lower(), reference_result.stderr
-    listing = run_cli("--model", "tiny", "--output-dir", reference_out, "--list-checkpoints", timeout=60)
+    listing = run_in_process("--model", "tiny", "--output-dir", reference_out, "--list-checkpoints", timeout=60)
     assert listing.returncode == 0, listing.stderr
     assert "NO:" not in listing.stdout and listing.stdout.count(" yes") == STEPS, listing.stdout
 
@@ -228,7 +232,7 @@ def test_a_damaged_newest_checkpoint_is_skipped_by_name_and_the_previous_one_use
         damage(checkpoints / step_name / name, how)
         damaged[step_name] = (name, how)
 
-    listing = run_cli("--model", "tiny", "--output-dir", out, "--list-checkpoints", timeout=60)
+    listing = run_in_process("--model", "tiny", "--output-dir", out, "--list-checkpoints", timeout=60)
     assert listing.returncode == 0, listing.stderr
     rows = {line.split()[0]: line for line in listing.stdout.splitlines() if line.startswith("step-")}
     for step_name, (name, how) in damaged.items():
@@ -238,7 +242,7 @@ def test_a_damaged_newest_checkpoint_is_skipped_by_name_and_the_previous_one_use
     for step_name in ("step-00000001", "step-00000002"):
         assert "NO:" not in rows[step_name] and " yes" in rows[step_name], rows[step_name]
 
-    result = run_cli(*ARGS, "--data-dir", data, "--output-dir", out, "--auto-resume")
+    result = run_in_process(*ARGS, "--data-dir", data, "--output-dir", out, "--auto-resume")
     assert result.returncode == 0, result.stderr
     warnings = [line for line in result.stderr.splitlines() if "skipping checkpoint" in line]
     for step_name, (name, how) in damaged.items():
@@ -340,8 +344,8 @@ def test_a_config_that_changes_the_result_refuses_to_resume_naming_the_fields(da
     reference_out, _ = reference
     out = copy_run(reference_out, tmp_path / "out", up_to=12)
     before = (out / "metrics.jsonl").read_bytes()
-    result = run_cli(*ARGS, "--data-dir", data, "--output-dir", out, "--auto-resume",
-                     "--lora-rank", "8", "--seed", "1")
+    result = run_in_process(*ARGS, "--data-dir", data, "--output-dir", out, "--auto-resume",
+                            "--lora-rank", "8", "--seed", "1")
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr
     message = result.stderr.lower()
@@ -356,8 +360,8 @@ def test_max_steps_and_eval_steps_may_change_and_a_finished_run_continues(data, 
     reference_out, _ = reference
     out = tmp_path / "out"
     shutil.copytree(reference_out, out)
-    result = run_cli(*ARGS, "--data-dir", data, "--output-dir", out, "--auto-resume",
-                     "--max-steps", str(2 * STEPS), "--eval-steps", "4")
+    result = run_in_process(*ARGS, "--data-dir", data, "--output-dir", out, "--auto-resume",
+                            "--max-steps", str(2 * STEPS), "--eval-steps", "4")
     assert result.returncode == 0, result.stderr
     assert f"at step {STEPS}" in result.stderr
     lines = train_lines(out)
@@ -484,7 +488,7 @@ def _run_on_a_terminal(args, answer: str, timeout: float = 120) -> tuple[int, st
 def test_at_a_terminal_the_user_is_asked_and_the_answer_is_followed(tmp_path):
     data = write_corpus(tmp_path / "data")
     out = tmp_path / "out"
-    first = run_cli(*FAST, "--data-dir", data, "--output-dir", out, "--max-steps", "5")
+    first = run_in_process(*FAST, "--data-dir", data, "--output-dir", out, "--max-steps", "5")
     assert first.returncode == 0, first.stderr
     settings = [*FAST, "--data-dir", data, "--output-dir", out, "--max-steps", "8"]
 
@@ -515,13 +519,13 @@ def test_at_a_terminal_the_user_is_asked_and_the_answer_is_followed(tmp_path):
 def test_damaged_checkpoints_only_are_never_overwritten(tmp_path):
     data = write_corpus(tmp_path / "data")
     out = tmp_path / "out"
-    assert run_cli(*FAST, "--data-dir", data, "--output-dir", out, "--max-steps", "10").returncode == 0
+    assert run_in_process(*FAST, "--data-dir", data, "--output-dir", out, "--max-steps", "10").returncode == 0
     for state in (out / "checkpoints").glob("step-*/trainer_state.json"):
         with open(state, "ab") as handle:
             handle.write(b" ")
     before = {p: p.read_bytes() for p in (out / "checkpoints").rglob("*") if p.is_file()}
     for flags in (["--auto-resume"], []):
-        result = run_cli(*FAST, "--data-dir", data, "--output-dir", out, "--max-steps", "10", *flags)
+        result = run_in_process(*FAST, "--data-dir", data, "--output-dir", out, "--max-steps", "10", *flags)
         assert result.returncode == 2, result.stderr
         assert "none of them verifies" in result.stderr and "--fresh" in result.stderr
     assert {p: p.read_bytes() for p in (out / "checkpoints").rglob("*") if p.is_file()} == before
@@ -530,10 +534,10 @@ def test_damaged_checkpoints_only_are_never_overwritten(tmp_path):
 def test_resuming_on_other_training_data_is_refused(tmp_path):
     data = write_corpus(tmp_path / "data")
     out = tmp_path / "out"
-    assert run_cli(*FAST, "--data-dir", data, "--output-dir", out, "--max-steps", "5").returncode == 0
+    assert run_in_process(*FAST, "--data-dir", data, "--output-dir", out, "--max-steps", "5").returncode == 0
     with open(data / "train.jsonl", "a") as handle:
         handle.write('{"text": "one more record", "auth_weight": 0.5, "prov_entropy": 1.0}\n')
-    result = run_cli(*FAST, "--data-dir", data, "--output-dir", out, "--max-steps", "10", "--auto-resume")
+    result = run_in_process(*FAST, "--data-dir", data, "--output-dir", out, "--max-steps", "10", "--auto-resume")
     assert result.returncode == 2 and "train_data.size" in result.stderr, result.stderr
 
 
@@ -543,9 +547,9 @@ def test_a_stop_right_after_a_checkpoint_keeps_it_and_its_best_mark(tmp_path):
     data = write_corpus(tmp_path / "data")
     out = tmp_path / "out"
     flags = [a for a in FAST if a != "--no-early-stopping"]
-    result = run_cli(*flags, "--data-dir", data, "--output-dir", out, "--max-steps", "10",
-                     "--eval-steps", "2", "--checkpoint-interval", "2",
-                     "--grad-spike-threshold", "1e-9", "--grad-spike-patience", "1")
+    result = run_in_process(*flags, "--data-dir", data, "--output-dir", out, "--max-steps", "10",
+                            "--eval-steps", "2", "--checkpoint-interval", "2",
+                            "--grad-spike-threshold", "1e-9", "--grad-spike-patience", "1")
     assert result.returncode == 0, result.stderr
     assert "gradient norm above" in result.stderr
     pointers = out / "checkpoints"

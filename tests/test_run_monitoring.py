@@ -1,7 +1,9 @@
 """Run monitoring, end to end: early stopping, non-finite steps, validation, TensorBoard.
 
-Each test runs the real CLI in its own process on the tiny model and reads
-back what the run wrote: metrics.jsonl, checkpoints, the TensorBoard events.
+Each test runs the training command on the tiny model and reads back what the
+run wrote: metrics.jsonl, checkpoints, the TensorBoard events. Killed runs and the
+runs that resume them run in processes of their own; the others in the test's
+process (run_in_process).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import numpy as np
 import pytest
 
 from conftest import (FAST, REPO, TRAIN_SCRIPT, adapters_equal, load_adapters, make_record, read_metrics,
-                      read_tensorboard, run_cli, train_lines, write_corpus, write_jsonl)
+                      read_tensorboard, run_cli, run_in_process, train_lines, write_corpus, write_jsonl)
 
 WITH_EARLY_STOPPING = [a for a in FAST if a != "--no-early-stopping"]
 
@@ -112,14 +114,14 @@ def data_no_val(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def spike_run(data_low_auth_val, tmp_path_factory):
     out = tmp_path_factory.mktemp("spike") / "out"
-    result = run_cli(*SPIKE, "--data-dir", data_low_auth_val, "--output-dir", out)
+    result = run_in_process(*SPIKE, "--data-dir", data_low_auth_val, "--output-dir", out)
     return out, result
 
 
 @pytest.fixture(scope="module")
 def plateau_run(data_no_val, tmp_path_factory):
     out = tmp_path_factory.mktemp("plateau") / "out"
-    result = run_cli(*PLATEAU, "--data-dir", data_no_val, "--output-dir", out)
+    result = run_in_process(*PLATEAU, "--data-dir", data_no_val, "--output-dir", out)
     return out, result
 
 
@@ -128,7 +130,7 @@ def validated_run(data, tmp_path_factory):
     """Validation at steps 5, 10 and the last (12), TensorBoard on."""
     out = tmp_path_factory.mktemp("validated") / "out"
     args = [a for a in FAST if a != "--no-tensorboard"]
-    result = run_cli(*args, "--max-steps", "12", "--data-dir", data, "--output-dir", out)
+    result = run_in_process(*args, "--max-steps", "12", "--data-dir", data, "--output-dir", out)
     assert result.returncode == 0, result.stderr
     return out, result
 
@@ -171,8 +173,8 @@ def test_a_non_finite_loss_stops_before_the_update(data, tmp_path):
     out = tmp_path / "out"
     # An absurd learning rate: the weights blow up and the loss turns NaN within
     # a few steps; still with plateau detection off, non-finite steps stop the run.
-    result = run_cli(*FAST, "--learning-rate", "1e30", "--checkpoint-interval", "1", "--max-steps", "30",
-                     "--data-dir", data, "--output-dir", out)
+    result = run_in_process(*FAST, "--learning-rate", "1e30", "--checkpoint-interval", "1", "--max-steps", "30",
+                            "--data-dir", data, "--output-dir", out)
     assert result.returncode == 0, result.stderr
     reason = end_line(out)["reason"]
     assert "non-finite" in reason and "before the update" in reason, reason

@@ -1,4 +1,8 @@
-"""End to end: the training command on the tiny model, real MLX steps, no network."""
+"""End to end: the training command on the tiny model, real MLX steps, no network.
+
+The first test runs the command in a process of its own, as a user does; the others
+run it in the test's process (conftest.run_in_process): the same command, the same
+result object, without a new interpreter, MLX import and model load for each run."""
 
 from __future__ import annotations
 
@@ -7,7 +11,7 @@ import math
 import numpy as np
 import pytest
 
-from conftest import (FAST, adapters_equal, load_adapters, read_metrics, run_cli, train_lines,
+from conftest import (FAST, adapters_equal, load_adapters, read_metrics, run_cli, run_in_process, train_lines,
                       write_corpus)
 
 
@@ -35,10 +39,12 @@ def test_loss_falls_and_mlx_lm_loads_the_adapters(corpus, tmp_path):
 
 def test_same_seed_gives_identical_adapters_and_another_seed_does_not(corpus, tmp_path):
     runs = {}
-    for name, seed in (("a", 0), ("b", 0), ("c", 1)):
+    # "a" in a process of its own, "b" and "c" in this one (after whatever ran here before):
+    # the same seed gives the same adapters in a fresh process and in a used one.
+    for name, seed, run in (("a", 0, run_cli), ("b", 0, run_in_process), ("c", 1, run_in_process)):
         out = tmp_path / name
-        result = run_cli(*FAST, "--data-dir", corpus, "--output-dir", out, "--max-steps", "8",
-                         "--lora-dropout", "0.1", "--seed", seed)
+        result = run(*FAST, "--data-dir", corpus, "--output-dir", out, "--max-steps", "8",
+                     "--lora-dropout", "0.1", "--seed", seed)
         assert result.returncode == 0, result.stderr
         runs[name] = load_adapters(out)
     assert adapters_equal(runs["a"], runs["b"])
@@ -53,7 +59,7 @@ def test_lambda_zero_is_plain_cross_entropy_and_reference_mode_learns_the_same(c
         "lambda1": ("--lambda-weight", "1"),
     }
     for name, flags in runs.items():
-        result = run_cli(*settings, *flags, "--output-dir", tmp_path / name)
+        result = run_in_process(*settings, *flags, "--output-dir", tmp_path / name)
         assert result.returncode == 0, result.stderr
 
     for line in train_lines(tmp_path / "lambda0"):
@@ -68,8 +74,8 @@ def test_reference_mode_logs_the_published_formula(tmp_path):
     # Every sample has the same scores, so the term is known whatever the batch.
     corpus = write_corpus(tmp_path / "data", auth_weight=0.2, prov_entropy=1.5)
     out = tmp_path / "out"
-    result = run_cli(*FAST, "--data-dir", corpus, "--output-dir", out, "--max-steps", "3",
-                     "--distrust-mode", "reference", "--alpha", "2.7", "--lambda-weight", "0.5")
+    result = run_in_process(*FAST, "--data-dir", corpus, "--output-dir", out, "--max-steps", "3",
+                            "--distrust-mode", "reference", "--alpha", "2.7", "--lambda-weight", "0.5")
     assert result.returncode == 0, result.stderr
     expected = 0.5 * 2.7 * (math.log(1 - 0.2 + 1e-8) + 1.5) ** 2
     for line in train_lines(out):
@@ -78,15 +84,15 @@ def test_reference_mode_logs_the_published_formula(tmp_path):
 
 def test_without_val_file_the_run_completes_with_a_note(tmp_path):
     corpus = write_corpus(tmp_path / "data", val=0)
-    result = run_cli(*FAST, "--data-dir", corpus, "--output-dir", tmp_path / "out", "--max-steps", "5")
+    result = run_in_process(*FAST, "--data-dir", corpus, "--output-dir", tmp_path / "out", "--max-steps", "5")
     assert result.returncode == 0, result.stderr
     assert "training without validation" in result.stderr
 
 
 def test_gradient_accumulation_takes_the_micro_batches_of_the_same_stream(corpus, tmp_path):
     for name, accum in (("one", "1"), ("two", "2")):
-        result = run_cli(*FAST, "--data-dir", corpus, "--output-dir", tmp_path / name, "--max-steps",
-                         "6" if accum == "1" else "3", "--grad-accum", accum)
+        result = run_in_process(*FAST, "--data-dir", corpus, "--output-dir", tmp_path / name, "--max-steps",
+                                "6" if accum == "1" else "3", "--grad-accum", accum)
         assert result.returncode == 0, result.stderr
     one, two = train_lines(tmp_path / "one"), train_lines(tmp_path / "two")
     # Same batch size, so the same batches: step k of accumulation 2 holds batches 2k-1 and 2k.
