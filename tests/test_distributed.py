@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import FAST, REPO, TRAIN_SCRIPT, adapters_equal, load_adapters, read_metrics, run_cli, write_corpus
+from conftest import FAST, REPO, TRAIN_SCRIPT, adapters_equal, load_adapters, read_metrics, run_in_process, write_corpus
 
 LAUNCHER = Path(sys.executable).parent / "mlx.launch"
 # Two processes and one with the same global batch sum the same numbers in another order, so
@@ -84,7 +84,7 @@ def two_processes(data, tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def one_process(data, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("one") / "run"
-    result = run_cli(*FAST, "--data-dir", data, "--output-dir", out, *STEPS)
+    result = run_in_process(*FAST, "--data-dir", data, "--output-dir", out, *STEPS)
     assert result.returncode == 0, result.stderr
     return out
 

@@ -88,7 +88,7 @@ def test_this_process_is_left_as_it_was_after_a_run_a_refusal_and_a_crash(tmp_pa
     assert run_in_process(*FAST, "--data-dir", tmp_path / "nowhere", "--output-dir", tmp_path / "other").returncode == 2
     assert process_state() == before
 
-    def crash(args):
+    def crash(*args):
         raise RuntimeError("a bug")
 
     monkeypatch.setattr(train_qlora, "run", crash)
@@ -112,7 +112,7 @@ def test_grad_checkpoint_is_refused_in_process_and_patches_nothing(tmp_path):
 def test_a_run_past_its_timeout_is_stopped_like_a_process(monkeypatch):
     import train_qlora
 
-    monkeypatch.setattr(train_qlora, "run", lambda args: time.sleep(30))
+    monkeypatch.setattr(train_qlora, "run", lambda *args: time.sleep(30))
     started = time.monotonic()
     with pytest.raises(subprocess.TimeoutExpired):
         run_in_process(*FAST, "--output-dir", "never-written", timeout=0.5)
