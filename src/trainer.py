@@ -31,7 +31,6 @@ from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
-import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
@@ -40,14 +39,15 @@ from config import Config
 from corpus.batching import Batch, DataPosition, Share, epoch_order, fixed_batches, training_batches
 from corpus.index import CorpusIndex
 from distrust import DistrustObjective, weight_report_lines
+from durable import free_space
 from errors import UserError
 from host_rng import check_host_rng_state, host_rng_state, set_host_rng_state
 from modeling import adapter_weights
 from monitoring.early_stopping import EarlyStopping
-from monitoring.evaluation import SampleLosses, compile_row_losses, loss_report, sample_losses, token_losses
-from durable import free_space
+from monitoring.evaluation import SampleLosses, compile_row_losses, loss_report, sample_losses
 from monitoring.metrics_log import MetricsLog, NoMetrics, summary_text
 from monitoring.progress import ProgressLine
+from optimization import build_optimizer, learning_rate_schedule, step_seed, use_grad_checkpoint, weighted_loss_sums
 from process_group import PeerLost, ProcessGroup
 from stop_signals import EXIT_CODES, StopRequests
 
@@ -65,69 +65,6 @@ class CheckpointingFailed(Exception):
 class RunEnd:
     reason: str
     exit_code: int = 0
-
-
-# ---------------------------------------------------------------------------
-# the loss: pure functions of arrays
-
-
-def weighted_loss_sums(model, inputs, targets, mask, weights):
-    """(sum of w_i * ce over real target tokens, plain ce sum).
-
-    Sums, not means: micro-batches are then weighted by their tokens simply by
-    adding, and the step divides once by the real target tokens of the step.
-    Padding never counts: `mask` is 0 there (and on fill rows and prompts).
-    """
-    ce = token_losses(model, inputs, targets) * mask
-    return (ce * weights[:, None]).sum(), ce.sum()
-
-
-def learning_rate_schedule(peak: float, warmup_steps: int, total_steps: int):
-    """Linear warmup from 0, then cosine decay to 0 at `total_steps`."""
-    decay = optim.cosine_decay(peak, max(total_steps - warmup_steps, 1), 0.0)
-    if warmup_steps == 0:
-        return decay
-    warmup = optim.linear_schedule(0.0, peak, warmup_steps)
-    return optim.join_schedules([warmup, decay], [warmup_steps])
-
-
-def build_optimizer(t, schedule) -> optim.Optimizer:
-    """The optimizer named by the config (mlx.optimizers), its step size from `schedule`.
-
-    adamw with weight decay 0 is the default (the same numbers as adam). adafactor
-    takes the schedule's rate as its step size (relative_step and scale_parameter
-    off), so --learning-rate and --warmup-steps mean the same for every optimizer.
-    """
-    if t.optimizer == "adamw":
-        return optim.AdamW(learning_rate=schedule, betas=[t.adam_beta1, t.adam_beta2], eps=t.adam_eps,
-                           weight_decay=t.weight_decay)
-    if t.optimizer == "adam":
-        return optim.Adam(learning_rate=schedule, betas=[t.adam_beta1, t.adam_beta2], eps=t.adam_eps)
-    if t.optimizer == "sgd":
-        return optim.SGD(learning_rate=schedule, momentum=t.sgd_momentum, weight_decay=t.weight_decay,
-                         nesterov=t.sgd_nesterov)
-    if t.optimizer == "adafactor":
-        return optim.Adafactor(learning_rate=schedule, weight_decay=t.weight_decay, relative_step=False,
-                               scale_parameter=False)
-    raise ValueError(f"unknown optimizer {t.optimizer!r}")
-
-
-def use_grad_checkpoint(model: nn.Module) -> None:
-    """mlx-lm's gradient checkpointing: each transformer block's activations are
-    recomputed in the backward pass instead of kept. mlx-lm patches the block's
-    class (every block of the model, as in `mlx_lm lora --grad-checkpoint`); done once."""
-    from mlx_lm.tuner.trainer import grad_checkpoint
-
-    block_type = type(model.layers[0])
-    if not getattr(block_type, "_distrust_grad_checkpoint", False):
-        grad_checkpoint(model.layers[0])
-        block_type._distrust_grad_checkpoint = True
-
-
-def step_seed(seed: int, step: int, micro: int) -> int:
-    # The MLX generator is reseeded before every micro-batch, so the random
-    # stream (dropout) is a function of (seed, step) and a resume needs no RNG state.
-    return (seed * 1_000_003 + step * 1_009 + micro) % (2**63)
 
 
 # ---------------------------------------------------------------------------

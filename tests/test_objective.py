@@ -13,7 +13,7 @@ from corpus.batching import collate
 from corpus.index import CorpusIndex
 from distrust import DistrustObjective, distrust_scores
 from errors import UserError
-from trainer import weighted_loss_sums
+from optimization import weighted_loss_sums
 
 
 def test_distrust_score_matches_the_published_formula():

@@ -1,0 +1,71 @@
+"""What one training step optimizes, and with what: the loss over a batch, the
+learning-rate schedule, the optimizer named by the config, mlx-lm's gradient
+checkpointing, and the seed of each micro-batch's random stream. Plain
+functions; the trainer composes them into its compiled step.
+"""
+
+from __future__ import annotations
+
+import mlx.nn as nn
+import mlx.optimizers as optim
+
+from monitoring.evaluation import token_losses
+
+
+def weighted_loss_sums(model, inputs, targets, mask, weights):
+    """(sum of w_i * ce over real target tokens, plain ce sum).
+
+    Sums, not means: micro-batches are then weighted by their tokens simply by
+    adding, and the step divides once by the real target tokens of the step.
+    Padding never counts: `mask` is 0 there (and on fill rows and prompts).
+    """
+    ce = token_losses(model, inputs, targets) * mask
+    return (ce * weights[:, None]).sum(), ce.sum()
+
+
+def learning_rate_schedule(peak: float, warmup_steps: int, total_steps: int):
+    """Linear warmup from 0, then cosine decay to 0 at `total_steps`."""
+    decay = optim.cosine_decay(peak, max(total_steps - warmup_steps, 1), 0.0)
+    if warmup_steps == 0:
+        return decay
+    warmup = optim.linear_schedule(0.0, peak, warmup_steps)
+    return optim.join_schedules([warmup, decay], [warmup_steps])
+
+
+def build_optimizer(t, schedule) -> optim.Optimizer:
+    """The optimizer named by the config (mlx.optimizers), its step size from `schedule`.
+
+    adamw with weight decay 0 is the default (the same numbers as adam). adafactor
+    takes the schedule's rate as its step size (relative_step and scale_parameter
+    off), so --learning-rate and --warmup-steps mean the same for every optimizer.
+    """
+    if t.optimizer == "adamw":
+        return optim.AdamW(learning_rate=schedule, betas=[t.adam_beta1, t.adam_beta2], eps=t.adam_eps,
+                           weight_decay=t.weight_decay)
+    if t.optimizer == "adam":
+        return optim.Adam(learning_rate=schedule, betas=[t.adam_beta1, t.adam_beta2], eps=t.adam_eps)
+    if t.optimizer == "sgd":
+        return optim.SGD(learning_rate=schedule, momentum=t.sgd_momentum, weight_decay=t.weight_decay,
+                         nesterov=t.sgd_nesterov)
+    if t.optimizer == "adafactor":
+        return optim.Adafactor(learning_rate=schedule, weight_decay=t.weight_decay, relative_step=False,
+                               scale_parameter=False)
+    raise ValueError(f"unknown optimizer {t.optimizer!r}")
+
+
+def use_grad_checkpoint(model: nn.Module) -> None:
+    """mlx-lm's gradient checkpointing: each transformer block's activations are
+    recomputed in the backward pass instead of kept. mlx-lm patches the block's
+    class (every block of the model, as in `mlx_lm lora --grad-checkpoint`); done once."""
+    from mlx_lm.tuner.trainer import grad_checkpoint
+
+    block_type = type(model.layers[0])
+    if not getattr(block_type, "_distrust_grad_checkpoint", False):
+        grad_checkpoint(model.layers[0])
+        block_type._distrust_grad_checkpoint = True
+
+
+def step_seed(seed: int, step: int, micro: int) -> int:
+    # The MLX generator is reseeded before every micro-batch, so the random
+    # stream (dropout) is a function of (seed, step) and a resume needs no RNG state.
+    return (seed * 1_000_003 + step * 1_009 + micro) % (2**63)
