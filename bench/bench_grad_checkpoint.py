@@ -1,6 +1,7 @@
 """Peak memory and step time with and without --grad-checkpoint, beside `mlx_lm lora --grad-checkpoint`.
 
     python bench/bench_grad_checkpoint.py [--layers 8] [--hidden 256] [--seq 1024] [--batch-size 2] [--steps 6]
+                                          [--floor-rounds 4] [--floor-only]
 
 A model where activations dominate: the benchmarks' medium shape (hidden 256,
 MLP 512, 4 heads of 64) with --layers blocks (8), random weights from a fixed
@@ -25,6 +26,46 @@ the process's max RSS, and the step time after the first (compiling) step: ours
 from metrics.jsonl (every step), mlx_lm from its report of every step. The
 goal: with --grad-checkpoint, peak memory no higher than mlx_lm's with the same
 option, and a step no more than 1.4 times ours without it.
+
+The floor (measured first, in this process; --floor-only stops there). With
+LoRA on a frozen quantized base the backward pass B computes input gradients
+through the base and only the small LoRA weight gradients; a step without
+checkpointing costs F + B, and recomputing every block's forward in the
+backward pass adds R, at most about F: (2F + B)/(F + B) if R were a whole F.
+On the same model, LoRA attached as the training command does (load_model,
+attach_lora), one batch: F = a compiled forward (mx.eval of the loss), F + B =
+a compiled nn.value_and_grad over the LoRA parameters, and the same gradient
+with every block and with every other block checkpointed (uncompiled, as the
+trainer runs it; all four checked to give the same loss and gradients),
+alternated each round after a warm-up round. Ratios are medians of per-round
+ratios: the machine is shared with other jobs, and only ratios of passes run
+back to back are to be trusted (CPU seconds are printed beside wall seconds).
+
+Measured on this 2-core x86_64 Linux CPU (mlx 0.32.4 CPU, mlx_lm 0.32.2; 8
+blocks, hidden 256, batch 2 x 1024, 4-bit; 5 rounds, load about 1):
+
+  F 15.4 s, F + B 25.1 s, B/F 0.62; (2F + B)/(F + B) = 1.62x
+  gc every block:       37.7 s, 1.50x of F + B (R = 0.81 F), MLX peak 246 MB (0.33x of 755 MB)
+  gc every other block: 31.9 s, 1.27x of F + B,             MLX peak 449 MB (0.59x)
+
+and then with --steps 4 --floor-rounds 3: the floor the same (B/F 0.62, 1.62x;
+gc every block 1.50x, R = 0.77 F; every other block 1.27x), the training runs
+with --grad-checkpoint over without: ours 1.48x (39.5 s / 26.7 s), mlx_lm's
+1.52x (37.3 s / 24.6 s); MLX peak ours 243 MB, mlx_lm's 258 MB.
+
+B is less than F here: MLX's CPU quantized matmul is much faster for the input
+gradient (g @ W, 0.07 s at 2048 x 256 x 512) than for the forward (x @ W.T,
+0.23 s). R is less than F: only the blocks are recomputed (not the embedding,
+the output layer and the loss), and, as we read MLX's lazy graph, only what the
+backward pass reads (not a block's last projection, whose output the next
+block's saved input already holds). A full per-block recompute then costs
+1 + R/(F + B) = 1.50x, ours and mlx_lm's --grad-checkpoint alike: 1.4x is below
+what recomputing every block costs. It needs R <= 0.4 (F + B), about 0.65 F:
+at most 6 of the 8 blocks checkpointed (each about 0.06x; 6 of 8 about 1.38x),
+each block not checkpointed holding up to about 64 MB more ((755 - 246) / 8):
+about 350-375 MB for 6 of 8 (449 MB measured for 4 of 8), against mlx_lm's
+258 MB. On this backend the two goals cannot both be met by choosing which
+blocks to recompute.
 """
 
 from __future__ import annotations
@@ -36,6 +77,8 @@ import os
 import platform
 import statistics
 import sys
+import time
+from functools import partial
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -138,6 +181,152 @@ def steady(steps: list[float]) -> float:
     return statistics.median(steps[1:]) if len(steps) > 1 else float("nan")
 
 
+def checkpoint_blocks(blocks) -> None:
+    """mlx-lm's grad_checkpoint on just these blocks: it patches the class of the
+    layer it is given, so each block is moved to a subclass of its own class first."""
+    from mlx_lm.tuner.trainer import grad_checkpoint
+
+    for block in blocks:
+        base = type(block)
+        block.__class__ = type(f"Checkpointed{base.__name__}", (base,), {})
+        grad_checkpoint(block)
+
+
+def floor(args, model_path: Path) -> dict:
+    """In this process, on the quantized model with LoRA attached as the training
+    command does it, one batch of batch x seq tokens: the seconds, each round, of
+
+      forward:     compiled loss only (mx.eval of the loss)                       F
+      plain:       compiled nn.value_and_grad over the LoRA parameters            F + B
+      gc all:      the same with every block checkpointed, uncompiled (as ours)   F + B + R
+      gc alternate: every other block checkpointed, uncompiled
+
+    alternated within each round (the order rotated each round), after a warm-up
+    round, so that the load of other jobs falls on all of them alike; each with
+    its MLX peak memory (reset before each call)."""
+    import mlx.core as mx
+    import mlx.nn as nn
+    import numpy as np
+
+    sys.path.insert(0, str(SRC))
+    from modeling import attach_lora, load_model
+    from trainer import weighted_loss_sums
+
+    loaded = load_model(str(model_path), 4)
+    model = loaded.model
+    attach_lora(model, rank=8, alpha=16.0, layers=-1, dropout=0.0, seed=0)
+    model.train()
+    rows = [loaded.tokenizer.encode(r["text"])[:args.seq + 1] for r in long_records(args.seq, args.batch_size, 1)]
+    if min(map(len, rows)) < args.seq + 1:
+        raise RuntimeError(f"records shorter than {args.seq + 1} tokens")
+    tokens = mx.array(np.array(rows, dtype=np.int32))
+    batch = (tokens[:, :-1], tokens[:, 1:], mx.ones((args.batch_size, args.seq)), mx.ones((args.batch_size,)))
+    mx.eval(model.parameters(), *batch)
+
+    loss_and_grad = nn.value_and_grad(model, weighted_loss_sums)
+    state = [model.state, mx.random.state]
+
+    def gradients(*arrays):
+        (weighted, _), grads = loss_and_grad(model, *arrays)
+        return weighted, grads
+
+    @partial(mx.compile, inputs=[model.state])
+    def forward(*arrays):
+        return weighted_loss_sums(model, *arrays)[0]
+
+    # The same blocks throughout: each variant sets the class of each block before its call.
+    blocks = list(model.layers)
+    plain_classes = [type(b) for b in blocks]
+    checkpoint_blocks(blocks)
+    all_classes = [type(b) for b in blocks]
+    alternate_classes = [c if i % 2 == 0 else p for i, (p, c) in enumerate(zip(plain_classes, all_classes))]
+    variants = {
+        "forward": (forward, plain_classes),
+        "plain": (partial(mx.compile, inputs=state, outputs=state)(gradients), plain_classes),
+        "gc all": (gradients, all_classes),
+        "gc alternate": (gradients, alternate_classes),
+    }
+    times = {name: [] for name in variants}
+    cpu = {name: [] for name in variants}
+    peaks = {name: [] for name in variants}
+    names = list(variants)
+    warm = {}
+    for round_ in range(args.floor_rounds + 1):
+        order = names[round_ % len(names):] + names[:round_ % len(names)]
+        for name in order:
+            fn, classes = variants[name]
+            for block, cls in zip(blocks, classes):
+                block.__class__ = cls
+            mx.synchronize()
+            mx.reset_peak_memory()
+            started, started_cpu = time.perf_counter(), time.process_time()
+            out = fn(*batch)
+            mx.eval(out)
+            elapsed, elapsed_cpu = time.perf_counter() - started, time.process_time() - started_cpu
+            if round_ > 0:  # round 0 compiles and warms up, and checks that all agree
+                times[name].append(elapsed)
+                cpu[name].append(elapsed_cpu)
+                peaks[name].append(mx.get_peak_memory())
+            else:
+                warm[name] = out
+        if round_ == 0:
+            check_same(warm)
+        print(f"floor round {round_}{' (warm-up)' if round_ == 0 else ''}: "
+              f"{', '.join(f'{n} {times[n][-1]:.2f}s' if round_ else n for n in names)}", flush=True)
+    for block, cls in zip(blocks, plain_classes):
+        block.__class__ = cls
+    return {"times": times, "cpu": cpu, "peak": {n: max(p) for n, p in peaks.items()}}
+
+
+def check_same(outputs: dict) -> None:
+    """The four passes compute the same loss, and the three gradient passes the same gradients."""
+    import numpy as np
+    from mlx.utils import tree_flatten
+
+    plain_loss, plain_grads = outputs["plain"]
+    reference = dict(tree_flatten(plain_grads))
+    for name, out in outputs.items():
+        loss, grads = (out, None) if name == "forward" else out
+        if not np.isclose(loss.item(), plain_loss.item(), rtol=1e-4):
+            raise RuntimeError(f"{name}: loss {loss.item()} against {plain_loss.item()}")
+        for key, grad in tree_flatten(grads) if grads is not None else ():
+            expected = np.array(reference[key])
+            if not np.allclose(np.array(grad), expected, rtol=1e-3, atol=1e-4 * np.abs(expected).max()):
+                raise RuntimeError(f"{name}: gradient {key} differs from the plain pass's")
+
+
+def floor_ratios(result: dict, clock: str = "times") -> dict:
+    """B/F, the predicted floor and the checkpointed passes over F + B: each the median of
+    its per-round values (the four passes of a round ran back to back, under the same load).
+    `clock`: "times" (wall seconds) or "cpu" (this process's CPU seconds)."""
+    t = result[clock]
+    rounds = list(zip(t["forward"], t["plain"], t["gc all"], t["gc alternate"]))
+    return {"B/F": statistics.median((fb - f) / f for f, fb, _, _ in rounds),
+            "R/F": statistics.median((a - fb) / f for f, fb, a, _ in rounds),
+            "floor": statistics.median((f + fb) / fb for f, fb, _, _ in rounds),
+            "gc all": statistics.median(a / fb for _, fb, a, _ in rounds),
+            "gc alternate": statistics.median(h / fb for _, fb, _, h in rounds)}
+
+
+def print_floor(result: dict) -> None:
+    peak = result["peak"]
+    print("\nthe floor (one process, one batch; the four passes alternated each round, so the load of other\n"
+          "jobs on this shared machine falls on all alike: trust the ratios, each the median of its\n"
+          "per-round values, not the seconds; CPU seconds, this process's own, move less with that load):")
+    for name, label in (("forward", "F      forward, compiled"), ("plain", "F + B  forward+backward, compiled"),
+                        ("gc all", "gc, every block (uncompiled)"), ("gc alternate", "gc, every other block (uncompiled)")):
+        print(f"  {label:36}MLX peak {peak[name] / 1e6:>5,.0f} MB; wall s: "
+              f"{', '.join(f'{t:.1f}' for t in result['times'][name])}; CPU s: "
+              f"{', '.join(f'{t:.1f}' for t in result['cpu'][name])}")
+    for clock, label in (("times", "wall"), ("cpu", "CPU ")):
+        r = floor_ratios(result, clock)
+        print(f"  {label}: B/F = {r['B/F']:.2f}; (2F + B)/(F + B), a whole forward recomputed: {r['floor']:.2f}x; "
+              f"measured: gc every block {r['gc all']:.2f}x of F + B (its recompute R = {r['R/F']:.2f} F), "
+              f"every other block {r['gc alternate']:.2f}x")
+    print(f"  MLX peak over F + B's: gc every block {peak['gc all'] / peak['plain']:.2f}x, every other block "
+          f"{peak['gc alternate'] / peak['plain']:.2f}x")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--layers", type=int, default=8)
@@ -146,6 +335,8 @@ def main() -> int:
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--keep", action="store_true", help="keep the run folders and logs")
+    parser.add_argument("--floor-rounds", type=int, default=4, help="timed rounds of the in-process floor measurement")
+    parser.add_argument("--floor-only", action="store_true", help="only the floor measurement, no training runs")
     args = parser.parse_args()
 
     import mlx.core as mx
@@ -156,6 +347,10 @@ def main() -> int:
           f"mlx_lm {mlx_lm.__version__}; device {mx.default_device()}")
     print(f"model: {model} ({args.layers} blocks, hidden {args.hidden}, 4-bit g64); batch {args.batch_size} x "
           f"{args.seq} tokens; LoRA rank 8 on every block; Adam; {args.steps} steps")
+    floor_result = floor(args, model)
+    print_floor(floor_result)
+    if args.floor_only:
+        return 0
     with scratch_dir("bench-gc-", args.keep) as work:
         data = write_data(work / "data", args.seq)
         config = work / "lora.yaml"
@@ -191,6 +386,13 @@ def main() -> int:
     for name, result in sorted(results.items()):
         print(f"  step seconds, {name[0]}{' --grad-checkpoint' if name[1] else ''}: "
               f"{', '.join(f'{s:.2f}' for s in result['steps'])}")
+    r, c = floor_ratios(floor_result), floor_ratios(floor_result, "cpu")
+    print(f"\nbeside the floor (wall, CPU): B/F = {r['B/F']:.2f}, {c['B/F']:.2f}; (2F + B)/(F + B) = {r['floor']:.2f}x, "
+          f"{c['floor']:.2f}x; gc every block in one process {r['gc all']:.2f}x, {c['gc all']:.2f}x of F + B.\n"
+          f"The training runs' step time with --grad-checkpoint over without: ours "
+          f"{steady(o_gc['steps']) / steady(o_plain['steps']):.2f}x, mlx_lm "
+          f"{steady(t_gc['steps']) / steady(t_plain['steps']):.2f}x (separate processes, one after another: on a "
+          f"shared machine their ratios carry its load changes, the alternated floor's do not)")
     return 0
 
 
