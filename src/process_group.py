@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -39,7 +40,7 @@ class PeerLost(Exception):
 
 
 class ReportedByRankZero(UserError):
-    """The error rank 0 met and reported; the other ranks stop with it (exit 2) and say nothing."""
+    """The error rank 0 met and has printed; every rank stops with it (exit 2), saying nothing more."""
 
 
 class ProcessGroup:
@@ -138,8 +139,9 @@ class ProcessGroup:
         return result
 
     def on_writer(self, work):
-        """`work()` on rank 0 alone, its result broadcast when JSON-able; a UserError it
-        raises stops every rank (rank 0 reports it)."""
+        """`work()` on rank 0 alone (its result stays there); a UserError it raises stops
+        every rank: rank 0 prints it first, so that no other rank's exit makes mlx.launch
+        terminate rank 0 before it has said why."""
         if not self.distributed:
             return work()
         result = error = None
@@ -147,10 +149,11 @@ class ProcessGroup:
             try:
                 result = work()
             except UserError as exc:
-                error = str(exc)
+                error = " ".join(str(exc).split())
+                print(f"error: {error}", file=sys.stderr, flush=True)
         error = self.broadcast_json(error)
         if error is not None:
-            raise (UserError if self.is_writer else ReportedByRankZero)(error)
+            raise ReportedByRankZero(error)
         return result
 
     def gather_rows(self, values: np.ndarray, positions: np.ndarray, count: int) -> np.ndarray:

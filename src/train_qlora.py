@@ -191,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
             print("\ninterrupted outside the training loop; committed checkpoints are intact", file=sys.stderr)
             return 130
         except ReportedByRankZero:
-            return 2  # rank 0 has said it
+            return 2  # rank 0 has printed it
         except UserError as exc:
             if group.is_writer:
                 raise
@@ -226,10 +226,7 @@ def run(args: argparse.Namespace, group=None) -> int:
         print(describe_checkpoints(manager))
         return 0
 
-    if config.training.batch_size % group.size:
-        raise UserError(f"--batch-size {config.training.batch_size} is the global batch: it must divide among the "
-                        f"{group.size} processes (try {group.size * max(config.training.batch_size // group.size, 1)} or "
-                        f"{group.size * (config.training.batch_size // group.size + 1)})")
+    group.on_writer(lambda: check_batch_divides(config.training.batch_size, group.size))
     # Rank 0 alone writes to the output dir (the lock, checkpoints, logs); the others only read their data.
     with RunLock(output_dir) if group.is_writer else contextlib.nullcontext():
         inputs = run_inputs(config)
@@ -244,6 +241,13 @@ def run(args: argparse.Namespace, group=None) -> int:
         # May ask at a terminal, or exit 2 without one; several processes: rank 0 chooses for all.
         start = group.on_writer(lambda: choose_start(manager, config, args, inputs))
         return train(config, output_dir, manager, start, inputs, group)
+
+
+def check_batch_divides(batch_size: int, processes: int) -> None:
+    if batch_size % processes:
+        raise UserError(f"--batch-size {batch_size} is the global batch: it must divide among the {processes} "
+                        f"processes (try {processes * max(batch_size // processes, 1)} or "
+                        f"{processes * (batch_size // processes + 1)})")
 
 
 def run_inputs(config) -> dict:
