@@ -34,7 +34,7 @@ import numpy as np
 from corpus import scoring
 from corpus.records import SCORE_FIELDS, messages_problem, scores_problem
 from distrust import distrust_scores
-from durable import flush_dir
+from durable import flush_dir, flush_fd
 from errors import UserError
 from json_files import json_text
 
@@ -395,7 +395,7 @@ def _temp_file(folder: Path, name: str):
 
 def _finish(handle, temp: Path, final: Path) -> None:
     handle.flush()
-    os.fsync(handle.fileno())
+    flush_fd(handle.fileno())  # F_FULLFSYNC on macOS, as every durable write
     handle.close()
     os.replace(temp, final)
 
