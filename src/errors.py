@@ -11,6 +11,11 @@ class UserError(Exception):
     """Bad usage, config or data. The message is shown as is, on one line."""
 
 
+def error_line(exc: BaseException, prefix: str = "") -> str:
+    """`error: ...` on one line, whatever the message holds (it may quote a file's text)."""
+    return f"{prefix}error: {' '.join(str(exc).split())}"
+
+
 class OneLineArgumentParser(argparse.ArgumentParser):
     """argparse, but a usage error is one line on stderr (no usage block), exit 2."""
 
@@ -32,6 +37,6 @@ def run_command(work) -> int:
     try:
         code = work()
     except UserError as exc:
-        print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
+        print(error_line(exc), file=sys.stderr)
         return 2
     return 0 if code is None else code

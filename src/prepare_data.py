@@ -16,7 +16,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script from anywhere
 
 from corpus.prepare import format_report, prepare  # noqa: E402
-from errors import OneLineArgumentParser, UserError  # noqa: E402
+from errors import OneLineArgumentParser, UserError, error_line  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -43,8 +43,7 @@ def main(argv: list[str] | None = None) -> int:
                          rescore=args.rescore, strict=args.strict, force=args.force,
                          explain=print if args.explain else None)
     except UserError as exc:
-        message = " ".join(str(exc).split())  # one line, whatever the message holds
-        print(f"error: {message}", file=sys.stderr)
+        print(error_line(exc), file=sys.stderr)
         return 2
     for warning in result.warnings:
         print(f"warning: {warning}", file=sys.stderr)

@@ -32,7 +32,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from errors import UserError
+from errors import UserError, error_line
 
 
 class PeerLost(Exception):
@@ -79,9 +79,6 @@ class ProcessGroup:
         """Rank 0 alone writes to the output dir and the terminal."""
         return self.rank == 0
 
-    def describe(self) -> str:
-        return f"{self.size} processes" if self.distributed else "1 process"
-
     # -- inside the compiled step ---------------------------------------------
 
     def average(self, tree):
@@ -115,23 +112,16 @@ class ProcessGroup:
         """Rank 0's `arrays` on every rank; the others pass `like` (same names, shapes and dtypes)."""
         if not self.distributed:
             return arrays
-        source = arrays if self.is_writer else {name: mx.zeros_like(value) for name, value in like.items()}
-        received = {name: self._broadcast_array(source[name]) for name in sorted(like)}
-        mx.eval(received)
+        received = {name: self.sum(arrays[name] if self.is_writer else mx.zeros_like(like[name]))
+                    for name in sorted(like)}
+        self._collect(list(received.values()))  # one evaluation for them all
         return received
 
-    def broadcast_flag(self, flag: bool | None) -> bool:
-        if not self.distributed:
-            return bool(flag)
-        return bool(self._broadcast_array(mx.array([1 if (self.is_writer and flag) else 0])).item())
-
     def _broadcast_array(self, array: mx.array) -> mx.array:
-        if not self.is_writer:
-            array = mx.zeros_like(array)
-        return self._collect(self.sum(array))
+        return self._collect(self.sum(array if self.is_writer else mx.zeros_like(array)))
 
     @staticmethod
-    def _collect(result: mx.array) -> mx.array:
+    def _collect(result):
         try:
             mx.eval(result)
         except RuntimeError as exc:
@@ -149,8 +139,8 @@ class ProcessGroup:
             try:
                 result = work()
             except UserError as exc:
-                error = " ".join(str(exc).split())
-                print(f"error: {error}", file=sys.stderr, flush=True)
+                error = str(exc)
+                print(error_line(exc), file=sys.stderr, flush=True)
         error = self.broadcast_json(error)
         if error is not None:
             raise ReportedByRankZero(error)
@@ -159,13 +149,9 @@ class ProcessGroup:
     def gather_rows(self, values: np.ndarray, positions: np.ndarray, count: int) -> np.ndarray:
         """Every rank's `values` at their `positions` in an array of `count` (each position
         is filled by one rank, the others add zeros: the values arrive exactly)."""
-        if not self.distributed:
-            full = np.zeros(count, dtype=values.dtype)
-            full[positions] = values
-            return full
         full = np.zeros(count, dtype=np.float32)
         full[positions] = values
-        return np.asarray(self._collect(self.sum(mx.array(full))))
+        return np.asarray(self._collect(self.sum(mx.array(full)))) if self.distributed else full
 
     def check_same(self, what: str, value: str) -> None:
         """Raise UserError on every rank unless `value` is the same on all of them

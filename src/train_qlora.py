@@ -16,7 +16,7 @@ import json
 import sys
 from pathlib import Path
 
-from errors import OneLineArgumentParser, UserError, run_command
+from errors import OneLineArgumentParser, UserError, error_line, run_command
 
 FLAGS = [
     # flag, config name, type, help (the default is added from config.py)
@@ -195,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
         except UserError as exc:
             if group.is_writer:
                 raise
-            print(f"rank {group.rank}: error: {' '.join(str(exc).split())}", file=stderr)
+            print(error_line(exc, prefix=f"rank {group.rank}: "), file=stderr)
             return 2
         except PeerLost as exc:
             print(f"{'' if group.is_writer else f'rank {group.rank}: '}error: lost contact with the other processes "

@@ -433,8 +433,9 @@ class DistrustTrainer:
                                              Share(self.group.rank, self.group.size))
         losses = sample_losses(self.model, self._compiled.row_losses, self.val_batches)
         if self.group.distributed:
-            # Each rank has its share of the samples: every rank gets them all, by position.
-            count = min(len(self.val_index), t.batch_size * t.val_batches)
+            # Each rank has its share of the samples: every rank gets them all, by position
+            # (the val index holds just the samples validated: it was built with that limit).
+            count = len(self.val_index)
             losses = SampleLosses(self.group.gather_rows(losses.ce, losses.positions, count),
                                   self.group.gather_rows(losses.tokens, losses.positions, count),
                                   np.arange(count))
@@ -598,9 +599,8 @@ class DistrustTrainer:
             end = RunEnd(stop)
         elif finished:
             end = RunEnd(f"finished: reached --max-steps {t.max_steps}")
-        elif self._stop_signal(stops, figures) is not None:
-            sig = self._stop_signal(stops, figures)
-            end = RunEnd(f"interrupted by {signal.Signals(sig).name} at step {s.step}", EXIT_CODES[sig])
+        elif (received := self._stop_signal(stops, figures)) is not None:
+            end = RunEnd(f"interrupted by {signal.Signals(received).name} at step {s.step}", EXIT_CODES[received])
         if end is not None:
             return self._end_with_checkpoint(end, is_best=is_best)
         if is_best or s.step % t.checkpoint_interval == 0:
@@ -660,8 +660,6 @@ class DistrustTrainer:
             s.best_val_loss, s.best_val_step = result["val_loss"], s.step
             return True
         return False
-
-
 
 
 def _same_arrays(what: str, saved: dict, expected: dict) -> None:
