@@ -130,11 +130,6 @@ class Config:
         config.validate(source)
         return config
 
-    @classmethod
-    def from_yaml(cls, path: str | Path) -> dict:
-        """Read a YAML file into a plain dict of settings (validated later, with the flags)."""
-        return read_settings_file(path).values
-
     @staticmethod
     def read_yaml(path: str | Path) -> dict:
         """The YAML file as it is: a mapping (empty for an empty file)."""

@@ -31,7 +31,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from durable import commit_directory
+from durable import commit_directory, sha256_of_file
 from json_files import json_text
 from errors import UserError
 
@@ -361,10 +361,10 @@ def adapters_signature(path: str | Path) -> dict:
     """What identifies the adapters a run started from, by content: a resume compares it."""
     candidate = adapters_file(path)
     try:
-        blob = candidate.read_bytes()
+        resolved = candidate.resolve()  # the user's own link is followed on purpose
+        return {"size": resolved.stat().st_size, "sha256": sha256_of_file(resolved)}
     except OSError as exc:
         raise UserError(f"--init-adapters: {candidate}: cannot read ({exc.strerror})") from None
-    return {"size": len(blob), "sha256": hashlib.sha256(blob).hexdigest()}
 
 
 def load_init_adapters(model: nn.Module, path: str | Path) -> str:
@@ -451,10 +451,6 @@ def cache_dir() -> Path:
     return Path(os.environ.get("DISTRUST_QLORA_CACHE", REPO_ROOT / ".cache"))
 
 
-def tiny_cache_dir() -> Path:
-    return cache_dir()
-
-
 def _tiny_training_texts() -> list[str]:
     """The texts of the demo corpus, in file order: what the tokenizer learns from."""
     texts = []
@@ -495,7 +491,7 @@ def ensure_tiny_model() -> Path:
     digest.update(json.dumps([TINY_BUILDER_VERSION, TINY_MODEL_CONFIG, TINY_SEED]).encode())
     for text in texts:
         digest.update(text.encode("utf-8"))
-    target = tiny_cache_dir() / f"tiny-{digest.hexdigest()[:12]}"
+    target = cache_dir() / f"tiny-{digest.hexdigest()[:12]}"
 
     def build(scratch: Path) -> None:
         _write_tiny_tokenizer(scratch, texts)

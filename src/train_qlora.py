@@ -96,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = OneLineArgumentParser(
         prog="train_qlora.py",
         description="QLoRA fine-tuning with the Empirical Distrust objective, made for long unattended runs.",
-        epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--config", metavar="RUN.YAML",
                         help="YAML file of settings, flags override it: the flag names with underscores (switches "
@@ -285,10 +285,9 @@ def train(config, output_dir: Path, manager, start, inputs: dict, group) -> int:
                                    fine_tune_type=lo.fine_tune_type)
     if note:
         print(f"note: {note}", file=sys.stderr)
-    if config.paths.init_adapters:
+    if config.paths.init_adapters and start is None:  # a resume restores the checkpoint's adapters instead
         source = load_init_adapters(loaded.model, config.paths.init_adapters)
-        if start is None:
-            print(f"adapters: starting from {source}", file=sys.stderr)
+        print(f"adapters: starting from {source}", file=sys.stderr)
     trainable, total = parameter_counts(loaded.model)
     quant = f"{loaded.quantized_bits}-bit" if loaded.quantized_bits else "not quantized"
     if loaded.base is not None and loaded.base.quantization:

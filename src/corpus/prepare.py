@@ -32,7 +32,7 @@ from typing import Callable, Iterator
 import numpy as np
 
 from corpus import scoring
-from corpus.records import SCORE_FIELDS, messages_problem, scores_problem
+from corpus.records import SCORE_FIELDS, messages_problem, scores_problem, short_repr
 from distrust import distrust_scores
 from durable import flush_dir, flush_fd
 from errors import UserError
@@ -179,12 +179,6 @@ class BadRecord(Exception):
         self.reason, self.detail = reason, detail
 
 
-def _short(value) -> str:
-    """repr of a bad value, cut so a warning stays one short line."""
-    text = repr(value).replace("\n", " ")
-    return text if len(text) <= 40 else text[:37] + "..."
-
-
 def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -197,7 +191,7 @@ def _as_whole_number(value, name: str) -> int:
         return int(value)
     if isinstance(value, str) and re.fullmatch(r"\s*-?\d{1,9}\s*", value):
         return int(value)
-    raise BadRecord(f"bad {name}", f"'{name}' must be a whole number, got {_short(value)}")
+    raise BadRecord(f"bad {name}", f"'{name}' must be a whole number, got {short_repr(value)}")
 
 
 def content_of(fields: dict) -> dict:
@@ -246,7 +240,7 @@ def checked_metadata(fields: dict, this_year: int) -> dict:
     if metadata.get("source_type") is not None:
         source_type = scoring.normalize_source_type(metadata["source_type"])
         if source_type is None:
-            raise BadRecord("bad source_type", f"'source_type' must be a non-empty string, got {_short(metadata['source_type'])}")
+            raise BadRecord("bad source_type", f"'source_type' must be a non-empty string, got {short_repr(metadata['source_type'])}")
         metadata["source_type"] = source_type
     evidence = metadata.get("evidence")
     if evidence is not None and not _valid_evidence(evidence):

@@ -91,7 +91,7 @@ def scores_problem(authority, entropy) -> tuple[str, str] | None:
     types and ranges, for the training reader and the data preparation alike."""
     for name, value in zip(SCORE_FIELDS, (authority, entropy)):
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            return f"bad {name}", f"'{name}' must be a finite number, got {_short(value)}"
+            return f"bad {name}", f"'{name}' must be a finite number, got {short_repr(value)}"
         try:
             number = float(value)
         except OverflowError:  # an int too large for a float
@@ -105,8 +105,9 @@ def scores_problem(authority, entropy) -> tuple[str, str] | None:
     return None
 
 
-def _short(value) -> str:
-    text = repr(value)
+def short_repr(value) -> str:
+    """repr of a bad value, cut so a message stays one short line."""
+    text = repr(value).replace("\n", " ")
     return text if len(text) <= 40 else text[:37] + "..."
 
 
