@@ -60,36 +60,27 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def evaluate_run(args: argparse.Namespace) -> dict:
-    from checkpoints import CheckpointCorruptError, CheckpointManager
-    from config import Config
     from corpus.batching import fixed_batches
     from corpus.index import CorpusIndex
     from durable import write_text_atomically
     from json_files import json_text
-    from modeling import attach_lora, load_model
+    from modeling import attach_lora, load_model, open_run
     from monitoring.evaluation import compile_row_losses, loss_report, sample_losses
 
     run = args.output_dir
-    if not run.is_dir():
-        raise UserError(f"{run}: no such run folder")
-    manager = CheckpointManager(run / "checkpoints")
-    if not manager.has_any():
-        raise UserError(f"{run}: no checkpoints, so no adapters to evaluate (has a run been trained here?)")
-    info = manager.resolve(args.checkpoint)
-    try:
-        state = manager.load(info)
-    except CheckpointCorruptError as exc:
-        raise UserError(str(exc)) from None
-    config = Config.from_dict(state.config, source=f"{info.path}/config.json")
+    trained = open_run(run, args.checkpoint, "evaluate")
+    config = trained.config
     t = config.training
     batch_size = _positive(args.batch_size, "--batch-size") or t.batch_size
     max_batches = _positive(args.max_batches, "--max-batches")
     data_file = find_data_file(args.data_dir or Path(config.paths.data_dir))
-    json_path = args.json or run / "evaluations" / f"{info.path.name}-{data_file.stem}.json"
+    json_path = args.json or run / "evaluations" / f"{trained.checkpoint.name}-{data_file.stem}.json"
     if json_path.exists() and not json_path.is_file():
         raise UserError(f"{json_path}: exists and is not a file")
 
-    loaded = load_model(base_model_of(state, config), config.model.quantize_bits, config.model.trust_remote_code)
+    # The base as it was trained (its quantized copy, or the tiny model rebuilt): as is, it is
+    # the model the adapters were trained on.
+    loaded = load_model(trained.base.path, config.model.quantize_bits, config.model.trust_remote_code)
     tokenizer = loaded.tokenizer
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     index = CorpusIndex.build(data_file, tokenizer, t.max_seq_length + 1,
@@ -99,12 +90,12 @@ def evaluate_run(args: argparse.Namespace) -> dict:
     base = loss_report(sample_losses(loaded.model, compile_row_losses(loaded.model), batches), index)
     attach_lora(loaded.model, config.lora.rank, config.lora.alpha, config.lora.layers, config.lora.dropout, t.seed,
                 fine_tune_type=config.lora.fine_tune_type)  # DoRA's magnitudes too
-    loaded.model.load_weights(list(state.adapters.items()), strict=False)
+    loaded.model.load_weights(list(trained.adapters.items()), strict=False)
     adapted = loss_report(sample_losses(loaded.model, compile_row_losses(loaded.model), batches), index)
 
     moved = adapted["gap"] - base["gap"] if adapted["gap"] is not None and base["gap"] is not None else None
     result = {
-        "run": str(run), "checkpoint": str(info.path), "step": state.step, "data": str(data_file),
+        "run": str(run), "checkpoint": str(trained.checkpoint), "step": trained.step, "data": str(data_file),
         "base_model": loaded.path, "quantized_bits": loaded.quantized_bits,
         "distrust": {"mode": config.distrust.mode, "lambda": config.distrust.lambda_weight, "alpha": config.distrust.alpha},
         "base": base, "adapted": adapted, "gap_moved": moved,
@@ -130,13 +121,6 @@ def find_data_file(data_dir: Path) -> Path:
     raise UserError(f"{data_dir}: no {', '.join(DATA_FILES[:-1])} or {DATA_FILES[-1]} to evaluate on")
 
 
-def base_model_of(state, config) -> str:
-    """The base the run trained on, as it was trained (see modeling.run_base_model:
-    its quantized copy when it was quantized on load; the tiny model rebuilt when
-    the project moved); loading it as is gives the model the adapters were trained on."""
-    from modeling import run_base_model
-
-    return run_base_model(state.adapter_config, config).path
 
 
 def _finite(value):

@@ -284,6 +284,7 @@ class TrainedRun:
     config: object  # config.Config of the run
     adapter_config: dict
     base: BaseModel
+    adapters: dict  # the checkpoint's adapter arrays, as verified against its manifest
 
 
 def open_run(run: Path, checkpoint: str, purpose: str) -> TrainedRun:
@@ -306,7 +307,8 @@ def open_run(run: Path, checkpoint: str, purpose: str) -> TrainedRun:
         raise UserError(str(exc)) from None
     config = Config.from_dict(state.config, source=f"{info.path}/config.json")
     return TrainedRun(run=run, checkpoint=info.path, step=state.step, config=config,
-                      adapter_config=state.adapter_config, base=run_base_model(state.adapter_config, config))
+                      adapter_config=state.adapter_config, base=run_base_model(state.adapter_config, config),
+                      adapters=state.adapters)
 
 
 def load_trained_model(trained: TrainedRun):
