@@ -28,7 +28,7 @@ import math
 from collections import deque
 from dataclasses import dataclass, field
 
-from monitoring.floats import decode_float, encode_float
+from monitoring.floats import decode_float, encode_float, mean_finite
 
 
 @dataclass
@@ -58,8 +58,7 @@ class EarlyStopping:
     @property
     def smoothed_loss(self) -> float:
         """Mean over the window, non-finite steps left out; NaN when none is finite."""
-        finite = [x for x in self.losses if math.isfinite(x)]
-        return sum(finite) / len(finite) if finite else math.nan
+        return mean_finite(self.losses)
 
     def check_plateau_now(self, step: int) -> str | None:
         """check_plateau with the smoothed loss of the window, once the window is full

@@ -7,6 +7,8 @@ reads their bare Infinity / NaN as floats): both still read back as the floats t
 
 from __future__ import annotations
 
+import math
+
 from json_files import finite_or_none
 
 OLD_NON_FINITE = ("inf", "-inf", "nan")  # what the previous encoding, str(x), wrote
@@ -24,3 +26,9 @@ def decode_float(x: float | str | None, null_means: float) -> float:
     if isinstance(x, bool) or not isinstance(x, (int, float)):
         raise TypeError(f"expected a number or null, got {x!r}")
     return float(x)
+
+
+def mean_finite(values) -> float:
+    """The mean of the finite values (a NaN or infinite step left out); NaN when none is finite."""
+    finite = [x for x in values if math.isfinite(x)]
+    return sum(finite) / len(finite) if finite else math.nan

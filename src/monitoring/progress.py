@@ -39,7 +39,7 @@ from collections import deque
 
 from tqdm import tqdm
 
-from monitoring.floats import decode_float, encode_float
+from monitoring.floats import decode_float, encode_float, mean_finite
 
 DEFAULT_BASELINE_STEP = 5  # the step whose memory reading becomes the baseline, unless told otherwise
 GROWTH_WARNING_FRACTION = 0.5  # "growing" past +50% of the baseline ...
@@ -75,11 +75,6 @@ def format_duration(seconds: float) -> str:
         return f"{seconds}s"
     hours, minutes = divmod(seconds // 60, 60)
     return f"{hours}h {minutes:02d}m" if hours else f"{minutes}m"
-
-
-def _mean_finite(values) -> float:
-    finite = [x for x in values if math.isfinite(x)]
-    return sum(finite) / len(finite) if finite else math.nan
 
 
 class _LinePerRedraw:
@@ -148,12 +143,12 @@ class ProgressLine:
     @property
     def smoothed_ce(self) -> float:
         """Mean plain cross-entropy over the window, NaN/inf steps left out; NaN if none is finite."""
-        return _mean_finite(self.ces)
+        return mean_finite(self.ces)
 
     @property
     def smoothed_objective(self) -> float:
         """Mean objective (the weighted loss) over the window, NaN/inf steps left out."""
-        return _mean_finite(self.objectives)
+        return mean_finite(self.objectives)
 
     @property
     def tokens_per_second(self) -> float:
