@@ -16,6 +16,7 @@ import secrets
 import shutil
 import stat
 import sys
+from datetime import datetime, timezone
 from pathlib import Path
 
 try:  # fcntl does not exist on Windows
@@ -205,3 +206,21 @@ def sha256_of_file(path: Path) -> str:
         while chunk := f.read(1 << 20):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+# The time in the name of everything a run moves aside (checkpoints, metrics.jsonl,
+# logs/), one format for all: UTC, e.g. 20260125T140306Z.
+ASIDE_STAMP_FORMAT = "%Y%m%dT%H%M%SZ"
+
+
+def aside_stamp() -> str:
+    return datetime.now(timezone.utc).strftime(ASIDE_STAMP_FORMAT)
+
+
+def aside_name(path: Path, word: str, stamp: str | None = None) -> Path:
+    """A free name beside `path` for moving it aside (never deleting it): `<name>.<word>-<stamp>`."""
+    stamp = stamp or aside_stamp()
+    aside, n = path.with_name(f"{path.name}.{word}-{stamp}"), 1
+    while os.path.lexists(aside):
+        aside, n = path.with_name(f"{path.name}.{word}-{stamp}-{n}"), n + 1
+    return aside

@@ -22,7 +22,6 @@ import shutil
 import sys
 import dataclasses
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
@@ -30,7 +29,7 @@ import mlx.core as mx
 
 from errors import UserError
 
-from durable import (TEMP_PREFIX, commit_directory, copy_file_atomically, flush_dir, free_space, open_regular_file,
+from durable import (TEMP_PREFIX, aside_name, commit_directory, copy_file_atomically, flush_dir, free_space, open_regular_file,
                      write_text_atomically)
 from .manifest import verify_checkpoint, write_manifest
 from .retention import RetentionPolicy
@@ -379,16 +378,15 @@ class CheckpointManager:
     def move_aside(self, stamp: str | None = None) -> Path | None:
         """For --fresh: rename the directory to `<name>.old-<UTC time>`, the time given as
         `stamp` (what a fresh start moves aside together has one time) or now, in the one
-        format of everything moved aside (monitoring.metrics_log.ASIDE_STAMP_FORMAT);
+        format of everything moved aside (durable.ASIDE_STAMP_FORMAT);
         never deletes.
 
         Returns the new location, or None when there was nothing to move.
         """
-        from monitoring.metrics_log import ASIDE_STAMP_FORMAT, aside_name
 
         if not self.directory.is_dir() or not any(self.directory.iterdir()):
             return None
-        target = aside_name(self.directory, "old", stamp or datetime.now(timezone.utc).strftime(ASIDE_STAMP_FORMAT))
+        target = aside_name(self.directory, "old", stamp)
         os.rename(self.directory, target)
         if self.fsync:
             flush_dir(target.parent)

@@ -18,7 +18,7 @@ from pathlib import Path
 from checkpoints.manager import CheckpointCorruptError, CheckpointManager
 from checkpoints.run_dir import check_run_dir, remove_leftovers
 from checkpoints.state import TrainingState
-from durable import CLOSE_ON_EXEC, NO_FOLLOW
+from durable import CLOSE_ON_EXEC, NO_FOLLOW, aside_name, aside_stamp
 from errors import UserError
 
 
@@ -91,7 +91,7 @@ def move_run_aside(manager: CheckpointManager) -> list[Path]:
     """A fresh start over an earlier run: its checkpoints, metrics.jsonl and TensorBoard
     logs are renamed `<name>.old-<time>`, with one time for the three; nothing is deleted.
     Returns where they went."""
-    from monitoring.metrics_log import METRICS_FILE, TENSORBOARD_DIR, aside_name, aside_stamp
+    from monitoring.metrics_log import METRICS_FILE, TENSORBOARD_DIR
 
     stamp = aside_stamp()
     moved = []
@@ -117,8 +117,6 @@ def set_aside_newer(manager: CheckpointManager, point: ResumePoint, out=None) ->
     newer = [info.path for info in manager.checkpoints(deep=False) if info.step > point.state.step]
     if not newer:
         return None
-    from monitoring.metrics_log import aside_name
-
     target = aside_name(manager.directory, "superseded")
     target.mkdir(parents=True)
     for path in newer:

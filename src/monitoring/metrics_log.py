@@ -25,7 +25,7 @@ after N. The resumed run's record then reads like an uninterrupted one.
 A fresh run (`resume_step=None`) moves an existing metrics.jsonl and the
 TensorBoard folder aside (never deleting them: `metrics.jsonl.before-<UTC
 time>`, `logs.before-<UTC time>`, the time in the one format of everything a
-run moves aside, ASIDE_STAMP_FORMAT), so TensorBoard shows the new run alone
+run moves aside, durable.ASIDE_STAMP_FORMAT), so TensorBoard shows the new run alone
 instead of dropping its steps as out of order.
 
 A full disk never stops the run from here: a failed write is warned about
@@ -40,10 +40,9 @@ import numbers
 import os
 import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
-from durable import flush_fd, free_space, open_for_append, open_regular_file, replace_file
+from durable import aside_name, aside_stamp, flush_fd, free_space, open_for_append, open_regular_file, replace_file
 from errors import UserError
 from json_files import finite_or_none, json_text
 
@@ -124,28 +123,6 @@ def truncate_after(path: Path, resume_step: int) -> None:
 
 def _reason(exc: BaseException) -> str:
     return exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-
-
-# The time in the name of everything a run moves aside (checkpoints, metrics.jsonl,
-# logs/), one format for all: UTC, e.g. 20260125T140306Z.
-ASIDE_STAMP_FORMAT = "%Y%m%dT%H%M%SZ"
-
-
-def aside_stamp() -> str:
-    return datetime.now(timezone.utc).strftime(ASIDE_STAMP_FORMAT)
-
-
-def aside_name(path: Path, word: str, stamp: str | None = None) -> Path:
-    """A free name beside `path` for moving it aside (never deleting it): `<name>.<word>-<stamp>`."""
-    stamp = stamp or aside_stamp()
-    aside, n = path.with_name(f"{path.name}.{word}-{stamp}"), 1
-    while os.path.lexists(aside):
-        aside, n = path.with_name(f"{path.name}.{word}-{stamp}-{n}"), n + 1
-    return aside
-
-
-def _aside_name(path: Path) -> Path:
-    return aside_name(path, "before")
 
 
 class TensorBoardWriter:
