@@ -71,7 +71,6 @@ blocks to recompute.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import platform
@@ -82,7 +81,7 @@ from functools import partial
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import MEDIUM_CONFIG, REPO, SRC, bench_cache, run_child, scratch_dir  # noqa: E402
+from common import MEDIUM_CONFIG, REPO, SRC, random_model, run_child, scratch_dir  # noqa: E402
 
 THEIRS_WRAPPER = r"""
 import json, sys, time
@@ -106,14 +105,11 @@ finally:
 def model_dir(layers: int, hidden: int) -> Path:
     """The random model, built once, and its 4-bit copy (what both sides train on)."""
     sys.path.insert(0, str(SRC))
-    from modeling import TINY_MODEL_CONFIG, build_model_dir_once, build_random_model, ensure_tiny_model, prepare_base
+    from modeling import prepare_base
 
     overrides = dict(MEDIUM_CONFIG, num_hidden_layers=layers, hidden_size=hidden, intermediate_size=2 * hidden,
                      head_dim=hidden // MEDIUM_CONFIG["num_attention_heads"], max_position_embeddings=8192)
-    tiny = ensure_tiny_model()
-    tag = hashlib.sha256(json.dumps([tiny.name, dict(TINY_MODEL_CONFIG, **overrides), 4321]).encode()).hexdigest()[:12]
-    base = build_model_dir_once(bench_cache() / f"gc-{layers}x{hidden}-{tag}",
-                                lambda scratch: build_random_model(scratch, overrides, 4321), "the benchmark model")
+    base = random_model(overrides, f"gc-{layers}x{hidden}")
     return Path(prepare_base(str(base), 4).path)
 
 

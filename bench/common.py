@@ -28,23 +28,32 @@ MEDIUM_SEED = 4321
 
 
 def bench_cache() -> Path:
-    # .cache/ is git-ignored: built here on first use, never committed.
-    return Path(os.environ.get("DISTRUST_QLORA_CACHE", REPO / ".cache")) / "bench"
+    """The project's model cache (git-ignored; DISTRUST_QLORA_CACHE moves it), bench/ inside it."""
+    sys.path.insert(0, str(SRC))
+    from modeling import cache_dir
+
+    return cache_dir() / "bench"
 
 
-def medium_model() -> Path:
-    """The larger model, built once into the bench cache (keyed by its shape, seed and the tiny model)."""
+def random_model(overrides: dict, name: str) -> Path:
+    """The tiny model's shape with `overrides`, its tokenizer, random weights from MEDIUM_SEED;
+    built once into the bench cache, keyed by the shape, the seed and the tiny model."""
     import hashlib
 
     sys.path.insert(0, str(SRC))
     from modeling import TINY_MODEL_CONFIG, build_model_dir_once, build_random_model, ensure_tiny_model
 
     tiny = ensure_tiny_model()
-    config = dict(TINY_MODEL_CONFIG, **MEDIUM_CONFIG)
+    config = dict(TINY_MODEL_CONFIG, **overrides)
     tag = hashlib.sha256(json.dumps([tiny.name, config, MEDIUM_SEED]).encode()).hexdigest()[:12]
-    return build_model_dir_once(bench_cache() / f"medium-{tag}",
-                                lambda scratch: build_random_model(scratch, MEDIUM_CONFIG, MEDIUM_SEED),
-                                "the medium model")
+    return build_model_dir_once(bench_cache() / f"{name}-{tag}",
+                                lambda scratch: build_random_model(scratch, overrides, MEDIUM_SEED),
+                                f"the {name} model")
+
+
+def medium_model() -> Path:
+    """The benchmarks' larger model (MEDIUM_CONFIG)."""
+    return random_model(MEDIUM_CONFIG, "medium")
 
 
 def run_child(cmd: list[str], log_path: Path, env: dict | None = None) -> dict:
