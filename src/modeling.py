@@ -86,7 +86,7 @@ class LoadedModel:
     tokenizer: object  # mlx_lm TokenizerWrapper
     path: str  # what the user named, resolved: an HF id or an absolute local path
     quantized_bits: int | None
-    base: BaseModel | None = None  # what was loaded (base.path), and from what
+    base: BaseModel  # what was loaded (base.path), and from what
 
 
 # ---------------------------------------------------------------------------
@@ -369,6 +369,26 @@ def adapters_signature(path: str | Path) -> dict:
         raise UserError(f"--init-adapters: {candidate}: cannot read ({exc.strerror})") from None
 
 
+def names_mismatch(given: dict, expected: dict) -> str | None:
+    """Which array names `given` lacks or has beyond `expected`; None when they are the same."""
+    missing, extra = sorted(set(expected) - set(given)), sorted(set(given) - set(expected))
+    if not missing and not extra:
+        return None
+    return "; ".join(part for part in (f"missing {len(missing)}, e.g. {missing[0]}" if missing else "",
+                                       f"unexpected {len(extra)}, e.g. {extra[0]}" if extra else "") if part)
+
+
+def shapes_mismatch(given: dict, expected: dict, whose: str, dtypes: bool = True) -> str | None:
+    """The first array of `given` whose shape (and dtype) differs from `expected`'s; None if none does."""
+    def described(array) -> str:
+        return f"{array.dtype if dtypes else ''}{list(array.shape)}"
+
+    for name, array in expected.items():
+        if given[name].shape != array.shape or dtypes and given[name].dtype != array.dtype:
+            return f"{name} is {described(given[name])}, {whose} is {described(array)}"
+    return None
+
+
 def load_init_adapters(model: nn.Module, path: str | Path) -> str:
     """Put the adapters of `path` into the model's LoRA (or DoRA) layers, after checking
     that they are exactly this model's adapters: the same names and shapes (the same
@@ -381,16 +401,14 @@ def load_init_adapters(model: nn.Module, path: str | Path) -> str:
     if not isinstance(loaded, dict):
         raise UserError(f"--init-adapters: {candidate}: not a safetensors file of arrays")
     expected = adapter_weights(model)
-    missing, extra = sorted(set(expected) - set(loaded)), sorted(set(loaded) - set(expected))
-    if missing or extra:
-        detail = (f"missing {len(missing)}, e.g. {missing[0]}" if missing else "") + \
-                 ("; " if missing and extra else "") + (f"unexpected {len(extra)}, e.g. {extra[0]}" if extra else "")
-        raise UserError(f"--init-adapters: {candidate} does not fit this run's adapters ({detail}): use the same "
+    names = names_mismatch(loaded, expected)
+    if names:
+        raise UserError(f"--init-adapters: {candidate} does not fit this run's adapters ({names}): use the same "
                         f"--lora-layers, --fine-tune-type and model as the run that made them")
-    for name, array in expected.items():
-        if loaded[name].shape != array.shape:
-            raise UserError(f"--init-adapters: {candidate}: {name} is {list(loaded[name].shape)}, this run's is "
-                            f"{list(array.shape)} (use the same --lora-rank and model as the run that made them)")
+    shapes = shapes_mismatch(loaded, expected, "this run's", dtypes=False)  # cast to the layers' dtype below
+    if shapes:
+        raise UserError(f"--init-adapters: {candidate}: {shapes} (use the same --lora-rank and model as the run "
+                        f"that made them)")
     model.load_weights([(name, value.astype(expected[name].dtype)) for name, value in loaded.items()], strict=False)
     mx.eval(model.trainable_parameters())
     return f"{candidate} ({len(loaded)} arrays)"

@@ -290,7 +290,7 @@ def train(config, output_dir: Path, manager, start, inputs: dict, group) -> int:
         print(f"adapters: starting from {source}", file=sys.stderr)
     trainable, total = parameter_counts(loaded.model)
     quant = f"{loaded.quantized_bits}-bit" if loaded.quantized_bits else "not quantized"
-    if loaded.base is not None and loaded.base.quantization:
+    if loaded.base.quantization:
         quant += f"; its quantized copy {loaded.base.path}"
     kind = "DoRA" if lo.fine_tune_type == "dora" else "LoRA"
     print(f"model: {loaded.path} ({quant}); {kind} on {num_layers} blocks; trainable parameters "

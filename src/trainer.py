@@ -42,7 +42,7 @@ from distrust import DistrustObjective, weight_report_lines
 from durable import free_space
 from errors import UserError
 from host_rng import check_host_rng_state, host_rng_state, set_host_rng_state
-from modeling import adapter_weights
+from modeling import adapter_weights, names_mismatch, shapes_mismatch
 from monitoring.early_stopping import EarlyStopping
 from monitoring.evaluation import SampleLosses, compile_row_losses, loss_report, sample_losses
 from monitoring.metrics_log import MetricsLog, NoMetrics, summary_text
@@ -663,13 +663,12 @@ class DistrustTrainer:
 
 
 def _same_arrays(what: str, saved: dict, expected: dict) -> None:
-    if set(saved) != set(expected):
-        missing, extra = sorted(set(expected) - set(saved)), sorted(set(saved) - set(expected))
-        raise ValueError(f"its {what} do not fit this model (missing {missing[:3]}, unexpected {extra[:3]})")
-    for name, array in expected.items():
-        if saved[name].shape != array.shape or saved[name].dtype != array.dtype:
-            raise ValueError(f"its {what} {name!r} is {saved[name].dtype}{list(saved[name].shape)}, "
-                             f"this model's is {array.dtype}{list(array.shape)}")
+    problem = names_mismatch(saved, expected)
+    if problem:
+        raise ValueError(f"its {what} do not fit this model ({problem})")
+    problem = shapes_mismatch(saved, expected, "this model's")
+    if problem:
+        raise ValueError(f"its {what}: {problem}")
 
 
 def _bounded_int(value, name: str, low: int, high: int) -> int:
