@@ -82,9 +82,6 @@ class CorpusIndex:
         if cache_dir is not None and limit is None:
             cache_file = Path(cache_dir) / f"index-{_cache_key(path, max_tokens, tokenizer_key)}.safetensors"
             cached = _read_cache(cache_file)
-            codes = cached["source_type"] if cached is not None else None
-            if codes is not None and len(codes) and int(codes.max()) >= len(cached["source_type_names"]):
-                cached = _rejected(cache_file, "names a source type it does not list")
             if cached is not None:
                 index = cls(path=path, max_tokens=max_tokens, tokenizer=tokenizer, file_size=file_size, **cached)
                 if in_memory:
@@ -266,6 +263,10 @@ def _read_cache(cache_file: Path) -> dict | None:
         return _rejected(cache_file, f"is not a valid index ({type(exc).__name__})")
     if metadata.get("sha256") != _checksum(columns, truncated, no_target, names, scored_at_load):
         return _rejected(cache_file, "fails its checksum (changed since it was written)")
+    # The checksum is no signature: a file rewritten with a matching one must still be usable.
+    codes = columns["source_type"]
+    if len(codes) and int(codes.max()) >= len(names):
+        return _rejected(cache_file, "names a source type it does not list")
     return {**columns, "truncated": truncated, "no_target": no_target, "source_type_names": names,
             "scored_at_load": scored_at_load}
 
