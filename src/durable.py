@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
+import re
 import secrets
 import shutil
 import stat
@@ -224,3 +225,26 @@ def aside_name(path: Path, word: str, stamp: str | None = None) -> Path:
     while os.path.lexists(aside):
         aside, n = path.with_name(f"{path.name}.{word}-{stamp}-{n}"), n + 1
     return aside
+
+
+TEMP_PID_PATTERN = re.compile(r"-(\d+)$")  # a temporary name ends with its writer's pid
+
+
+def process_is_alive(pid: int) -> bool:
+    if sys.platform == "win32":  # pragma: no cover - os.kill(pid, 0) would terminate it there
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def left_by_a_dead_process(name: str) -> bool:
+    """Whether the temporary `name` (ending in its writer's pid) is a leftover: its writer is
+    this process or gone. Another live process's temporaries are left alone: it may be
+    writing them right now."""
+    pid = TEMP_PID_PATTERN.search(name)
+    return not (pid and int(pid[1]) != os.getpid() and process_is_alive(int(pid[1])))

@@ -11,9 +11,14 @@ class UserError(Exception):
     """Bad usage, config or data. The message is shown as is, on one line."""
 
 
+def one_line(text: str | None) -> str:
+    """`text` with its line breaks and runs of spaces made single spaces (it may quote a file)."""
+    return " ".join((text or "").split())
+
+
 def error_line(exc: BaseException, prefix: str = "") -> str:
-    """`error: ...` on one line, whatever the message holds (it may quote a file's text)."""
-    return f"{prefix}error: {' '.join(str(exc).split())}"
+    """`error: ...` on one line, whatever the message holds."""
+    return f"{prefix}error: {one_line(str(exc))}"
 
 
 class OneLineArgumentParser(argparse.ArgumentParser):

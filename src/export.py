@@ -310,7 +310,7 @@ def make_parent(parent: Path) -> list[Path]:
 
 def remove_leftovers(save_path: Path) -> None:
     """The temporary folders of exports to the same place that were killed."""
-    from checkpoints.manager import process_is_alive
+    from durable import process_is_alive
 
     marks = f"(?:{re.escape(TEMP_MARK)}|{re.escape(ASIDE_MARK)})"
     pattern = re.compile(re.escape(f".{save_path.name}") + marks + r"(\d+)$")

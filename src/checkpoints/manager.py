@@ -27,9 +27,9 @@ from typing import Callable
 
 import mlx.core as mx
 
-from errors import UserError
+from errors import UserError, one_line
 
-from durable import (TEMP_PREFIX, aside_name, commit_directory, copy_file_atomically, flush_dir, free_space, open_regular_file,
+from durable import (TEMP_PREFIX, aside_name, left_by_a_dead_process, commit_directory, copy_file_atomically, flush_dir, free_space, open_regular_file,
                      write_text_atomically)
 from .manifest import verify_checkpoint, write_manifest
 from .retention import RetentionPolicy
@@ -41,7 +41,6 @@ BEST_POINTER = "best"
 FINAL_POINTER = "final"
 # A temporary name ends with the pid of the process that made it, so that a
 # leftover can be told from the work of another process still running.
-TEMP_PID_PATTERN = re.compile(r"-(\d+)$")
 REPLACED_PATTERN = re.compile(r"^\.tmp-replaced-(step-\d{8,})-\d+$")
 
 
@@ -406,8 +405,7 @@ class CheckpointManager:
         for entry in os.scandir(self.directory):
             if not entry.name.startswith(TEMP_PREFIX):
                 continue
-            pid = TEMP_PID_PATTERN.search(entry.name)
-            if pid and int(pid[1]) != os.getpid() and process_is_alive(int(pid[1])):
+            if not left_by_a_dead_process(entry.name):
                 continue
             path = Path(entry.path)
             replaced = REPLACED_PATTERN.match(entry.name)
@@ -452,17 +450,3 @@ def directory_size(path: Path) -> int:
     return total
 
 
-def process_is_alive(pid: int) -> bool:
-    if sys.platform == "win32":  # pragma: no cover - os.kill(pid, 0) would terminate it there
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by someone else
-        return True
-    return True
-
-
-def one_line(text: str | None) -> str:
-    return " ".join((text or "").split())

@@ -20,7 +20,7 @@ import os
 import stat
 from pathlib import Path
 
-from durable import TEMP_PREFIX
+from durable import TEMP_PREFIX, left_by_a_dead_process
 from errors import UserError
 
 RUN_FILES = ("adapters.safetensors", "adapter_config.json", "metrics.jsonl", ".run.lock")
@@ -51,8 +51,6 @@ def check_run_dir(output_dir: Path) -> None:
 
 def remove_leftovers(folder: Path) -> list[Path]:
     """Remove `.tmp-*` files of processes no longer running (an atomic replace cut short)."""
-    from checkpoints.manager import TEMP_PID_PATTERN, process_is_alive
-
     removed = []
     try:
         entries = list(os.scandir(folder))
@@ -61,8 +59,7 @@ def remove_leftovers(folder: Path) -> list[Path]:
     for entry in entries:
         if not entry.name.startswith(TEMP_PREFIX) or not entry.is_file(follow_symlinks=False) and not entry.is_symlink():
             continue
-        pid = TEMP_PID_PATTERN.search(entry.name)
-        if pid and int(pid[1]) != os.getpid() and process_is_alive(int(pid[1])):
+        if not left_by_a_dead_process(entry.name):
             continue
         try:
             os.unlink(entry.path)  # a link is removed itself, never followed
