@@ -126,7 +126,7 @@ class Config:
                 section, name = FLAT_NAMES[key]
                 _set_field(config, section, name, value, source)
             else:
-                raise UserError(f"{source}: unknown setting '{key}'")
+                raise UserError(f"{source}: unknown setting '{key}'{_did_you_mean(key, FLAT_NAMES)}")
         config.validate(source)
         return config
 
@@ -341,11 +341,18 @@ FLAT_NAMES = {
 }
 
 
+def _did_you_mean(name: str, known) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(name, list(known), n=1)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
 def _set_field(config: Config, section: str, name: str, value: Any, source: str) -> None:
     part = getattr(config, section)
     fields = {f.name: f for f in dataclasses.fields(part)}
     if name not in fields:
-        raise UserError(f"{source}: unknown setting '{section}.{name}'")
+        raise UserError(f"{source}: unknown setting '{section}.{name}'{_did_you_mean(name, fields)}")
     default = getattr(part, name)
     setattr(part, name, _coerce(value, type(default), f"{section}.{name}", source))
 

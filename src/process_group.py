@@ -38,6 +38,13 @@ from errors import UserError, error_line
 class PeerLost(Exception):
     """A collective failed: another process of the group has died or cannot be reached."""
 
+    def __init__(self, cause: str):
+        super().__init__(f"lost contact with the other processes ({cause}); the newest committed checkpoint is "
+                         f"intact: run the same mlx.launch command with --auto-resume to continue")
+        # Said already (by the trainer, while its signal guard still holds: mlx.launch
+        # terminates the survivors soon after one process dies).
+        self.reported = False
+
 
 class ReportedByRankZero(UserError):
     """The error rank 0 met and has printed; every rank stops with it (exit 2), saying nothing more."""

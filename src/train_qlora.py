@@ -198,9 +198,8 @@ def main(argv: list[str] | None = None) -> int:
             print(error_line(exc, prefix=f"rank {group.rank}: "), file=stderr)
             return 2
         except PeerLost as exc:
-            print(f"{'' if group.is_writer else f'rank {group.rank}: '}error: lost contact with the other processes "
-                  f"({exc}); the newest committed checkpoint is intact: run the same mlx.launch command with "
-                  f"--auto-resume to continue", file=stderr)
+            if not exc.reported:
+                print(error_line(exc, prefix="" if group.is_writer else f"rank {group.rank}: "), file=stderr)
             return 1
 
     return run_command(work)

@@ -40,7 +40,7 @@ from corpus.batching import Batch, DataPosition, Share, epoch_order, fixed_batch
 from corpus.index import CorpusIndex
 from distrust import DistrustObjective, weight_report_lines
 from durable import free_space
-from errors import UserError
+from errors import UserError, error_line
 from host_rng import check_host_rng_state, host_rng_state, set_host_rng_state
 from modeling import adapter_weights, names_mismatch, shapes_mismatch
 from monitoring.early_stopping import EarlyStopping
@@ -548,6 +548,10 @@ class DistrustTrainer:
                 self.metrics.close()
                 raise
             except Exception as exc:
+                if isinstance(exc, PeerLost) and self.group.is_writer:
+                    # Now, inside StopRequests: mlx.launch's SIGTERM, close behind, only sets a flag here.
+                    self.log(error_line(exc))
+                    exc.reported = True
                 # Even a run that fails says why in its last line.
                 self.metrics.end(f"error at step {s.step}: {exc}", steps=s.step)
                 self.metrics.close()

@@ -135,6 +135,7 @@ class RunLock:
 
     def __enter__(self) -> "RunLock":
         check_run_dir(self.path.parent)  # before anything is written there
+        self.created = not os.path.lexists(self.path.parent)  # removed again if the run leaves it empty
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -189,6 +190,11 @@ class RunLock:
         except OSError:
             pass
         self.handle.close()
+        if self.created:  # a run stopped before writing anything (bad data, say) leaves no empty folder
+            try:
+                os.rmdir(self.path.parent)
+            except OSError:
+                pass  # not empty: the run wrote there
 
 
 def restore_with_fallback(manager: CheckpointManager, point: ResumePoint, restore, config,

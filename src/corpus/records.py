@@ -79,8 +79,10 @@ def load_json_line(line: bytes | str, where: str):
         return json.loads(line)
     except RecursionError:
         raise UserError(f"{where}: invalid JSON (nested too deeply)") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        problem = getattr(exc, "msg", None) or str(exc)
+    except json.JSONDecodeError as exc:  # its message without the line (always 1): what and where
+        raise UserError(f"{where}: invalid JSON ({exc.msg.removesuffix(' at')} at column {exc.colno})") from None
+    except UnicodeDecodeError as exc:
+        problem = str(exc)
         raise UserError(f"{where}: invalid JSON ({problem})") from None
     except ValueError as exc:  # e.g. an integer longer than Python's digit limit
         raise UserError(f"{where}: invalid JSON ({' '.join(str(exc).split())[:120]})") from None
