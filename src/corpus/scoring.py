@@ -473,7 +473,9 @@ def shannon_entropy_bits(counts: Mapping[str, float]) -> float:
     total = math.fsum(values)
     if len(values) < 2 or not math.isfinite(total):
         return 0.0
-    entropy = -math.fsum((c / total) * math.log2(c / total) for c in values)
+    shares = [c / total for c in values]
+    # A count tiny beside the others (5e-324 of 3) underflows to a share of 0: it adds nothing.
+    entropy = -math.fsum(p * math.log2(p) for p in shares if p > 0)
     return max(0.0, entropy)  # rounding can give -0.0
 
 
