@@ -206,7 +206,7 @@ def floor(args, model_path: Path) -> dict:
 
     sys.path.insert(0, str(SRC))
     from modeling import attach_lora, load_model
-    from trainer import weighted_loss_sums
+    from optimization import weighted_loss_sums
 
     loaded = load_model(str(model_path), 4)
     model = loaded.model
