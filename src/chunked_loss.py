@@ -16,9 +16,12 @@ backward pass needs; the chunk's logits are then dropped. The backward pass
 (an `mx.custom_function` vjp) only scales those per-token gradients by the
 cotangent of each token's loss: the output layer runs once forward and once
 backward per token, as without chunks, and no chunk's logits are recomputed.
-Each chunk waits for the previous one (`mx.depends`), so MLX cannot schedule
-them side by side. Validation and `evaluate.py` run the same chunks forward
-only (`token_losses`).
+Each chunk's input waits for the previous chunk's results (`mx.depends`), so
+the chunks are computed one after another; MLX still encodes a few operations
+ahead of the one it computes, so about a dozen chunk-sized buffers can be
+allocated at once (measured on the CPU), hence the automatic size's floor of
+AUTO_MIN_CHUNKS chunks. Validation and `evaluate.py` run the same chunks
+forward only (`token_losses`).
 
 The values are those of the unchunked loss up to float rounding: each token's
 loss is the same operation on the same logits, and each token's gradient the
@@ -67,14 +70,6 @@ class LossPlan:
                 return None
             return max(1, min(AUTO_LOGITS // self.vocabulary, -(-tokens // AUTO_MIN_CHUNKS)))
         return self.setting if tokens > self.setting else None
-
-    def describe(self) -> str:
-        if self.head is None:
-            return "the whole batch's logits at once"
-        if self.setting == AUTO:
-            return (f"automatic chunks ({self.vocabulary:,}-word vocabulary: a batch of more than "
-                    f"{AUTO_LOGITS // self.vocabulary:,} tokens in chunks)")
-        return f"chunks of {self.setting:,} tokens"
 
 
 WHOLE_PLAN = LossPlan()
