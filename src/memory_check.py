@@ -122,7 +122,8 @@ def check_longest_batch(model: nn.Module, plan: LossPlan, training, index: Corpu
               "no setting tried fits: a smaller model or a machine with more memory is needed")
     group.on_writer(lambda: _refuse(
         f"memory: the longest batch ({shape}) peaks at {size_text(peak)}, more than the {size_text(limit)} of "
-        f"{source}; measured on the same batch: {measured}; {advice} (or --no-memory-check to try anyway)"))
+        f"{source}; measured, one forward and backward pass each: {measured}; {advice} "
+        f"(or --no-memory-check to try anyway)"))
 
 
 def _refuse(message: str) -> None:

@@ -68,17 +68,17 @@ def test_a_batch_that_cannot_fit_is_refused_with_what_was_measured_to_fit_and_th
     assert not (tmp_path / "nothing" / "metrics.jsonl").exists()  # refused before anything was written
     peak = size(*re.search(r"peaks at ([\d.,]+) (MB|kB|GB)", nothing.stderr).groups())
     measured = {flags: size(number, unit) for flags, number, unit in
-                re.findall(r"(?:; |batch: )(--[^:;]+): ([\d.,]+) (MB|kB|GB)", nothing.stderr)}
+                re.findall(r"(?:; |each: )(--[^:;]+): ([\d.,]+) (MB|kB|GB)", nothing.stderr)}
     assert measured["--grad-checkpoint"] < peak and measured["--batch-size 1 --grad-accum 4"] < peak
 
     # A limit between the batch's peak and the smallest measured: refused, naming the first
     # setting that fits, measured below the limit; that setting then runs under the same limit.
     limit = int((min(measured.values()) + peak) / 2)
     refused = with_limit(str(limit))(*args, "--output-dir", tmp_path / "refused")
-    assert_one_line_error(refused, "measured on the same batch: ", ", fits; run with ")
+    assert_one_line_error(refused, "measured, one forward and backward pass each: ", ", fits; run with ")
     advice = refused.stderr.split("run with ", 1)[1].split(" (or", 1)[0]
     fits = {flags: size(number, unit) for flags, number, unit in
-            re.findall(r"(?:; |batch: )(--[^:;]+): ([\d.,]+) (MB|kB|GB), fits", refused.stderr)}
+            re.findall(r"(?:; |each: )(--[^:;]+): ([\d.,]+) (MB|kB|GB), fits", refused.stderr)}
     assert list(fits) == [advice] and fits[advice] <= limit
     advised = with_limit(str(limit))(*args, *advice.split(), "--output-dir", tmp_path / "advised")
     assert advised.returncode == 0, advised.stderr
