@@ -164,7 +164,8 @@ def ours(args, model: Path, data: Path, out: Path, checkpoint: bool, *extra, ste
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     step_lines = [r for r in lines if "tokens_per_sec" in r]
     end = next(r for r in lines if r.get("event") == "end")
-    return {"peak": end["peak_memory_mb"] * 1e6, "rss": result["rss"], "cmd": cmd, "log": result["log"],
+    return {"peak": end["peak_memory_mb"] * 1e6, "rss": result["rss"], "cpu": result["cpu"], "cmd": cmd,
+            "log": result["log"],
             "steps": [r["tokens"] / r["tokens_per_sec"] for r in step_lines], "losses": [r["loss"] for r in step_lines]}
 
 
@@ -183,7 +184,7 @@ def theirs(args, model: Path, data: Path, out: Path, config: Path, checkpoint: b
     reported = json.loads(blob[len("BENCH_REPORTS "):])
     steps = [1.0 / r["iterations_per_second"] for r in reported["reports"]]
     peak = max([r["peak_memory"] * 1e9 for r in reported["reports"]] + [reported["peak"]])
-    return {"peak": peak, "rss": result["rss"], "steps": steps, "cmd": cmd}
+    return {"peak": peak, "rss": result["rss"], "cpu": result["cpu"], "steps": steps, "cmd": cmd}
 
 
 def steady(steps: list[float]) -> float:
