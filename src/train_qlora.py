@@ -10,6 +10,11 @@ Exit codes: see EXIT_CODES (printed by --help).
 
 from __future__ import annotations
 
+from early_interrupt import interrupt_quietly_while_starting  # first: Ctrl+C while starting is one line
+
+if __name__ == "__main__":
+    interrupt_quietly_while_starting()
+
 import argparse
 import contextlib
 import json
@@ -208,6 +213,8 @@ def main(argv: list[str] | None = None) -> int:
 def run(args: argparse.Namespace, group=None) -> int:
     from checkpoints import CheckpointManager
     from checkpoints.resume import RunLock, choose_start, describe_checkpoints
+    from checkpoints.run_dir import check_path_lengths
+    from corpus.precheck import check_data_files
     from process_group import ProcessGroup
 
     group = group or ProcessGroup()
@@ -226,6 +233,9 @@ def run(args: argparse.Namespace, group=None) -> int:
         return 0
 
     group.on_writer(lambda: check_batch_divides(config.training.batch_size, group.size))
+    # Before the lock, the model (minutes) and any move aside: what would stop the run anyway.
+    check_path_lengths(output_dir)
+    check_data_files(config)
     # Rank 0 alone writes to the output dir (the lock, checkpoints, logs); the others only read their data.
     with RunLock(output_dir) if group.is_writer else contextlib.nullcontext():
         inputs = run_inputs(config)
@@ -238,8 +248,11 @@ def run(args: argparse.Namespace, group=None) -> int:
             group.check_same("the training and validation data, model and settings", json.dumps(
                 [inputs, config.fingerprint(), content_signature(val) if val.is_file() else None]))
         # May ask at a terminal, or exit 2 without one; several processes: rank 0 chooses for all.
-        start = group.on_writer(lambda: choose_start(manager, config, args, inputs))
-        return train(config, output_dir, manager, start, inputs, group)
+        # What the choice moves aside (--fresh: the earlier run) is moved once the model has
+        # loaded and the data is checked: `later`, run by train().
+        later: list = []
+        start = group.on_writer(lambda: choose_start(manager, config, args, inputs, later=later))
+        return train(config, output_dir, manager, start, inputs, group, later)
 
 
 def check_batch_divides(batch_size: int, processes: int) -> None:
@@ -269,7 +282,7 @@ def run_inputs(config) -> dict:
     return inputs
 
 
-def train(config, output_dir: Path, manager, start, inputs: dict, group) -> int:
+def train(config, output_dir: Path, manager, start, inputs: dict, group, later=()) -> int:
     from checkpoints.resume import restore_with_fallback
     from corpus.index import CorpusIndex, check_records
     from modeling import (adapter_config, attach_lora, load_init_adapters, load_model, parameter_counts,
@@ -331,6 +344,8 @@ def train(config, output_dir: Path, manager, start, inputs: dict, group) -> int:
     if (data_dir / "test.jsonl").is_file():
         print(f"data: {data_dir / 'test.jsonl'} is not used in training; src/evaluate.py takes it by default",
               file=sys.stderr)
+    for move_aside in later:  # the model loaded, the data checked: now what the start chose is moved aside
+        move_aside()
 
     trainer = DistrustTrainer(
         config, loaded.model, loaded.tokenizer,

@@ -12,11 +12,11 @@ from __future__ import annotations
 import errno
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from checkpoints.manager import CheckpointCorruptError, CheckpointManager
-from checkpoints.run_dir import check_run_dir, remove_leftovers
+from checkpoints.run_dir import check_run_dir, refuse_hard_link, remove_leftovers
 from checkpoints.state import TrainingState
 from durable import CLOSE_ON_EXEC, NO_FOLLOW, aside_name, aside_stamp
 from errors import UserError
@@ -27,37 +27,56 @@ class ResumePoint:
     path: Path
     state: TrainingState
     explicit: bool = False  # named by --resume: if it cannot be used, stop rather than take another
+    foreign: list = field(default_factory=list)  # newer checkpoints skipped as another run's (their paths)
+
+
+class ConfigMismatch(UserError):
+    """A checkpoint made with settings or inputs other than this run's."""
 
 
 def choose_start(manager: CheckpointManager, config, args, inputs: dict, *, stdin=None,
-                 out=None) -> ResumePoint | None:
+                 out=None, later: list | None = None) -> ResumePoint | None:
     """Decide from the flags (and, at a terminal, the user) where the run starts.
 
     `inputs` names what the run reads (the training file's identity, the
     resolved model): a checkpoint made from other inputs is not resumed.
+    What the choice moves aside (--fresh: the earlier run; a resume from an older
+    checkpoint: the newer ones) is moved at once, or, given a list `later`, appended
+    to it as calls for the caller to make once the data is checked and the model
+    loaded: a run that stops before then has moved nothing.
     """
     stdin = stdin or sys.stdin
     out = out or sys.stderr
     for leftover in manager.clean_temporaries():
         print(f"removed the leftover of an interrupted save: {leftover}", file=out)
 
+    def move(action) -> None:
+        if later is None:
+            action()
+        else:
+            later.append(action)
+
     if args.fresh:
-        moved = move_run_aside(manager)
-        if moved:
-            print(f"--fresh: the earlier run moved aside to {', '.join(map(str, moved))} (nothing was deleted)",
-                  file=out)
+        def fresh() -> None:
+            moved = move_run_aside(manager)
+            if moved:
+                print(f"--fresh: the earlier run moved aside to {', '.join(map(str, moved))} (nothing was deleted)",
+                      file=out)
+        move(fresh)
         return None
     if args.resume:
         info = manager.resolve(args.resume)
         point = _load_checked(manager, info.path, config, inputs)
         point.explicit = True
         if info.path.resolve().parent == manager.directory.resolve():
-            set_aside_newer(manager, point, out)
+            move(lambda: set_aside_newer(manager, point, out))
         return point
     if args.auto_resume:
         point = _newest_loadable(manager, config, inputs)
         if point is None:
             print("--auto-resume: no checkpoint yet, starting a new run", file=out)
+        elif point.foreign:
+            move(lambda: set_aside_foreign(manager, point, out))
         return point
 
     newest = manager.latest_valid()
@@ -74,11 +93,16 @@ def choose_start(manager: CheckpointManager, config, args, inputs: dict, *, stdi
         out.flush()
         answer = stdin.readline().strip().lower()
         if answer in ("", "y", "yes"):
-            return _newest_loadable(manager, config, inputs)
+            point = _newest_loadable(manager, config, inputs)
+            if point is not None and point.foreign:
+                move(lambda: set_aside_foreign(manager, point, out))
+            return point
         if answer in ("n", "no"):
-            moved = move_run_aside(manager)
-            print(f"starting anew; the earlier run moved aside to {', '.join(map(str, moved))} "
-                  f"(nothing was deleted)", file=out)
+            def anew() -> None:
+                moved = move_run_aside(manager)
+                print(f"starting anew; the earlier run moved aside to {', '.join(map(str, moved))} "
+                      f"(nothing was deleted)", file=out)
+            move(anew)
             return None
         raise UserError(f"answer {answer!r} is neither yes nor no; nothing was changed")
     raise UserError(
@@ -126,6 +150,21 @@ def set_aside_newer(manager: CheckpointManager, point: ResumePoint, out=None) ->
     return target
 
 
+def set_aside_foreign(manager: CheckpointManager, point: ResumePoint, out=None) -> Path | None:
+    """Checkpoints skipped as another run's (copied in, made with other settings) are moved aside,
+    never deleted: `latest` (an export, the next resume) must not take them for this run's."""
+    foreign = [path for path in point.foreign if path.is_dir()]
+    if not foreign:
+        return None
+    target = aside_name(manager.directory, "foreign")
+    target.mkdir(parents=True)
+    for path in foreign:
+        os.rename(path, target / path.name)
+    print(f"the {len(foreign)} checkpoint(s) of another run were moved to {target} (nothing was deleted)",
+          file=out or sys.stderr)
+    return target
+
+
 class RunLock:
     """One run per output directory: two writers would interleave checkpoints."""
 
@@ -167,6 +206,11 @@ class RunLock:
             if exc.errno == errno.ELOOP:
                 raise UserError(f"{self.path} is a symbolic link; remove it") from None
             raise UserError(f"{self.path.parent}: cannot use as --output-dir ({exc.strerror})") from None
+        try:  # before a byte is written: a hard link's other name would be rewritten
+            refuse_hard_link(self.path, os.fstat(self.handle.fileno()).st_nlink)
+        except UserError:
+            self.handle.close()
+            raise
         try:
             fcntl.flock(self.handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -219,9 +263,13 @@ def restore_with_fallback(manager: CheckpointManager, point: ResumePoint, restor
 
 def _newest_loadable(manager: CheckpointManager, config, inputs: dict,
                      below_step: int | None = None) -> ResumePoint | None:
-    """The newest checkpoint (before `below_step`, if given) that verifies and loads; each one
-    that does not is named. None only when there is no checkpoint at all: starting anew over
-    damaged ones would overwrite them."""
+    """The newest checkpoint (before `below_step`, if given) that verifies, loads and was made
+    with this run's settings and inputs; each one that does not is named. A newer one made with
+    others (a folder copied in from another run) is skipped when an older one is this run's,
+    and listed in the point's `foreign`; when none is, the settings changed: the newest one's
+    differences are the error. None only when there is no checkpoint at all: starting anew
+    over damaged ones would overwrite them."""
+    mismatched: list[tuple[Path, ConfigMismatch]] = []
     for info in reversed(manager.checkpoints(deep=False)):  # load() verifies the SHA-256 sums
         if below_step is not None and info.step >= below_step:
             continue
@@ -229,9 +277,20 @@ def _newest_loadable(manager: CheckpointManager, config, inputs: dict,
             manager.warn(f"skipping checkpoint {info.path.name} ({info.path}): {info.problem}")
             continue
         try:
-            return _load_checked(manager, info.path, config, inputs, corrupt_is_error=False)
+            point = _load_checked(manager, info.path, config, inputs, corrupt_is_error=False)
         except CheckpointCorruptError as exc:
             manager.warn(f"skipping checkpoint {info.path.name}: {exc}")
+            continue
+        except ConfigMismatch as exc:
+            mismatched.append((info.path, exc))
+            continue
+        for path, exc in mismatched:
+            manager.warn(f"skipping checkpoint {path.name}: not this run's (copied in from another run?): "
+                         f"{exc.differences}; resuming from this run's {point.path.name}")
+        point.foreign = [path for path, _ in mismatched]
+        return point
+    if mismatched:
+        raise mismatched[0][1]
     _refuse_if_only_invalid(manager)
     return None
 
@@ -262,9 +321,11 @@ def _load_checked(manager: CheckpointManager, path: Path, config, inputs: dict,
     differences = differing_fields(saved.fingerprint_fields(), config.fingerprint_fields())
     differences += differing_fields(state.trainer.get("inputs", {}), inputs)
     if differences:
-        raise UserError(
+        mismatch = ConfigMismatch(
             f"cannot resume from {path}: the config differs in fields that change the result: "
             + "; ".join(differences) + " (use the same settings, or --fresh to start anew)")
+        mismatch.differences = "; ".join(differences)
+        raise mismatch
     return ResumePoint(path=path, state=state)
 
 
