@@ -5,6 +5,7 @@ other exception is a bug and keeps its traceback (exit 1).
 """
 
 import argparse
+import errno
 
 
 class UserError(Exception):
@@ -52,8 +53,10 @@ def run_command(work) -> int:
         except Exception as exc:
             if interrupted(exc):  # a library turned the KeyboardInterrupt into another exception
                 raise KeyboardInterrupt from None
-            if isinstance(exc, UserError):
-                print(error_line(exc), file=sys.stderr)
+            if isinstance(exc, BrokenPipeError):  # the reader of the output went away (generate | head)
+                return reader_gone()
+            if isinstance(exc, UserError) or isinstance(exc, OSError) and exc.errno == errno.ENAMETOOLONG:
+                print(error_line(exc), file=sys.stderr)  # a name too long: a path the user gave
                 return 2
             line = machine.fault_line(exc)
             if line is None:
@@ -77,3 +80,18 @@ def interrupted(exc: BaseException | None) -> bool:
         seen.add(id(exc))
         exc = exc.__cause__ or exc.__context__
     return False
+
+
+def reader_gone() -> int:
+    """Stop quietly, as a process killed by SIGPIPE does (exit 141): what is left to print goes to
+    /dev/null, so that Python's flush at exit does not fail again."""
+    import os
+    import sys
+
+    try:
+        null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, sys.stdout.fileno())
+        os.close(null)
+    except (OSError, ValueError):
+        pass
+    return 141

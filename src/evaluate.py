@@ -83,6 +83,7 @@ def evaluate_run(args: argparse.Namespace) -> dict:
     if json_path.exists() and not json_path.is_file():
         raise UserError(f"{json_path}: exists and is not a file")
     if args.json:  # asked for: a place that cannot take it is said now, before minutes of work
+        refuse_what_the_run_reads(json_path, trained, data_file)
         check_writable_folder(json_path.parent, f"--json {json_path}")
     else:
         refuse_link_in_run(json_path.parent)
@@ -132,6 +133,25 @@ def write_figures(result: dict) -> None:
         elsewhere = "" if result["json_asked"] else "; --json PATH writes them elsewhere"
         raise write_fault(exc, f"the figures above could not be written to {json_path} "
                                f"({exc.strerror or exc}){elsewhere}") from None
+
+
+def refuse_what_the_run_reads(json_path: Path, trained, data_file: Path) -> None:
+    """--json must not replace a file the run reads or wrote: its checkpoints (one would fail its
+    manifest), its adapters and logs, the data evaluated, the base's files."""
+    from checkpoints.run_dir import RUN_FILES
+
+    target = json_path.resolve()
+    inside = [(trained.run / "checkpoints", "the run's checkpoints"), (Path(trained.base.path), "the base"),
+              (Path(trained.base.source), "the base")]
+    files = [(trained.run / name, "a file of the run") for name in RUN_FILES] + [(data_file, "the data evaluated"),
+                                                                                 (trained.config.train_file,
+                                                                                  "the training data")]
+    for folder, what in inside:
+        if folder.exists() and folder.resolve() in target.parents:
+            raise UserError(f"--json {json_path} is inside {what} ({folder}): give another --json PATH")
+    for path, what in files:
+        if path.exists() and path.resolve() == target:
+            raise UserError(f"--json {json_path} is {what}: give another --json PATH")
 
 
 def refuse_link_in_run(folder: Path) -> None:

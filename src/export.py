@@ -64,6 +64,7 @@ TEMP_MARK = ".tmp-export-"  # DIR is written as .<DIR name>.tmp-export-<pid> bes
 ASIDE_MARK = ".replaced-"  # with --force, the old DIR waits as .<DIR name>.replaced-<pid> until the new one is in
 # The split of GPT-2's byte-level BPE (HF ByteLevel with use_regex): llama.cpp's "gpt-2" pre-tokenizer.
 GPT2_PRE_TOKENIZER = "gpt-2"
+NAME_MAX = 255
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -113,11 +114,14 @@ def export_run(args: argparse.Namespace) -> str:
         # Flushed and renamed into place; an existing one (with --force) is renamed
         # aside first and removed only once the new one is there.
         commit_directory(temp, save_path, aside=save_path.with_name(f".{save_path.name}{ASIDE_MARK}{os.getpid()}"))
-    except BaseException:
+    except BaseException as exc:
+        failed = written_fault(exc, save_path)  # before the clean-up: the free space it names is the failure's
         shutil.rmtree(temp, ignore_errors=True)
         for made in reversed(parent_made):
             with contextlib.suppress(OSError):
                 made.rmdir()
+        if failed is not None:
+            raise failed from None
         raise
     seconds = time.perf_counter() - started
     lines = [f"fused model: {save_path} ({details['layout']}; {size_text(details['model_bytes'])})"]
@@ -155,6 +159,11 @@ def check_save_path(save_path: Path, force: bool, run: Path, base_dir: Path, als
                             f"resume would train on the fused model; give another --save-path")
     if save_path.exists() and not force:
         raise UserError(f"--save-path {save_path} exists; give --force to replace it, or another --save-path")
+    longest = len(os.fsencode(f".{save_path.name}{ASIDE_MARK}{4194304}"))  # the names written beside it
+    if longest > NAME_MAX:
+        raise UserError(f"--save-path {save_path}: the name is {len(os.fsencode(save_path.name))} bytes; the export "
+                        f"writes beside it under names {longest - len(os.fsencode(save_path.name))} bytes longer, "
+                        f"over the limit of {NAME_MAX}: give a shorter name")
     checkpoints = run.resolve() / "checkpoints"
     if target == checkpoints or checkpoints in target.parents:
         raise UserError(f"--save-path {save_path} is inside the run's checkpoints; give another --save-path")
@@ -311,6 +320,24 @@ def write_gguf(model_dir: Path, path: Path, model, model_config: dict, tokenizer
     rewritten = path.with_name(path.stem + ".keys.gguf")  # mx.save_gguf wants the suffix
     mx.save_gguf(str(rewritten), arrays, metadata)
     os.replace(rewritten, path)
+
+
+def written_fault(exc: BaseException, save_path: Path) -> Exception | None:
+    """One line for a fused model that could not be written (a full disk: exit 1; a place that
+    cannot be written: exit 2); None for anything else."""
+    from durable import free_space
+    from machine import MachineFault, write_fault
+    from modeling import first_line
+
+    if isinstance(exc, BrokenPipeError):
+        return None
+    if isinstance(exc, OSError) and exc.errno is not None:
+        return write_fault(exc, f"could not write the fused model to {save_path} ({exc.strerror}; "
+                                f"{free_space(save_path.parent)}); nothing was left there")
+    if isinstance(exc, RuntimeError) and "write" in str(exc).lower():
+        return MachineFault(f"could not write the fused model to {save_path} ({first_line(exc)}; "
+                            f"{free_space(save_path.parent)}); nothing was left there")
+    return None
 
 
 def make_parent(parent: Path) -> list[Path]:

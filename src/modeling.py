@@ -623,6 +623,9 @@ def cache_fault(exc: BaseException, target: Path, what: str) -> Exception:
     if not isinstance(exc, OSError) and "write" not in str(exc).lower():
         return exc  # not a failed write: a bug, with its traceback
     reason = exc.strerror or str(exc) if isinstance(exc, OSError) else first_line(exc)
+    blocking = next((p for p in [target.parent, *target.parent.parents] if p.exists() and not p.is_dir()), None)
+    if blocking is not None:  # mkdir's "File exists" says nothing useful here
+        reason = f"{blocking} is a file, not a folder"
     where = f"{target.parent}{'' if 'DISTRUST_QLORA_CACHE' in os.environ else ' (the default cache)'}"
     message = (f"cannot build {what} in {where}: {reason} ({free_space(target.parent)}); free some space or set "
                f"DISTRUST_QLORA_CACHE to a writable folder with room")

@@ -141,6 +141,8 @@ def test_a_leftover_that_cannot_be_removed_is_a_warning_naming_it(tiny_run, tmp_
     (deleting / "adapters.safetensors").write_bytes(b"half deleted")
     temporary = run / f".tmp-adapters.safetensors-0123abcd-{pid}"
     temporary.write_bytes(b"half written")
+    index = run / "cache" / f".tmp-index-0123456789abcdef.safetensors-0123abcd-{pid}"  # 30 bytes a record
+    index.write_bytes(b"half an index")
     with immutable(deleting / "adapters.safetensors", temporary, within=run):
         result = run_in_process(*FAST, "--model", base, "--data-dir", root / "data", "--output-dir", run,
                                 "--auto-resume", "--max-steps", "12")
@@ -150,6 +152,7 @@ def test_a_leftover_that_cannot_be_removed_is_a_warning_naming_it(tiny_run, tmp_
         assert len(warnings) == 2, result.stderr
         assert any(str(deleting) in line for line in warnings) and any(str(temporary) in line for line in warnings)
         assert all("Operation not permitted" in line and "remove it by hand" in line for line in warnings)
+        assert not index.exists()  # the one that could be removed was
     # Once it can be, the next start removes it.
     result = run_in_process(*FAST, "--model", base, "--data-dir", root / "data", "--output-dir", run,
                             "--auto-resume", "--max-steps", "12")

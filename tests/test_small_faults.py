@@ -110,6 +110,53 @@ def test_a_checkpoint_removed_by_retention_after_it_was_chosen_still_loads(tiny_
     assert mx.array_equal(model(tokens), expected_model(tokens)).item()
 
 
+def test_evaluate_json_never_replaces_what_the_run_reads(tiny_run):
+    root, base, out = tiny_run
+    state = out / "checkpoints" / "step-00000010" / "trainer_state.json"
+    for path, fragment in [(state, "inside the run's checkpoints"), (root / "data" / "train.jsonl", "training data"),
+                           (out / "metrics.jsonl", "a file of the run")]:
+        before = path.read_bytes()
+        result = run_script_in_process("evaluate", "--output-dir", out, "--json", path)
+        assert_one_line_error(result, f"--json {path}", fragment, only_line=True)
+        assert path.read_bytes() == before
+
+
+def test_generate_into_a_pipe_closed_by_its_reader_stops_quietly(tiny_run):
+    root, base, out = tiny_run
+    process = subprocess.Popen([sys.executable, str(REPO / "src" / "generate.py"), "--output-dir", out, "--prompt",
+                                "the sample", "--max-tokens", "200"], cwd=REPO, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE)
+    process.stdout.read(1)  # `generate.py ... | head -c 1`
+    process.stdout.close()
+    stderr = process.stderr.read().decode()
+    assert process.wait(timeout=120) in (141, 0), stderr  # 0: it had written everything already
+    assert "Traceback" not in stderr and "BrokenPipe" not in stderr, stderr
+
+
+def test_a_ctrl_c_a_library_turned_into_another_exception_is_still_exit_130(capsys):
+    from errors import run_command
+
+    def work():
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt as exc:  # as numpy's import does: RuntimeError: Error calling __set_name__
+            raise RuntimeError("Error calling __set_name__ on 'cached_property'") from exc
+
+    assert run_command(work) == 130
+    assert capsys.readouterr().err.strip() == "interrupted; committed checkpoints are intact"
+
+
+def test_export_to_a_full_disk_or_a_name_too_long_is_one_line(tiny_run, tmp_path):
+    root, base, out = tiny_run
+    with mounted_tmpfs(tmp_path / "disk", "300k") as disk:
+        result = run_script_in_process("export", "--output-dir", out, "--save-path", disk / "model")
+        assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+        assert result.stderr.startswith(f"error: could not write the fused model to {disk / 'model'}")
+        assert "MB free there" in result.stderr and os.listdir(disk) == []
+    result = run_script_in_process("export", "--output-dir", out, "--save-path", tmp_path / ("m" * 250))
+    assert_one_line_error(result, "250 bytes", "limit of 255", only_line=True)
+
+
 # ------------------------------------------------------------- long paths
 
 

@@ -62,14 +62,23 @@ def refuse_hard_link(path: Path, links: int) -> None:
                         f"change the other name's file too: remove it (rm {path})")
 
 
+LEFTOVER_FOLDERS = ("", "cache", "evaluations")  # where files are replaced by rename (checkpoints/: the manager's)
+
+
 def remove_leftovers(folder: Path) -> list[Path]:
-    """Remove `.tmp-*` files of processes no longer running (an atomic replace cut short); one
-    that cannot be removed is a warning naming it."""
+    """Remove `.tmp-*` files of processes no longer running (an atomic replace cut short: an index
+    cache is 30 bytes a record), in the run folder and its cache/ and evaluations/; one that cannot
+    be removed is a warning naming it."""
     removed = []
-    try:
-        entries = list(os.scandir(folder))
-    except OSError:
-        return removed
+    entries = []
+    for name in LEFTOVER_FOLDERS:
+        place = Path(folder) / name
+        if name and (place.is_symlink() or not place.is_dir()):
+            continue  # a link is refused by check_run_dir, never followed
+        try:
+            entries += list(os.scandir(place))
+        except OSError:
+            continue
     for entry in entries:
         if not entry.name.startswith(TEMP_PREFIX) or not entry.is_file(follow_symlinks=False) and not entry.is_symlink():
             continue
