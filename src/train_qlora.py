@@ -81,7 +81,8 @@ SWITCHES = [
 EXIT_CODES = """exit codes:
   0    finished, or stopped early (the reason is printed and is the last line of metrics.jsonl)
   2    bad usage, config or data: one line naming the file, line and problem; nothing is lost
-  1    anything unexpected, or checkpoints failing to save 3 times in a row
+  1    a fault of the machine (full disk, I/O error, out of memory: one line), checkpoints
+       failing to save 3 times in a row, or anything unexpected (a traceback: a bug)
   130  after Ctrl+C, 143 after SIGTERM, 129 after SIGHUP (the terminal closed): each once a
        checkpoint is committed; a second Ctrl+C exits at once, the last checkpoint intact
 """
