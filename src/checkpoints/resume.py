@@ -139,29 +139,27 @@ def set_aside_newer(manager: CheckpointManager, point: ResumePoint, out=None) ->
     """Resuming from an older checkpoint (say `best`) abandons the newer ones:
     move them aside, so that after a crash `latest` cannot pick them up."""
     newer = [info.path for info in manager.checkpoints(deep=False) if info.step > point.state.step]
-    if not newer:
-        return None
-    target = aside_name(manager.directory, "superseded")
-    target.mkdir(parents=True)
-    for path in newer:
-        os.rename(path, target / path.name)
-    print(f"resuming from step {point.state.step}: the {len(newer)} newer checkpoint(s) were moved to "
-          f"{target} (nothing was deleted)", file=out or sys.stderr)
-    return target
+    return set_aside(manager, newer, "superseded", f"resuming from step {point.state.step}: the {{}} newer "
+                                                   f"checkpoint(s)", out)
 
 
 def set_aside_foreign(manager: CheckpointManager, point: ResumePoint, out=None) -> Path | None:
     """Checkpoints skipped as another run's (copied in, made with other settings) are moved aside,
     never deleted: `latest` (an export, the next resume) must not take them for this run's."""
     foreign = [path for path in point.foreign if path.is_dir()]
-    if not foreign:
+    return set_aside(manager, foreign, "foreign", "the {} checkpoint(s) of another run", out)
+
+
+def set_aside(manager: CheckpointManager, paths: list[Path], word: str, what: str, out=None) -> Path | None:
+    """Move `paths` into a new `checkpoints.<word>-<time>/` beside the checkpoints; say so ("{}" in
+    `what` is their count). None when there is nothing to move."""
+    if not paths:
         return None
-    target = aside_name(manager.directory, "foreign")
+    target = aside_name(manager.directory, word)
     target.mkdir(parents=True)
-    for path in foreign:
+    for path in paths:
         os.rename(path, target / path.name)
-    print(f"the {len(foreign)} checkpoint(s) of another run were moved to {target} (nothing was deleted)",
-          file=out or sys.stderr)
+    print(f"{what.format(len(paths))} were moved to {target} (nothing was deleted)", file=out or sys.stderr)
     return target
 
 
