@@ -169,7 +169,8 @@ def test_an_mlx_lm_lora_yaml_gives_the_same_run_as_the_flags(mlx_data, tmp_path)
     assert [(line["step"], line["loss"], line["grad_norm"]) for line in train_lines(tmp_path / "from-yaml")] == \
         [(line["step"], line["loss"], line["grad_norm"]) for line in train_lines(tmp_path / "from-flags")]
     saved = json.loads((tmp_path / "from-yaml" / "checkpoints" / "step-00000006" / "config.json").read_text())
-    assert saved["config"]["lora"] == {"rank": 4, "alpha": 8.0, "layers": -1, "dropout": 0.0, "fine_tune_type": "lora"}
+    assert saved["config"]["lora"] == {"rank": 4, "alpha": 8.0, "layers": -1, "dropout": 0.0, "fine_tune_type": "lora",
+                                       "keys": []}
 
     config.write_text(LORA_YAML.format(data=mlx_data, out=tmp_path / "x") + "lr_schedule:\n  name: cosine_decay\n"
                       "clear_cache_threshold: 1000\n")
