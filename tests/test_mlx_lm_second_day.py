@@ -16,9 +16,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import (FAST, REPO, WORDS, adapters_equal, assert_one_line_error, load_adapters, read_metrics,
-                      run_cli, run_in_process, train_lines, write_corpus, write_jsonl)
-from test_mlx_lm_users import BASE, kill_after_checkpoint
+from conftest import (FAST, REPO, WORDS, assert_one_line_error, load_adapters, read_metrics, run_in_process,
+                      train_lines, write_corpus, write_jsonl)
 
 
 def words(rng: random.Random, k: int) -> str:
@@ -141,38 +140,8 @@ def test_every_answer_of_a_multi_turn_chat_is_learned_and_the_setting_is_part_of
 
 # ------------------------------------------------------------------ LoRA where the user wants it
 
-ATTENTION = ["--lora-keys", "self_attn.q_proj", "self_attn.v_proj"]
-
-
-def test_lora_keys_put_lora_on_exactly_those_layers_and_a_killed_run_resumes_bit_for_bit(tmp_path):
-    data = write_corpus(tmp_path / "data", train=32, val=8)
-    reference, out = tmp_path / "reference", tmp_path / "out"
-    result = run_in_process(*BASE, *ATTENTION, "--data-dir", data, "--output-dir", reference)
-    assert result.returncode == 0, result.stderr
-    assert "LoRA on 2 blocks (self_attn.q_proj, self_attn.v_proj)" in result.stderr
-    kill_after_checkpoint([*BASE, *ATTENTION, "--data-dir", data, "--output-dir", out], tmp_path / "killed.log", 4)
-    resumed = run_cli(*BASE, *ATTENTION, "--data-dir", data, "--output-dir", out, "--auto-resume")
-    assert resumed.returncode == 0, resumed.stderr
-    assert "resumed from" in resumed.stderr and "at step 4" in resumed.stderr
-    assert [(l["step"], l["loss"], l["grad_norm"]) for l in train_lines(out)] == \
-        [(l["step"], l["loss"], l["grad_norm"]) for l in train_lines(reference)]
-    adapters = load_adapters(out)
-    assert adapters_equal(adapters, load_adapters(reference))
-    assert set(adapters) == {f"model.layers.{block}.self_attn.{layer}.lora_{ab}"
-                             for block in (0, 1) for layer in ("q_proj", "v_proj") for ab in "ab"}
-
-    # adapter_config.json names the keys, so mlx-lm rebuilds exactly these layers.
-    written = json.loads((out / "adapter_config.json").read_text())
-    assert written["lora_parameters"]["keys"] == ["self_attn.q_proj", "self_attn.v_proj"]
-    from modeling import load_with_mlx_lm
-
-    model, _, _ = load_with_mlx_lm(written["model"], False, adapter_path=str(out))
-    kinds = {name: type(getattr(model.layers[1].self_attn, name)).__name__ for name in ("q_proj", "k_proj", "v_proj")}
-    assert kinds == {"q_proj": "LoRALinear", "k_proj": "QuantizedLinear", "v_proj": "LoRALinear"}
-
-    # The layers are part of the run: other keys do not resume it.
-    refused = run_in_process(*BASE, "--data-dir", data, "--output-dir", out, "--auto-resume", "--max-steps", "10")
-    assert_one_line_error(refused, "the config differs", "lora.keys")
+# An attention-only run (--lora-keys self_attn.q_proj self_attn.v_proj) killed and resumed bit for bit,
+# with LoRA on exactly those layers: test_mlx_lm_users' test of each option.
 
 
 def test_a_lora_key_the_model_does_not_have_is_named_with_the_ones_it_has(tmp_path):
