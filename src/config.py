@@ -551,13 +551,13 @@ def read_settings_file(path: str | Path) -> SettingsFile:
             unsupported.append("fine_tune_type: full (this toolkit trains LoRA or DoRA adapters on a quantized base)")
         elif key == "optimizer" and value == "muon":
             unsupported.append(f"optimizer: muon (one of {', '.join(OPTIMIZERS)})")
-        elif key in FLAT_NAMES and not isinstance(value, dict):
-            take(key, value, key)  # ours
-        elif key in SECTION_TYPES:
+        elif key in SECTION_TYPES and (isinstance(value, dict) or key not in FLAT_NAMES):
             result.values[key] = value  # a section (Config.from_dict names a bad key in it)
             if isinstance(value, dict):
                 for name in value:
                     result.names[(key, name)] = (str(path), f"'{key}.{name}'")
+        elif key in FLAT_NAMES:
+            take(key, value, key)  # ours
         else:
             raise UserError(f"{path}: unknown setting '{key}'{_did_you_mean(key, YAML_KEYS)}")
     if "optimizer_config" in raw:
@@ -593,10 +593,9 @@ def _lora_parameters(value, result: SettingsFile, take, unsupported: list, path:
         if name in ("rank", "dropout", "keys"):
             take(f"lora_{name}", item, f"lora_parameters.{name}")
         elif name == "scale":
-            if isinstance(item, bool) or not isinstance(item, (int, float)):
-                raise UserError(f"{path}: 'lora_parameters.scale' must be a number, got {short_repr(item)}")
+            if isinstance(item, bool) or not isinstance(item, (int, float)) or not (math.isfinite(item) and item > 0):
+                raise UserError(f"{path}: 'lora_parameters.scale' must be a positive number, got {short_repr(item)}")
             result.lora_scale = float(item)
-            result.names[FLAT_NAMES["lora_alpha"]] = (str(path), "'lora_parameters.scale' (x rank)")
         else:
             unsupported.append(f"lora_parameters.{name}")
 
