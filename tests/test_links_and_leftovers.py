@@ -75,6 +75,19 @@ def test_a_hard_link_where_the_run_writes_in_place_is_refused_and_its_other_name
     assert victim.read_text() == (VICTIM_TEXT if name == ".run.lock" else "")
 
 
+def test_a_link_planted_where_w_and_b_writes_its_files_is_refused(tiny_run, tmp_path):
+    root, base, out = tiny_run
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "wandb").symlink_to(victim)
+    result = run_in_process(*FAST, "--model", base, "--data-dir", root / "data", "--output-dir", run,
+                            "--max-steps", "2")
+    assert_one_line_error(result, str(run / "wandb"), "symbolic link")
+    assert list(victim.iterdir()) == []
+
+
 def test_export_refuses_a_save_path_the_run_reads_even_with_force(tiny_run):
     root, base, out = tiny_run
     quantized = Path(json.loads((out / "adapter_config.json").read_text())["model"])

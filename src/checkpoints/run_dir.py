@@ -4,7 +4,7 @@ The run writes only these names, each created without following links and
 replaced by rename:
 
     adapters.safetensors, adapter_config.json, metrics.jsonl   files
-    checkpoints/, logs/, cache/, evaluations/                   folders
+    checkpoints/, logs/, cache/, evaluations/, wandb/           folders
     .run.lock                                                   the lock of the run going on
     .tmp-*                                                      work in progress (removed when left over)
 
@@ -28,7 +28,7 @@ from errors import UserError
 
 RUN_FILES = ("adapters.safetensors", "adapter_config.json", "metrics.jsonl", ".run.lock")
 WRITTEN_IN_PLACE = ("metrics.jsonl", ".run.lock")  # appended or rewritten, not replaced by rename
-RUN_FOLDERS = ("checkpoints", "logs", "cache", "evaluations")
+RUN_FOLDERS = ("checkpoints", "logs", "cache", "evaluations", "wandb")  # wandb/: W&B's own files (--report-to)
 POINTERS = ("checkpoints/best", "checkpoints/final")
 
 
