@@ -21,9 +21,10 @@ import contextlib
 import hashlib
 import json
 import os
+import re
+import secrets
 import shutil
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,7 +32,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from durable import commit_directory, sha256_of_file
+from durable import commit_directory, free_space, left_by_a_dead_process, remove_leftover, sha256_of_file
 from json_files import json_text
 from errors import UserError
 
@@ -124,9 +125,11 @@ def load_model(name: str, quantize_bits: int, trust_remote_code: bool = False) -
 
 
 def load_with_mlx_lm(path: str, trust_remote_code: bool, *, shown: str | None = None, adapter_path: str | None = None):
-    """mlx_lm.load, its many kinds of failure turned into one UserError line."""
+    """mlx_lm.load, its many kinds of failure turned into one UserError line; first, the
+    machine's limits that would make MLX fail without a message (machine.py)."""
     from mlx_lm.utils import load
 
+    check_machine_for(path, shown)
     try:
         return load(
             path,
@@ -137,6 +140,19 @@ def load_with_mlx_lm(path: str, trust_remote_code: bool, *, shown: str | None = 
         )
     except Exception as exc:  # mlx-lm / huggingface_hub raise many kinds
         raise UserError(f"{shown or path}: cannot load model ({first_line(exc)})") from None
+
+
+def check_machine_for(path: str, shown: str | None = None) -> None:
+    """Before a model is loaded: MLX can compile its kernels, and the address space can hold it."""
+    import machine
+
+    machine.check_kernel_folder()
+    weights = 0
+    if Path(path).is_dir():
+        with contextlib.suppress(OSError):
+            weights = sum(entry.stat().st_size for entry in os.scandir(path)
+                          if entry.name.endswith((".safetensors", ".gguf", ".bin", ".npz")))
+    machine.check_address_space(weights, f"loading {shown or path}")
 
 
 def first_line(exc: BaseException) -> str:
@@ -216,7 +232,8 @@ def quantized_copy_dir(local: Path, quantization: dict) -> Path:
             files.append([entry.name, target, info.st_size, info.st_mtime_ns])
     blob = json.dumps([QUANTIZED_FORMAT, files, quantization], sort_keys=True)
     key = hashlib.sha256(blob.encode()).hexdigest()[:12]
-    name = f"{local.resolve().name}-{quantization['bits']}bit-g{quantization['group_size']}-{key}"
+    # The base's name, cut so that the copy's name and its scratch folder's stay within NAME_MAX.
+    name = f"{local.resolve().name[:120]}-{quantization['bits']}bit-g{quantization['group_size']}-{key}"
     return cache_dir() / "quantized" / name
 
 
@@ -274,6 +291,9 @@ def _is_quantized_copy_of(path: Path, source: str | None) -> bool:
     return made_from == source and (path / "config.json").is_file()
 
 
+RESOLVE_ATTEMPTS = 3  # open_run: how often `latest` is looked up again when its checkpoint went meanwhile
+
+
 @dataclass
 class TrainedRun:
     """One checkpoint of a run, verified, with the base it was trained on."""
@@ -300,11 +320,16 @@ def open_run(run: Path, checkpoint: str, purpose: str) -> TrainedRun:
     manager = CheckpointManager(run / "checkpoints")
     if not manager.has_any():
         raise UserError(f"{run}: no checkpoints, so no adapters to {purpose} (has a run been trained here?)")
-    info = manager.resolve(checkpoint)
-    try:
-        state = manager.load(info)
-    except (CheckpointCorruptError, FileNotFoundError) as exc:
-        raise UserError(str(exc)) from None
+    for attempt in range(RESOLVE_ATTEMPTS):
+        info = manager.resolve(checkpoint)
+        try:
+            state = manager.load(info)
+            break
+        except (CheckpointCorruptError, FileNotFoundError) as exc:
+            # A run still training here may have removed it meanwhile (retention): `latest`,
+            # `best` and `final` then name another one.
+            if checkpoint not in ("latest", "best", "final") or info.path.is_dir() or attempt + 1 == RESOLVE_ATTEMPTS:
+                raise UserError(str(exc)) from None
     config = Config.from_saved(state.config, source=f"{info.path}/config.json")
     return TrainedRun(run=run, checkpoint=info.path, step=state.step, config=config,
                       adapter_config=state.adapter_config, base=run_base_model(state.adapter_config, config),
@@ -312,10 +337,28 @@ def open_run(run: Path, checkpoint: str, purpose: str) -> TrainedRun:
 
 
 def load_trained_model(trained: TrainedRun):
-    """(model, tokenizer, model config) as mlx-lm loads them: the base as trained,
-    with the checkpoint's adapters put on by mlx-lm itself (in eval mode)."""
-    return load_with_mlx_lm(trained.base.path, trained.config.model.trust_remote_code,
-                            adapter_path=str(trained.checkpoint))
+    """(model, tokenizer, model config) as mlx_lm.load(adapter_path=CHECKPOINT) gives them: the
+    base as trained, with mlx-lm's LoRA layers put on and the checkpoint's adapters loaded (in
+    eval mode). The adapters are the arrays open_run verified, not the files read again: a run
+    still training may have removed the checkpoint since (retention)."""
+    from mlx_lm.tuner.utils import linear_to_lora_layers
+
+    model, tokenizer, model_config = load_with_mlx_lm(trained.base.path, trained.config.model.trust_remote_code)
+    config = trained.adapter_config
+    fine_tune_type = config.get("fine_tune_type", "lora")
+    if fine_tune_type != "full":
+        linear_to_lora_layers(model, config["num_layers"], config["lora_parameters"],
+                              use_dora=fine_tune_type == "dora")
+    leaves = {"lora_a", "lora_b", "m"} if fine_tune_type != "full" else None
+    expected = {name: value for name, value in tree_flatten(model.parameters())
+                if leaves is None or name.rsplit(".", 1)[-1] in leaves}
+    problem = names_mismatch(trained.adapters, expected) or shapes_mismatch(trained.adapters, expected, "the model's",
+                                                                             dtypes=False)
+    if problem:
+        raise UserError(f"{trained.checkpoint}: its adapters do not fit the base {trained.base.path} ({problem})")
+    model.load_weights(list(trained.adapters.items()), strict=False)
+    model.eval()
+    return model, tokenizer, model_config
 
 
 def attach_lora(model: nn.Module, rank: int, alpha: float, layers: int, dropout: float, seed: int, *,
@@ -542,18 +585,30 @@ def ensure_tiny_model() -> Path:
     return build_model_dir_once(target, build, "the tiny demo model")
 
 
+BUILD_MARK = "-build-"  # a model is built as .<name>-build-<random>-<pid> beside where it goes
+BUILD_SCRATCH = re.compile(r"^\..+" + re.escape(BUILD_MARK) + r"[0-9a-f]{8}-(\d+)$")
+NAME_MAX = 255
+
+
 def build_model_dir_once(target: Path, build, what: str) -> Path:
     """`target`, built by `build(scratch_dir)` the first time it is asked for.
 
     Built beside the target, flushed and renamed, so a concurrent or killed
-    build never leaves a half-written model that a later run would take.
+    build never leaves a half-written model that a later run would take; the
+    scratch folder of a build that was killed (its name ends with its pid) is
+    removed by the next call. A cache that cannot be written is one line: exit 2
+    for a folder that is read-only or not allowed, exit 1 for a full disk or an
+    I/O error (machine.MachineFault).
     """
+    remove_dead_builds(target.parent)
     if (target / "config.json").is_file():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    print(f"Building {what} in {target} (once) ...", file=sys.stderr)
-    scratch = Path(tempfile.mkdtemp(prefix=f".{target.name}-build-", dir=target.parent))
+    suffix = f"{BUILD_MARK}{secrets.token_hex(4)}-{os.getpid()}"
+    scratch = target.with_name(f".{target.name[:NAME_MAX - len(suffix) - 1]}{suffix}")
     try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        print(f"Building {what} in {target} (once) ...", file=sys.stderr)
+        scratch.mkdir()
         build(scratch)
         try:
             commit_directory(scratch, target)
@@ -561,10 +616,42 @@ def build_model_dir_once(target: Path, build, what: str) -> Path:
             # Ours not renamed, because another process's build came first: take that one.
             if not (scratch.exists() and (target / "config.json").is_file()):
                 raise
+    except (OSError, RuntimeError) as exc:
+        raise cache_fault(exc, target, what) from None
     finally:
-        if scratch.exists():
-            shutil.rmtree(scratch, ignore_errors=True)
+        if os.path.lexists(scratch):
+            remove_leftover(scratch, f"scratch folder of {what}")
     return target
+
+
+def remove_dead_builds(folder: Path) -> None:
+    """The scratch folders of builds whose process is gone (killed during a build: gigabytes
+    for a big base); one that cannot be removed is a warning."""
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return
+    for entry in entries:
+        if BUILD_SCRATCH.match(entry.name) and left_by_a_dead_process(entry.name):
+            if remove_leftover(Path(entry.path), "scratch folder of a build that was killed"):
+                print(f"removed the scratch folder of a build that was killed: {entry.path}", file=sys.stderr)
+
+
+def cache_fault(exc: BaseException, target: Path, what: str) -> Exception:
+    """One line for a build that could not be written: UserError where the folder is the
+    problem, machine.MachineFault where the disk is."""
+    from machine import MachineFault, write_fault
+
+    if not isinstance(exc, OSError) and "write" not in str(exc).lower():
+        return exc  # not a failed write: a bug, with its traceback
+    reason = exc.strerror or str(exc) if isinstance(exc, OSError) else first_line(exc)
+    blocking = next((p for p in [target.parent, *target.parent.parents] if p.exists() and not p.is_dir()), None)
+    if blocking is not None:  # mkdir's "File exists" says nothing useful here
+        reason = f"{blocking} is a file, not a folder"
+    where = f"{target.parent}{'' if 'DISTRUST_QLORA_CACHE' in os.environ else ' (the default cache)'}"
+    message = (f"cannot build {what} in {where}: {reason} ({free_space(target.parent)}); free some space or set "
+               f"DISTRUST_QLORA_CACHE to a writable folder with room")
+    return write_fault(exc, message) if isinstance(exc, OSError) else MachineFault(message)
 
 
 def _write_tiny_tokenizer(directory: Path, texts: list[str]) -> None:

@@ -10,6 +10,11 @@ Exit codes: see EXIT_CODES (printed by --help).
 
 from __future__ import annotations
 
+from early_interrupt import interrupt_quietly_while_starting  # first: Ctrl+C while starting is one line
+
+if __name__ == "__main__":
+    interrupt_quietly_while_starting()
+
 import argparse
 import contextlib
 import json
@@ -87,7 +92,8 @@ SWITCHES = [
 EXIT_CODES = """exit codes:
   0    finished, or stopped early (the reason is printed and is the last line of metrics.jsonl)
   2    bad usage, config or data: one line naming the file, line and problem; nothing is lost
-  1    anything unexpected, or checkpoints failing to save 3 times in a row
+  1    a fault of the machine (full disk, I/O error, out of memory: one line), checkpoints
+       failing to save 3 times in a row, or anything unexpected (a traceback: a bug)
   130  after Ctrl+C, 143 after SIGTERM, 129 after SIGHUP (the terminal closed): each once a
        checkpoint is committed; a second Ctrl+C exits at once, the last checkpoint intact
 """
@@ -247,6 +253,8 @@ def main(argv: list[str] | None = None) -> int:
 def run(args: argparse.Namespace, group=None) -> int:
     from checkpoints import CheckpointManager
     from checkpoints.resume import RunLock, choose_start, describe_checkpoints
+    from checkpoints.run_dir import check_path_lengths
+    from corpus.precheck import check_data_files
     from process_group import ProcessGroup
 
     group = group or ProcessGroup()
@@ -269,6 +277,9 @@ def run(args: argparse.Namespace, group=None) -> int:
         return 0
 
     group.on_writer(lambda: check_batch_divides(config.training.batch_size, group.size))
+    # Before the lock, the model (minutes) and any move aside: what would stop the run anyway.
+    check_path_lengths(output_dir)
+    check_data_files(config)
     # Rank 0 alone writes to the output dir (the lock, checkpoints, logs); the others only read their data.
     with RunLock(output_dir) if group.is_writer else contextlib.nullcontext():
         inputs = run_inputs(config)
@@ -281,8 +292,11 @@ def run(args: argparse.Namespace, group=None) -> int:
             group.check_same("the training and validation data, model and settings", json.dumps(
                 [inputs, config.fingerprint(), content_signature(val) if val.is_file() else None]))
         # May ask at a terminal, or exit 2 without one; several processes: rank 0 chooses for all.
-        start = group.on_writer(lambda: choose_start(manager, config, args, inputs))
-        return train(config, output_dir, manager, start, inputs, group, settings.names)
+        # What the choice moves aside (--fresh: the earlier run) is moved once the model has
+        # loaded and the data is checked: `later`, run by train().
+        later: list = []
+        start = group.on_writer(lambda: choose_start(manager, config, args, inputs, later=later))
+        return train(config, output_dir, manager, start, inputs, group, settings.names, later)
 
 
 def check_batch_divides(batch_size: int, processes: int) -> None:
@@ -312,8 +326,10 @@ def run_inputs(config) -> dict:
     return inputs
 
 
-def train(config, output_dir: Path, manager, start, inputs: dict, group, names: dict | None = None) -> int:
-    """The run: `names` says how the user wrote each setting they gave (config.setting_name)."""
+def train(config, output_dir: Path, manager, start, inputs: dict, group, names: dict | None = None,
+          later=()) -> int:
+    """The run: `names` says how the user wrote each setting they gave (config.setting_name); `later`,
+    what the start moves aside, once the model has loaded and the data is checked."""
     from checkpoints.resume import restore_with_fallback
     from corpus.index import CorpusIndex, check_records
     from modeling import (adapter_config, attach_lora, load_init_adapters, load_model, parameter_counts,
@@ -384,6 +400,8 @@ def train(config, output_dir: Path, manager, start, inputs: dict, group, names: 
     if (data_dir / "test.jsonl").is_file():
         print(f"data: {data_dir / 'test.jsonl'} is not used in training; src/evaluate.py takes it by default",
               file=sys.stderr)
+    for move_aside in later:  # the model loaded, the data checked: now what the start chose is moved aside
+        move_aside()
 
     trainer = DistrustTrainer(
         config, loaded.model, loaded.tokenizer,

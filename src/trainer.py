@@ -149,6 +149,7 @@ class DistrustTrainer:
         self.last_save_step = 0
         self.last_save_path: Path | None = None
         self.last_save_here = False  # last_save_path is one of this run's checkpoints (the same on every rank)
+        self.adapters_written = False  # the top-level adapters were written by this run (the summary names them)
         self._compiled = None
         self.data_summary: dict | None = None  # what the data is, for a "data" line of metrics.jsonl
         self.wandb_run_id: str | None = None  # --report-to wandb: the W&B run, kept in checkpoints
@@ -494,6 +495,7 @@ class DistrustTrainer:
         failure is a warning (the checkpoint holds them)."""
         try:
             self.checkpoints.export_adapters(checkpoint, self.output_dir)
+            self.adapters_written = True
         except OSError as exc:
             self.progress.write(f"WARNING: could not update {self.output_dir / 'adapters.safetensors'} "
                                 f"({exc.strerror or exc}; {free_space(self.output_dir)}); checkpoint {checkpoint} "
@@ -567,7 +569,9 @@ class DistrustTrainer:
         summary = {
             "steps": s.step, "max_steps": t.max_steps, "tokens": s.tokens_seen, "seconds": s.train_seconds,
             "best_val_loss": s.best_val_loss if s.best_val_step is not None else None,
-            "best_val_step": s.best_val_step, "adapters": str(self.output_dir / "adapters.safetensors"),
+            "best_val_step": s.best_val_step,
+            "adapters": str(self.output_dir / "adapters.safetensors") if self.adapters_written else
+            "none written (no checkpoint could be saved)",
             "peak_memory_mb": round(mx.get_peak_memory() / 1e6, 1), "processes": self.group.size,
             "session_seconds": time.perf_counter() - session_started,
         }
@@ -663,8 +667,9 @@ class DistrustTrainer:
             return end
         if self.save_checkpoint(is_best=is_best, is_final=True):
             return end
-        return RunEnd(f"{end.reason}; but the final checkpoint could not be saved (the newest saved one is "
-                      f"step {self.last_save_step})", exit_code=1)
+        newest = f"the newest saved one is step {self.last_save_step}" if self.last_save_path is not None else \
+            "no checkpoint was saved"
+        return RunEnd(f"{end.reason}; but the final checkpoint could not be saved ({newest})", exit_code=1)
 
     def _validation_check(self) -> bool:
         """Validate, log, and say whether this is the best validation so far."""

@@ -135,8 +135,8 @@ class CorpusIndex:
                     break
         flush()
         if not columns["offsets"]:
-            if file_size == 0:
-                raise UserError(f"{path}: empty file (no samples)")
+            if not no_target:  # not one record: empty, or blank lines only
+                raise UserError(f"{path}: no records ({'the file is empty' if file_size == 0 else 'blank lines only'})")
             raise UserError(f"{path}: no usable sample (every record was empty after truncation to {max_tokens} tokens)")
         arrays = {name: np.frombuffer(values, dtype=COLUMN_TYPES[name]).copy() for name, values in columns.items()}
         names = list(type_codes)
