@@ -204,16 +204,12 @@ def declares_quantization(model_config: dict) -> bool:
 
 def quantized_copy_dir(local: Path, quantization: dict) -> Path:
     """Where the quantized copy of the base in `local` lives: named for the base,
-    keyed by its files (name, size, modification time; for an HF snapshot the
-    blob each file links to, which is named by its hash), so a changed base
-    never reuses a stale copy, while the base moved or copied with its times
-    (cp -p, shutil.copytree) finds it again."""
-    files = []
-    for entry in sorted(os.scandir(local), key=lambda e: e.name):
-        if entry.is_file():  # follows links
-            info = entry.stat()
-            target = os.path.basename(os.path.realpath(entry.path)) if entry.is_symlink() else None
-            files.append([entry.name, target, info.st_size, info.st_mtime_ns])
+    keyed by the content of its files (file_identity.base_identity: SHA-256, read
+    once and cached), so a changed base never reuses a stale copy, even one edited
+    keeping its sizes and times, while the base moved or copied finds it again."""
+    from file_identity import base_identity
+
+    files = base_identity(str(local))["files"]
     blob = json.dumps([QUANTIZED_FORMAT, files, quantization], sort_keys=True)
     key = hashlib.sha256(blob.encode()).hexdigest()[:12]
     name = f"{local.resolve().name}-{quantization['bits']}bit-g{quantization['group_size']}-{key}"

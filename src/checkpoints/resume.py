@@ -20,6 +20,9 @@ from checkpoints.run_dir import check_run_dir, remove_leftovers
 from checkpoints.state import TrainingState
 from durable import CLOSE_ON_EXEC, NO_FOLLOW, aside_name, aside_stamp
 from errors import UserError
+from file_identity import input_differences
+
+UNRECORDED_NAMES = {"base": "base model", "train_content": "whole training file", "val_content": "validation file"}
 
 
 @dataclass
@@ -260,11 +263,16 @@ def _load_checked(manager: CheckpointManager, path: Path, config, inputs: dict,
             raise
         raise UserError(str(exc)) from None
     differences = differing_fields(saved.fingerprint_fields(), config.fingerprint_fields())
-    differences += differing_fields(state.trainer.get("inputs", {}), inputs)
+    from_inputs, unrecorded = input_differences(state.trainer.get("inputs", {}), inputs)
+    differences += from_inputs
     if differences:
         raise UserError(
-            f"cannot resume from {path}: the config differs in fields that change the result: "
-            + "; ".join(differences) + " (use the same settings, or --fresh to start anew)")
+            f"cannot resume from {path}: the config or what the run reads differs in what changes the result: "
+            + "; ".join(differences) + " (use the same settings and files, or --fresh to start anew)")
+    if unrecorded:
+        print(f"note: {path.name} was saved by an earlier version, which did not record the content of the "
+              f"{', '.join(UNRECORDED_NAMES[key] for key in unrecorded)}: not checked on this resume "
+              f"(the checkpoints it saves record them)", file=sys.stderr)
     return ResumePoint(path=path, state=state)
 
 
