@@ -18,7 +18,7 @@ from pathlib import Path
 from checkpoints.manager import CheckpointCorruptError, CheckpointManager
 from checkpoints.run_dir import check_run_dir, remove_leftovers
 from checkpoints.state import TrainingState
-from durable import CLOSE_ON_EXEC, NO_FOLLOW, aside_name, aside_stamp
+from durable import CLOSE_ON_EXEC, NO_FOLLOW, aside_name, aside_stamp, flush_dir, make_dirs
 from errors import UserError
 from file_identity import input_differences
 
@@ -111,6 +111,8 @@ def move_run_aside(manager: CheckpointManager) -> list[Path]:
         target = aside_name(path, "old", stamp)
         os.rename(path, target)
         moved.append(target)
+    if moved and manager.fsync:  # before the new run writes its first line there
+        flush_dir(run)
     return moved
 
 
@@ -121,9 +123,12 @@ def set_aside_newer(manager: CheckpointManager, point: ResumePoint, out=None) ->
     if not newer:
         return None
     target = aside_name(manager.directory, "superseded")
-    target.mkdir(parents=True)
+    make_dirs(target, fsync=manager.fsync)
     for path in newer:
         os.rename(path, target / path.name)
+    if manager.fsync:  # else a power loss could bring them back, for `latest` to take again
+        flush_dir(target)
+        flush_dir(manager.directory)
     print(f"resuming from step {point.state.step}: the {len(newer)} newer checkpoint(s) were moved to "
           f"{target} (nothing was deleted)", file=out or sys.stderr)
     return target
@@ -140,7 +145,7 @@ class RunLock:
         check_run_dir(self.path.parent)  # before anything is written there
         self.created = not os.path.lexists(self.path.parent)  # removed again if the run leaves it empty
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            make_dirs(self.path.parent)  # the run folder's name in its parent made durable once, at creation
         except OSError as exc:
             raise UserError(f"{self.path.parent}: cannot use as --output-dir ({exc.strerror})") from None
         # The file is removed when the run ends: a lock taken on a file another run has
