@@ -304,6 +304,7 @@ def train(config, output_dir: Path, manager, start, inputs: dict, group) -> int:
                               cache_dir=output_dir / "cache" if group.is_writer else None,
                               tokenizer_key=tokenizer_key(loaded))
     check_unchanged(train_path, inputs.get("train_content"), "training file")  # edited while the model loaded?
+    index.content_sha256 = (inputs.get("train_content") or {}).get("sha256")
     print(f"data: {len(index):,} training samples from {train_path}", file=sys.stderr)
     if index.scored_at_load:
         print(scored_at_load_line(index.scored_at_load, len(index), "training", train_path), file=sys.stderr)

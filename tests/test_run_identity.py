@@ -231,8 +231,8 @@ def in_place_keeping_times(path: Path) -> None:
     rewrite_keeping_size_and_times(path, lambda blob: blob.replace(b" the ", b" THE "))
 
 
-@pytest.mark.parametrize("edit,said", [(sed_in_place, "another file is at its name now"),
-                                       (in_place_keeping_times, "its change time moved")])
+@pytest.mark.parametrize("edit,said", [(sed_in_place, "same size, other content, another file at its name"),
+                                       (in_place_keeping_times, "same size, other content")])
 def test_a_same_size_rewrite_of_the_training_file_stops_a_streaming_run_after_committing(tmp_path, edit, said):
     data = write_corpus(tmp_path / "data", train=200)
     train = data / "train.jsonl"
@@ -251,6 +251,61 @@ def test_a_same_size_rewrite_of_the_training_file_stops_a_streaming_run_after_co
     # And the resume says what differs.
     again = run_in_process(*FAST, "--max-steps", "2000", "--data-dir", data, "--output-dir", out, "--auto-resume")
     assert_one_line_error(again, "training file train.jsonl: content differs (same size")
+
+
+def test_a_training_file_touched_chmodded_or_copied_over_with_its_own_bytes_does_not_stop_the_run(tmp_path):
+    """Its times, mode or inode move, its bytes do not: the run reads it once to compare, and goes on."""
+    data = write_corpus(tmp_path / "data", train=200)
+    train = data / "train.jsonl"
+    out = tmp_path / "out"
+    inode = train.stat().st_ino
+
+    def metadata_only():
+        os.chmod(train, 0o600)
+        os.utime(train)  # touch
+        copy = train.with_name("copy.jsonl")
+        shutil.copyfile(train, copy)
+        os.replace(copy, train)  # the same bytes, another inode
+
+    thread = at_step(out, 4, metadata_only)
+    result = run_in_process(*FAST, "--max-steps", "30", "--checkpoint-interval", "1000", "--eval-steps", "1000",
+                            "--data-dir", data, "--output-dir", out)
+    thread.join()
+    assert result.returncode == 0, result.stderr
+    assert read_metrics(out)[-1]["reason"] == "finished: reached --max-steps 30"
+    assert train.stat().st_ino != inode  # it did happen while the run went on
+
+
+def test_a_training_file_edited_while_the_model_loads_is_found_before_the_first_step(tmp_path, monkeypatch):
+    """Loading a 7B base takes minutes; the identity was taken before it, the index after."""
+    import modeling
+
+    data = write_corpus(tmp_path / "data")
+    load_model = modeling.load_model
+
+    def load_then_edit(*args, **kwargs):
+        loaded = load_model(*args, **kwargs)
+        rewrite_keeping_size_and_times(data / "train.jsonl", same_length_other_scores)
+        return loaded
+
+    monkeypatch.setattr(modeling, "load_model", load_then_edit)
+    result = run_in_process(*FAST, "--data-dir", data, "--output-dir", tmp_path / "out", "--max-steps", "3")
+    assert_one_line_error(result, "train.jsonl", "training file changed since this run started", "same size")
+    assert not (tmp_path / "out" / "checkpoints").exists()
+
+
+def test_files_that_loading_does_not_read_are_not_part_of_the_base(tmp_path):
+    """A README, a .DS_Store, weights in another format: adding or editing them is no other base."""
+    import modeling
+
+    base = tmp_path / "base"
+    shutil.copytree(modeling.ensure_tiny_model(), base)
+    before = file_identity.base_identity(str(base), cache=tmp_path / "hashes")
+    for name in ("README.md", ".DS_Store", "pytorch_model.bin"):
+        (base / name).write_bytes(b"anything")
+    assert file_identity.base_identity(str(base), cache=tmp_path / "hashes") == before
+    assert sorted(before["files"]) == ["chat_template.jinja", "config.json", "model.safetensors",
+                                       "model.safetensors.index.json", "tokenizer.json", "tokenizer_config.json"]
 
 
 def test_a_same_size_edit_in_the_middle_of_a_large_training_file_is_refused_on_resume(tmp_path):

@@ -53,6 +53,7 @@ class CorpusIndex:
     in_memory: list | None = field(default=None, repr=False)
     file_size: int = -1  # when indexed
     file_stat: list = field(default_factory=list)  # file_identity.stat_key when indexed: a change stops a streaming run
+    content_sha256: str | None = None  # the file's content the run started from, when known (see check_unchanged)
     source_type_names: list = field(default_factory=list)  # code -> the record's `source_type`, for reports
     scored_at_load: int = 0  # records that brought no scores: scored here, as prepare_data.py scores
 
@@ -162,9 +163,13 @@ class CorpusIndex:
 
 
     def check_unchanged(self, when: str) -> None:
-        """UserError when the file is no longer the version indexed: another size, inode, modification
-        or change time (a same-size rewrite, `sed -i`, `touch -r`, a file renamed over it). One stat
-        per batch read (about a microsecond beside the milliseconds of reading and tokenizing it)."""
+        """UserError when the file is no longer the version indexed. One stat per batch read
+        (about a microsecond beside the milliseconds of reading and tokenizing it): any change
+        of device, inode, size, modification or change time shows (a same-size rewrite,
+        `sed -i`, `touch -r`, a file renamed over it). When only those moved and the size did
+        not, and the content the run started from is known (`content_sha256`), the file is
+        read once to compare: a `touch`, a `chmod`, a tool setting an extended attribute or
+        the same bytes copied over it do not stop an overnight run."""
         try:
             now = stat_key(os.stat(self.path))
         except OSError as exc:
@@ -173,15 +178,21 @@ class CorpusIndex:
             return
         if len(now) < 5:
             what = f"it cannot be read now ({now[0]})"
-        elif now[:2] != self.file_stat[:2]:
-            what = "another file is at its name now"
         elif now[2] != self.file_stat[2]:
             what = f"{self.file_stat[2]:,} bytes then, {now[2]:,} now"
+        elif self.content_sha256 is not None:
+            from file_identity import file_sha256, hash_cache
+
+            if file_sha256(self.path, hash_cache())["sha256"] == self.content_sha256:
+                self.file_stat = now  # the same bytes: the offsets still hold
+                return
+            what = "same size, other content" + (", another file at its name" if now[:2] != self.file_stat[:2] else "")
+        elif now[:2] != self.file_stat[:2]:
+            what = "another file is at its name now"
         else:
             what = "rewritten in place, same size" if now[3] != self.file_stat[3] else \
                 "its change time moved (an edit that kept its modification time, or only a chmod)"
-        raise UserError(f"{self.path}: the file changed {when}: {what}; restore it, or start anew with "
-                        f"--fresh (after only a chmod or touch, --auto-resume goes on)")
+        raise UserError(f"{self.path}: the file changed {when}: {what}; restore it, or start anew with --fresh")
 
 
 def checked_records(path: str | Path, tokenizer):
