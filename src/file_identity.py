@@ -187,10 +187,24 @@ def base_identity(resolved: str, cache: Path | None = None) -> dict:
         from modeling import local_model_dir
 
         path = local_model_dir(resolved)
-    files = [path] if path.is_file() else model_files(path)
-    if cache is None:
-        cache = hash_cache()
-    return {"files": {file.name: file_sha256(file, cache) for file in files}}
+    if path.is_file():
+        return {"files": {path.name: file_sha256(path, hash_cache() if cache is None else cache)}}
+    return {"files": folder_sums(path, cache=cache)}
+
+
+def folder_sums(folder: Path, leave_out: tuple[str, ...] = (), cache: Path | None = None) -> dict:
+    """{name: {"size", "sha256"}} of a model folder's files (model_files), some left out."""
+    cache = hash_cache() if cache is None else cache
+    return {path.name: file_sha256(path, cache) for path in model_files(folder) if path.name not in leave_out}
+
+
+def folder_differs(folder: Path, recorded: dict, leave_out: tuple[str, ...] = ()) -> str | None:
+    """What differs between a folder's files and the sums recorded when it was written (a quantized
+    copy in the cache): None when they agree."""
+    try:
+        return _file_differences(recorded, folder_sums(folder, leave_out))
+    except UserError as exc:
+        return str(exc)
 
 
 # ---------------------------------------------------------------------------
@@ -256,11 +270,17 @@ def _base_differences(saved, current) -> list[str]:
     now = current.get("files") if isinstance(current, dict) else None
     if not isinstance(before, dict) or not isinstance(now, dict):
         return [f"base model files: checkpoint {before!r}, now {now!r}"]
+    differences = _file_differences(before, now)
+    return [f"base model content differs ({differences})"] if differences else []
+
+
+def _file_differences(before: dict, now: dict) -> str | None:
+    """'changed: a, b; added: c; gone: d' between two {name: {"size", "sha256"}}, None when equal."""
     changed = [name for name in sorted(set(before) & set(now)) if _content(before[name]) != _content(now[name])]
     parts = [f"{label} {_names(names)}" for label, names in (
         ("changed:", changed), ("added:", sorted(set(now) - set(before))), ("gone:", sorted(set(before) - set(now))))
         if names]
-    return [f"base model content differs ({'; '.join(parts)})"] if parts else []
+    return "; ".join(parts) or None
 
 
 def _names(names: list[str]) -> str:

@@ -216,7 +216,28 @@ def test_a_base_edited_keeping_sizes_and_times_gets_a_quantized_copy_of_its_own(
                            "--max-steps", "2")
     assert again.returncode == 0, again.stderr
     now = json.loads((tmp_path / "new" / "adapter_config.json").read_text())["model"]
-    assert now != trained_on and "Building the 4-bit copy" in again.stderr
+    assert now != trained_on  # built for this content (now, or by an earlier run of this test: content-keyed)
+
+
+def test_a_quantized_copy_changed_in_the_cache_is_built_again_not_trained_on(tmp_path, monkeypatch):
+    """The copy a run trains on is derived: it records its own files' sums when written."""
+    import modeling
+
+    base = tmp_path / "base"
+    shutil.copytree(modeling.ensure_tiny_model(), base)
+    monkeypatch.setenv("DISTRUST_QLORA_CACHE", str(tmp_path / "cache"))  # a copy of its own, shared with no test
+    data = write_corpus(tmp_path / "data")
+    first = run_in_process(*FAST, "--model", base, "--data-dir", data, "--output-dir", tmp_path / "a", "--max-steps", 2)
+    assert first.returncode == 0, first.stderr
+    copy = Path(json.loads((tmp_path / "a" / "adapter_config.json").read_text())["model"])
+    assert copy.parent == tmp_path / "cache" / "quantized"
+    written = (copy / "model.safetensors").read_bytes()
+    scale_one_weight(copy / "model.safetensors")
+    again = run_in_process(*FAST, "--model", base, "--data-dir", data, "--output-dir", tmp_path / "b", "--max-steps", 2)
+    assert again.returncode == 0, again.stderr
+    assert f"note: {copy} is not as it was written (changed: model.safetensors); building it again" in again.stderr
+    assert (copy / "model.safetensors").read_bytes() == written
+    assert not [path for path in copy.parent.iterdir() if path.name.startswith(".")]
 
 
 # ------------------------------------------------------------ the training file

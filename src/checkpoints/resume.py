@@ -269,11 +269,11 @@ def _load_checked(manager: CheckpointManager, path: Path, config, inputs: dict,
         raise UserError(str(exc)) from None
     differences = differing_fields(saved.fingerprint_fields(), config.fingerprint_fields())
     from_inputs, unrecorded = input_differences(state.trainer.get("inputs", {}), inputs)
-    differences += from_inputs
-    if differences:
-        raise UserError(
-            f"cannot resume from {path}: the config or what the run reads differs in what changes the result: "
-            + "; ".join(differences) + " (use the same settings and files, or --fresh to start anew)")
+    if differences or from_inputs:
+        what = "the config differs in fields that change the result" if differences else \
+            "what the run reads differs from what it was trained on"
+        raise UserError(f"cannot resume from {path}: {what}: " + "; ".join(differences + from_inputs)
+                        + " (use the same settings and files, or --fresh to start anew)")
     if unrecorded:
         print(f"note: {path.name} was saved by an earlier version, which did not record the content of the "
               f"{', '.join(UNRECORDED_NAMES[key] for key in unrecorded)}: not checked on this resume "
