@@ -198,13 +198,30 @@ def folder_sums(folder: Path, leave_out: tuple[str, ...] = (), cache: Path | Non
     return {path.name: file_sha256(path, cache) for path in model_files(folder) if path.name not in leave_out}
 
 
+def written_sums(folder: Path) -> dict:
+    """{name: {"size", "sha256", "stat"}} of the model files a process has just written to `folder`
+    (a quantized copy): what folder_differs checks them against later. A file whose stat_key is
+    still the one recorded is unchanged since its writer read it, and is not read again."""
+    return {path.name: {**file_sha256(path), "stat": stat_key(os.stat(path))} for path in model_files(folder)}
+
+
 def folder_differs(folder: Path, recorded: dict, leave_out: tuple[str, ...] = ()) -> str | None:
-    """What differs between a folder's files and the sums recorded when it was written (a quantized
-    copy in the cache): None when they agree."""
+    """What differs between a folder's files and the sums recorded when it was written
+    (written_sums): None when they agree."""
+    now = {}
     try:
-        return _file_differences(recorded, folder_sums(folder, leave_out))
+        for path in model_files(folder):
+            if path.name in leave_out:
+                continue
+            mark = recorded.get(path.name)
+            try:
+                unchanged = isinstance(mark, dict) and mark.get("stat") == stat_key(os.stat(path))
+            except OSError:
+                unchanged = False
+            now[path.name] = mark if unchanged else file_sha256(path, hash_cache())
     except UserError as exc:
         return str(exc)
+    return _file_differences(recorded, now)
 
 
 # ---------------------------------------------------------------------------

@@ -231,11 +231,11 @@ def _write_quantized_copy(local: Path, resolved: str, scratch: Path, quantizatio
                                              bits=quantization["bits"], mode=quantization["mode"])
         # From the local folder, never the HF id: save() would fetch the model card.
         save(scratch, str(local), model, tokenizer, model_config, donate_model=True)
-    from file_identity import file_sha256, model_files
+    from file_identity import written_sums
 
     record = {"source": resolved, "local_source": str(local.resolve()), "quantization": quantization,
               "mlx": getattr(mlx.core, "__version__", None), "mlx_lm": getattr(mlx_lm, "__version__", None),
-              "files": {path.name: file_sha256(path) for path in model_files(scratch)}}
+              "files": written_sums(scratch)}
     (scratch / BASE_RECORD_FILE).write_text(json_text(record, indent=2) + "\n", encoding="utf-8")
 
 

@@ -238,6 +238,13 @@ def test_a_quantized_copy_changed_in_the_cache_is_built_again_not_trained_on(tmp
     assert f"note: {copy} is not as it was written (changed: model.safetensors); building it again" in again.stderr
     assert (copy / "model.safetensors").read_bytes() == written
     assert not [path for path in copy.parent.iterdir() if path.name.startswith(".")]
+    # An intact copy is checked by its files' stat alone: none of it is read again.
+    read = []
+    hash_file = file_identity._hash
+    monkeypatch.setattr(file_identity, "_hash", lambda real, shown: read.append(real) or hash_file(real, shown))
+    third = run_in_process(*FAST, "--model", base, "--data-dir", data, "--output-dir", tmp_path / "c", "--max-steps", 2)
+    assert third.returncode == 0 and "is not as it was written" not in third.stderr, third.stderr
+    assert not [path for path in read if Path(path).parent == copy], read
 
 
 # ------------------------------------------------------------ the training file
