@@ -45,6 +45,13 @@ def as_run_here(recipe: str, args) -> str:
     return recipe.replace("--model ...", words)
 
 
+def prepared(tmp_path: Path, data: Path, marker: str, *extra) -> tuple[Path, dict, Path, str]:
+    """(working folder, environment, run folder, the README line marked `marker` as run here)."""
+    folder, env = shell_folder(tmp_path)
+    out = tmp_path / "out"
+    return folder, env, out, as_run_here(readme_recipe(marker), [*ARGS, *extra, "--data-dir", data, "--output-dir", out])
+
+
 def shell_folder(tmp_path: Path) -> tuple[Path, dict]:
     """A working folder where `python src/train_qlora.py` is this project's, and `python` this interpreter."""
     folder = tmp_path / "shell"
@@ -135,6 +142,23 @@ def wait_until(predicate, timeout: float = 120, what: str = "") -> None:
         time.sleep(0.02)
 
 
+def started_on_a_terminal_then_closed(recipe: str, folder: Path, env: dict, out: Path) -> int:
+    """`recipe` typed into an interactive shell on a terminal; once the run has taken 3 steps, the
+    terminal goes away (bash resends the SIGHUP to its jobs, then exits). Returns what `$!` named."""
+    terminal = Terminal(folder, env)
+    terminal.type(recipe)
+    terminal.type("echo $! > run.pid")
+    terminal.wait_for(lambda: steps(out) >= 3)
+    terminal.close()
+    return int((folder / "run.pid").read_text())
+
+
+def still_training(out: Path) -> None:
+    before = steps(out)
+    wait_until(lambda: steps(out) >= before + 5 or ended(out), what="5 more steps")
+    assert not ended(out), read_metrics(out)[-1]
+
+
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
     return write_corpus(tmp_path_factory.mktemp("data"), train=200)
@@ -168,22 +192,13 @@ def test_a_stop_signal_ignored_on_entry_stays_ignored(ignored):
 
 
 def test_nohup_on_a_terminal_then_the_terminal_closed_and_kill_hup_the_run_goes_on(data, tmp_path):
-    folder, env = shell_folder(tmp_path)
-    out = tmp_path / "out"
-    recipe = as_run_here(readme_recipe("Linux"), [*ARGS, "--data-dir", data, "--output-dir", out, "--auto-resume"])
+    folder, env, out, recipe = prepared(tmp_path, data, "Linux", "--auto-resume")
     assert recipe.startswith("nohup python src/train_qlora.py") and recipe.endswith("> train.log 2>&1 &"), recipe
-    terminal = Terminal(folder, env)
     pid = None
     try:
-        terminal.type(recipe)
-        terminal.type("echo $! > run.pid")
-        terminal.wait_for(lambda: steps(out) >= 3)
-        pid = int((folder / "run.pid").read_text())
-        terminal.close()  # bash resends the SIGHUP to its jobs, then exits
+        pid = started_on_a_terminal_then_closed(recipe, folder, env, out)
         os.kill(pid, signal.SIGHUP)  # and a `kill -HUP` of the run itself
-        before = steps(out)
-        wait_until(lambda: steps(out) >= before + 5 or ended(out), what="steps after the SIGHUPs")
-        assert not ended(out), read_metrics(out)[-1]  # still training
+        still_training(out)
         os.kill(pid, signal.SIGTERM)  # how a detached run is stopped
         wait_until(lambda: ended(out) and gone(pid), what="the run to stop after SIGTERM")
     finally:
@@ -200,9 +215,7 @@ def test_nohup_on_a_terminal_then_the_terminal_closed_and_kill_hup_the_run_goes_
 def test_nohup_in_a_script_ignores_sigint_and_sighup_and_stops_on_sigterm(data, tmp_path):
     """A shell without job control starts `cmd &` with SIGINT ignored (so the script's Ctrl+C
     does not reach it); nohup adds SIGHUP. Both stay ignored; SIGTERM stops the run (143)."""
-    folder, env = shell_folder(tmp_path)
-    out = tmp_path / "out"
-    recipe = as_run_here(readme_recipe("Linux"), [*ARGS, "--data-dir", data, "--output-dir", out])
+    folder, env, out, recipe = prepared(tmp_path, data, "Linux")
     script = f"{recipe}\necho $! > run.pid\nwait $!\necho $? > run.rc\n"
     shell = subprocess.Popen(["bash", "-c", script], cwd=folder, env=env, stdin=subprocess.DEVNULL,
                              preexec_fn=default_stop_signals)
@@ -211,9 +224,7 @@ def test_nohup_in_a_script_ignores_sigint_and_sighup_and_stops_on_sigterm(data, 
         pid = int((folder / "run.pid").read_text())
         for sig in (signal.SIGINT, signal.SIGHUP, signal.SIGINT):
             os.kill(pid, sig)
-        before = steps(out)
-        wait_until(lambda: steps(out) >= before + 5 or ended(out), what="steps after the signals")
-        assert not ended(out), read_metrics(out)[-1]
+        still_training(out)
         os.kill(pid, signal.SIGTERM)
         assert shell.wait(timeout=120) == 0
     finally:
@@ -228,18 +239,10 @@ def test_nohup_in_a_script_ignores_sigint_and_sighup_and_stops_on_sigterm(data, 
 def test_the_macos_line_as_written(data, tmp_path):
     if shutil.which("caffeinate") is None:
         pytest.skip("caffeinate is macOS's: not on this system, so the macOS line was not run")
-    folder, env = shell_folder(tmp_path)
-    out = tmp_path / "out"
-    recipe = as_run_here(readme_recipe("macOS"), [*ARGS, "--data-dir", data, "--output-dir", out])
-    terminal = Terminal(folder, env)
-    terminal.type(recipe)
-    terminal.type("echo $! > run.pid")
-    terminal.wait_for(lambda: steps(out) >= 3)
-    caffeinate = int((folder / "run.pid").read_text())
-    terminal.close()
-    before = steps(out)
-    wait_until(lambda: steps(out) >= before + 5 or ended(out), what="steps after the terminal closed")
-    assert not ended(out) and not gone(caffeinate)  # the run and what keeps the machine awake, both
+    folder, env, out, recipe = prepared(tmp_path, data, "macOS")
+    caffeinate = started_on_a_terminal_then_closed(recipe, folder, env, out)  # nohup execs it: $! is its pid
+    still_training(out)
+    assert not gone(caffeinate)  # the run and what keeps the machine awake, both
     subprocess.run(["pkill", "-TERM", "-P", str(caffeinate)], check=False)  # the run: caffeinate's child
     wait_until(lambda: ended(out) and gone(caffeinate), what="the run, then caffeinate, to stop")
     assert ended(out)["reason"].startswith("interrupted by SIGTERM at step")
@@ -251,11 +254,8 @@ def test_the_macos_line_as_written(data, tmp_path):
 def test_tmux_on_a_terminal_then_the_terminal_closed_the_run_finishes(data, tmp_path):
     if shutil.which("tmux") is None:
         pytest.skip("tmux is not installed here (apt-get install tmux, brew install tmux)")
-    folder, env = shell_folder(tmp_path)
-    out = tmp_path / "out"
     max_steps = 40
-    recipe = as_run_here(readme_recipe("or in tmux"), [*ARGS, "--max-steps", max_steps, "--data-dir", data,
-                                                       "--output-dir", out])
+    folder, env, out, recipe = prepared(tmp_path, data, "or in tmux", "--max-steps", max_steps)
     assert recipe.startswith("tmux new -s train 'python src/train_qlora.py"), recipe
     terminal = Terminal(folder, env)
     try:
