@@ -119,7 +119,7 @@ def _read_entry(cache: Path | None, real: str) -> dict | None:
 
 def _write_entry(cache: Path | None, real: str, entry: dict) -> None:
     """Best effort: a cache that cannot be written only costs the next start a read."""
-    if cache is None:
+    if cache is None or os.path.islink(cache):  # a planted link: never written through
         return
     try:
         cache.mkdir(parents=True, exist_ok=True)

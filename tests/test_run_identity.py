@@ -393,6 +393,25 @@ def test_the_index_cache_is_not_reused_after_an_edit_keeping_size_and_mtime(tmp_
     assert load_file(str(newest))["auth_weight"].tolist() == pytest.approx(expected)
 
 
+def test_the_index_cache_is_reused_after_a_touch_a_chmod_or_a_copy_of_the_same_bytes(tmp_path):
+    """Keyed by content: what moves only the times, the mode or the inode does not rebuild an index
+    (minutes for a million records)."""
+    data = write_corpus(tmp_path / "data")
+    train = data / "train.jsonl"
+    out = tmp_path / "out"
+    assert run_in_process(*FAST, "--data-dir", data, "--output-dir", out, "--max-steps", "1").returncode == 0
+    (cache,) = (out / "cache").glob("index-*.safetensors")
+    written = cache.stat().st_mtime_ns
+    os.chmod(train, 0o600)
+    os.utime(train)
+    copy = train.with_name("copy.jsonl")
+    shutil.copyfile(train, copy)
+    os.replace(copy, train)
+    result = run_in_process(*FAST, "--data-dir", data, "--output-dir", out, "--max-steps", "2", "--auto-resume")
+    assert result.returncode == 0, result.stderr
+    assert list((out / "cache").glob("index-*.safetensors")) == [cache] and cache.stat().st_mtime_ns == written
+
+
 # ------------------------------------------------------------ the validation file
 
 
