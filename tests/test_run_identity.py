@@ -281,6 +281,18 @@ def test_a_same_size_rewrite_of_the_training_file_stops_a_streaming_run_after_co
     assert_one_line_error(again, "training file train.jsonl: content differs (same size")
 
 
+def test_a_training_file_deleted_under_a_streaming_run_stops_it_after_committing(tmp_path):
+    data = write_corpus(tmp_path / "data", train=200)
+    out = tmp_path / "out"
+    thread = at_step(out, 4, lambda: (data / "train.jsonl").unlink())
+    result = run_in_process(*FAST, "--max-steps", "2000", "--checkpoint-interval", "1000", "--eval-steps", "1000",
+                            "--data-dir", data, "--output-dir", out)
+    thread.join()
+    assert_one_line_error(result, "changed during the run", "cannot be read now (No such file or directory)")
+    step = train_lines(out)[-1]["step"]
+    assert (out / "checkpoints" / f"step-{step:08d}" / "manifest.json").is_file()
+
+
 def test_a_training_file_touched_chmodded_or_copied_over_with_its_own_bytes_does_not_stop_the_run(tmp_path):
     """Its times, mode or inode move, its bytes do not: the run reads it once to compare, and goes on."""
     data = write_corpus(tmp_path / "data", train=200)
