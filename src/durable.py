@@ -72,6 +72,39 @@ def flush_dir(path: Path) -> None:
         os.close(fd)
 
 
+def make_dirs(path: Path, *, fsync: bool = True) -> list[Path]:
+    """`mkdir -p path`, each folder it creates made durable in its parent (the parent flushed)
+    before anything is put inside it: a checkpoint committed in a folder whose own name a
+    power loss can still take is not committed. Returns the folders created.
+
+    A parent that cannot be flushed (a folder one may enter but not read, a file system
+    refusing to flush folders) is left so: the folder is there, only its durability is
+    in doubt, as before this was done.
+    """
+    path = Path(path)
+    missing = []
+    while not os.path.isdir(path):
+        missing.append(path)
+        if path.parent == path:
+            break
+        path = path.parent
+    created = []
+    for folder in reversed(missing):
+        try:
+            folder.mkdir()
+        except FileExistsError:
+            if not folder.is_dir():
+                raise
+            continue  # made meanwhile by another process, which flushes it
+        created.append(folder)
+        if fsync:
+            try:
+                flush_dir(folder.parent)
+            except OSError:
+                pass
+    return created
+
+
 # Flags that make open() refuse a symbolic link where a file is expected, and
 # (for new files) refuse any existing name: a link planted in a run folder
 # must never make the trainer write outside it.

@@ -168,9 +168,10 @@ def prepare_base(resolved: str, quantize_bits: int, trust_remote_code: bool = Fa
     The copy is what `mlx_lm convert -q --q-group-size 64` would write (mlx-lm's
     quantize_model and save), so a model loaded from it has exactly the arrays
     of the base quantized in memory; it lives in the cache under a name keyed by
-    the base's files (name, size, modification time), the bits and the group
-    size. Cost: one quantized copy per base and bit width (about 0.28 of the
-    float16 base at 4 bits), shared by every run on it.
+    the content of the base's files, the bits and the group size. It records the
+    SHA-256 of its own files: a copy changed in the cache since it was written is
+    rebuilt, not trained on. Cost: one quantized copy per base and bit width
+    (about 0.28 of the float16 base at 4 bits), shared by every run on it.
     """
     if quantize_bits <= 0:
         return BaseModel(source=resolved, path=resolved, quantization=None)
@@ -184,6 +185,7 @@ def prepare_base(resolved: str, quantize_bits: int, trust_remote_code: bool = Fa
     def build(scratch: Path) -> None:
         _write_quantized_copy(local, resolved, scratch, quantization, trust_remote_code, shown)
 
+    remove_if_changed(target)
     build_model_dir_once(target, build, f"the {quantize_bits}-bit copy of {shown or resolved}")
     return BaseModel(source=resolved, path=str(target), quantization=quantization)
 
@@ -220,16 +222,12 @@ def declares_quantization(model_config: dict) -> bool:
 
 def quantized_copy_dir(local: Path, quantization: dict) -> Path:
     """Where the quantized copy of the base in `local` lives: named for the base,
-    keyed by its files (name, size, modification time; for an HF snapshot the
-    blob each file links to, which is named by its hash), so a changed base
-    never reuses a stale copy, while the base moved or copied with its times
-    (cp -p, shutil.copytree) finds it again."""
-    files = []
-    for entry in sorted(os.scandir(local), key=lambda e: e.name):
-        if entry.is_file():  # follows links
-            info = entry.stat()
-            target = os.path.basename(os.path.realpath(entry.path)) if entry.is_symlink() else None
-            files.append([entry.name, target, info.st_size, info.st_mtime_ns])
+    keyed by the content of its files (file_identity.base_identity: SHA-256, read
+    once and cached), so a changed base never reuses a stale copy, even one edited
+    keeping its sizes and times, while the base moved or copied finds it again."""
+    from file_identity import base_identity
+
+    files = base_identity(str(local))["files"]
     blob = json.dumps([QUANTIZED_FORMAT, files, quantization], sort_keys=True)
     key = hashlib.sha256(blob.encode()).hexdigest()[:12]
     # The base's name, cut so that the copy's name and its scratch folder's stay within NAME_MAX.
@@ -250,9 +248,36 @@ def _write_quantized_copy(local: Path, resolved: str, scratch: Path, quantizatio
                                              bits=quantization["bits"], mode=quantization["mode"])
         # From the local folder, never the HF id: save() would fetch the model card.
         save(scratch, str(local), model, tokenizer, model_config, donate_model=True)
+    from file_identity import written_sums
+
     record = {"source": resolved, "local_source": str(local.resolve()), "quantization": quantization,
-              "mlx": getattr(mlx.core, "__version__", None), "mlx_lm": getattr(mlx_lm, "__version__", None)}
+              "mlx": getattr(mlx.core, "__version__", None), "mlx_lm": getattr(mlx_lm, "__version__", None),
+              "files": written_sums(scratch)}
     (scratch / BASE_RECORD_FILE).write_text(json_text(record, indent=2) + "\n", encoding="utf-8")
+
+
+def remove_if_changed(copy: Path) -> None:
+    """A quantized copy whose files are no longer those it recorded when written (changed in the
+    cache) is removed, to be built again; one from before copies recorded their files is kept."""
+    from file_identity import folder_differs
+
+    try:
+        recorded = json.loads((copy / BASE_RECORD_FILE).read_text(encoding="utf-8")).get("files")
+    except (OSError, ValueError, AttributeError):
+        return  # not there (built next), or not ours to judge
+    if not isinstance(recorded, dict):
+        return
+    problem = folder_differs(copy, recorded, leave_out=(BASE_RECORD_FILE,))
+    if problem is None:
+        return
+    print(f"note: {copy} is not as it was written ({problem}); building it again", file=sys.stderr)
+    aside = copy.with_name(f".{copy.name}-changed-{os.getpid()}")
+    try:
+        os.rename(copy, aside)
+    except OSError as exc:
+        raise UserError(f"{copy}: changed since it was written, and cannot be moved away to build it again "
+                        f"({exc.strerror}); remove it") from None
+    shutil.rmtree(aside, ignore_errors=True)
 
 
 def run_base_model(adapter_config: dict, config) -> BaseModel:

@@ -308,9 +308,11 @@ def check_batch_divides(batch_size: int, processes: int) -> None:
 
 def run_inputs(config) -> dict:
     """What the run reads, by identity: the training file's content, the resolved
-    model, and the adapters it started from (if any). A resume from other inputs
-    would not continue the same run."""
+    model, and the adapters it started from (if any); the SHA-256 of the base's files
+    and of the training and validation files (file_identity: read once, then cached).
+    A resume from other inputs would not continue the same run."""
     from corpus.index import content_signature
+    from file_identity import base_identity, data_identity
     from modeling import adapters_signature, resolve_model
 
     train_path = config.train_file
@@ -321,6 +323,8 @@ def run_inputs(config) -> dict:
     except OSError as exc:
         raise UserError(f"{train_path}: cannot read ({exc.strerror})") from None
     inputs = {"train_data": signature, "model": resolve_model(config.model.model)}
+    inputs.update(base=base_identity(inputs["model"]), train_content=data_identity(train_path),
+                  val_content=data_identity(config.val_file if config.val_file.is_file() else None))
     if config.paths.init_adapters:
         inputs["init_adapters"] = adapters_signature(config.paths.init_adapters)
     return inputs
@@ -332,6 +336,7 @@ def train(config, output_dir: Path, manager, start, inputs: dict, group, names: 
     what the start moves aside, once the model has loaded and the data is checked."""
     from checkpoints.resume import restore_with_fallback
     from corpus.index import CorpusIndex, check_records
+    from file_identity import check_unchanged
     from modeling import (adapter_config, attach_lora, load_init_adapters, load_model, parameter_counts,
                           tokenizer_key)
     from trainer import CheckpointingFailed, DistrustTrainer
@@ -360,6 +365,8 @@ def train(config, output_dir: Path, manager, start, inputs: dict, group, names: 
     index = CorpusIndex.build(train_path, loaded.tokenizer, t.max_seq_length + 1, in_memory=not config.paths.streaming,
                               cache_dir=output_dir / "cache" if group.is_writer else None,
                               tokenizer_key=tokenizer_key(loaded), turns=t.learn_assistant_turns)
+    check_unchanged(train_path, inputs.get("train_content"), "training file")  # edited while the model loaded?
+    index.content_sha256 = (inputs.get("train_content") or {}).get("sha256")
     print(f"data: {len(index):,} training samples from {train_path}", file=sys.stderr)
     if index.scored_at_load:
         print(scored_at_load_line(index.scored_at_load, len(index), "training", train_path), file=sys.stderr)

@@ -41,6 +41,7 @@ from corpus.index import CorpusIndex
 from distrust import DistrustObjective, weight_report_lines
 from durable import free_space
 from errors import UserError, error_line
+from file_identity import check_unchanged
 from host_rng import check_host_rng_state, host_rng_state, set_host_rng_state
 from modeling import adapter_weights, names_mismatch, shapes_mismatch
 from monitoring.early_stopping import EarlyStopping
@@ -434,6 +435,8 @@ class DistrustTrainer:
         if self.val_batches is None:  # lazy: the val file is first read here
             self.val_index = CorpusIndex.build(self.val_path, self.tokenizer, t.max_seq_length + 1,
                                                limit=t.batch_size * t.val_batches, turns=t.learn_assistant_turns)
+            # What was checked at the start is what is validated on (and what the checkpoints record).
+            check_unchanged(self.val_path, (self.checkpoints.run_inputs or {}).get("val_content"), "validation file")
             self.val_batches = fixed_batches(self.val_index, t.batch_size, t.val_batches, self.pad_id,
                                              Share(self.group.rank, self.group.size))
         losses = sample_losses(self.model, self._compiled.row_losses, self.val_batches)

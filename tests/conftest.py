@@ -93,6 +93,15 @@ FRESH_PROCESS_WARNING_FILTERS = [  # (action, category, module)
 STOP_SIGNALS = [sig for sig in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", None)) if sig is not None]
 
 
+def default_stop_signals() -> None:
+    """For a child process a test will signal (as preexec_fn, or in a forked child): the stop
+    signals as at a terminal. The run keeps a signal ignored that it was started ignoring, and
+    a child inherits ignored signals: under `nohup pytest`, or a script's `pytest &`, it would
+    otherwise ignore the SIGHUP or SIGINT the test sends."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_DFL)
+
+
 class InProcessTimeout(BaseException):
     """Raised inside a command run in-process that went past its timeout. A BaseException, so
     that no `except Exception` of the command catches it."""

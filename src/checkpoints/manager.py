@@ -30,7 +30,7 @@ import mlx.core as mx
 from errors import UserError, one_line
 
 from durable import (TEMP_PREFIX, aside_name, left_by_a_dead_process, commit_directory, copy_file_atomically, flush_dir,
-                     free_space, open_regular_file, remove_leftover, write_text_atomically)
+                     free_space, make_dirs, open_regular_file, remove_leftover, write_text_atomically)
 from .manifest import verify_checkpoint, write_manifest
 from .retention import RetentionPolicy
 from .state import ArrayWriteError, TrainingState, check_state, describe_error, read_state_files, write_state_files
@@ -124,7 +124,9 @@ class CheckpointManager:
         final = self.directory / name
         temp = self.directory / f"{TEMP_PREFIX}{name}-{os.getpid()}"
         try:
-            self.directory.mkdir(parents=True, exist_ok=True)
+            # Its name in the run folder durable before a checkpoint, a pointer or the run's
+            # top-level copy of the adapters can name what is inside it.
+            make_dirs(self.directory, fsync=self.fsync)
             remove_path(temp)  # our own leftover of an earlier failed attempt
             temp.mkdir()
             # Flushed all at once by the commit, each file and the folder.

@@ -18,8 +18,11 @@ from pathlib import Path
 from checkpoints.manager import CheckpointCorruptError, CheckpointManager
 from checkpoints.run_dir import check_run_dir, refuse_hard_link, remove_leftovers
 from checkpoints.state import TrainingState
-from durable import CLOSE_ON_EXEC, NO_FOLLOW, aside_name, aside_stamp
+from durable import CLOSE_ON_EXEC, NO_FOLLOW, aside_name, aside_stamp, flush_dir, make_dirs
 from errors import UserError
+from file_identity import input_differences
+
+UNRECORDED_NAMES = {"base": "base model", "train_content": "whole training file", "val_content": "validation file"}
 
 
 @dataclass
@@ -132,6 +135,8 @@ def move_run_aside(manager: CheckpointManager) -> list[Path]:
         target = aside_name(path, "old", stamp)
         os.rename(path, target)
         moved.append(target)
+    if moved and manager.fsync:  # before the new run writes its first line there
+        flush_dir(run)
     return moved
 
 
@@ -156,9 +161,12 @@ def set_aside(manager: CheckpointManager, paths: list[Path], word: str, what: st
     if not paths:
         return None
     target = aside_name(manager.directory, word)
-    target.mkdir(parents=True)
+    make_dirs(target, fsync=manager.fsync)
     for path in paths:
         os.rename(path, target / path.name)
+    if manager.fsync:  # else a power loss could bring them back, for `latest` to take again
+        flush_dir(target)
+        flush_dir(manager.directory)
     print(f"{what.format(len(paths))} were moved to {target} (nothing was deleted)", file=out or sys.stderr)
     return target
 
@@ -174,7 +182,7 @@ class RunLock:
         check_run_dir(self.path.parent)  # before anything is written there
         self.created = not os.path.lexists(self.path.parent)  # removed again if the run leaves it empty
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            make_dirs(self.path.parent)  # the run folder's name in its parent made durable once, at creation
         except OSError as exc:
             raise UserError(f"{self.path.parent}: cannot use as --output-dir ({exc.strerror})") from None
         # The file is removed when the run ends: a lock taken on a file another run has
@@ -317,13 +325,18 @@ def _load_checked(manager: CheckpointManager, path: Path, config, inputs: dict,
             raise
         raise UserError(str(exc)) from None
     differences = differing_fields(saved.fingerprint_fields(), config.fingerprint_fields())
-    differences += differing_fields(state.trainer.get("inputs", {}), inputs)
-    if differences:
-        mismatch = ConfigMismatch(
-            f"cannot resume from {path}: the config differs in fields that change the result: "
-            + "; ".join(differences) + " (use the same settings, or --fresh to start anew)")
-        mismatch.differences = "; ".join(differences)
+    from_inputs, unrecorded = input_differences(state.trainer.get("inputs", {}), inputs)
+    if differences or from_inputs:
+        what = "the config differs in fields that change the result" if differences else \
+            "what the run reads differs from what it was trained on"
+        mismatch = ConfigMismatch(f"cannot resume from {path}: {what}: " + "; ".join(differences + from_inputs)
+                                  + " (use the same settings and files, or --fresh to start anew)")
+        mismatch.differences = "; ".join(differences + from_inputs)
         raise mismatch
+    if unrecorded:
+        print(f"note: {path.name} was saved by an earlier version, which did not record the content of the "
+              f"{', '.join(UNRECORDED_NAMES[key] for key in unrecorded)}: not checked on this resume "
+              f"(the checkpoints it saves record them)", file=sys.stderr)
     return ResumePoint(path=path, state=state)
 
 

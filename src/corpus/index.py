@@ -24,6 +24,7 @@ from corpus.prepare import check_load_time_metadata, load_time_scores, scored_fr
 from corpus.records import EncodedSample, encode_records, has_scores, parse_record
 from corpus.scoring import current_year
 from durable import open_regular_file, replace_file
+from file_identity import stat_key
 from json_files import json_text
 from errors import UserError
 
@@ -50,7 +51,9 @@ class CorpusIndex:
     truncated: int = 0  # samples cut to max_tokens
     no_target: list = field(default_factory=list)  # line numbers left out: nothing to learn after truncation
     in_memory: list | None = field(default=None, repr=False)
-    file_size: int = -1  # when indexed, to notice the file changing under a streaming run
+    file_size: int = -1  # when indexed
+    file_stat: list = field(default_factory=list)  # file_identity.stat_key when indexed: a change stops a streaming run
+    content_sha256: str | None = None  # the file's content the run started from, when known (see check_unchanged)
     source_type_names: list = field(default_factory=list)  # code -> the record's `source_type`, for reports
     scored_at_load: int = 0  # records that brought no scores: scored here, as prepare_data.py scores
     scored_from_text: int = 0  # of those, the ones with no metadata either: scored from their wording alone
@@ -74,21 +77,22 @@ class CorpusIndex:
         """Index `path`; with `limit`, stop after that many usable records.
 
         With `cache_dir`, the index of a whole file is kept there, keyed by the
-        file's size and modification time, the tokenizer, `max_tokens` and `turns`
+        file's content (its SHA-256), the tokenizer, `max_tokens` and `turns`
         (which chat turns are learned): a corpus of millions of records is then
         opened again in a second.
         """
         path = Path(path)
         if not path.is_file():
             raise UserError(f"{path}: file not found")
-        file_size = os.path.getsize(path)
+        file_stat = stat_key(os.stat(path))
+        file_size = file_stat[2]
         cache_file = None
         if cache_dir is not None and limit is None:
             cache_file = Path(cache_dir) / f"index-{_cache_key(path, max_tokens, tokenizer_key, turns)}.safetensors"
             cached = _read_cache(cache_file)
             if cached is not None:
-                index = cls(path=path, max_tokens=max_tokens, tokenizer=tokenizer, file_size=file_size, turns=turns,
-                            **cached)
+                index = cls(path=path, max_tokens=max_tokens, tokenizer=tokenizer, file_size=file_size,
+                            file_stat=file_stat, turns=turns, **cached)
                 if in_memory:
                     index.in_memory = index.samples(range(len(index)))
                 return index
@@ -141,8 +145,10 @@ class CorpusIndex:
         arrays = {name: np.frombuffer(values, dtype=COLUMN_TYPES[name]).copy() for name, values in columns.items()}
         names = list(type_codes)
         index = cls(path=path, max_tokens=max_tokens, tokenizer=tokenizer, truncated=truncated,
-                    no_target=no_target, in_memory=samples, file_size=file_size, source_type_names=names,
-                    scored_at_load=scored_at_load, scored_from_text=scored_from_text, turns=turns, **arrays)
+                    no_target=no_target, in_memory=samples, file_size=file_size, file_stat=file_stat,
+                    source_type_names=names, scored_at_load=scored_at_load, scored_from_text=scored_from_text,
+                    turns=turns, **arrays)
+        index.check_unchanged("while it was being indexed")  # else the index (and its cache) mixes two versions
         if cache_file is not None:
             _write_cache(cache_file, arrays, truncated, no_target, names, (scored_at_load, scored_from_text))
         return index
@@ -151,16 +157,47 @@ class CorpusIndex:
         """Encoded samples at these positions of the index (one file open)."""
         if self.in_memory is not None:
             return [self.in_memory[i] for i in indices]
-        if os.path.getsize(self.path) != self.file_size:
-            # Streaming reads by offset: a file rewritten under a run would feed it other lines.
-            raise UserError(f"{self.path}: the file changed during the run (it is read by offset); "
-                            f"restore it, or start anew with --fresh")
+        # Streaming reads by offset: a file rewritten under a run would feed it other lines.
+        self.check_unchanged("during the run (it is read by offset)")
         records = []
         with open(self.path, "rb") as handle:
             for i in indices:
                 handle.seek(int(self.offsets[i]))
                 records.append(parse_record(handle.readline(), str(self.path), int(self.line_numbers[i])))
         return encode_records(records, self.tokenizer, self.max_tokens, self.turns)
+
+
+    def check_unchanged(self, when: str) -> None:
+        """UserError when the file is no longer the version indexed. One stat per batch read
+        (about a microsecond beside the milliseconds of reading and tokenizing it): any change
+        of device, inode, size, modification or change time shows (a same-size rewrite,
+        `sed -i`, `touch -r`, a file renamed over it). When only those moved and the size did
+        not, and the content the run started from is known (`content_sha256`), the file is
+        read once to compare: a `touch`, a `chmod`, a tool setting an extended attribute or
+        the same bytes copied over it do not stop an overnight run."""
+        try:
+            now = stat_key(os.stat(self.path))
+        except OSError as exc:
+            now = [exc.strerror]
+        if now == self.file_stat:
+            return
+        if len(now) < 5:
+            what = f"it cannot be read now ({now[0]})"
+        elif now[2] != self.file_stat[2]:
+            what = f"{self.file_stat[2]:,} bytes then, {now[2]:,} now"
+        elif self.content_sha256 is not None:
+            from file_identity import file_sha256, hash_cache
+
+            if file_sha256(self.path, hash_cache())["sha256"] == self.content_sha256:
+                self.file_stat = now  # the same bytes: the offsets still hold
+                return
+            what = "same size, other content" + (", another file at its name" if now[:2] != self.file_stat[:2] else "")
+        elif now[:2] != self.file_stat[:2]:
+            what = "another file is at its name now"
+        else:
+            what = "rewritten in place, same size" if now[3] != self.file_stat[3] else \
+                "its change time moved (an edit that kept its modification time, or only a chmod)"
+        raise UserError(f"{self.path}: the file changed {when}: {what}; restore it, or start anew with --fresh")
 
 
 def checked_records(path: str | Path, tokenizer):
@@ -218,9 +255,13 @@ def content_signature(path: Path, edge_bytes: int = 1 << 20) -> dict:
 
 
 def _cache_key(path: Path, max_tokens: int, tokenizer_key: str, turns: str) -> str:
-    stat = os.stat(path)
-    blob = json.dumps([INDEX_FORMAT, str(path.resolve()), stat.st_size, stat.st_mtime_ns, max_tokens, tokenizer_key,
-                       _scorer_key(), turns])
+    # The file's content (SHA-256, read once per version of the file: file_identity), not its
+    # size and times: an edit that keeps those (touch -r, cp -p, rsync -a) is another index,
+    # a chmod or a touch is not (rebuilding a million records' index takes minutes).
+    from file_identity import file_sha256, hash_cache
+
+    blob = json.dumps([INDEX_FORMAT, str(path.resolve()), file_sha256(path, hash_cache())["sha256"], max_tokens,
+                       tokenizer_key, _scorer_key(), turns])
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
