@@ -290,7 +290,7 @@ def train(config, output_dir: Path, manager, start, inputs: dict, group) -> int:
     trainable, total = parameter_counts(loaded.model)
     quant = f"{loaded.quantized_bits}-bit" if loaded.quantized_bits else "not quantized"
     if loaded.base.quantization:
-        quant += f"; its quantized copy {loaded.base.path}"
+        quant += f"; {'its mlx-lm folder' if Path(loaded.path).is_file() else 'its quantized copy'} {loaded.base.path}"
     kind = "DoRA" if lo.fine_tune_type == "dora" else "LoRA"
     print(f"model: {loaded.path} ({quant}); {kind} on {num_layers} blocks; trainable parameters "
           f"{trainable:,} of {total:,} ({100 * trainable / total:.3f}%)", file=sys.stderr)
