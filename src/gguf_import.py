@@ -198,6 +198,9 @@ def build_config(meta: Metadata, tensors: dict) -> tuple[dict, bool]:
     if arch not in builders:
         raise UserError(f"{meta.shown}: architecture '{arch}' is not supported (supported: {', '.join(SUPPORTED)})")
     model_type, permuted = builders[arch]
+    if meta.get(K.LLM.EXPERT_COUNT):
+        raise UserError(f"{meta.shown}: a mixture of experts ({meta.get(K.LLM.EXPERT_COUNT)} experts in a {arch} file, "
+                        f"as Mixtral's) is not supported")
     hidden = meta.number(K.LLM.EMBEDDING_LENGTH)
     heads = meta.number(K.Attention.HEAD_COUNT)
     blocks = meta.number(K.LLM.BLOCK_COUNT)

@@ -40,6 +40,9 @@ BASE = {"hidden_size": 64, "num_hidden_layers": 2, "intermediate_size": 128, "nu
 # (mlx-lm config, GGUF architecture, tokenizer kind)
 FAMILIES = {
     "llama": (dict(BASE, model_type="llama", tie_word_embeddings=False), "llama", "gpt2"),
+    "llama3": (dict(BASE, model_type="llama", tie_word_embeddings=True, rope_theta=500000.0,
+                    rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
+                                  "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}), "llama", "gpt2"),
     "mistral": (dict(BASE, model_type="mistral", tie_word_embeddings=False), "llama", "sentencepiece"),
     "qwen2": (dict(BASE, model_type="qwen2", tie_word_embeddings=True), "qwen2", "qwen2"),
     "qwen3": (dict(BASE, model_type="qwen3", head_dim=32, tie_word_embeddings=True, rope_theta=1e6), "qwen3", "qwen2"),
@@ -154,6 +157,16 @@ def write_gguf(path: Path, model, config: dict, arch: str, vocab: dict, types=No
                        K.LLM.FINAL_LOGIT_SOFTCAPPING: config["final_logit_softcapping"]})
     for key, value in floats.items():
         writer.add_float32(key.format(arch=arch), value)
+    if config.get("rope_scaling"):  # Llama 3.1+: llama.cpp writes the factor of each rotary frequency
+        scaling, dims = config["rope_scaling"], config["head_dim"]
+        old = scaling["original_max_position_embeddings"]
+        low, high, factor = old / scaling["low_freq_factor"], old / scaling["high_freq_factor"], scaling["factor"]
+        wavelengths = 2 * np.pi * config["rope_theta"] ** (np.arange(0, dims, 2) / dims)
+        smooth = (old / wavelengths - scaling["low_freq_factor"]) / (scaling["high_freq_factor"] -
+                                                                     scaling["low_freq_factor"])
+        factors = [1.0 if w < high else factor if w > low else 1 / ((1 - s) / factor + s)
+                   for w, s in zip(wavelengths, smooth)]
+        writer.add_tensor("rope_freqs.weight", np.array(factors, dtype=np.float32))
     if "sliding_window" in config:
         writer.add_uint32(K.Attention.SLIDING_WINDOW.format(arch=arch), config["sliding_window"])
         layers = range(config["num_hidden_layers"])  # llama.cpp's per-layer flags, true: sliding
@@ -239,7 +252,8 @@ def test_each_family_read_back_from_a_float_gguf_is_the_same_model(family, tmp_p
     else:
         assert difference == 0.0
     made = json.loads((Path(base.path) / "config.json").read_text())
-    assert made["model_type"] == ("gemma3_text" if family == "gemma3" else "llama" if family == "mistral" else family)
+    assert made["model_type"] == {"gemma3": "gemma3_text", "mistral": "llama", "llama3": "llama"}.get(family, family)
+    assert made.get("rope_scaling") == config.get("rope_scaling")
     assert "quantization" not in made
     assert tokenizer.chat_template == CHAT_TEMPLATE
 
@@ -428,7 +442,7 @@ def a_tensor_type_field(path: Path) -> int:
 
 
 @pytest.mark.parametrize("damage", ["wrong magic", "truncated data", "truncated header", "unknown tensor type",
-                                    "unsupported architecture", "not a model file at all"])
+                                    "unsupported architecture", "mixture of experts", "not a model file at all"])
 def test_a_bad_gguf_is_one_line_and_exit_2_and_leaves_nothing_built(damage, tmp_path):
     _, _, path, _ = family_gguf(tmp_path, "llama", types=q8_and_q4)
     blob = bytearray(path.read_bytes())
@@ -442,13 +456,17 @@ def test_a_bad_gguf_is_one_line_and_exit_2_and_leaves_nothing_built(damage, tmp_
         offset = a_tensor_type_field(path)
         blob[offset:offset + 4] = struct.pack("<I", 99)
         expected = "tensor type 99 is not one the gguf package knows (an unknown quantization type)"
-    elif damage == "unsupported architecture":
-        writer = gguf.GGUFWriter(str(path), "mamba")
+    elif damage in ("unsupported architecture", "mixture of experts"):
+        writer = gguf.GGUFWriter(str(path), "mamba" if damage == "unsupported architecture" else "llama")
+        if damage == "mixture of experts":
+            writer.add_uint32("llama.expert_count", 8)
         writer.add_tensor("token_embd.weight", np.zeros((8, 4), np.float32))
         for step in (writer.write_header_to_file, writer.write_kv_data_to_file, writer.write_tensors_to_file,
                      writer.close):
             step()
-        blob, expected = bytearray(path.read_bytes()), "architecture 'mamba' is not supported (supported: llama"
+        blob = bytearray(path.read_bytes())
+        expected = "architecture 'mamba' is not supported (supported: llama" if damage == "unsupported architecture" \
+            else "a mixture of experts (8 experts in a llama file, as Mixtral's) is not supported"
     else:
         blob, expected = bytearray(b"hello, world\n"), "neither a GGUF file nor an mlx-lm model directory"
         path = path.with_suffix("")
