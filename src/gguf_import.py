@@ -17,10 +17,11 @@ the model cache (`.cache/gguf/`) that `mlx_lm.load` takes like any other:
   MLX's affine quantization with group size 32 (4 or 8 bits), so the folder
   holds the file's own numbers, repacked (mx.load repacks them the same way)
   and config.json's quantization section names each layer's bits; nothing is
-  quantized twice. Float tensors (F32, F16, BF16) are read as they are. Any
-  other type (K-quants, Q5_0, IQ...) is dequantized by the `gguf` package and,
-  as a non-quantized base is, quantized to --quantize-bits (group size 64),
-  with one line that says so;
+  quantized twice. The other weights of layers that can be quantized (F32,
+  F16, BF16, and any other type: K-quants, Q5_0, IQ..., dequantized by the
+  `gguf` package first) are quantized to --quantize-bits (group size 64), as
+  a non-quantized base is, with one line that says so (0 keeps them as they
+  are); norms and biases stay as the file has them;
 - the tokenizer rebuilt from the metadata: transformers' own conversion of a
   GGUF vocabulary (byte-level BPE with merges, SentencePiece/llama, Gemma,
   Phi-3) fed by the `gguf` package's reader (transformers' reader needs
@@ -55,14 +56,6 @@ GGUF_BUILD_FORMAT = 1  # part of the built folders' cache key: bump if how they 
 KEPT_GROUP_SIZE = 32  # the block of Q4_0, Q4_1 and Q8_0
 TOKENIZER_TRANSFORMERS = "5.17"  # the first transformers with transformers.integrations.gguf
 SUPPORTED = ("llama (also Mistral, SmolLM, Llama 3)", "qwen2", "qwen3", "gemma2", "gemma3", "phi3")
-
-
-def starts_with_gguf_magic(path: Path) -> bool:
-    try:
-        with open(path, "rb") as handle:
-            return handle.read(4) == GGUF_MAGIC
-    except OSError:
-        return False
 
 
 def resolve_gguf_file(path: Path, shown: str) -> str:

@@ -478,3 +478,48 @@ def test_a_bad_gguf_is_one_line_and_exit_2_and_leaves_nothing_built(damage, tmp_
     built = tmp_path / "cache" / "gguf"
     assert not built.exists() or list(built.iterdir()) == []
     assert not (tmp_path / "run").exists()
+
+
+def one_tensor_gguf(path: Path, kind, rows: int = 8, blocks: int = 2, scale_bytes=()) -> Path:
+    """A GGUF file of one tensor of random `kind` blocks whose float16 scales (at `scale_bytes`
+    in each block) are 0.01, so that every value is finite."""
+    size = gguf.GGML_QUANT_SIZES[kind][1]
+    raw = np.random.default_rng(0).integers(0, 256, size=(rows, blocks * size), dtype=np.uint8)
+    for offset in scale_bytes:
+        raw.reshape(-1, size)[:, offset:offset + 2] = np.frombuffer(np.float16(0.01).tobytes(), np.uint8)
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_tensor("a.weight", raw, raw_dtype=kind)
+    for step in (writer.write_header_to_file, writer.write_kv_data_to_file, writer.write_tensors_to_file, writer.close):
+        step()
+    return path
+
+
+def test_k_quants_are_dequantized_as_llama_cpp_does(tmp_path):
+    """Q6_K and Q2_K as MLX's own GGUF reader gives them; Q4_K as llama.cpp's formula (mx.load
+    0.32.4 does not follow it: on this block it is off by up to 8.4, one reason the gguf package
+    reads the tensors)."""
+    import gguf_import
+
+    for kind, scale_bytes in ((T.Q6_K, [208]), (T.Q2_K, [80, 82])):
+        path = one_tensor_gguf(tmp_path / f"{kind.name}.gguf", kind, scale_bytes=scale_bytes)
+        ours = gguf_import.float_tensor(gguf.GGUFReader(path).tensors[0], path.name)
+        assert ours.dtype == mx.float16 and mx.array_equal(ours, mx.load(str(path))["a.weight"]).item(), kind.name
+
+    path = one_tensor_gguf(tmp_path / "Q4_K.gguf", T.Q4_K, rows=1, blocks=1, scale_bytes=[0, 2])
+    block = np.asarray(gguf.GGUFReader(path).tensors[0].data).reshape(-1)
+    d, dmin = (float(np.frombuffer(block[i:i + 2].tobytes(), np.float16)[0]) for i in (0, 2))
+    scales, quants = block[4:16].astype(int), block[16:].astype(int)
+
+    def scale_and_min(j: int) -> tuple[int, int]:  # llama.cpp's get_scale_min_k4
+        if j < 4:
+            return scales[j] & 63, scales[j + 4] & 63
+        return (scales[j + 4] & 15) | ((scales[j - 4] >> 6) << 4), (scales[j + 4] >> 4) | ((scales[j] >> 6) << 4)
+
+    expected = []
+    for chunk in range(4):  # 64 values each: 32 low nibbles, then 32 high ones
+        q = quants[32 * chunk:32 * chunk + 32]
+        for half, nibbles in enumerate((q & 15, q >> 4)):
+            scale, minimum = scale_and_min(2 * chunk + half)
+            expected += list(d * scale * nibbles - dmin * minimum)
+    ours = np.array(gguf_import.float_tensor(gguf.GGUFReader(path).tensors[0], "Q4_K").astype(mx.float32))[0]
+    assert np.abs(ours - np.array(expected)).max() <= 2 ** -11 * np.abs(expected).max()  # float16 rounding
