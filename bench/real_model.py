@@ -14,7 +14,7 @@ get it, where it is not.
 
 Then, as the README's "A real model on a laptop" does:
 
-    python src/train_qlora.py --model .cache/real/SmolLM2-135M-Instruct.Q4_1.gguf --max-seq-length 64 ...
+    python src/train_qlora.py --model .cache/real/SmolLM2-135M-Instruct.Q4_1.gguf --max-seq-length 32 ...
 """
 
 from __future__ import annotations
@@ -117,7 +117,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"GGUF file: {path} ({path.stat().st_size / 1e6:.1f} MB; fetched and extracted in {fetched - start:.1f} s, "
           f"or already there)")
     print(f"mlx-lm folder: {base.path} (built in {built - fetched:.1f} s, or already there)")
-    print(f"train: python src/train_qlora.py --model {path} --max-seq-length 64 --batch-size 2 --max-steps 20")
+    print(f"train: python src/train_qlora.py --model {path} --max-seq-length 32 --batch-size 2 --max-steps 10 "
+          f"--learning-rate 5e-5 --warmup-steps 2 --eval-steps 10 --val-batches 4 --auto-resume")
     return 0
 
 

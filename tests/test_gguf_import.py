@@ -523,3 +523,11 @@ def test_k_quants_are_dequantized_as_llama_cpp_does(tmp_path):
             expected += list(d * scale * nibbles - dmin * minimum)
     ours = np.array(gguf_import.float_tensor(gguf.GGUFReader(path).tensors[0], "Q4_K").astype(mx.float32))[0]
     assert np.abs(ours - np.array(expected)).max() <= 2 ** -11 * np.abs(expected).max()  # float16 rounding
+
+
+def test_a_gguf_run_is_named_for_the_file_without_its_extension():
+    from config import Config
+
+    config = Config()
+    config.model.model = "/models/SmolLM2-135M-Instruct.Q4_1.gguf"
+    assert str(config.output_dir) == "models/distrust-SmolLM2-135M-Instruct.Q4_1"
