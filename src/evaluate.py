@@ -84,12 +84,12 @@ def evaluate_run(args: argparse.Namespace) -> dict:
     tokenizer = loaded.tokenizer
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     index = CorpusIndex.build(data_file, tokenizer, t.max_seq_length + 1,
-                              limit=batch_size * max_batches if max_batches else None)
+                              limit=batch_size * max_batches if max_batches else None, turns=t.learn_assistant_turns)
     batches = fixed_batches(index, batch_size, math.ceil(len(index) / batch_size), pad_id)
 
     base = loss_report(sample_losses(loaded.model, compile_row_losses(loaded.model), batches), index)
     attach_lora(loaded.model, config.lora.rank, config.lora.alpha, config.lora.layers, config.lora.dropout, t.seed,
-                fine_tune_type=config.lora.fine_tune_type)  # DoRA's magnitudes too
+                fine_tune_type=config.lora.fine_tune_type, keys=config.lora.keys)  # DoRA's magnitudes too
     loaded.model.load_weights(list(trained.adapters.items()), strict=False)
     adapted = loss_report(sample_losses(loaded.model, compile_row_losses(loaded.model), batches), index)
 

@@ -313,7 +313,7 @@ def open_run(run: Path, checkpoint: str, purpose: str) -> TrainedRun:
         state = manager.load(info)
     except (CheckpointCorruptError, FileNotFoundError) as exc:
         raise UserError(str(exc)) from None
-    config = Config.from_dict(state.config, source=f"{info.path}/config.json")
+    config = Config.from_saved(state.config, source=f"{info.path}/config.json")
     return TrainedRun(run=run, checkpoint=info.path, step=state.step, config=config,
                       adapter_config=state.adapter_config, base=run_base_model(state.adapter_config, config),
                       adapters=state.adapters)
@@ -327,28 +327,39 @@ def load_trained_model(trained: TrainedRun):
 
 
 def attach_lora(model: nn.Module, rank: int, alpha: float, layers: int, dropout: float, seed: int, *,
-                fine_tune_type: str = "lora") -> tuple[int, str | None]:
+                fine_tune_type: str = "lora", keys: list | None = None,
+                keys_named: str = "--lora-keys") -> tuple[int, str | None]:
     """Freeze the base and put mlx-lm LoRA layers (DoRA layers with `fine_tune_type`
-    "dora") on the last `layers` blocks.
+    "dora") on the last `layers` blocks: on the linear layers of each block named in
+    `keys` (as mlx-lm names them, "self_attn.q_proj"), or on every one of them.
 
     Returns the number of blocks that got them and a note when the request was
-    more than the model has. The LoRA A matrices are drawn from `seed`.
+    more than the model has (what follows the setting's name: "16 is more than ..."). The LoRA A matrices are drawn from `seed`. A key that
+    is not a linear layer of the model's blocks is a UserError (`keys_named`: what
+    the user called the setting) listing the ones there are.
     """
     from mlx_lm.tuner.utils import linear_to_lora_layers
 
+    if keys:
+        known = block_linear_layers(model)
+        unknown = [key for key in keys if key not in known]
+        if unknown:
+            what = "is not a linear layer" if len(unknown) == 1 else "are not linear layers"
+            raise UserError(f"{keys_named}: {', '.join(map(repr, unknown))} {what} of this model's blocks; "
+                            f"they are: {' '.join(known)}")
     total = len(model.layers)
     note = None
     if layers == -1:
         num_layers = total
     elif layers > total:
         num_layers = total
-        note = f"--lora-layers {layers} is more than the model's {total} layers; using all {total}"
+        note = f"{layers} is more than the model's {total} layers; using all {total}"
     else:
         num_layers = layers
     model.freeze()
     mx.random.seed(seed)
     try:
-        linear_to_lora_layers(model, num_layers, lora_parameters(rank, alpha, dropout),
+        linear_to_lora_layers(model, num_layers, lora_parameters(rank, alpha, dropout, keys),
                               use_dora=fine_tune_type == "dora")
     except ValueError as exc:  # e.g. a layer kind mlx-lm has no DoRA for
         raise UserError(f"--fine-tune-type {fine_tune_type}: {first_line(exc)}") from None
@@ -412,7 +423,7 @@ def load_init_adapters(model: nn.Module, path: str | Path) -> str:
     names = names_mismatch(loaded, expected)
     if names:
         raise UserError(f"--init-adapters: {candidate} does not fit this run's adapters ({names}): use the same "
-                        f"--lora-layers, --fine-tune-type and model as the run that made them")
+                        f"--lora-layers, --lora-keys, --fine-tune-type and model as the run that made them")
     shapes = shapes_mismatch(loaded, expected, "this run's", dtypes=False)  # cast to the layers' dtype below
     if shapes:
         raise UserError(f"--init-adapters: {candidate}: {shapes} (use the same --lora-rank and model as the run "
@@ -422,9 +433,20 @@ def load_init_adapters(model: nn.Module, path: str | Path) -> str:
     return f"{candidate} ({len(loaded)} arrays)"
 
 
-def lora_parameters(rank: int, alpha: float, dropout: float) -> dict:
-    # mlx-lm's LoRA multiplies by `scale`; the usual alpha / rank convention.
-    return {"rank": rank, "scale": alpha / rank, "dropout": dropout}
+def lora_parameters(rank: int, alpha: float, dropout: float, keys: list | None = None) -> dict:
+    # mlx-lm's LoRA multiplies by `scale`; the usual alpha / rank convention. `keys` only when
+    # chosen: mlx-lm then converts exactly those layers (loading and fusing alike).
+    return {"rank": rank, "scale": alpha / rank, "dropout": dropout, **({"keys": list(keys)} if keys else {})}
+
+
+def block_linear_layers(model: nn.Module) -> list[str]:
+    """The names, within a block, of the layers mlx-lm can put LoRA on ("self_attn.q_proj",
+    "mlp.down_proj", ...), over all blocks, sorted."""
+    from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchLinear
+
+    kinds = (nn.Linear, nn.QuantizedLinear, SwitchLinear, QuantizedSwitchLinear)
+    return sorted({name for block in model.layers for name, module in block.named_modules()
+                   if isinstance(module, kinds) or hasattr(module, "to_lora")})
 
 
 def parameter_counts(model: nn.Module) -> tuple[int, int]:
@@ -445,7 +467,7 @@ def tokenizer_key(loaded: LoadedModel) -> str:
 
 
 def adapter_config(model_path: str, num_layers: int, rank: int, alpha: float, dropout: float,
-                   base: BaseModel | None = None, fine_tune_type: str = "lora") -> dict:
+                   base: BaseModel | None = None, fine_tune_type: str = "lora", keys: list | None = None) -> dict:
     """What mlx_lm needs to rebuild the LoRA layers, plus the base model.
 
     With `base`, "model" names what was loaded (the quantized copy, when the
@@ -457,7 +479,7 @@ def adapter_config(model_path: str, num_layers: int, rank: int, alpha: float, dr
     config = {
         "fine_tune_type": fine_tune_type,
         "num_layers": num_layers,
-        "lora_parameters": lora_parameters(rank, alpha, dropout),
+        "lora_parameters": lora_parameters(rank, alpha, dropout, keys),
         "model": base.path if base is not None else model_path,
     }
     if base is not None:

@@ -91,7 +91,7 @@ def test_bad_yaml_config(corpus, tmp_path):
     config.write_text("lora:\n  dropout: lots\n")
     result = run_in_process(*FAST, "--config", config, "--data-dir", corpus, "--output-dir", tmp_path / "out",
                             "--max-steps", "2")
-    assert_one_line_error(result, "run.yaml", "lora.dropout", "must be float")
+    assert_one_line_error(result, "run.yaml: 'lora.dropout' must be a number, got 'lots'")
     config.write_text("lora_rank: 4\nbogus_setting: 1\n")
     result = run_in_process(*FAST, "--config", config, "--data-dir", corpus, "--output-dir", tmp_path / "out",
                             "--max-steps", "2")

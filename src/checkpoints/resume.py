@@ -250,7 +250,7 @@ def _load_checked(manager: CheckpointManager, path: Path, config, inputs: dict,
     try:
         state = manager.load(path)
         try:
-            saved = Config.from_dict(state.config, source=f"{path}/config.json")
+            saved = Config.from_saved(state.config, source=f"{path}/config.json")
             if not isinstance(state.trainer.get("inputs", {}), dict):
                 raise UserError(f"{path}/trainer_state.json: 'inputs' is not an object")
         except UserError as exc:  # not a config this code wrote: damaged, like a failed manifest

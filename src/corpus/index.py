@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from corpus.prepare import check_load_time_metadata, load_time_scores
+from corpus.prepare import check_load_time_metadata, load_time_scores, scored_from_text_alone
 from corpus.records import EncodedSample, encode_records, has_scores, parse_record
 from corpus.scoring import current_year
 from durable import open_regular_file, replace_file
@@ -29,7 +29,7 @@ from errors import UserError
 
 
 ENCODE_CHUNK = 1024
-INDEX_FORMAT = 3  # 3: scores computed at load for records without them (and how many were)
+INDEX_FORMAT = 4  # 3: scores computed at load for records without them (and how many were); 4: how many from text alone
 SCORER_FILES = ("scoring.py", "prepare.py")  # what computes them: part of the cache key
 COLUMN_TYPES = {"offsets": np.int64, "line_numbers": np.int64, "lengths": np.int32,
                 "auth_weight": np.float32, "prov_entropy": np.float32, "source_type": np.int16}
@@ -53,6 +53,8 @@ class CorpusIndex:
     file_size: int = -1  # when indexed, to notice the file changing under a streaming run
     source_type_names: list = field(default_factory=list)  # code -> the record's `source_type`, for reports
     scored_at_load: int = 0  # records that brought no scores: scored here, as prepare_data.py scores
+    scored_from_text: int = 0  # of those, the ones with no metadata either: scored from their wording alone
+    turns: str = "all"  # the assistant turns of chat records that are learned (corpus.chat_turns)
 
     def __len__(self) -> int:
         return len(self.offsets)
@@ -67,12 +69,14 @@ class CorpusIndex:
 
     @classmethod
     def build(cls, path: str | Path, tokenizer, max_tokens: int, *, in_memory: bool = False,
-              limit: int | None = None, cache_dir: Path | None = None, tokenizer_key: str = "") -> "CorpusIndex":
+              limit: int | None = None, cache_dir: Path | None = None, tokenizer_key: str = "",
+              turns: str = "all") -> "CorpusIndex":
         """Index `path`; with `limit`, stop after that many usable records.
 
         With `cache_dir`, the index of a whole file is kept there, keyed by the
-        file's size and modification time, the tokenizer and `max_tokens`: a
-        corpus of millions of records is then opened again in a second.
+        file's size and modification time, the tokenizer, `max_tokens` and `turns`
+        (which chat turns are learned): a corpus of millions of records is then
+        opened again in a second.
         """
         path = Path(path)
         if not path.is_file():
@@ -80,10 +84,11 @@ class CorpusIndex:
         file_size = os.path.getsize(path)
         cache_file = None
         if cache_dir is not None and limit is None:
-            cache_file = Path(cache_dir) / f"index-{_cache_key(path, max_tokens, tokenizer_key)}.safetensors"
+            cache_file = Path(cache_dir) / f"index-{_cache_key(path, max_tokens, tokenizer_key, turns)}.safetensors"
             cached = _read_cache(cache_file)
             if cached is not None:
-                index = cls(path=path, max_tokens=max_tokens, tokenizer=tokenizer, file_size=file_size, **cached)
+                index = cls(path=path, max_tokens=max_tokens, tokenizer=tokenizer, file_size=file_size, turns=turns,
+                            **cached)
                 if in_memory:
                     index.in_memory = index.samples(range(len(index)))
                 return index
@@ -92,17 +97,17 @@ class CorpusIndex:
         columns = {name: array(np.dtype(kind).char) for name, kind in COLUMN_TYPES.items()}
         samples = [] if in_memory else None
         type_codes: dict[str, int] = {}  # source_type -> code, in order of first appearance
-        truncated, no_target, scored_at_load = 0, [], 0
+        truncated, no_target, scored_at_load, scored_from_text = 0, [], 0, 0
         pending = []  # (byte offset, line number, record), encoded a chunk at a time
         this_year = current_year()
 
         def flush():
-            nonlocal truncated, scored_at_load
-            encoded = encode_records([record for _, _, record in pending], tokenizer, max_tokens)
+            nonlocal truncated, scored_at_load, scored_from_text
+            encoded = encode_records([record for _, _, record in pending], tokenizer, max_tokens, turns)
             for (start, line_number, record), sample in zip(pending, encoded):
                 if limit is not None and len(columns["offsets"]) >= limit:
                     break
-                if len(sample.tokens) - max(sample.prompt_length, 1) < 1:
+                if sample.learned_targets < 1:
                     no_target.append(line_number)
                     continue
                 truncated += sample.truncated
@@ -113,6 +118,7 @@ class CorpusIndex:
                 else:
                     authority, entropy = load_time_scores(record, f"{path}:{line_number}", this_year)
                     scored_at_load += 1
+                    scored_from_text += scored_from_text_alone(record)
                 for name, value in (("offsets", start), ("line_numbers", line_number), ("lengths", len(sample.tokens)),
                                     ("auth_weight", authority), ("prov_entropy", entropy),
                                     ("source_type", code)):
@@ -136,9 +142,9 @@ class CorpusIndex:
         names = list(type_codes)
         index = cls(path=path, max_tokens=max_tokens, tokenizer=tokenizer, truncated=truncated,
                     no_target=no_target, in_memory=samples, file_size=file_size, source_type_names=names,
-                    scored_at_load=scored_at_load, **arrays)
+                    scored_at_load=scored_at_load, scored_from_text=scored_from_text, turns=turns, **arrays)
         if cache_file is not None:
-            _write_cache(cache_file, arrays, truncated, no_target, names, scored_at_load)
+            _write_cache(cache_file, arrays, truncated, no_target, names, (scored_at_load, scored_from_text))
         return index
 
     def samples(self, indices) -> list[EncodedSample]:
@@ -154,7 +160,7 @@ class CorpusIndex:
             for i in indices:
                 handle.seek(int(self.offsets[i]))
                 records.append(parse_record(handle.readline(), str(self.path), int(self.line_numbers[i])))
-        return encode_records(records, self.tokenizer, self.max_tokens)
+        return encode_records(records, self.tokenizer, self.max_tokens, self.turns)
 
 
 def checked_records(path: str | Path, tokenizer):
@@ -211,10 +217,10 @@ def content_signature(path: Path, edge_bytes: int = 1 << 20) -> dict:
     return {"size": size, "sha256_of_ends": digest.hexdigest()}
 
 
-def _cache_key(path: Path, max_tokens: int, tokenizer_key: str) -> str:
+def _cache_key(path: Path, max_tokens: int, tokenizer_key: str, turns: str) -> str:
     stat = os.stat(path)
     blob = json.dumps([INDEX_FORMAT, str(path.resolve()), stat.st_size, stat.st_mtime_ns, max_tokens, tokenizer_key,
-                       _scorer_key()])
+                       _scorer_key(), turns])
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -227,14 +233,14 @@ def _scorer_key() -> str:
     return digest.hexdigest()[:16]
 
 
-def _checksum(columns: dict, truncated: int, no_target: list, source_type_names: list, scored_at_load: int) -> str:
+def _checksum(columns: dict, truncated: int, no_target: list, source_type_names: list, scored: tuple) -> str:
     """SHA-256 of everything the cache holds, so that a flipped bit is found, not trained on."""
     digest = hashlib.sha256()
     for name, kind in COLUMN_TYPES.items():
         digest.update(name.encode())
         digest.update(np.ascontiguousarray(columns[name], dtype=kind).tobytes())
     digest.update(json.dumps([int(truncated), [int(n) for n in no_target], source_type_names,
-                              int(scored_at_load)]).encode())
+                              [int(n) for n in scored]]).encode())
     return digest.hexdigest()
 
 
@@ -258,17 +264,17 @@ def _read_cache(cache_file: Path) -> dict | None:
             return _rejected(cache_file, "has no list of source types")
         columns = {name: arrays[name].astype(kind, copy=False) for name, kind in COLUMN_TYPES.items()}
         truncated, no_target = int(arrays["truncated"][0]), arrays["no_target"].tolist()
-        scored_at_load = int(metadata["scored_at_load"])
+        scored = (int(metadata["scored_at_load"]), int(metadata["scored_from_text"]))
     except (KeyError, ValueError, IndexError, TypeError, SafetensorError, RecursionError) as exc:
         return _rejected(cache_file, f"is not a valid index ({type(exc).__name__})")
-    if metadata.get("sha256") != _checksum(columns, truncated, no_target, names, scored_at_load):
+    if metadata.get("sha256") != _checksum(columns, truncated, no_target, names, scored):
         return _rejected(cache_file, "fails its checksum (changed since it was written)")
     # The checksum is no signature: a file rewritten with a matching one must still be usable.
     codes = columns["source_type"]
     if len(codes) and int(codes.max()) >= len(names):
         return _rejected(cache_file, "names a source type it does not list")
     return {**columns, "truncated": truncated, "no_target": no_target, "source_type_names": names,
-            "scored_at_load": scored_at_load}
+            "scored_at_load": scored[0], "scored_from_text": scored[1]}
 
 
 def _rejected(cache_file: Path, why: str) -> None:
@@ -277,15 +283,17 @@ def _rejected(cache_file: Path, why: str) -> None:
 
 
 def _write_cache(cache_file: Path, columns: dict, truncated: int, no_target: list, source_type_names: list,
-                 scored_at_load: int) -> None:
+                 scored: tuple) -> None:
     """Best effort: a cache that cannot be written only costs the next start its time.
-    Replaced atomically under a fresh name (never through a link), nothing left half-written."""
+    Replaced atomically under a fresh name (never through a link), nothing left half-written.
+    `scored`: (records scored at load, of them scored from their text alone)."""
     from safetensors.numpy import save
 
     arrays = dict(columns, truncated=np.asarray([truncated], dtype=np.int64),
                   no_target=np.asarray(no_target, dtype=np.int64))
-    metadata = {"source_type_names": json_text(source_type_names), "scored_at_load": str(int(scored_at_load)),
-                "sha256": _checksum(columns, truncated, no_target, source_type_names, scored_at_load)}
+    metadata = {"source_type_names": json_text(source_type_names), "scored_at_load": str(int(scored[0])),
+                "scored_from_text": str(int(scored[1])),
+                "sha256": _checksum(columns, truncated, no_target, source_type_names, scored)}
     try:
         cache_file.parent.mkdir(parents=True, exist_ok=True)
         blob = save(arrays, metadata=metadata)
