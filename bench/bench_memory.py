@@ -9,8 +9,10 @@ A model where the logits dominate: 4 blocks 512 wide (8 heads of 64, MLP 1024)
 with a 128,256-word vocabulary (Llama 3's), its embedding tied to the output
 layer, random weights from a fixed seed, quantized to 4 bits (group 64) once;
 the tiny model's tokenizer (so the targets are the first 1,024 words, and the
-softmax runs over all 128,256). `--model DIR` takes another mlx-lm model
-folder instead (quantized to 4 bits first unless it is). The data: texts of
+softmax runs over all 128,256). `--model` takes another model instead: an
+mlx-lm folder (quantized to 4 bits first unless it is), a GGUF file (its
+mlx-lm folder, built once, is what both sides train), or `real`, the project's
+real model (SmolLM2-135M, 49,152 words; fetched by bench/real_model.py). The data: texts of
 the demo corpus joined into records longer than --seq tokens, one mlx-lm data
 folder for every side: every batch is --seq tokens long.
 
@@ -58,17 +60,24 @@ LARGE_VOCABULARY = {"num_hidden_layers": 4, "hidden_size": 512, "intermediate_si
 
 
 def model_dir(args) -> Path:
-    """The model both sides train: --model, or the random large-vocabulary one; 4-bit."""
+    """The model both sides train, as an mlx-lm folder: --model (a folder, a GGUF file, or `real`:
+    bench/real_model.py's SmolLM2-135M), or the random large-vocabulary one; 4-bit."""
     sys.path.insert(0, str(SRC))
-    from modeling import prepare_base
+    from modeling import prepare_base, resolve_model
 
     if args.model:
-        base = Path(args.model).resolve()
-    else:
-        overrides = dict(LARGE_VOCABULARY, num_hidden_layers=args.layers, hidden_size=args.hidden,
-                         intermediate_size=2 * args.hidden, num_attention_heads=args.hidden // 64,
-                         num_key_value_heads=args.hidden // 64, vocab_size=args.vocab)
-        base = random_model(overrides, f"vocab-{args.layers}x{args.hidden}x{args.vocab}")
+        name = args.model
+        if name == "real":
+            from real_model import gguf_path
+
+            if not gguf_path().is_file():
+                sys.exit(f"--model real: {gguf_path()} is not there; python bench/real_model.py fetches it")
+            name = str(gguf_path())
+        return Path(prepare_base(resolve_model(name), 4, shown=name).path)
+    overrides = dict(LARGE_VOCABULARY, num_hidden_layers=args.layers, hidden_size=args.hidden,
+                     intermediate_size=2 * args.hidden, num_attention_heads=args.hidden // 64,
+                     num_key_value_heads=args.hidden // 64, vocab_size=args.vocab)
+    base = random_model(overrides, f"vocab-{args.layers}x{args.hidden}x{args.vocab}")
     return Path(prepare_base(str(base), 4).path)
 
 
@@ -228,7 +237,8 @@ def print_loss(chunked: dict, whole: dict, args) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", help="an mlx-lm model folder instead of the random large-vocabulary model")
+    parser.add_argument("--model", help="an mlx-lm model folder or GGUF file instead of the random large-vocabulary "
+                                         "model; `real`: bench/real_model.py's SmolLM2-135M")
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--hidden", type=int, default=512)
     parser.add_argument("--vocab", type=int, default=128256)

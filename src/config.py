@@ -280,6 +280,7 @@ class Config:
         if self.paths.output_dir:
             return Path(self.paths.output_dir)
         name = Path(self.model.model.rstrip("/")).name or "model"
+        name = name[:-len(".gguf")] if name.lower().endswith(".gguf") else name  # a GGUF file: its stem
         return Path("models") / f"distrust-{name}"
 
     @property

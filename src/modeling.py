@@ -95,10 +95,14 @@ class LoadedModel:
 
 
 def resolve_model(name: str) -> str:
-    """`tiny` -> its built directory; a local dir -> its absolute path; else an HF id."""
+    """`tiny` -> its built directory; a local dir or GGUF file -> its absolute path; else an HF id."""
     if name == "tiny":
         return str(ensure_tiny_model())
     path = Path(name).expanduser()
+    if path.is_file():  # a GGUF file (LM Studio, Ollama, llama.cpp): read by gguf_import
+        from gguf_import import resolve_gguf_file
+
+        return resolve_gguf_file(path, name)
     if path.exists():
         if not (path / "config.json").is_file():
             raise UserError(f"{name}: not an mlx-lm model directory (no config.json)")
@@ -173,6 +177,10 @@ def prepare_base(resolved: str, quantize_bits: int, trust_remote_code: bool = Fa
     rebuilt, not trained on. Cost: one quantized copy per base and bit width
     (about 0.28 of the float16 base at 4 bits), shared by every run on it.
     """
+    if Path(resolved).is_file():  # a GGUF file: its mlx-lm folder, built once in the cache
+        from gguf_import import prepare_gguf_base
+
+        return prepare_gguf_base(resolved, quantize_bits, shown)
     if quantize_bits <= 0:
         return BaseModel(source=resolved, path=resolved, quantization=None)
     local = local_model_dir(resolved, shown)

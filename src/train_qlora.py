@@ -362,7 +362,7 @@ def train(config, output_dir: Path, manager, start, inputs: dict, group, names: 
     trainable, total = parameter_counts(loaded.model)
     quant = f"{loaded.quantized_bits}-bit" if loaded.quantized_bits else "not quantized"
     if loaded.base.quantization:
-        quant += f"; its quantized copy {loaded.base.path}"
+        quant += f"; {'its mlx-lm folder' if Path(loaded.path).is_file() else 'its quantized copy'} {loaded.base.path}"
     kind = "DoRA" if lo.fine_tune_type == "dora" else "LoRA"
     where = f" ({', '.join(lo.keys)})" if lo.keys else ""
     print(f"model: {loaded.path} ({quant}); {kind} on {num_layers} blocks{where}; trainable parameters "
