@@ -9,13 +9,15 @@ its own output layer (`lm_head`, or the tied embedding's `as_linear`, quantized
 or not) and the cross-entropy run over chunks of `chunk` tokens.
 
 In training the gradient is computed chunk by chunk in the forward pass
-(`with_gradient`): each chunk's logits give its losses and, at once, the
-gradient of each token's loss with respect to its hidden state (softmax minus
-the target's one-hot, through the output layer's own vjp), which is all the
-backward pass needs; the chunk's logits are then dropped. The backward pass
-(an `mx.custom_function` vjp) only scales those per-token gradients by the
-cotangent of each token's loss: the output layer runs once forward and once
-backward per token, as without chunks, and no chunk's logits are recomputed.
+(`weighted_sum_in_chunks`): each chunk's logits give its tokens' losses and,
+at once, the gradient of the objective's weighted sum with respect to their
+hidden states (the cross-entropy's and the output layer's own vjp, with each
+token's weight times its mask as the cotangent: the operations autograd runs
+on the whole batch), which is all the backward pass needs; the chunk's logits
+are then dropped. The backward pass (an `mx.custom_function` vjp) only
+multiplies those gradients by the sum's cotangent (1 in a step): the output
+layer runs once forward and once backward per token, as without chunks, and
+no chunk's logits are recomputed.
 Each chunk's input waits for the previous chunk's results (`mx.depends`), so
 the chunks are computed one after another; MLX still encodes a few operations
 ahead of the one it computes, so about a dozen chunk-sized buffers can be
@@ -23,9 +25,11 @@ allocated at once (measured on the CPU), hence the automatic size's floor of
 AUTO_MIN_CHUNKS chunks. Validation and `evaluate.py` run the same chunks
 forward only (`token_losses`).
 
-The values are those of the unchunked loss up to float rounding: each token's
-loss is the same operation on the same logits, and each token's gradient the
-same sum scaled after the output layer instead of before. A model whose output
+The values are those of the unchunked loss: each token's loss and gradient
+are the same operations on the same numbers, a chunk's rows instead of the
+batch's; equal to the bit where the matrix products give each row the same
+result whatever the number of rows (measured so on this CPU), else within
+float rounding. A model whose output
 is not its output layer applied to `model.model(inputs)` (Gemma 2's logit
 soft-capping, a logit scale) is found by a probe and gets the unchunked loss,
 with a note.
@@ -140,46 +144,55 @@ def token_losses(model: nn.Module, inputs: mx.array, targets: mx.array, plan: Lo
     return mx.concatenate(losses).reshape(batch, length)
 
 
-def training_token_losses(model: nn.Module, inputs: mx.array, targets: mx.array,
-                          plan: LossPlan = WHOLE_PLAN) -> mx.array:
-    """Per-token cross-entropy [B, L] in float32, differentiable; in chunks where the plan says."""
+def loss_sums(model: nn.Module, inputs: mx.array, targets: mx.array, mask: mx.array, weights: mx.array,
+              plan: LossPlan = WHOLE_PLAN) -> tuple[mx.array, mx.array]:
+    """(sum of weights[row] * ce over the tokens where mask is 1, plain ce sum), in chunks
+    where the plan says. Only the first is differentiated in a step; in chunks the second
+    is a figure only (no gradient flows from it)."""
     chunk = plan.chunk_for(inputs.size)
     if chunk is None:
-        return cross_entropy(model(inputs), targets)
-    return with_gradient(plan.head, model.model(inputs), targets, chunk)
+        ce = cross_entropy(model(inputs), targets) * mask
+        return (ce * weights[:, None]).sum(), ce.sum()
+    weighted, ce = weighted_sum_in_chunks(plan.head, model.model(inputs), targets, mask, weights, chunk)
+    return weighted, (ce * mask).sum()
 
 
-def with_gradient(head: Callable, hidden: mx.array, targets: mx.array, chunk: int) -> mx.array:
-    """Per-token cross-entropy of `head(hidden)` [B, L] in float32, over chunks of `chunk`
-    tokens, its gradient with respect to `hidden` computed chunk by chunk in the forward pass."""
+def weighted_sum_in_chunks(head: Callable, hidden: mx.array, targets: mx.array, mask: mx.array, weights: mx.array,
+                           chunk: int) -> tuple[mx.array, mx.array]:
+    """(the weighted sum of `loss_sums`, the per-token cross-entropy [B, L] as a figure) of
+    `head(hidden)`, over chunks of `chunk` tokens; the weighted sum's gradient with respect to
+    `hidden` is computed chunk by chunk in the forward pass, by the very operations autograd
+    runs on the whole batch (each chunk's share of them)."""
     batch, length, width = hidden.shape
     tokens = batch * length
 
+    def weighted_sum(ce):
+        return ((ce * mask) * weights[:, None]).sum()
+
     @mx.custom_function
-    def losses_and_gradients(hidden):
+    def sum_and_gradient(hidden):
         flat, flat_targets = hidden.reshape(tokens, width), targets.reshape(tokens)
-        packed = []  # per chunk: [tokens, width + 1]: d(loss)/d(hidden) of each token, then its loss
+        # d(weighted sum)/d(each token's loss), as autograd computes it: it does not depend on the losses.
+        _, (per_token,) = mx.vjp(weighted_sum, [mx.zeros((batch, length), dtype=mx.float32)], [mx.array(1.0)])
+        per_token = per_token.reshape(tokens)
+        packed = []  # per chunk [tokens, width + 1]: d(weighted sum)/d(hidden) of each token, then its loss
         for start, end in _chunks(tokens, chunk):
             x, t = flat[start:end], flat_targets[start:end]
             if packed:
                 x = mx.depends(x, packed[-1])
-            logits = head(x)
-            loss = cross_entropy(logits, t)
-            # d(loss)/d(logits) = softmax - one-hot of the target, then back through the output layer
-            probabilities = mx.softmax(logits, axis=-1, precise=True)
-            at_target = mx.take_along_axis(probabilities, t[:, None], axis=-1)
-            d_logits = mx.put_along_axis(probabilities, t[:, None], at_target - 1, axis=-1)
-            _, (d_x,) = mx.vjp(head, [x], [d_logits])
+            (loss,), (d_x,) = mx.vjp(lambda x: [cross_entropy(head(x), t)], [x], [per_token[start:end]])
             packed.append(mx.concatenate([d_x.astype(mx.float32), loss[:, None]], axis=1))
         packed = mx.concatenate(packed)
-        return packed[:, width].reshape(batch, length), packed[:, :width].reshape(batch, length, width)
+        ce = packed[:, width].reshape(batch, length)
+        return weighted_sum(ce), ce, packed[:, :width].reshape(batch, length, width)
 
-    @losses_and_gradients.vjp
-    def scale_gradients(primals, cotangents, outputs):
-        # Only the losses are an output to differentiate; the gradients are this function's own.
-        return (cotangents[0][..., None] * outputs[1]).astype(primals[0].dtype)
+    @sum_and_gradient.vjp
+    def scaled_gradient(primals, cotangents, outputs):
+        # The weighted sum is the output differentiated; the losses leave through stop_gradient.
+        return (cotangents[0] * outputs[2]).astype(primals[0].dtype)
 
-    return losses_and_gradients(hidden)[0]
+    weighted, ce, _ = sum_and_gradient(hidden)
+    return weighted, mx.stop_gradient(ce)
 
 
 def _chunks(total: int, size: int) -> list[tuple[int, int]]:

@@ -12,7 +12,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
 
-from chunked_loss import WHOLE_PLAN, LossPlan, training_token_losses
+from chunked_loss import WHOLE_PLAN, LossPlan, loss_sums
 
 
 def weighted_loss_sums(model, inputs, targets, mask, weights, plan: LossPlan = WHOLE_PLAN):
@@ -23,8 +23,7 @@ def weighted_loss_sums(model, inputs, targets, mask, weights, plan: LossPlan = W
     Padding never counts: `mask` is 0 there (and on fill rows and prompts).
     With a chunked `plan`, the logits exist a chunk of tokens at a time (chunked_loss.py).
     """
-    ce = training_token_losses(model, inputs, targets, plan) * mask
-    return (ce * weights[:, None]).sum(), ce.sum()
+    return loss_sums(model, inputs, targets, mask, weights, plan)
 
 
 def gradient_function(model: nn.Module, plan: LossPlan, compiled: bool):

@@ -20,13 +20,12 @@ from conftest import FAST, adapters_equal, load_adapters, read_metrics, run_cli,
 from monitoring.evaluation import compile_row_losses
 from optimization import gradient_function
 
-# Measured here: the loss sums of chunks equal the whole batch's to the bit (each token's loss
-# is the same operation on the same logits); the gradients differ by rounding only (each
-# token's gradient is scaled after the output layer instead of before): at most 1.2e-6 of the
-# largest value of their array over the models below.
+# Each chunk runs the operations autograd runs on the whole batch, on its rows: on this CPU
+# (MLX 0.32.4) the losses, the gradients and whole runs came out equal to the bit. Where a
+# backend's matrix product gives a row another rounding for another number of rows (not
+# measured: Metal, CUDA), they would differ by float rounding, which Adam carries forward
+# (as between any two summation orders): hence tolerances, not equality.
 GRADIENT_TOLERANCE = 1e-5
-# Whole runs with and without chunks: Adam carries the gradients' rounding forward (as between
-# any two summation orders); measured 2.8e-5 of the largest value of an array after 10 steps.
 RUN_TOLERANCE = 1e-4
 CHUNKED = ["--loss-chunk-size", "16"]  # FAST's batches (4 x up to 48 tokens) in up to 12 chunks
 
@@ -73,12 +72,12 @@ def test_chunks_give_the_whole_losses_and_gradients_within_rounding(tmp_path, ki
     assert all(float(mx.abs(g).max().item()) > 0 for g in reference.values())  # every adapter learns
     for chunk, compiled in ((7, True), (16, False), (119, True)):
         w, c, grads = gradient_function(model, loss_plan(model, chunk), compiled=compiled)(*batch)
-        assert (w.item(), c.item()) == (whole[0].item(), whole[1].item()), chunk
+        assert np.allclose([w.item(), c.item()], [whole[0].item(), whole[1].item()], rtol=1e-6, atol=0), chunk
         assert relative_difference(dict(tree_flatten(grads)), reference) < GRADIENT_TOLERANCE, chunk
-    # Forward only (validation, evaluate.py): the same losses per row, to the bit.
+    # Forward only (validation, evaluate.py): the same losses per row.
     inputs, targets, mask, _ = batch
     rows = compile_row_losses(model, loss_plan(model, 16))(inputs, targets, mask)
-    assert mx.array_equal(rows, compile_row_losses(model)(inputs, targets, mask)).item()
+    assert mx.allclose(rows, compile_row_losses(model)(inputs, targets, mask), rtol=1e-6, atol=0).item()
 
 
 def test_automatic_chunks_follow_the_size_of_the_logits(tmp_path):
@@ -121,8 +120,7 @@ def test_a_run_in_chunks_learns_what_a_run_without_learns(corpus, tmp_path):
            (tmp_path / "chunked", tmp_path / "whole")]
     assert len(val[0]) == 2 and np.allclose(val[0], val[1], rtol=1e-5, atol=0)
     difference = relative_difference(load_adapters(tmp_path / "chunked"), load_adapters(tmp_path / "whole"))
-    print(f"adapters: largest difference {difference:.1e} of the largest value of their array")
-    assert 0 < difference < RUN_TOLERANCE
+    assert difference < RUN_TOLERANCE
 
 
 def test_chunks_with_grad_checkpoint_learn_what_chunks_without_it_learn(corpus, tmp_path):
