@@ -5,6 +5,7 @@ resume exactly and run under several processes like runs without."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import time
@@ -16,7 +17,8 @@ import pytest
 from mlx.utils import tree_flatten
 
 from chunked_loss import AUTO, AUTO_LOGITS, AUTO_MIN_CHUNKS, WHOLE, loss_plan, token_losses
-from conftest import FAST, adapters_equal, load_adapters, read_metrics, run_cli, run_in_process, train_lines
+from conftest import (FAST, adapters_equal, load_adapters, read_metrics, run_cli, run_in_process,
+                      run_script_in_process, train_lines)
 from monitoring.evaluation import compile_row_losses
 from optimization import gradient_function
 
@@ -121,6 +123,14 @@ def test_a_run_in_chunks_learns_what_a_run_without_learns(corpus, tmp_path):
     assert len(val[0]) == 2 and np.allclose(val[0], val[1], rtol=1e-5, atol=0)
     difference = relative_difference(load_adapters(tmp_path / "chunked"), load_adapters(tmp_path / "whole"))
     assert difference < RUN_TOLERANCE
+    # evaluate.py takes the run's setting: base and adapted losses in chunks, the same figures.
+    figures = []
+    for out in (tmp_path / "chunked", tmp_path / "whole"):
+        result = run_script_in_process("evaluate", "--output-dir", out, "--json", out / "evaluation.json")
+        assert result.returncode == 0, result.stderr
+        report = json.loads((out / "evaluation.json").read_text())
+        figures.append([report[side]["overall"]["loss"] for side in ("base", "adapted")])
+    assert np.allclose(figures[0], figures[1], rtol=1e-6, atol=0)
 
 
 def test_chunks_with_grad_checkpoint_learn_what_chunks_without_it_learn(corpus, tmp_path):
