@@ -38,6 +38,23 @@ Three parts, in one run:
 3. The loss of --loss-steps steps (batch 1 x --loss-seq tokens, --loss-chunk
    tokens a chunk) against the same run with --loss-chunk-size 0: the largest
    relative difference of a step's loss, and of the final adapters.
+
+Measured on this 2-core x86_64 Linux CPU (mlx 0.32.4 CPU, mlx_lm 0.32.2), the
+defaults, load average 2 to 3 (`--rounds 8 --skip-training` for part 1,
+`--steps 6 --skip-loss` for part 2, the defaults for part 3):
+
+  1. MLX peak 133 MB with chunks (8 tokens) against 341 MB without (0.39x);
+     time 1.003x wall, 1.000x CPU (medians of 8 rounds); loss and gradients
+     equal to the bit.
+  2. MLX peak: ours 133 MB, ours unchunked 342 MB, mlx_lm 337 MB (0.40x);
+     with --grad-checkpoint 109, 320, 322 MB (0.34x). Step: 13.9 s, 13.7 s,
+     13.9 s (1.015x of ours unchunked); with --grad-checkpoint 15.4, 16.1,
+     15.1 s (0.96x). Process CPU seconds: 1.018x and 0.993x of unchunked.
+  3. 20 of 20 step losses identical, the adapters identical.
+
+With `--model` SmolLM2-135M's GGUF (49,152 words, 30 blocks), part 1 at 2
+rounds: MLX peak 374 MB against 460 MB (0.81x: the blocks weigh more there),
+0.95x the time, equal to the bit.
 """
 
 from __future__ import annotations
