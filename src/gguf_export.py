@@ -33,14 +33,15 @@ import importlib
 import json
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from errors import UserError
 
-GGUF_TYPES = ("f16", "q8_0", "q4_0")
+GGUF_TYPES = ("f16", "q8_0", "q4_0")  # what export.py --gguf-type offers
+REFERENCE_TYPE = "f32"  # every tensor float32: the parity bench's reference, not offered to users
 
 # mlx-lm model_type -> llama.cpp architecture name (gguf.MODEL_ARCH_NAMES)
 ARCHITECTURES = {"llama": "llama", "mistral": "llama", "mixtral": "llama", "qwen2": "qwen2", "qwen3": "qwen3",
@@ -69,6 +70,7 @@ MLX_LM_NAMES = [
     (re.compile(r"block_sparse_moe\.switch_mlp\.up_proj"), "block_sparse_moe.experts.w3"),
 ]
 QUANT_BLOCK = 32  # Q8_0 and Q4_0 quantize rows in blocks of 32
+FALLBACK = "export without --gguf and convert the folder with llama.cpp's convert_hf_to_gguf.py"
 
 
 @dataclass
@@ -84,6 +86,7 @@ class Vocabulary:
     add_eos: bool
     add_space_prefix: bool | None
     chat_template: str | None
+    strips_after_specials: bool  # special tokens that swallow the white space after them (Phi-3's)
 
 
 @dataclass
@@ -97,7 +100,6 @@ class GGUFPlan:
     config: dict
     vocabulary: Vocabulary
     gguf_type: str
-    notes: list[str] = field(default_factory=list)
 
 
 # ---------------------------------------------------------------------------
@@ -109,9 +111,8 @@ def plan_gguf(config: dict, tokenizer_dir: Path, tokenizer, gguf_type: str = "f1
     model_type = config.get("model_type")
     if model_type not in ARCHITECTURES:
         raise UserError(f"--gguf: writes llama, mistral, mixtral, qwen2, qwen3, gemma2, gemma3 and phi3 models, "
-                        f"and this base is {model_type!r}; export without --gguf and convert the folder with "
-                        f"llama.cpp's convert_hf_to_gguf.py")
-    if gguf_type not in GGUF_TYPES:
+                        f"and this base is {model_type!r}; {FALLBACK}")
+    if gguf_type not in GGUF_TYPES + (REFERENCE_TYPE,):
         raise UserError(f"--gguf-type {gguf_type!r}: choose one of {', '.join(GGUF_TYPES)}")
     args, text_config = model_args(config)
     rope = rope_scaling(args)
@@ -120,8 +121,7 @@ def plan_gguf(config: dict, tokenizer_dir: Path, tokenizer, gguf_type: str = "f1
                  "qwen3": (None, "default", "linear"), "gemma2": (None, "default"),
                  "gemma3": (None, "default", "linear"), "phi3": (None, "default", "longrope", "su")}
     if kind not in supported[ARCHITECTURES[model_type]]:
-        raise UserError(f"--gguf: the base's RoPE scaling {kind!r} is not written for {model_type} models; "
-                        f"export without --gguf and convert the folder with llama.cpp's convert_hf_to_gguf.py")
+        raise UserError(f"--gguf: the base's RoPE scaling {kind!r} is not written for {model_type} models; {FALLBACK}")
     vocabulary = read_vocabulary(Path(tokenizer_dir), tokenizer, int(args.vocab_size))
     return GGUFPlan(ARCHITECTURES[model_type], model_type, args, text_config, vocabulary, gguf_type)
 
@@ -151,30 +151,29 @@ def read_vocabulary(tokenizer_dir: Path, tokenizer, rows: int) -> Vocabulary:
     """The vocabulary in llama.cpp's terms, from tokenizer.json and the tokenizer's behaviour."""
     import gguf
 
-    fallback = "export without --gguf and convert the folder with llama.cpp's convert_hf_to_gguf.py"
     try:
         spec = json.loads((tokenizer_dir / "tokenizer.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
-        raise UserError(f"--gguf: the base {tokenizer_dir} has no readable tokenizer.json; {fallback}") from None
+        raise UserError(f"--gguf: the base {tokenizer_dir} has no readable tokenizer.json; {FALLBACK}") from None
     model = spec.get("model") or {}
     if model.get("type") != "BPE":
         raise UserError(f"--gguf: the base's vocabulary is a {model.get('type')} model; GGUF export writes BPE "
-                        f"vocabularies (byte-level or with byte fallback); {fallback}")
+                        f"vocabularies (byte-level or with byte fallback); {FALLBACK}")
     byte_level = any(piece.get("type") == "ByteLevel" for piece in _pieces(spec.get("pre_tokenizer")))
     if byte_level:
         kind, pre = "gpt2", _pre_tokenizer_name(spec)
         if pre is None:
             raise UserError(f"--gguf: the base's byte-level vocabulary splits text in a way llama.cpp has no name "
-                            f"for here (known: {', '.join(sorted(set(PRE_TOKENIZERS.values())))}); {fallback}")
+                            f"for here (known: {', '.join(sorted(set(PRE_TOKENIZERS.values())))}); {FALLBACK}")
         space_prefix = None
     elif model.get("byte_fallback"):
         kind, pre = "llama", None
         space_prefix = _space_prefix(spec)
         if space_prefix is None:
             raise UserError(f"--gguf: the base's SentencePiece-like vocabulary marks words in a way llama.cpp "
-                            f"cannot reproduce; {fallback}")
+                            f"cannot reproduce; {FALLBACK}")
     else:
-        raise UserError(f"--gguf: the base's BPE vocabulary is neither byte-level nor with byte fallback; {fallback}")
+        raise UserError(f"--gguf: the base's BPE vocabulary is neither byte-level nor with byte fallback; {FALLBACK}")
 
     vocab = dict(model.get("vocab") or {})
     added = {entry["id"]: entry for entry in spec.get("added_tokens") or []}
@@ -199,7 +198,7 @@ def read_vocabulary(tokenizer_dir: Path, tokenizer, rows: int) -> Vocabulary:
 
     merges = [pair if isinstance(pair, str) else " ".join(pair) for pair in model.get("merges") or []]
     if any(len(merge.split(" ")) != 2 for merge in merges):
-        raise UserError(f"--gguf: the base's merges hold a space inside a token; {fallback}")
+        raise UserError(f"--gguf: the base's merges hold a space inside a token; {FALLBACK}")
     scores = None
     if kind == "llama":
         # llama.cpp's SentencePiece tokenizer merges the best-scored pair first; BPE merges by rank.
@@ -224,6 +223,7 @@ def read_vocabulary(tokenizer_dir: Path, tokenizer, rows: int) -> Vocabulary:
         add_eos="eos" in ids and special[-1:] == [ids["eos"]] != plain[-1:],
         add_space_prefix=space_prefix,
         chat_template=template if isinstance(template, str) and template else None,
+        strips_after_specials=any(entry.get("rstrip") for entry in added.values() if entry.get("special")),
     )
 
 
@@ -300,6 +300,8 @@ def tensor_type(plan: GGUFPlan, name: str, shape: tuple, tied: bool):
     from gguf import GGMLQuantizationType as T
 
     if len(shape) == 1 or name.endswith(("_norm.weight", "ffn_gate_inp.weight")) or name.startswith("rope_"):
+        return T.F32
+    if plan.gguf_type == REFERENCE_TYPE:
         return T.F32
     if plan.gguf_type == "f16" or shape[-1] % QUANT_BLOCK:
         return T.F16
@@ -456,9 +458,10 @@ def write_metadata(writer, plan: GGUFPlan, name: str) -> None:
     import gguf
 
     args, config, vocabulary = plan.args, plan.config, plan.vocabulary
-    file_types = {"f16": gguf.LlamaFileType.MOSTLY_F16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
+    file_types = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
+                  "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
                   "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0}
-    writer.add_name(name)
+    writer.add_name(llama_cpp_name(plan, name))
     writer.add_file_type(file_types[plan.gguf_type])
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
@@ -528,6 +531,15 @@ def write_metadata(writer, plan: GGUFPlan, name: str) -> None:
         writer.add_add_space_prefix(vocabulary.add_space_prefix)
     if vocabulary.chat_template:
         writer.add_chat_template(vocabulary.chat_template)
+
+
+def llama_cpp_name(plan: GGUFPlan, name: str) -> str:
+    """The model's name in the file. llama.cpp has no key for a token that swallows the white space
+    after it; it gives Phi-3's chat tokens that behaviour when the model's name says phi3, so a
+    Phi-3 vocabulary that has it gets " (phi3)" after a name that does not say so."""
+    if plan.arch == "phi3" and plan.vocabulary.strips_after_specials and not re.search(r"phi-?3", name.lower()):
+        return f"{name} (phi3)"
+    return name
 
 
 def export_model_dir(model_dir: Path, path: Path, gguf_type: str = "f16", name: str | None = None) -> dict:

@@ -40,8 +40,10 @@ PHI3_TEMPLATE = ("{% for message in messages %}<|{{ message['role'] }}|>\n{{ mes
 STYLES = {
     "spm": {"kind": "spm", "space_prefix": True, "head": ["<unk>", "<s>", "</s>"], "tail": [],
             "bos": "<s>", "eos": "</s>", "unk": "<unk>", "pad": None, "add_bos": True, "template": INST_TEMPLATE},
+    # Phi-3's chat tokens (and </s>) swallow the white space after them (rstrip), as in its tokenizer.
     "phi3": {"kind": "spm", "space_prefix": True, "head": ["<unk>", "<s>", "</s>"],
              "tail": ["<|endoftext|>", "<|assistant|>", "<|user|>", "<|end|>", "<|system|>"],
+             "rstrip": ["</s>", "<|assistant|>", "<|user|>", "<|end|>", "<|system|>"],
              "bos": "<s>", "eos": "<|endoftext|>", "unk": "<unk>", "pad": "<|endoftext|>", "add_bos": False,
              "template": PHI3_TEMPLATE},
     "gemma": {"kind": "spm", "space_prefix": False,
@@ -196,7 +198,7 @@ def _spm_tokenizer(texts: list[str], style: dict):
     """A BPE vocabulary laid out as SentencePiece's (special pieces, the 256 byte pieces, then the
     learned ones), with byte fallback; words begin with U+2581, the first one too when the style
     has the space prefix (Llama 2, Mistral, Phi-3) and not otherwise (Gemma)."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
     learner = Tokenizer(models.BPE())
     # Words split at spaces while learning, so that no piece spans two words (as SentencePiece's).
@@ -215,7 +217,9 @@ def _spm_tokenizer(texts: list[str], style: dict):
                             if style["space_prefix"] else replace)
     steps = [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
     tokenizer.decoder = decoders.Sequence(steps + [decoders.Strip(" ", 1, 0)] if style["space_prefix"] else steps)
-    tokenizer.add_special_tokens(list(style["head"]) + list(style["tail"]))
+    tokenizer.add_special_tokens([AddedToken(token, special=True, normalized=False,
+                                             rstrip=token in style.get("rstrip", ()))
+                                  for token in list(style["head"]) + list(style["tail"])])
     if style["add_bos"]:
         tokenizer.post_processor = _bos_processor(style, tokenizer.token_to_id)
     return tokenizer

@@ -109,6 +109,12 @@ def test_each_family_exports_a_gguf_llama_cpp_reads(family, families_root):
         assert meta["gemma3.attention.sliding_window_pattern"] == [True, False, True]
         assert meta["gemma3.rope.freq_base_swa"] == 10000.0
         assert (meta["gemma3.rope.scaling.type"], meta["gemma3.rope.scaling.factor"]) == ("linear", 8.0)
+    if family == "phi3":
+        # llama.cpp lets Phi-3's chat tokens swallow the white space after them (as its tokenizer does)
+        # only for a model whose name says phi3: another name gets it.
+        renamed = families_root / family / "mine.gguf"
+        gguf_export.export_model_dir(save, renamed, "f16", "mine")
+        assert fields(GGUFReader(str(renamed)))["general.name"] == "mine (phi3)"
     if family in ("gemma2", "gemma3"):
         assert meta["tokenizer.ggml.add_space_prefix"] is False
     elif VOCABULARIES[family][0] == "llama":
@@ -152,3 +158,31 @@ def test_an_architecture_not_written_and_a_bad_type_are_refused_before_anything_
     assert "--gguf-type: invalid choice: 'q5_k'" in result.stderr and "'q4_0'" in result.stderr
     assert not save.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "data", "run", "tiny-olmo2"]
+
+
+def test_vocabularies_and_rope_scalings_llama_cpp_would_read_wrong_are_refused(tmp_path):
+    """The plan refuses, naming why, what llama.cpp would tokenize or position differently."""
+    from mlx_lm.utils import load_tokenizer
+
+    import gguf_export
+    from errors import UserError
+
+    base = tiny_families.build_family_model("qwen2", tmp_path / "qwen2")
+    config = json.loads((base / "config.json").read_text())
+    spec = json.loads((base / "tokenizer.json").read_text())
+    plan = gguf_export.plan_gguf(config, base, load_tokenizer(base), "q4_0")
+    assert (plan.arch, plan.vocabulary.model, plan.vocabulary.pre) == ("qwen2", "gpt2", "qwen2")
+
+    def refusal(config: dict, spec: dict) -> str:
+        (base / "tokenizer.json").write_text(json.dumps(spec))
+        with pytest.raises(UserError) as caught:
+            gguf_export.plan_gguf(config, base, load_tokenizer(base))
+        return str(caught.value)
+
+    other_split = json.loads(json.dumps(spec))
+    other_split["pre_tokenizer"]["pretokenizers"][0]["pattern"]["Regex"] = r"\p{L}+|\s+"
+    assert "splits text in a way llama.cpp has no name for" in refusal(config, other_split)
+    unigram = dict(spec, model={"type": "Unigram", "unk_id": 0, "vocab": [["<unk>", 0.0], ["a", -1.0]]})
+    assert "Unigram" in refusal(config, unigram)
+    yarn = dict(config, rope_scaling={"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 512})
+    assert "RoPE scaling 'yarn'" in refusal(yarn, spec)
