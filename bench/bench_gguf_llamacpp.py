@@ -341,7 +341,8 @@ def bench_smollm2(gguf_path: Path, root: Path, steps: int) -> dict:
                                 "How many legs does a spider have?")]
     row = compare(model, tokenizer, paths, prompts, float32_model(folder / "distrust-smollm2"))
     del model
-    # What 4 bits cost before any training: the original file (Q4_1) against the MLX base it was read into.
+    # The original file (Q4_1) against the MLX base read from it: the same weights, so the two runtimes'
+    # own difference, the most a 4-bit file can agree.
     from mlx_lm import load
 
     base_model, _ = load(json.loads((folder / "run" / "adapter_config.json").read_text())["model"])
@@ -414,7 +415,7 @@ def main() -> int:
         if name == "smollm2":
             print(f"smollm2 trained through {row['via']} ({row['train_s']:.0f} s, {args.smollm2_steps} steps); "
                   f"4 GGUF files written in {row['export_s']:.0f} s; the original Q4_1 file's top-1 against the "
-                  f"MLX base before training: {row['original_top1']:.1%}")
+                  f"MLX base read from it (the same weights): {row['original_top1']:.1%}")
             for llama_text, mlx_text in row["greedy_text"]:
                 print(f"  llama.cpp: {llama_text!r}\n  MLX:       {mlx_text!r}")
     if not args.keep:
