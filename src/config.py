@@ -23,6 +23,7 @@ from typing import Any
 
 import yaml
 
+from corpus.records import short_repr
 from errors import UserError
 
 
@@ -40,6 +41,9 @@ class LoraConfig:
     layers: int = 16
     dropout: float = 0.0
     fine_tune_type: str = "lora"  # or "dora" (weight-decomposed LoRA, mlx-lm's DoRALinear)
+    # The linear layers of a block that get LoRA, named as mlx-lm names them ("self_attn.q_proj",
+    # "mlp.down_proj"): mlx-lm's lora_parameters.keys. Empty: every linear layer of the block.
+    keys: list = field(default_factory=list)
 
 
 @dataclass
@@ -67,6 +71,12 @@ class TrainingConfig:
     keep_checkpoints: int = 3
     eval_steps: int = 250
     val_batches: int = 50
+    # Passes over the training data; above 0 it sets max_steps from the corpus and the global
+    # batch (batch_size x grad_accum) once the corpus is indexed (train_qlora.steps_for_epochs).
+    epochs: int = 0
+    # Which assistant turns of a chat record are learned: "all" (every one; system, user and tool
+    # turns are context), or "last" (only the final answer, as mlx_lm lora with mask_prompt).
+    learn_assistant_turns: str = "all"
 
 
 @dataclass
@@ -93,6 +103,8 @@ class PathsConfig:
     streaming: bool = True
     tensorboard: bool = True
     init_adapters: str = ""  # start a new run from these adapters (a run folder, or an adapters.safetensors)
+    report_to: str = ""  # "wandb": the metrics of metrics.jsonl to Weights & Biases too (monitoring/wandb_log.py)
+    project_name: str = ""  # the W&B project (mlx-lm's project_name); empty: W&B's default
 
 
 @dataclass
@@ -109,8 +121,12 @@ class Config:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, values: dict, source: str = "config") -> "Config":
-        """Build and validate a Config from nested sections and/or flat names."""
+    def from_dict(cls, values: dict, source: str = "config", names: dict | None = None) -> "Config":
+        """Build and validate a Config from nested sections and/or flat names.
+
+        `names` maps (section, field) to (where, what the user wrote there), e.g.
+        ("lora.yaml", "'iters'") or ("command line", "--max-steps"), so that an error
+        names the setting in the user's own words; without it, `source` and our names."""
         if not isinstance(values, dict):
             raise UserError(f"{source}: expected a mapping of settings, got {type(values).__name__}")
         config = cls()
@@ -121,14 +137,25 @@ class Config:
                 if not isinstance(value, dict):
                     raise UserError(f"{source}: '{key}' must be a mapping of settings")
                 for name, item in value.items():
-                    _set_field(config, key, name, item, source)
+                    _set_field(config, key, name, item, source, names)
             elif key in FLAT_NAMES:
                 section, name = FLAT_NAMES[key]
-                _set_field(config, section, name, value, source)
+                _set_field(config, section, name, value, source, names)
             else:
                 raise UserError(f"{source}: unknown setting '{key}'{_did_you_mean(key, FLAT_NAMES)}")
-        config.validate(source)
+        config.validate(source, names)
         return config
+
+    @classmethod
+    def from_saved(cls, values: dict, source: str) -> "Config":
+        """The Config of a checkpoint: a setting it does not hold takes the value that
+        runs had before the setting existed (OLD_DEFAULTS), not today's default."""
+        if isinstance(values, dict):
+            values = {key: dict(value) if isinstance(value, dict) else value for key, value in values.items()}
+            for (section, name), old in OLD_DEFAULTS.items():
+                if isinstance(values.get(section), dict) and name not in values[section]:
+                    values[section][name] = old
+        return cls.from_dict(values, source)
 
     @staticmethod
     def read_yaml(path: str | Path) -> dict:
@@ -153,9 +180,10 @@ class Config:
         return values
 
     # -- validation -------------------------------------------------------
-    def validate(self, source: str = "config") -> None:
+    def validate(self, source: str = "config", names: dict | None = None) -> None:
         def bad(flag: str, problem: str) -> UserError:
-            return UserError(f"{source}: --{flag} {problem}")
+            where, name = setting_name(FLAT_NAMES.get(flag.replace("-", "_")), names, (source, f"--{flag}"))
+            return UserError(f"{where}: {name} {problem}")
 
         if not self.model.model:
             raise bad("model", "is required (an HF id, a local mlx-lm model dir, or 'tiny')")
@@ -208,6 +236,14 @@ class Config:
                                          f"and the gradient would not be the loss's; choose one")
         if es.window < 1:
             raise bad("early-stopping-window", f"must be at least 1 (got {es.window})")
+        if t.epochs < 0:
+            raise bad("epochs", f"must be 0 (--max-steps decides) or more (got {t.epochs})")
+        if t.learn_assistant_turns not in LEARNED_TURNS:
+            raise bad("learn-assistant-turns", f"must be one of {', '.join(LEARNED_TURNS)} "
+                                               f"(got {t.learn_assistant_turns!r})")
+        if self.paths.report_to not in REPORT_TO:
+            raise bad("report-to", f"must be wandb, or empty for none (got {self.paths.report_to!r}; "
+                                   f"metrics.jsonl and TensorBoard are always written)")
         self._validate_optimizer(bad)
 
     def _validate_optimizer(self, bad) -> None:
@@ -235,6 +271,7 @@ class Config:
         if self.paths.output_dir:
             return Path(self.paths.output_dir)
         name = Path(self.model.model.rstrip("/")).name or "model"
+        name = name[:-len(".gguf")] if name.lower().endswith(".gguf") else name  # a GGUF file: its stem
         return Path("models") / f"distrust-{name}"
 
     @property
@@ -280,6 +317,7 @@ class Config:
             "optimizer": {name: getattr(t, name) for name in ("optimizer", "adam_beta1", "adam_beta2", "adam_eps",
                                                               "sgd_momentum", "sgd_nesterov")},
             "distrust": dataclasses.asdict(self.distrust),
+            "learn_assistant_turns": t.learn_assistant_turns,
         }
 
     def fingerprint(self) -> str:
@@ -302,6 +340,11 @@ def differing_fields(saved: dict, current: dict, prefix: str = "") -> list[str]:
 SECTION_TYPES = {f.name: f.default_factory for f in dataclasses.fields(Config)}
 VAL_FILES = ("val.jsonl", "valid.jsonl")  # the validation file: ours, else mlx-lm's name
 FINE_TUNE_TYPES = ("lora", "dora")
+LEARNED_TURNS = ("all", "last")  # TrainingConfig.learn_assistant_turns
+REPORT_TO = ("", "wandb")  # PathsConfig.report_to
+# Settings whose default changed: a checkpoint written before they existed ran with the old value
+# (Config.from_saved). Before learn_assistant_turns, only the last answer of a chat was learned.
+OLD_DEFAULTS = {("training", "learn_assistant_turns"): "last"}
 OPTIMIZERS = ("adamw", "adam", "sgd", "adafactor")
 # (flag, field, the optimizers it applies to); weight decay: every one but adam, which has none.
 OPTIMIZER_SETTINGS = (
@@ -322,6 +365,7 @@ FLAT_NAMES = {
     "lora_alpha": ("lora", "alpha"),
     "lora_layers": ("lora", "layers"),
     "lora_dropout": ("lora", "dropout"),
+    "lora_keys": ("lora", "keys"),
     "fine_tune_type": ("lora", "fine_tune_type"),
     **{f.name: ("training", f.name) for f in dataclasses.fields(TrainingConfig)},
     "alpha": ("distrust", "alpha"),
@@ -338,6 +382,8 @@ FLAT_NAMES = {
     "streaming": ("paths", "streaming"),
     "tensorboard": ("paths", "tensorboard"),
     "init_adapters": ("paths", "init_adapters"),
+    "report_to": ("paths", "report_to"),
+    "project_name": ("paths", "project_name"),
 }
 
 
@@ -348,18 +394,33 @@ def _did_you_mean(name: str, known) -> str:
     return f" (did you mean '{close[0]}'?)" if close else ""
 
 
-def _set_field(config: Config, section: str, name: str, value: Any, source: str) -> None:
+def setting_name(key: tuple | None, names: dict | None, default: tuple) -> tuple[str, str]:
+    """(where, name) of the setting `key` = (section, field) as the user wrote it, else `default`."""
+    return (names or {}).get(key, default)
+
+
+def _set_field(config: Config, section: str, name: str, value: Any, source: str, names: dict | None = None) -> None:
     part = getattr(config, section)
     fields = {f.name: f for f in dataclasses.fields(part)}
     if name not in fields:
         raise UserError(f"{source}: unknown setting '{section}.{name}'{_did_you_mean(name, fields)}")
     default = getattr(part, name)
-    setattr(part, name, _coerce(value, type(default), f"{section}.{name}", source))
+    where, shown = setting_name((section, name), names, (source, f"'{section}.{name}'"))
+    setattr(part, name, _coerce(value, type(default), shown, where))
+
+
+KIND_WORDS = {bool: "true or false", int: "an integer", float: "a number", str: "a string",
+              list: "a list of names (or one string of names separated by commas)"}
 
 
 def _coerce(value: Any, kind: type, name: str, source: str) -> Any:
-    """Accept a value of the field's type (an int where a float is expected too)."""
-    if kind is bool:
+    """Accept a value of the field's type (an int where a float is expected too; for a list
+    of names, a list of strings or one comma-separated string, kept sorted and unique)."""
+    if kind is list:
+        items = [value] if isinstance(value, str) else value
+        if isinstance(items, (list, tuple)) and all(isinstance(item, str) for item in items):
+            return sorted({part.strip() for item in items for part in item.split(",") if part.strip()})
+    elif kind is bool:
         if isinstance(value, bool):
             return value
     elif kind is int:
@@ -376,7 +437,7 @@ def _coerce(value: Any, kind: type, name: str, source: str) -> Any:
     elif kind is str:
         if isinstance(value, str):
             return value
-    raise UserError(f"{source}: '{name}' must be {kind.__name__}, got {value!r}")
+    raise UserError(f"{source}: {name} must be {KIND_WORDS.get(kind, kind.__name__)}, got {short_repr(value)}")
 
 
 # ---------------------------------------------------------------------------
@@ -403,7 +464,6 @@ MLX_LM_KEYS = {
 MLX_LM_NO_EFFECT = {
     "steps_per_report": "the progress line is updated at every step, metrics.jsonl has every step",
     "test_batches": "used only with test: true",
-    "project_name": "used only with report_to",
     "config": "",
 }
 # mlx_lm lora keys accepted only with the value that does what this toolkit does;
@@ -411,8 +471,6 @@ MLX_LM_NO_EFFECT = {
 MLX_LM_ONLY_VALUE = {
     "train": (True, "this command only trains"),
     "test": (False, "evaluate after training with src/evaluate.py (it takes DATA/test.jsonl)"),
-    "report_to": (None, "metrics go to metrics.jsonl and TensorBoard (logs/)"),
-    "wandb": (None, "metrics go to metrics.jsonl and TensorBoard (logs/)"),
     "lr_schedule": (None, "the schedule is a linear warmup (--warmup-steps) then cosine decay to 0"),
     "clear_cache_threshold": (0, "not needed: memory is reported on the progress line"),
     "hf_dataset": (None, "give a local folder with train.jsonl (data:)"),
@@ -429,6 +487,7 @@ class SettingsFile:
     start: dict = field(default_factory=dict)  # auto_resume / resume / fresh
     notes: list = field(default_factory=list)  # said once at the start
     lora_scale: float | None = None  # mlx-lm's lora_parameters.scale: alpha = scale * rank, whatever rank ends up
+    names: dict = field(default_factory=dict)  # (section, field) -> (file, the key as written): for errors
 
 
 def read_settings_file(path: str | Path) -> SettingsFile:
@@ -439,50 +498,72 @@ def read_settings_file(path: str | Path) -> SettingsFile:
     raw = Config.read_yaml(path)
     result = SettingsFile(values={})
     unsupported: list[str] = []
+
+    def take(flat: str, value, written: str) -> None:
+        """Our flat setting `flat` from the file's key `written` (for errors in the user's words)."""
+        result.values[flat] = value
+        result.names[FLAT_NAMES[flat]] = (str(path), f"'{written}'")
+
     for key, value in raw.items():
         if not isinstance(key, str):
             raise UserError(f"{path}: setting names must be strings, got {key!r}")
         if key in NEGATED_SWITCHES:
             if not isinstance(value, bool):
                 raise UserError(f"{path}: '{key}' must be true or false, got {value!r}")
-            result.values[NEGATED_SWITCHES[key]] = not value
+            take(NEGATED_SWITCHES[key], not value, key)
         elif key in START_CHOICES:
             result.start[key] = value
         elif key in MLX_LM_KEYS:
             if value is not None:  # mlx-lm writes null for "not given"
-                result.values[MLX_LM_KEYS[key]] = value
+                take(MLX_LM_KEYS[key], value, key)
         elif key in MLX_LM_NO_EFFECT:
             continue
         elif key in MLX_LM_ONLY_VALUE:
             wanted, why = MLX_LM_ONLY_VALUE[key]
             if value != wanted or type(value) is not type(wanted):
                 unsupported.append(f"{key}: {_yaml_text(value)} ({why})")
+        elif key in ("report_to", "project_name") and value is None:
+            continue  # mlx-lm's "not given"
+        elif key == "report_to":
+            _report_to(value, take, unsupported)
+        elif key == "wandb":  # older mlx-lm configs: the W&B project
+            if value is not None:
+                take("report_to", "wandb", key)
+                take("project_name", value, key)
         elif key == "mask_prompt":
             if value is False:
-                result.notes.append(f"{path}: mask_prompt: false is not followed: for chat and prompt/completion "
-                                    f"records only the answer is learned here (text records are learned whole)")
+                result.notes.append(f"{path}: mask_prompt: false is not followed: system, user and tool turns and "
+                                    f"prompts are never learned here (chat records learn every assistant turn, "
+                                    f"or the last with learn_assistant_turns: last; text records are learned whole)")
             elif value is not True:
                 unsupported.append(f"mask_prompt: {_yaml_text(value)} (true or false)")
         elif key == "lora_parameters":
-            _lora_parameters(value, result, unsupported, path)
+            _lora_parameters(value, result, take, unsupported, path)
         elif key == "optimizer_config":
             pass  # read below, once the optimizer is known
         elif key == "use_dora":  # older mlx-lm configs
             if not isinstance(value, bool):
                 raise UserError(f"{path}: 'use_dora' must be true or false, got {value!r}")
-            if value:
-                result.values.setdefault("fine_tune_type", "dora")
+            if value and "fine_tune_type" not in result.values:
+                take("fine_tune_type", "dora", key)
         elif key == "val_batches" and value == -1:
             unsupported.append("val_batches: -1 (the whole validation file: give a number of batches)")
         elif key == "fine_tune_type" and value == "full":
             unsupported.append("fine_tune_type: full (this toolkit trains LoRA or DoRA adapters on a quantized base)")
         elif key == "optimizer" and value == "muon":
             unsupported.append(f"optimizer: muon (one of {', '.join(OPTIMIZERS)})")
+        elif key in SECTION_TYPES and (isinstance(value, dict) or key not in FLAT_NAMES):
+            result.values[key] = value  # a section (Config.from_dict names a bad key in it)
+            if isinstance(value, dict):
+                for name in value:
+                    result.names[(key, name)] = (str(path), f"'{key}.{name}'")
+        elif key in FLAT_NAMES:
+            take(key, value, key)  # ours
         else:
-            result.values[key] = value  # ours (or unknown: Config.from_dict names it)
+            raise UserError(f"{path}: unknown setting '{key}'{_did_you_mean(key, YAML_KEYS)}")
     if "optimizer_config" in raw:
         chosen = raw.get("optimizer", TrainingConfig.optimizer)
-        _optimizer_config(raw["optimizer_config"], chosen, result, unsupported, path)
+        _optimizer_config(raw["optimizer_config"], chosen, take, unsupported, path)
     if unsupported:
         raise UserError(f"{path}: not supported here (an mlx_lm lora setting with no equivalent): "
                         f"{'; '.join(unsupported)}; remove or change {'it' if len(unsupported) == 1 else 'them'}")
@@ -494,26 +575,33 @@ def _yaml_text(value) -> str:
     return text if len(text) <= 40 else text[:37] + "..."
 
 
-def _lora_parameters(value, result: SettingsFile, unsupported: list, path: Path) -> None:
+def _report_to(value, take, unsupported: list) -> None:
+    """mlx-lm's report_to: "wandb" (mlx-lm also takes "swanlab", and lists: only W&B is supported here)."""
+    names = [item.strip().lower() for item in value.split(",") if item.strip()] if isinstance(value, str) else None
+    if names is None or any(name != "wandb" for name in names):
+        unsupported.append(f"report_to: {_yaml_text(value)} (wandb; metrics.jsonl and TensorBoard are always "
+                           f"written)")
+    elif names:
+        take("report_to", "wandb", "report_to")
+
+
+def _lora_parameters(value, result: SettingsFile, take, unsupported: list, path: Path) -> None:
     if not isinstance(value, dict):
-        raise UserError(f"{path}: lora_parameters must be a mapping of rank, scale, dropout")
+        raise UserError(f"{path}: lora_parameters must be a mapping of rank, scale, dropout, keys")
     for name, item in value.items():
-        if name == "rank":
-            result.values["lora_rank"] = item
-        elif name == "dropout":
-            result.values["lora_dropout"] = item
+        if name == "keys" and item is None:
+            continue  # mlx-lm's "not given": every linear layer
+        if name in ("rank", "dropout", "keys"):
+            take(f"lora_{name}", item, f"lora_parameters.{name}")
         elif name == "scale":
-            if isinstance(item, bool) or not isinstance(item, (int, float)):
-                raise UserError(f"{path}: lora_parameters.scale must be a number, got {item!r}")
+            if isinstance(item, bool) or not isinstance(item, (int, float)) or not (math.isfinite(item) and item > 0):
+                raise UserError(f"{path}: 'lora_parameters.scale' must be a positive number, got {short_repr(item)}")
             result.lora_scale = float(item)
-        elif name == "keys":
-            unsupported.append("lora_parameters.keys (LoRA goes on every linear layer of the last num_layers "
-                               "blocks)")
         else:
             unsupported.append(f"lora_parameters.{name}")
 
 
-def _optimizer_config(value, chosen, result: SettingsFile, unsupported: list, path: Path) -> None:
+def _optimizer_config(value, chosen, take, unsupported: list, path: Path) -> None:
     """mlx-lm reads only the section of the optimizer it uses: so does this."""
     if not isinstance(value, dict):
         raise UserError(f"{path}: optimizer_config must be a mapping of optimizer name -> settings")
@@ -521,11 +609,19 @@ def _optimizer_config(value, chosen, result: SettingsFile, unsupported: list, pa
     if not isinstance(section, dict):
         raise UserError(f"{path}: optimizer_config.{chosen} must be a mapping of settings")
     for name, item in section.items():
+        written = f"optimizer_config.{chosen}.{name}"
         if name == "betas":
             if not (isinstance(item, list) and len(item) == 2):
-                raise UserError(f"{path}: optimizer_config.{chosen}.betas must be a list of two numbers, got {item!r}")
-            result.values["adam_beta1"], result.values["adam_beta2"] = item
+                raise UserError(f"{path}: '{written}' must be a list of two numbers, got {short_repr(item)}")
+            take("adam_beta1", item[0], f"{written}[0]")
+            take("adam_beta2", item[1], f"{written}[1]")
         elif name in MLX_LM_OPTIMIZER_KEYS:
-            result.values[MLX_LM_OPTIMIZER_KEYS[name]] = item
+            take(MLX_LM_OPTIMIZER_KEYS[name], item, written)
         else:
-            unsupported.append(f"optimizer_config.{chosen}.{name}")
+            unsupported.append(written)
+
+
+# Every top-level key a settings file may hold: what a mistyped one is compared with.
+YAML_KEYS = sorted({*FLAT_NAMES, *SECTION_TYPES, *NEGATED_SWITCHES, *START_CHOICES, *MLX_LM_KEYS, *MLX_LM_NO_EFFECT,
+                    *MLX_LM_ONLY_VALUE, "report_to", "project_name", "wandb", "mask_prompt", "lora_parameters",
+                    "optimizer_config", "use_dora"} - {"config"})

@@ -72,6 +72,39 @@ def flush_dir(path: Path) -> None:
         os.close(fd)
 
 
+def make_dirs(path: Path, *, fsync: bool = True) -> list[Path]:
+    """`mkdir -p path`, each folder it creates made durable in its parent (the parent flushed)
+    before anything is put inside it: a checkpoint committed in a folder whose own name a
+    power loss can still take is not committed. Returns the folders created.
+
+    A parent that cannot be flushed (a folder one may enter but not read, a file system
+    refusing to flush folders) is left so: the folder is there, only its durability is
+    in doubt, as before this was done.
+    """
+    path = Path(path)
+    missing = []
+    while not os.path.isdir(path):
+        missing.append(path)
+        if path.parent == path:
+            break
+        path = path.parent
+    created = []
+    for folder in reversed(missing):
+        try:
+            folder.mkdir()
+        except FileExistsError:
+            if not folder.is_dir():
+                raise
+            continue  # made meanwhile by another process, which flushes it
+        created.append(folder)
+        if fsync:
+            try:
+                flush_dir(folder.parent)
+            except OSError:
+                pass
+    return created
+
+
 # Flags that make open() refuse a symbolic link where a file is expected, and
 # (for new files) refuse any existing name: a link planted in a run folder
 # must never make the trainer write outside it.
@@ -87,8 +120,12 @@ def open_new_file(path: Path, mode: str = "wb"):
 
 
 def open_for_append(path: Path):
-    """Append to a log file, creating it; refuses a symbolic link (ELOOP) instead of writing through it."""
+    """Append to a log file, creating it; refuses a symbolic link (ELOOP) instead of writing through it,
+    and a hard link (EMLINK), whose other name would grow too."""
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | NO_FOLLOW | CLOSE_ON_EXEC, 0o666)
+    if os.fstat(fd).st_nlink > 1:
+        os.close(fd)
+        raise OSError(errno.EMLINK, "it is a hard link (the file has other names); remove it", str(path))
     return os.fdopen(fd, "a", encoding="utf-8")
 
 
@@ -188,7 +225,7 @@ def commit_directory(temp: Path, target: Path, *, aside: Path | None = None, fsy
                 raise
             on_unflushed(error)
     if moved:
-        shutil.rmtree(aside, ignore_errors=True)
+        remove_leftover(aside, f"earlier {target.name} just replaced")
     return moved
 
 
@@ -240,6 +277,34 @@ def process_is_alive(pid: int) -> bool:
     except PermissionError:  # exists, owned by someone else
         return True
     return True
+
+
+def remove_tree(path: Path) -> None:
+    """Remove a file, a link (never followed) or a folder and all under it; OSError if any of it stays."""
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path)
+    else:
+        os.unlink(path)
+
+
+def remove_leftover(path: Path, what: str = "leftover", warn=None) -> bool:
+    """Remove the `what` at `path` (a file or a whole folder); False, after one warning line naming
+    it and why, when it cannot be (chattr +i, a permission error, a read-only file system): a
+    leftover that stays costs room, never the run."""
+    try:
+        remove_tree(path)
+        return True
+    except FileNotFoundError:
+        return True
+    except OSError as exc:
+        message = (f"could not remove the {what} {path} ({exc.strerror or exc}"
+                   f"{f': {exc.filename}' if exc.filename and str(exc.filename) != str(path) else ''}); "
+                   f"remove it by hand to get its room back")
+        if warn is not None:
+            warn(message)
+        else:
+            print(f"warning: {message}", file=sys.stderr, flush=True)
+        return False
 
 
 def left_by_a_dead_process(name: str) -> bool:

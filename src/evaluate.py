@@ -20,6 +20,11 @@ Exit codes: 0 done; 2 bad usage or input (one line, nothing written).
 
 from __future__ import annotations
 
+from early_interrupt import interrupt_quietly_while_starting  # first: Ctrl+C while starting is one line
+
+if __name__ == "__main__":
+    interrupt_quietly_while_starting()
+
 import argparse
 import math
 import sys
@@ -53,7 +58,8 @@ def main(argv: list[str] | None = None) -> int:
 
     def work() -> None:
         result = evaluate_run(args)
-        print(format_table(result), flush=True)
+        print(format_table(result), flush=True)  # the table first: a JSON file that cannot be written loses nothing
+        write_figures(result)
         print(f"figures written to {result['json']}", file=sys.stderr)
 
     return run_command(work)
@@ -62,8 +68,7 @@ def main(argv: list[str] | None = None) -> int:
 def evaluate_run(args: argparse.Namespace) -> dict:
     from corpus.batching import fixed_batches
     from corpus.index import CorpusIndex
-    from durable import write_text_atomically
-    from json_files import json_text
+    from machine import check_writable_folder
     from modeling import attach_lora, load_model, open_run
     from monitoring.evaluation import compile_row_losses, loss_report, sample_losses
 
@@ -77,6 +82,11 @@ def evaluate_run(args: argparse.Namespace) -> dict:
     json_path = args.json or run / "evaluations" / f"{trained.checkpoint.name}-{data_file.stem}.json"
     if json_path.exists() and not json_path.is_file():
         raise UserError(f"{json_path}: exists and is not a file")
+    if args.json:  # asked for: a place that cannot take it is said now, before minutes of work
+        refuse_what_the_run_reads(json_path, trained, data_file)
+        check_writable_folder(json_path.parent, f"--json {json_path}")
+    else:
+        refuse_link_in_run(json_path.parent)
 
     # The base as it was trained (its quantized copy, or the tiny model rebuilt): as is, it is
     # the model the adapters were trained on.
@@ -84,12 +94,12 @@ def evaluate_run(args: argparse.Namespace) -> dict:
     tokenizer = loaded.tokenizer
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     index = CorpusIndex.build(data_file, tokenizer, t.max_seq_length + 1,
-                              limit=batch_size * max_batches if max_batches else None)
+                              limit=batch_size * max_batches if max_batches else None, turns=t.learn_assistant_turns)
     batches = fixed_batches(index, batch_size, math.ceil(len(index) / batch_size), pad_id)
 
     base = loss_report(sample_losses(loaded.model, compile_row_losses(loaded.model), batches), index)
     attach_lora(loaded.model, config.lora.rank, config.lora.alpha, config.lora.layers, config.lora.dropout, t.seed,
-                fine_tune_type=config.lora.fine_tune_type)  # DoRA's magnitudes too
+                fine_tune_type=config.lora.fine_tune_type, keys=config.lora.keys)  # DoRA's magnitudes too
     loaded.model.load_weights(list(trained.adapters.items()), strict=False)
     adapted = loss_report(sample_losses(loaded.model, compile_row_losses(loaded.model), batches), index)
 
@@ -100,10 +110,56 @@ def evaluate_run(args: argparse.Namespace) -> dict:
         "distrust": {"mode": config.distrust.mode, "lambda": config.distrust.lambda_weight, "alpha": config.distrust.alpha},
         "base": base, "adapted": adapted, "gap_moved": moved,
     }
-    json_path.parent.mkdir(parents=True, exist_ok=True)
-    write_text_atomically(json_path, json_text(_finite(result), indent=2) + "\n")
     result["json"] = str(json_path)
+    result["json_asked"] = args.json is not None
     return result
+
+
+def write_figures(result: dict) -> None:
+    """The figures to result["json"], atomically; one line when they cannot be written (a read-only
+    run folder: exit 2 with how to write them elsewhere; a full disk: exit 1)."""
+    from durable import write_text_atomically
+    from json_files import json_text
+    from machine import write_fault
+
+    json_path = Path(result["json"])
+    figures = {key: value for key, value in result.items() if key not in ("json", "json_asked")}
+    try:
+        if not result["json_asked"]:
+            refuse_link_in_run(json_path.parent)
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        write_text_atomically(json_path, json_text(_finite(figures), indent=2) + "\n")
+    except OSError as exc:
+        elsewhere = "" if result["json_asked"] else "; --json PATH writes them elsewhere"
+        raise write_fault(exc, f"the figures above could not be written to {json_path} "
+                               f"({exc.strerror or exc}){elsewhere}") from None
+
+
+def refuse_what_the_run_reads(json_path: Path, trained, data_file: Path) -> None:
+    """--json must not replace a file the run reads or wrote: its checkpoints (one would fail its
+    manifest), its adapters and logs, the data evaluated, the base's files."""
+    from checkpoints.run_dir import RUN_FILES
+
+    target = json_path.resolve()
+    inside = [(trained.run / "checkpoints", "the run's checkpoints"), (Path(trained.base.path), "the base"),
+              (Path(trained.base.source), "the base")]
+    files = [(trained.run / name, "a file of the run") for name in RUN_FILES] + [(data_file, "the data evaluated"),
+                                                                                 (trained.config.train_file,
+                                                                                  "the training data")]
+    for folder, what in inside:
+        if folder.exists() and folder.resolve() in target.parents:
+            raise UserError(f"--json {json_path} is inside {what} ({folder}): give another --json PATH")
+    for path, what in files:
+        if path.exists() and path.resolve() == target:
+            raise UserError(f"--json {json_path} is {what}: give another --json PATH")
+
+
+def refuse_link_in_run(folder: Path) -> None:
+    """RUN/evaluations must be the run's own folder: a link planted there would make the figures go
+    wherever it points."""
+    if folder.is_symlink():
+        raise UserError(f"{folder} is a symbolic link; the figures would be written where it points, outside the "
+                        f"run folder: remove it, or give --json PATH")
 
 
 def _positive(value: int | None, flag: str) -> int | None:

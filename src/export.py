@@ -36,6 +36,11 @@ Exit codes: 0 written; 2 bad usage or input (one line, nothing written).
 
 from __future__ import annotations
 
+from early_interrupt import interrupt_quietly_while_starting  # first: Ctrl+C while starting is one line
+
+if __name__ == "__main__":
+    interrupt_quietly_while_starting()
+
 import argparse
 import contextlib
 import io
@@ -54,6 +59,7 @@ from gguf_export import GGUF_TYPES  # noqa: E402
 EXPORT_RECORD_FILE = "distrust_qlora_export.json"
 TEMP_MARK = ".tmp-export-"  # DIR is written as .<DIR name>.tmp-export-<pid> beside it
 ASIDE_MARK = ".replaced-"  # with --force, the old DIR waits as .<DIR name>.replaced-<pid> until the new one is in
+NAME_MAX = 255
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -97,7 +103,7 @@ def export_run(args: argparse.Namespace) -> str:
     base_dir = local_model_dir(trained.base.path)
     if save_path.parent.is_dir():
         remove_leftovers(save_path)  # before the checks: it may put back a folder a killed --force moved aside
-    check_save_path(save_path, args.force, trained.run, base_dir)
+    check_save_path(save_path, args.force, trained.run, base_dir, folders_read(trained))
     base_config = read_model_config(base_dir)
     gguf_plan = plan_gguf_export(base_dir, base_config, args.gguf_type) if args.gguf else None
 
@@ -109,11 +115,14 @@ def export_run(args: argparse.Namespace) -> str:
         # Flushed and renamed into place; an existing one (with --force) is renamed
         # aside first and removed only once the new one is there.
         commit_directory(temp, save_path, aside=save_path.with_name(f".{save_path.name}{ASIDE_MARK}{os.getpid()}"))
-    except BaseException:
+    except BaseException as exc:
+        failed = written_fault(exc, save_path)  # before the clean-up: the free space it names is the failure's
         shutil.rmtree(temp, ignore_errors=True)
         for made in reversed(parent_made):
             with contextlib.suppress(OSError):
                 made.rmdir()
+        if failed is not None:
+            raise failed from None
         raise
     seconds = time.perf_counter() - started
     lines = [f"fused model: {save_path} ({details['layout']}; {size_text(details['model_bytes'])})"]
@@ -127,16 +136,35 @@ def export_run(args: argparse.Namespace) -> str:
 # checks made before anything is written
 
 
-def check_save_path(save_path: Path, force: bool, run: Path, base_dir: Path) -> None:
+def folders_read(trained) -> list[tuple[Path, str]]:
+    """What the run reads besides its own folder and the base as trained, each with what it is:
+    the base as it was given (a local folder; its quantized copy is the base as trained), the
+    data folder, the adapters it started from. Replacing one changes what a resume trains on."""
+    paths = trained.config.paths
+    read = [(Path(trained.base.source), "the base as given to --model"), (Path(paths.data_dir), "the data folder")]
+    if paths.init_adapters:
+        read.append((Path(paths.init_adapters), "the adapters it started from"))
+    return [(path.expanduser(), what) for path, what in read if path.expanduser().exists()]
+
+
+def check_save_path(save_path: Path, force: bool, run: Path, base_dir: Path, also_read=()) -> None:
     if save_path.is_symlink() or (save_path.exists() and not save_path.is_dir()):
         raise UserError(f"--save-path {save_path} exists and is not a folder; give another --save-path")
+    target = save_path.resolve()
+    # Before --force is asked for: no flag makes replacing these right.
+    for path, what in ((run, "the run's folder"), (base_dir, "the base the run trained on"), *also_read):
+        path = path.resolve()
+        if target == path or target in path.parents:
+            replaced = what if target == path else f"a folder holding {what}"
+            raise UserError(f"--save-path {save_path} would replace {replaced} ({path}): the run reads it, and a "
+                            f"resume would train on the fused model; give another --save-path")
     if save_path.exists() and not force:
         raise UserError(f"--save-path {save_path} exists; give --force to replace it, or another --save-path")
-    target = save_path.resolve()
-    for path in (run.resolve(), base_dir.resolve()):
-        if target == path or target in path.parents:
-            raise UserError(f"--save-path {save_path} would replace {path}, which the export reads; "
-                            f"give another --save-path")
+    longest = len(os.fsencode(f".{save_path.name}{ASIDE_MARK}{4194304}"))  # the names written beside it
+    if longest > NAME_MAX:
+        raise UserError(f"--save-path {save_path}: the name is {len(os.fsencode(save_path.name))} bytes; the export "
+                        f"writes beside it under names {longest - len(os.fsencode(save_path.name))} bytes longer, "
+                        f"over the limit of {NAME_MAX}: give a shorter name")
     checkpoints = run.resolve() / "checkpoints"
     if target == checkpoints or checkpoints in target.parents:
         raise UserError(f"--save-path {save_path} is inside the run's checkpoints; give another --save-path")
@@ -212,6 +240,24 @@ def describe_layout(args, quantized: bool, lora_count: int, quantization: dict |
     return f"{lora_count} fused layers unquantized, the others {bits} as trained"
 
 
+def written_fault(exc: BaseException, save_path: Path) -> Exception | None:
+    """One line for a fused model that could not be written (a full disk: exit 1; a place that
+    cannot be written: exit 2); None for anything else."""
+    from durable import free_space
+    from machine import MachineFault, write_fault
+    from modeling import first_line
+
+    if isinstance(exc, BrokenPipeError):
+        return None
+    if isinstance(exc, OSError) and exc.errno is not None:
+        return write_fault(exc, f"could not write the fused model to {save_path} ({exc.strerror}; "
+                                f"{free_space(save_path.parent)}); nothing was left there")
+    if isinstance(exc, RuntimeError) and "write" in str(exc).lower():
+        return MachineFault(f"could not write the fused model to {save_path} ({first_line(exc)}; "
+                            f"{free_space(save_path.parent)}); nothing was left there")
+    return None
+
+
 def make_parent(parent: Path) -> list[Path]:
     """Create the folder --save-path goes in; returns what was made, to remove it on failure."""
     made = []
@@ -228,18 +274,23 @@ def make_parent(parent: Path) -> list[Path]:
 
 def remove_leftovers(save_path: Path) -> None:
     """The temporary folders of exports to the same place that were killed."""
-    from durable import process_is_alive
+    from durable import process_is_alive, remove_leftover
 
     marks = f"(?:{re.escape(TEMP_MARK)}|{re.escape(ASIDE_MARK)})"
     pattern = re.compile(re.escape(f".{save_path.name}") + marks + r"(\d+)$")
-    for entry in os.scandir(save_path.parent):
-        match = pattern.match(entry.name)
+    names = {entry.name for entry in os.scandir(save_path.parent)}
+    for name in sorted(names):
+        match = pattern.match(name)
         if not match or process_is_alive(int(match[1])):
             continue
-        if ASIDE_MARK in entry.name and not save_path.exists():
-            os.rename(entry.path, save_path)  # a replacement that never arrived: put the old one back
+        path = save_path.with_name(name)
+        # Killed between the two renames of a --force: the new folder is still under its
+        # temporary name, so the old one is put back. Without it the replacement arrived
+        # (and the old one's removal failed): the old one is a leftover.
+        if ASIDE_MARK in name and not save_path.exists() and f".{save_path.name}{TEMP_MARK}{match[1]}" in names:
+            os.rename(path, save_path)
         else:
-            shutil.rmtree(entry.path, ignore_errors=True)
+            remove_leftover(path, "leftover of an export that was interrupted")
 
 
 def folder_bytes(path: Path) -> int:

@@ -18,6 +18,11 @@ Exit codes: 0 done; 2 bad usage or input (one line).
 
 from __future__ import annotations
 
+from early_interrupt import interrupt_quietly_while_starting  # first: Ctrl+C while starting is one line
+
+if __name__ == "__main__":
+    interrupt_quietly_while_starting()
+
 import argparse
 import json
 import sys
@@ -65,8 +70,10 @@ def generate(args: argparse.Namespace, out=None) -> str:
     out = out or sys.stdout
     if args.max_tokens < 1:
         raise UserError(f"--max-tokens must be at least 1, got {args.max_tokens}")
-    if not args.temp >= 0:
-        raise UserError(f"--temp must be 0 or more, got {args.temp}")
+    if not 0 <= args.temp < float("inf"):
+        raise UserError(f"--temp must be a finite number, 0 or more, got {args.temp}")
+    if not 0 <= args.seed < 2**32:
+        raise UserError(f"--seed must be in [0, 2**32), as for training, got {args.seed}")
     if not args.prompt.strip():
         raise UserError("--prompt is empty")
     trained = open_run(args.output_dir, args.checkpoint, "generate from")

@@ -21,9 +21,10 @@ import contextlib
 import hashlib
 import json
 import os
+import re
+import secrets
 import shutil
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,7 +32,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from durable import commit_directory, sha256_of_file
+from durable import commit_directory, free_space, left_by_a_dead_process, remove_leftover, sha256_of_file
 from json_files import json_text
 from errors import UserError
 
@@ -94,10 +95,14 @@ class LoadedModel:
 
 
 def resolve_model(name: str) -> str:
-    """`tiny` -> its built directory; a local dir -> its absolute path; else an HF id."""
+    """`tiny` -> its built directory; a local dir or GGUF file -> its absolute path; else an HF id."""
     if name == "tiny":
         return str(ensure_tiny_model())
     path = Path(name).expanduser()
+    if path.is_file():  # a GGUF file (LM Studio, Ollama, llama.cpp): read by gguf_import
+        from gguf_import import resolve_gguf_file
+
+        return resolve_gguf_file(path, name)
     if path.exists():
         if not (path / "config.json").is_file():
             raise UserError(f"{name}: not an mlx-lm model directory (no config.json)")
@@ -124,9 +129,11 @@ def load_model(name: str, quantize_bits: int, trust_remote_code: bool = False) -
 
 
 def load_with_mlx_lm(path: str, trust_remote_code: bool, *, shown: str | None = None, adapter_path: str | None = None):
-    """mlx_lm.load, its many kinds of failure turned into one UserError line."""
+    """mlx_lm.load, its many kinds of failure turned into one UserError line; first, the
+    machine's limits that would make MLX fail without a message (machine.py)."""
     from mlx_lm.utils import load
 
+    check_machine_for(path, shown)
     try:
         return load(
             path,
@@ -137,6 +144,19 @@ def load_with_mlx_lm(path: str, trust_remote_code: bool, *, shown: str | None = 
         )
     except Exception as exc:  # mlx-lm / huggingface_hub raise many kinds
         raise UserError(f"{shown or path}: cannot load model ({first_line(exc)})") from None
+
+
+def check_machine_for(path: str, shown: str | None = None) -> None:
+    """Before a model is loaded: MLX can compile its kernels, and the address space can hold it."""
+    import machine
+
+    machine.check_kernel_folder()
+    weights = 0
+    if Path(path).is_dir():
+        with contextlib.suppress(OSError):
+            weights = sum(entry.stat().st_size for entry in os.scandir(path)
+                          if entry.name.endswith((".safetensors", ".gguf", ".bin", ".npz")))
+    machine.check_address_space(weights, f"loading {shown or path}")
 
 
 def first_line(exc: BaseException) -> str:
@@ -152,10 +172,15 @@ def prepare_base(resolved: str, quantize_bits: int, trust_remote_code: bool = Fa
     The copy is what `mlx_lm convert -q --q-group-size 64` would write (mlx-lm's
     quantize_model and save), so a model loaded from it has exactly the arrays
     of the base quantized in memory; it lives in the cache under a name keyed by
-    the base's files (name, size, modification time), the bits and the group
-    size. Cost: one quantized copy per base and bit width (about 0.28 of the
-    float16 base at 4 bits), shared by every run on it.
+    the content of the base's files, the bits and the group size. It records the
+    SHA-256 of its own files: a copy changed in the cache since it was written is
+    rebuilt, not trained on. Cost: one quantized copy per base and bit width
+    (about 0.28 of the float16 base at 4 bits), shared by every run on it.
     """
+    if Path(resolved).is_file():  # a GGUF file: its mlx-lm folder, built once in the cache
+        from gguf_import import prepare_gguf_base
+
+        return prepare_gguf_base(resolved, quantize_bits, shown)
     if quantize_bits <= 0:
         return BaseModel(source=resolved, path=resolved, quantization=None)
     local = local_model_dir(resolved, shown)
@@ -168,6 +193,7 @@ def prepare_base(resolved: str, quantize_bits: int, trust_remote_code: bool = Fa
     def build(scratch: Path) -> None:
         _write_quantized_copy(local, resolved, scratch, quantization, trust_remote_code, shown)
 
+    remove_if_changed(target)
     build_model_dir_once(target, build, f"the {quantize_bits}-bit copy of {shown or resolved}")
     return BaseModel(source=resolved, path=str(target), quantization=quantization)
 
@@ -204,19 +230,16 @@ def declares_quantization(model_config: dict) -> bool:
 
 def quantized_copy_dir(local: Path, quantization: dict) -> Path:
     """Where the quantized copy of the base in `local` lives: named for the base,
-    keyed by its files (name, size, modification time; for an HF snapshot the
-    blob each file links to, which is named by its hash), so a changed base
-    never reuses a stale copy, while the base moved or copied with its times
-    (cp -p, shutil.copytree) finds it again."""
-    files = []
-    for entry in sorted(os.scandir(local), key=lambda e: e.name):
-        if entry.is_file():  # follows links
-            info = entry.stat()
-            target = os.path.basename(os.path.realpath(entry.path)) if entry.is_symlink() else None
-            files.append([entry.name, target, info.st_size, info.st_mtime_ns])
+    keyed by the content of its files (file_identity.base_identity: SHA-256, read
+    once and cached), so a changed base never reuses a stale copy, even one edited
+    keeping its sizes and times, while the base moved or copied finds it again."""
+    from file_identity import base_identity
+
+    files = base_identity(str(local))["files"]
     blob = json.dumps([QUANTIZED_FORMAT, files, quantization], sort_keys=True)
     key = hashlib.sha256(blob.encode()).hexdigest()[:12]
-    name = f"{local.resolve().name}-{quantization['bits']}bit-g{quantization['group_size']}-{key}"
+    # The base's name, cut so that the copy's name and its scratch folder's stay within NAME_MAX.
+    name = f"{local.resolve().name[:120]}-{quantization['bits']}bit-g{quantization['group_size']}-{key}"
     return cache_dir() / "quantized" / name
 
 
@@ -233,9 +256,36 @@ def _write_quantized_copy(local: Path, resolved: str, scratch: Path, quantizatio
                                              bits=quantization["bits"], mode=quantization["mode"])
         # From the local folder, never the HF id: save() would fetch the model card.
         save(scratch, str(local), model, tokenizer, model_config, donate_model=True)
+    from file_identity import written_sums
+
     record = {"source": resolved, "local_source": str(local.resolve()), "quantization": quantization,
-              "mlx": getattr(mlx.core, "__version__", None), "mlx_lm": getattr(mlx_lm, "__version__", None)}
+              "mlx": getattr(mlx.core, "__version__", None), "mlx_lm": getattr(mlx_lm, "__version__", None),
+              "files": written_sums(scratch)}
     (scratch / BASE_RECORD_FILE).write_text(json_text(record, indent=2) + "\n", encoding="utf-8")
+
+
+def remove_if_changed(copy: Path) -> None:
+    """A quantized copy whose files are no longer those it recorded when written (changed in the
+    cache) is removed, to be built again; one from before copies recorded their files is kept."""
+    from file_identity import folder_differs
+
+    try:
+        recorded = json.loads((copy / BASE_RECORD_FILE).read_text(encoding="utf-8")).get("files")
+    except (OSError, ValueError, AttributeError):
+        return  # not there (built next), or not ours to judge
+    if not isinstance(recorded, dict):
+        return
+    problem = folder_differs(copy, recorded, leave_out=(BASE_RECORD_FILE,))
+    if problem is None:
+        return
+    print(f"note: {copy} is not as it was written ({problem}); building it again", file=sys.stderr)
+    aside = copy.with_name(f".{copy.name}-changed-{os.getpid()}")
+    try:
+        os.rename(copy, aside)
+    except OSError as exc:
+        raise UserError(f"{copy}: changed since it was written, and cannot be moved away to build it again "
+                        f"({exc.strerror}); remove it") from None
+    shutil.rmtree(aside, ignore_errors=True)
 
 
 def run_base_model(adapter_config: dict, config) -> BaseModel:
@@ -274,6 +324,9 @@ def _is_quantized_copy_of(path: Path, source: str | None) -> bool:
     return made_from == source and (path / "config.json").is_file()
 
 
+RESOLVE_ATTEMPTS = 3  # open_run: how often `latest` is looked up again when its checkpoint went meanwhile
+
+
 @dataclass
 class TrainedRun:
     """One checkpoint of a run, verified, with the base it was trained on."""
@@ -300,47 +353,81 @@ def open_run(run: Path, checkpoint: str, purpose: str) -> TrainedRun:
     manager = CheckpointManager(run / "checkpoints")
     if not manager.has_any():
         raise UserError(f"{run}: no checkpoints, so no adapters to {purpose} (has a run been trained here?)")
-    info = manager.resolve(checkpoint)
-    try:
-        state = manager.load(info)
-    except (CheckpointCorruptError, FileNotFoundError) as exc:
-        raise UserError(str(exc)) from None
-    config = Config.from_dict(state.config, source=f"{info.path}/config.json")
+    for attempt in range(RESOLVE_ATTEMPTS):
+        info = manager.resolve(checkpoint)
+        try:
+            state = manager.load(info)
+            break
+        except (CheckpointCorruptError, FileNotFoundError) as exc:
+            # A run still training here may have removed it meanwhile (retention): `latest`,
+            # `best` and `final` then name another one.
+            if checkpoint not in ("latest", "best", "final") or info.path.is_dir() or attempt + 1 == RESOLVE_ATTEMPTS:
+                raise UserError(str(exc)) from None
+    config = Config.from_saved(state.config, source=f"{info.path}/config.json")
     return TrainedRun(run=run, checkpoint=info.path, step=state.step, config=config,
                       adapter_config=state.adapter_config, base=run_base_model(state.adapter_config, config),
                       adapters=state.adapters)
 
 
 def load_trained_model(trained: TrainedRun):
-    """(model, tokenizer, model config) as mlx-lm loads them: the base as trained,
-    with the checkpoint's adapters put on by mlx-lm itself (in eval mode)."""
-    return load_with_mlx_lm(trained.base.path, trained.config.model.trust_remote_code,
-                            adapter_path=str(trained.checkpoint))
+    """(model, tokenizer, model config) as mlx_lm.load(adapter_path=CHECKPOINT) gives them: the
+    base as trained, with mlx-lm's LoRA layers put on and the checkpoint's adapters loaded (in
+    eval mode). The adapters are the arrays open_run verified, not the files read again: a run
+    still training may have removed the checkpoint since (retention)."""
+    from mlx_lm.tuner.utils import linear_to_lora_layers
+
+    model, tokenizer, model_config = load_with_mlx_lm(trained.base.path, trained.config.model.trust_remote_code)
+    config = trained.adapter_config
+    fine_tune_type = config.get("fine_tune_type", "lora")
+    if fine_tune_type != "full":
+        linear_to_lora_layers(model, config["num_layers"], config["lora_parameters"],
+                              use_dora=fine_tune_type == "dora")
+    leaves = {"lora_a", "lora_b", "m"} if fine_tune_type != "full" else None
+    expected = {name: value for name, value in tree_flatten(model.parameters())
+                if leaves is None or name.rsplit(".", 1)[-1] in leaves}
+    problem = names_mismatch(trained.adapters, expected) or shapes_mismatch(trained.adapters, expected, "the model's",
+                                                                             dtypes=False)
+    if problem:
+        raise UserError(f"{trained.checkpoint}: its adapters do not fit the base {trained.base.path} ({problem})")
+    model.load_weights(list(trained.adapters.items()), strict=False)
+    model.eval()
+    return model, tokenizer, model_config
 
 
 def attach_lora(model: nn.Module, rank: int, alpha: float, layers: int, dropout: float, seed: int, *,
-                fine_tune_type: str = "lora") -> tuple[int, str | None]:
+                fine_tune_type: str = "lora", keys: list | None = None,
+                keys_named: str = "--lora-keys") -> tuple[int, str | None]:
     """Freeze the base and put mlx-lm LoRA layers (DoRA layers with `fine_tune_type`
-    "dora") on the last `layers` blocks.
+    "dora") on the last `layers` blocks: on the linear layers of each block named in
+    `keys` (as mlx-lm names them, "self_attn.q_proj"), or on every one of them.
 
     Returns the number of blocks that got them and a note when the request was
-    more than the model has. The LoRA A matrices are drawn from `seed`.
+    more than the model has (what follows the setting's name: "16 is more than ..."). The LoRA A matrices are drawn from `seed`. A key that
+    is not a linear layer of the model's blocks is a UserError (`keys_named`: what
+    the user called the setting) listing the ones there are.
     """
     from mlx_lm.tuner.utils import linear_to_lora_layers
 
+    if keys:
+        known = block_linear_layers(model)
+        unknown = [key for key in keys if key not in known]
+        if unknown:
+            what = "is not a linear layer" if len(unknown) == 1 else "are not linear layers"
+            raise UserError(f"{keys_named}: {', '.join(map(repr, unknown))} {what} of this model's blocks; "
+                            f"they are: {' '.join(known)}")
     total = len(model.layers)
     note = None
     if layers == -1:
         num_layers = total
     elif layers > total:
         num_layers = total
-        note = f"--lora-layers {layers} is more than the model's {total} layers; using all {total}"
+        note = f"{layers} is more than the model's {total} layers; using all {total}"
     else:
         num_layers = layers
     model.freeze()
     mx.random.seed(seed)
     try:
-        linear_to_lora_layers(model, num_layers, lora_parameters(rank, alpha, dropout),
+        linear_to_lora_layers(model, num_layers, lora_parameters(rank, alpha, dropout, keys),
                               use_dora=fine_tune_type == "dora")
     except ValueError as exc:  # e.g. a layer kind mlx-lm has no DoRA for
         raise UserError(f"--fine-tune-type {fine_tune_type}: {first_line(exc)}") from None
@@ -404,7 +491,7 @@ def load_init_adapters(model: nn.Module, path: str | Path) -> str:
     names = names_mismatch(loaded, expected)
     if names:
         raise UserError(f"--init-adapters: {candidate} does not fit this run's adapters ({names}): use the same "
-                        f"--lora-layers, --fine-tune-type and model as the run that made them")
+                        f"--lora-layers, --lora-keys, --fine-tune-type and model as the run that made them")
     shapes = shapes_mismatch(loaded, expected, "this run's", dtypes=False)  # cast to the layers' dtype below
     if shapes:
         raise UserError(f"--init-adapters: {candidate}: {shapes} (use the same --lora-rank and model as the run "
@@ -414,9 +501,20 @@ def load_init_adapters(model: nn.Module, path: str | Path) -> str:
     return f"{candidate} ({len(loaded)} arrays)"
 
 
-def lora_parameters(rank: int, alpha: float, dropout: float) -> dict:
-    # mlx-lm's LoRA multiplies by `scale`; the usual alpha / rank convention.
-    return {"rank": rank, "scale": alpha / rank, "dropout": dropout}
+def lora_parameters(rank: int, alpha: float, dropout: float, keys: list | None = None) -> dict:
+    # mlx-lm's LoRA multiplies by `scale`; the usual alpha / rank convention. `keys` only when
+    # chosen: mlx-lm then converts exactly those layers (loading and fusing alike).
+    return {"rank": rank, "scale": alpha / rank, "dropout": dropout, **({"keys": list(keys)} if keys else {})}
+
+
+def block_linear_layers(model: nn.Module) -> list[str]:
+    """The names, within a block, of the layers mlx-lm can put LoRA on ("self_attn.q_proj",
+    "mlp.down_proj", ...), over all blocks, sorted."""
+    from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchLinear
+
+    kinds = (nn.Linear, nn.QuantizedLinear, SwitchLinear, QuantizedSwitchLinear)
+    return sorted({name for block in model.layers for name, module in block.named_modules()
+                   if isinstance(module, kinds) or hasattr(module, "to_lora")})
 
 
 def parameter_counts(model: nn.Module) -> tuple[int, int]:
@@ -437,7 +535,7 @@ def tokenizer_key(loaded: LoadedModel) -> str:
 
 
 def adapter_config(model_path: str, num_layers: int, rank: int, alpha: float, dropout: float,
-                   base: BaseModel | None = None, fine_tune_type: str = "lora") -> dict:
+                   base: BaseModel | None = None, fine_tune_type: str = "lora", keys: list | None = None) -> dict:
     """What mlx_lm needs to rebuild the LoRA layers, plus the base model.
 
     With `base`, "model" names what was loaded (the quantized copy, when the
@@ -449,7 +547,7 @@ def adapter_config(model_path: str, num_layers: int, rank: int, alpha: float, dr
     config = {
         "fine_tune_type": fine_tune_type,
         "num_layers": num_layers,
-        "lora_parameters": lora_parameters(rank, alpha, dropout),
+        "lora_parameters": lora_parameters(rank, alpha, dropout, keys),
         "model": base.path if base is not None else model_path,
     }
     if base is not None:
@@ -520,18 +618,30 @@ def ensure_tiny_model() -> Path:
     return build_model_dir_once(target, build, "the tiny demo model")
 
 
+BUILD_MARK = "-build-"  # a model is built as .<name>-build-<random>-<pid> beside where it goes
+BUILD_SCRATCH = re.compile(r"^\..+" + re.escape(BUILD_MARK) + r"[0-9a-f]{8}-(\d+)$")
+NAME_MAX = 255
+
+
 def build_model_dir_once(target: Path, build, what: str) -> Path:
     """`target`, built by `build(scratch_dir)` the first time it is asked for.
 
     Built beside the target, flushed and renamed, so a concurrent or killed
-    build never leaves a half-written model that a later run would take.
+    build never leaves a half-written model that a later run would take; the
+    scratch folder of a build that was killed (its name ends with its pid) is
+    removed by the next call. A cache that cannot be written is one line: exit 2
+    for a folder that is read-only or not allowed, exit 1 for a full disk or an
+    I/O error (machine.MachineFault).
     """
+    remove_dead_builds(target.parent)
     if (target / "config.json").is_file():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    print(f"Building {what} in {target} (once) ...", file=sys.stderr)
-    scratch = Path(tempfile.mkdtemp(prefix=f".{target.name}-build-", dir=target.parent))
+    suffix = f"{BUILD_MARK}{secrets.token_hex(4)}-{os.getpid()}"
+    scratch = target.with_name(f".{target.name[:NAME_MAX - len(suffix) - 1]}{suffix}")
     try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        print(f"Building {what} in {target} (once) ...", file=sys.stderr)
+        scratch.mkdir()
         build(scratch)
         try:
             commit_directory(scratch, target)
@@ -539,10 +649,42 @@ def build_model_dir_once(target: Path, build, what: str) -> Path:
             # Ours not renamed, because another process's build came first: take that one.
             if not (scratch.exists() and (target / "config.json").is_file()):
                 raise
+    except (OSError, RuntimeError) as exc:
+        raise cache_fault(exc, target, what) from None
     finally:
-        if scratch.exists():
-            shutil.rmtree(scratch, ignore_errors=True)
+        if os.path.lexists(scratch):
+            remove_leftover(scratch, f"scratch folder of {what}")
     return target
+
+
+def remove_dead_builds(folder: Path) -> None:
+    """The scratch folders of builds whose process is gone (killed during a build: gigabytes
+    for a big base); one that cannot be removed is a warning."""
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return
+    for entry in entries:
+        if BUILD_SCRATCH.match(entry.name) and left_by_a_dead_process(entry.name):
+            if remove_leftover(Path(entry.path), "scratch folder of a build that was killed"):
+                print(f"removed the scratch folder of a build that was killed: {entry.path}", file=sys.stderr)
+
+
+def cache_fault(exc: BaseException, target: Path, what: str) -> Exception:
+    """One line for a build that could not be written: UserError where the folder is the
+    problem, machine.MachineFault where the disk is."""
+    from machine import MachineFault, write_fault
+
+    if not isinstance(exc, OSError) and "write" not in str(exc).lower():
+        return exc  # not a failed write: a bug, with its traceback
+    reason = exc.strerror or str(exc) if isinstance(exc, OSError) else first_line(exc)
+    blocking = next((p for p in [target.parent, *target.parent.parents] if p.exists() and not p.is_dir()), None)
+    if blocking is not None:  # mkdir's "File exists" says nothing useful here
+        reason = f"{blocking} is a file, not a folder"
+    where = f"{target.parent}{'' if 'DISTRUST_QLORA_CACHE' in os.environ else ' (the default cache)'}"
+    message = (f"cannot build {what} in {where}: {reason} ({free_space(target.parent)}); free some space or set "
+               f"DISTRUST_QLORA_CACHE to a writable folder with room")
+    return write_fault(exc, message) if isinstance(exc, OSError) else MachineFault(message)
 
 
 def _write_tiny_tokenizer(directory: Path, texts: list[str]) -> None:

@@ -9,6 +9,11 @@ After SIGHUP the terminal is gone and writing to it fails (EIO): standard
 output and error that were that terminal are pointed at /dev/null first, so
 the run can finish its step and save. Output redirected to a file (nohup,
 `> log`) is left as it is.
+
+A signal that was ignored when the run started stays ignored: `nohup` ignores
+SIGHUP so that the run outlives its terminal, and a shell without job control
+(a script's `cmd &`) ignores SIGINT in its background jobs so that Ctrl+C of
+the script does not reach them. Catching those would undo what the user asked.
 """
 
 from __future__ import annotations
@@ -23,14 +28,16 @@ if hasattr(signal, "SIGHUP"):  # not on Windows
 
 
 class StopRequests:
-    """A context manager: while inside, the signals above set `signal` instead of killing the process."""
+    """A context manager: while inside, the signals above set `signal` instead of killing the
+    process; one ignored on entry (nohup's SIGHUP, say) is left ignored."""
 
     def __init__(self):
         self.signal: int | None = None
         self._previous: dict = {}
 
     def __enter__(self) -> "StopRequests":
-        self._previous = {sig: signal.signal(sig, self._on_signal) for sig in EXIT_CODES}
+        self._previous = {sig: signal.signal(sig, self._on_signal) for sig in EXIT_CODES
+                          if signal.getsignal(sig) != signal.SIG_IGN}
         return self
 
     def __exit__(self, *exc) -> None:

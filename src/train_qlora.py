@@ -10,6 +10,11 @@ Exit codes: see EXIT_CODES (printed by --help).
 
 from __future__ import annotations
 
+from early_interrupt import interrupt_quietly_while_starting  # first: Ctrl+C while starting is one line
+
+if __name__ == "__main__":
+    interrupt_quietly_while_starting()
+
 import argparse
 import contextlib
 import json
@@ -24,11 +29,16 @@ FLAGS = [
     ("--data-dir", "data_dir", str, "holds train.jsonl, and val.jsonl or mlx-lm's valid.jsonl for validation"),
     ("--output-dir", "output_dir", str, "everything a run writes (default: models/distrust-<model name>)"),
     ("--max-steps", "max_steps", int, "optimizer steps"),
+    ("--epochs", "epochs", int, "passes over the training data, in place of the max steps: the steps follow from "
+                                "the corpus and the global batch (batch size x grad accum); 0: max steps decide"),
     ("--batch-size", "batch_size", int, "micro-batch size"),
     ("--grad-accum", "grad_accum", int, "micro-batches per optimizer step"),
     ("--learning-rate", "learning_rate", float, "peak learning rate"),
     ("--warmup-steps", "warmup_steps", int, "linear warmup steps, then cosine decay to 0 at the last step"),
     ("--max-seq-length", "max_seq_length", int, "longer samples are truncated"),
+    ("--learn-assistant-turns", "learn_assistant_turns", str, "the assistant turns of a chat record that are "
+                                                              "learned: all, or last (only the final answer, as "
+                                                              "mlx_lm lora); system, user and tool turns never are"),
     ("--max-grad-norm", "max_grad_norm", float, "gradient clipping norm"),
     ("--optimizer", "optimizer", str, "adamw, adam, sgd or adafactor (mlx.optimizers); adafactor takes its "
                                       "step size from the schedule"),
@@ -42,6 +52,9 @@ FLAGS = [
     ("--lora-alpha", "lora_alpha", float, "LoRA alpha; scale = alpha / rank"),
     ("--lora-layers", "lora_layers", int, "the last N blocks get LoRA; -1 = all"),
     ("--lora-dropout", "lora_dropout", float, "LoRA dropout"),
+    ("--lora-keys", "lora_keys", str, "the linear layers of each block that get LoRA, named as mlx-lm names them "
+                                      "(self_attn.q_proj self_attn.v_proj, or with commas); a wrong name lists "
+                                      "the model's"),
     ("--init-adapters", "init_adapters", str, "start a new run from these adapters: a run or mlx-lm adapter "
                                               "folder, or an adapters .safetensors file (shapes must match)"),
     ("--quantize-bits", "quantize_bits", int, "quantize a non-quantized base on load; 0 keeps it"),
@@ -61,6 +74,9 @@ FLAGS = [
     ("--grad-spike-threshold", "grad_spike_threshold", float, "gradient norm that counts as a spike"),
     ("--grad-spike-patience", "grad_spike_patience", int, "consecutive spikes that stop the run"),
     ("--seed", "seed", int, "every random choice follows from it"),
+    ("--report-to", "report_to", str, "wandb: the metrics of metrics.jsonl to Weights & Biases too (pip install "
+                                      "'.[wandb]'; files in OUTPUT/wandb; WANDB_MODE=offline needs no network)"),
+    ("--project-name", "project_name", str, "the W&B project (mlx-lm's project_name)"),
 ]
 SWITCHES = [
     # flag, config name, the value it sets, help (with the default)
@@ -76,7 +92,8 @@ SWITCHES = [
 EXIT_CODES = """exit codes:
   0    finished, or stopped early (the reason is printed and is the last line of metrics.jsonl)
   2    bad usage, config or data: one line naming the file, line and problem; nothing is lost
-  1    anything unexpected, or checkpoints failing to save 3 times in a row
+  1    a fault of the machine (full disk, I/O error, out of memory: one line), checkpoints
+       failing to save 3 times in a row, or anything unexpected (a traceback: a bug)
   130  after Ctrl+C, 143 after SIGTERM, 129 after SIGHUP (the terminal closed): each once a
        checkpoint is committed; a second Ctrl+C exits at once, the last checkpoint intact
 """
@@ -89,6 +106,8 @@ def _default_text(name: str) -> str:
         return ""
     section, field_name = FLAT_NAMES[name]
     value = getattr(getattr(Config(), section), field_name)
+    if value in ("", []):
+        value = {"lora_keys": "every linear layer", "report_to": "none", "project_name": "W&B's"}[name]
     return f" (default: {value:g})" if isinstance(value, float) else f" (default: {value})"
 
 
@@ -104,7 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "lora_parameters, ...); see examples/")
     for flag, name, kind, help_text in FLAGS:
         # Values are checked by config.py, for the flags and the YAML file alike.
-        parser.add_argument(flag, dest=name, type=kind, default=None, help=help_text + _default_text(name))
+        parser.add_argument(flag, dest=name, type=kind, default=None, help=help_text + _default_text(name),
+                            **({"nargs": "+", "metavar": "KEY"} if name == "lora_keys" else {}))
     for flag, name, value, help_text in SWITCHES:
         parser.add_argument(flag, dest=name, action="store_const", const=value, default=None, help=help_text)
     resume = parser.add_mutually_exclusive_group()
@@ -129,8 +149,8 @@ def settings_from_args(args: argparse.Namespace):
 
     settings = read_settings_file(args.config) if args.config else SettingsFile(values={})
     values = settings.values
-    names = [name for _, name, _, _ in FLAGS] + [name for _, name, _, _ in SWITCHES]
-    given = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+    flags = {name: flag for flag, name, _, _ in FLAGS + SWITCHES}
+    given = {name: getattr(args, name) for name in flags if getattr(args, name) is not None}
     # A flag overrides that one setting of the file, wherever the file put it.
     for name, value in given.items():
         section, field_name = FLAT_NAMES[name]
@@ -140,15 +160,40 @@ def settings_from_args(args: argparse.Namespace):
                 values.pop(name, None)
         else:
             values[name] = value
-    source = f"{args.config} + command line" if args.config else "command line"
-    config = Config.from_dict(values, source=source)
+        settings.names[(section, field_name)] = ("command line", flags[name])
+    choose_steps_or_epochs(values, given, settings.names)
+    source = f"{args.config} + command line" if args.config and given else args.config or "command line"
+    config = Config.from_dict(values, source=source, names=settings.names)
     if settings.lora_scale is not None and "lora_alpha" not in given:
         # mlx-lm's scale is alpha / rank here, whichever rank the file and flags ended with.
         if "lora_alpha" in values or "alpha" in (values.get("lora") or {}):
             raise UserError(f"{args.config}: give lora_parameters.scale or lora_alpha, not both")
         config.lora.alpha = settings.lora_scale * config.lora.rank
-        config.validate(source)
+        config.validate(source, settings.names)
     return config, settings
+
+
+def choose_steps_or_epochs(values: dict, given: dict, names: dict) -> None:
+    """--epochs and --max-steps both say how long to train: a flag overrides the file's
+    other one (--epochs over the file's iters, say); both in the same place is an error."""
+    from config import FLAT_NAMES
+
+    def setting(name: str):
+        section, field_name = FLAT_NAMES[name]
+        inner = values.get(section) if isinstance(values.get(section), dict) else {}
+        return values.get(name, inner.get(field_name))
+
+    if setting("max_steps") is None or setting("epochs") in (None, 0):  # epochs 0: --max-steps decides
+        return
+    (steps_at, steps), (epochs_at, epochs) = (names.get(FLAT_NAMES[name], ("", f"'{name}'"))
+                                              for name in ("max_steps", "epochs"))
+    if steps_at == epochs_at:
+        raise UserError(f"{steps_at}: {steps} and {epochs} both say how long to train: give one of them")
+    dropped = "max_steps" if "epochs" in given else "epochs"
+    section, field_name = FLAT_NAMES[dropped]
+    values.pop(dropped, None)
+    if isinstance(values.get(section), dict):
+        values[section].pop(field_name, None)
 
 
 def apply_start_choices(args: argparse.Namespace, start: dict, source: str) -> None:
@@ -208,6 +253,8 @@ def main(argv: list[str] | None = None) -> int:
 def run(args: argparse.Namespace, group=None) -> int:
     from checkpoints import CheckpointManager
     from checkpoints.resume import RunLock, choose_start, describe_checkpoints
+    from checkpoints.run_dir import check_path_lengths
+    from corpus.precheck import check_data_files
     from process_group import ProcessGroup
 
     group = group or ProcessGroup()
@@ -217,6 +264,10 @@ def run(args: argparse.Namespace, group=None) -> int:
         return 0
     config, settings = settings_from_args(args)
     apply_start_choices(args, settings.start, args.config)
+    if config.paths.report_to:
+        from monitoring.wandb_log import check_wandb_installed
+
+        check_wandb_installed()
     for note in settings.notes:
         print(f"note: {note}", file=sys.stderr)
     output_dir = config.output_dir
@@ -226,6 +277,9 @@ def run(args: argparse.Namespace, group=None) -> int:
         return 0
 
     group.on_writer(lambda: check_batch_divides(config.training.batch_size, group.size))
+    # Before the lock, the model (minutes) and any move aside: what would stop the run anyway.
+    check_path_lengths(output_dir)
+    check_data_files(config)
     # Rank 0 alone writes to the output dir (the lock, checkpoints, logs); the others only read their data.
     with RunLock(output_dir) if group.is_writer else contextlib.nullcontext():
         inputs = run_inputs(config)
@@ -238,8 +292,11 @@ def run(args: argparse.Namespace, group=None) -> int:
             group.check_same("the training and validation data, model and settings", json.dumps(
                 [inputs, config.fingerprint(), content_signature(val) if val.is_file() else None]))
         # May ask at a terminal, or exit 2 without one; several processes: rank 0 chooses for all.
-        start = group.on_writer(lambda: choose_start(manager, config, args, inputs))
-        return train(config, output_dir, manager, start, inputs, group)
+        # What the choice moves aside (--fresh: the earlier run) is moved once the model has
+        # loaded and the data is checked: `later`, run by train().
+        later: list = []
+        start = group.on_writer(lambda: choose_start(manager, config, args, inputs, later=later))
+        return train(config, output_dir, manager, start, inputs, group, settings.names, later)
 
 
 def check_batch_divides(batch_size: int, processes: int) -> None:
@@ -251,9 +308,11 @@ def check_batch_divides(batch_size: int, processes: int) -> None:
 
 def run_inputs(config) -> dict:
     """What the run reads, by identity: the training file's content, the resolved
-    model, and the adapters it started from (if any). A resume from other inputs
-    would not continue the same run."""
+    model, and the adapters it started from (if any); the SHA-256 of the base's files
+    and of the training and validation files (file_identity: read once, then cached).
+    A resume from other inputs would not continue the same run."""
     from corpus.index import content_signature
+    from file_identity import base_identity, data_identity
     from modeling import adapters_signature, resolve_model
 
     train_path = config.train_file
@@ -264,14 +323,20 @@ def run_inputs(config) -> dict:
     except OSError as exc:
         raise UserError(f"{train_path}: cannot read ({exc.strerror})") from None
     inputs = {"train_data": signature, "model": resolve_model(config.model.model)}
+    inputs.update(base=base_identity(inputs["model"]), train_content=data_identity(train_path),
+                  val_content=data_identity(config.val_file if config.val_file.is_file() else None))
     if config.paths.init_adapters:
         inputs["init_adapters"] = adapters_signature(config.paths.init_adapters)
     return inputs
 
 
-def train(config, output_dir: Path, manager, start, inputs: dict, group) -> int:
+def train(config, output_dir: Path, manager, start, inputs: dict, group, names: dict | None = None,
+          later=()) -> int:
+    """The run: `names` says how the user wrote each setting they gave (config.setting_name); `later`,
+    what the start moves aside, once the model has loaded and the data is checked."""
     from checkpoints.resume import restore_with_fallback
     from corpus.index import CorpusIndex, check_records
+    from file_identity import check_unchanged
     from modeling import (adapter_config, attach_lora, load_init_adapters, load_model, parameter_counts,
                           tokenizer_key)
     from trainer import CheckpointingFailed, DistrustTrainer
@@ -281,26 +346,35 @@ def train(config, output_dir: Path, manager, start, inputs: dict, group) -> int:
     # inputs["model"] is the model already resolved (for `tiny`: already built).
     loaded = load_model(inputs["model"], config.model.quantize_bits, config.model.trust_remote_code)
     num_layers, note = attach_lora(loaded.model, lo.rank, lo.alpha, lo.layers, lo.dropout, t.seed,
-                                   fine_tune_type=lo.fine_tune_type)
-    if note:
-        print(f"note: {note}", file=sys.stderr)
+                                   fine_tune_type=lo.fine_tune_type, keys=lo.keys,
+                                   keys_named=said_as(names, ("lora", "keys"), "--lora-keys"))
+    if note and ("lora", "layers") in (names or {}):  # the default (16) is no request to note
+        print(f"note: {said_as(names, ('lora', 'layers'), '--lora-layers')} {note}", file=sys.stderr)
     if config.paths.init_adapters and start is None:  # a resume restores the checkpoint's adapters instead
         source = load_init_adapters(loaded.model, config.paths.init_adapters)
         print(f"adapters: starting from {source}", file=sys.stderr)
     trainable, total = parameter_counts(loaded.model)
     quant = f"{loaded.quantized_bits}-bit" if loaded.quantized_bits else "not quantized"
     if loaded.base.quantization:
-        quant += f"; its quantized copy {loaded.base.path}"
+        quant += f"; {'its mlx-lm folder' if Path(loaded.path).is_file() else 'its quantized copy'} {loaded.base.path}"
     kind = "DoRA" if lo.fine_tune_type == "dora" else "LoRA"
-    print(f"model: {loaded.path} ({quant}); {kind} on {num_layers} blocks; trainable parameters "
+    where = f" ({', '.join(lo.keys)})" if lo.keys else ""
+    print(f"model: {loaded.path} ({quant}); {kind} on {num_layers} blocks{where}; trainable parameters "
           f"{trainable:,} of {total:,} ({100 * trainable / total:.3f}%)", file=sys.stderr)
 
     index = CorpusIndex.build(train_path, loaded.tokenizer, t.max_seq_length + 1, in_memory=not config.paths.streaming,
                               cache_dir=output_dir / "cache" if group.is_writer else None,
-                              tokenizer_key=tokenizer_key(loaded))
+                              tokenizer_key=tokenizer_key(loaded), turns=t.learn_assistant_turns)
+    check_unchanged(train_path, inputs.get("train_content"), "training file")  # edited while the model loaded?
+    index.content_sha256 = (inputs.get("train_content") or {}).get("sha256")
     print(f"data: {len(index):,} training samples from {train_path}", file=sys.stderr)
     if index.scored_at_load:
         print(scored_at_load_line(index.scored_at_load, len(index), "training", train_path), file=sys.stderr)
+    if index.scored_from_text:
+        print(scored_from_text_line(index.scored_from_text, config.distrust), file=sys.stderr)
+    if t.epochs:
+        t.max_steps, said = steps_for_epochs(t.epochs, len(index), t.batch_size, t.grad_accum, group.size)
+        print(said, file=sys.stderr)
     if index.truncated:
         print(f"note: {index.truncated} of {len(index)} samples are longer than --max-seq-length "
               f"{t.max_seq_length} and were truncated", file=sys.stderr)
@@ -309,7 +383,9 @@ def train(config, output_dir: Path, manager, start, inputs: dict, group) -> int:
               f"(lines {', '.join(map(str, index.no_target[:5]))}{' ...' if len(index.no_target) > 5 else ''})",
               file=sys.stderr)
     data_summary = {"train_file": str(train_path), "train_samples": len(index),
-                    "train_scored_at_load": index.scored_at_load}
+                    "train_scored_at_load": index.scored_at_load, "train_scored_from_text": index.scored_from_text}
+    if t.epochs:
+        data_summary.update(epochs=t.epochs, max_steps=t.max_steps)
     val_path = config.val_file
     data_dir = Path(config.paths.data_dir)
     if not val_path.is_file():
@@ -331,13 +407,15 @@ def train(config, output_dir: Path, manager, start, inputs: dict, group) -> int:
     if (data_dir / "test.jsonl").is_file():
         print(f"data: {data_dir / 'test.jsonl'} is not used in training; src/evaluate.py takes it by default",
               file=sys.stderr)
+    for move_aside in later:  # the model loaded, the data checked: now what the start chose is moved aside
+        move_aside()
 
     trainer = DistrustTrainer(
         config, loaded.model, loaded.tokenizer,
         # Names the base as trained (its quantized copy, if quantized on load), so
         # mlx_lm.load(that, adapter_path=output_dir) is the model being trained.
         adapter_config(loaded.path, num_layers, lo.rank, lo.alpha, lo.dropout, base=loaded.base,
-                       fine_tune_type=lo.fine_tune_type),
+                       fine_tune_type=lo.fine_tune_type, keys=lo.keys),
         index, val_path, output_dir, manager, log=lambda msg: print(msg, file=sys.stderr),
         group=group,
     )
@@ -357,6 +435,35 @@ def train(config, output_dir: Path, manager, start, inputs: dict, group) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     return end.exit_code
+
+
+def said_as(names: dict | None, key: tuple, flag: str) -> str:
+    """A setting as the user gave it: `--lora-keys`, or `lora.yaml: 'lora_parameters.keys'`."""
+    from config import setting_name
+
+    where, name = setting_name(key, names, ("command line", flag))
+    return name if where == "command line" else f"{where}: {name}"
+
+
+def scored_from_text_line(count: int, distrust) -> str:
+    """Said when records bring neither scores nor metadata: their weights are a guess from their wording."""
+    acting = distrust.mode == "weighted" and distrust.lambda_weight > 0
+    how = (f"they weight the loss at --lambda-weight {distrust.lambda_weight:g}; to train plainly, without weights: "
+           f"--lambda-weight 0") if acting else "they do not weight the loss here (plain cross-entropy)"
+    return (f"data: {count:,} of them have no metadata either (source_type, year, publisher, url, citation_count, "
+            f"evidence): their scores are guessed from their wording alone; {how}")
+
+
+def steps_for_epochs(epochs: int, samples: int, batch_size: int, grad_accum: int, processes: int) -> tuple[int, str]:
+    """(optimizer steps, the line that says so) for `epochs` passes over `samples`: each epoch
+    is ceil(samples / batch) batches (the last one filled up), `grad_accum` of them per step;
+    --batch-size is the global batch, whatever the number of processes."""
+    per_epoch = -(-samples // batch_size)
+    steps = -(-epochs * per_epoch // grad_accum)
+    shared = f" (the global batch, over {processes} processes)" if processes > 1 else ""
+    return steps, (f"steps: {epochs} epoch{'s' if epochs != 1 else ''} of {samples:,} training samples, "
+                   f"{per_epoch:,} batches of {batch_size}{shared} each, {grad_accum} batch"
+                   f"{'es' if grad_accum != 1 else ''} per step: {steps:,} steps")
 
 
 def scored_at_load_line(scored: int, total: int, what: str, path: Path) -> str:

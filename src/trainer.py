@@ -41,12 +41,14 @@ from corpus.index import CorpusIndex
 from distrust import DistrustObjective, weight_report_lines
 from durable import free_space
 from errors import UserError, error_line
+from file_identity import check_unchanged
 from host_rng import check_host_rng_state, host_rng_state, set_host_rng_state
 from modeling import adapter_weights, names_mismatch, shapes_mismatch
 from monitoring.early_stopping import EarlyStopping
 from monitoring.evaluation import SampleLosses, compile_row_losses, loss_report, sample_losses
 from monitoring.metrics_log import MetricsLog, NoMetrics, summary_text
 from monitoring.progress import ProgressLine
+from monitoring.wandb_log import WandbLog, new_run_id, usable_run_id
 from optimization import build_optimizer, learning_rate_schedule, step_seed, use_grad_checkpoint, weighted_loss_sums
 from process_group import PeerLost, ProcessGroup
 from stop_signals import EXIT_CODES, StopRequests
@@ -148,8 +150,10 @@ class DistrustTrainer:
         self.last_save_step = 0
         self.last_save_path: Path | None = None
         self.last_save_here = False  # last_save_path is one of this run's checkpoints (the same on every rank)
+        self.adapters_written = False  # the top-level adapters were written by this run (the summary names them)
         self._compiled = None
         self.data_summary: dict | None = None  # what the data is, for a "data" line of metrics.jsonl
+        self.wandb_run_id: str | None = None  # --report-to wandb: the W&B run, kept in checkpoints
 
     def _new_early_stopping(self) -> EarlyStopping:
         t, es = self.config.training, self.config.early_stopping
@@ -185,6 +189,7 @@ class DistrustTrainer:
         self.last_save_path = Path(source)
         self.last_save_here = self.last_save_path.parent.resolve() == self.checkpoints.directory.resolve()
         self.resumed_from = Path(source)
+        self.wandb_run_id = usable_run_id(saved.trainer.get("wandb_run_id"))  # resumed: the same W&B run
         if self.group.distributed:
             self.restored = saved  # for share_resume_point: the other ranks take the same
         saved_processes = saved.trainer.get("processes", 1)
@@ -270,6 +275,7 @@ class DistrustTrainer:
                 "train_seconds": s.train_seconds,
             },
             "processes": self.group.size,  # world size: a resume with another continues (see restore)
+            "wandb_run_id": self.wandb_run_id,
             "early_stopping": self.early_stopping.state_dict(),
             "progress": self.progress.state_dict(),
             "rng": host_rng_state(),
@@ -428,7 +434,9 @@ class DistrustTrainer:
         t = self.config.training
         if self.val_batches is None:  # lazy: the val file is first read here
             self.val_index = CorpusIndex.build(self.val_path, self.tokenizer, t.max_seq_length + 1,
-                                               limit=t.batch_size * t.val_batches)
+                                               limit=t.batch_size * t.val_batches, turns=t.learn_assistant_turns)
+            # What was checked at the start is what is validated on (and what the checkpoints record).
+            check_unchanged(self.val_path, (self.checkpoints.run_inputs or {}).get("val_content"), "validation file")
             self.val_batches = fixed_batches(self.val_index, t.batch_size, t.val_batches, self.pad_id,
                                              Share(self.group.rank, self.group.size))
         losses = sample_losses(self.model, self._compiled.row_losses, self.val_batches)
@@ -490,6 +498,7 @@ class DistrustTrainer:
         failure is a warning (the checkpoint holds them)."""
         try:
             self.checkpoints.export_adapters(checkpoint, self.output_dir)
+            self.adapters_written = True
         except OSError as exc:
             self.progress.write(f"WARNING: could not update {self.output_dir / 'adapters.safetensors'} "
                                 f"({exc.strerror or exc}; {free_space(self.output_dir)}); checkpoint {checkpoint} "
@@ -505,7 +514,8 @@ class DistrustTrainer:
             # A resumed run whose next checkpoint cannot fit would train for nothing: say so first.
             self.group.on_writer(lambda: self.checkpoints.check_room_like(self.resumed_from))
         self.metrics = MetricsLog(self.output_dir, tensorboard=self.config.paths.tensorboard,
-                                  resume_step=s.step if self.resumed_from else None) if writer else NoMetrics()
+                                  resume_step=s.step if self.resumed_from else None,
+                                  wandb=self._open_wandb()) if writer else NoMetrics()
         index = self.train_index
         weights = self.objective.weight_report(index.auth_weight, index.prov_entropy,
                                                index.source_type, index.source_type_names)
@@ -521,6 +531,7 @@ class DistrustTrainer:
                                      memory_baseline_step=self._memory_baseline_step(), quiet=not writer,
                                      processes=self.group.size)
         self.progress.load_state_dict(windows)
+        session_started = time.perf_counter()  # what the progress line's "elapsed" counts from
         if self.resumed_from and writer:
             self.checkpoints.protect(self.resumed_from)
         self._compiled = self._compile()
@@ -561,13 +572,25 @@ class DistrustTrainer:
         summary = {
             "steps": s.step, "max_steps": t.max_steps, "tokens": s.tokens_seen, "seconds": s.train_seconds,
             "best_val_loss": s.best_val_loss if s.best_val_step is not None else None,
-            "best_val_step": s.best_val_step, "adapters": str(self.output_dir / "adapters.safetensors"),
+            "best_val_step": s.best_val_step,
+            "adapters": str(self.output_dir / "adapters.safetensors") if self.adapters_written else
+            "none written (no checkpoint could be saved)",
             "peak_memory_mb": round(mx.get_peak_memory() / 1e6, 1), "processes": self.group.size,
+            "session_seconds": time.perf_counter() - session_started,
         }
         self.metrics.end(end.reason, **summary)
         self.metrics.close()
         self.log(summary_text(reason=end.reason, **summary))  # rank 0 only: the others' log is quiet
         return end
+
+    def _open_wandb(self):
+        """--report-to wandb: the W&B run (this run's, continued on a resume); None otherwise."""
+        if self.config.paths.report_to != "wandb":
+            return None
+        resumed = self.wandb_run_id is not None
+        self.wandb_run_id = self.wandb_run_id or new_run_id()
+        return WandbLog(self.output_dir, self.wandb_run_id, self.config.paths.project_name, self.config.to_dict(),
+                        resumed, log=self.log)
 
     def _one_step(self, batches, stops: StopRequests) -> RunEnd | None:
         """One optimizer step and what follows it (log, validate, save); the run's end, or None to go on."""
@@ -647,8 +670,9 @@ class DistrustTrainer:
             return end
         if self.save_checkpoint(is_best=is_best, is_final=True):
             return end
-        return RunEnd(f"{end.reason}; but the final checkpoint could not be saved (the newest saved one is "
-                      f"step {self.last_save_step})", exit_code=1)
+        newest = f"the newest saved one is step {self.last_save_step}" if self.last_save_path is not None else \
+            "no checkpoint was saved"
+        return RunEnd(f"{end.reason}; but the final checkpoint could not be saved ({newest})", exit_code=1)
 
     def _validation_check(self) -> bool:
         """Validate, log, and say whether this is the best validation so far."""

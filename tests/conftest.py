@@ -93,6 +93,15 @@ FRESH_PROCESS_WARNING_FILTERS = [  # (action, category, module)
 STOP_SIGNALS = [sig for sig in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", None)) if sig is not None]
 
 
+def default_stop_signals() -> None:
+    """For a child process a test will signal (as preexec_fn, or in a forked child): the stop
+    signals as at a terminal. The run keeps a signal ignored that it was started ignoring, and
+    a child inherits ignored signals: under `nohup pytest`, or a script's `pytest &`, it would
+    otherwise ignore the SIGHUP or SIGINT the test sends."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_DFL)
+
+
 class InProcessTimeout(BaseException):
     """Raised inside a command run in-process that went past its timeout. A BaseException, so
     that no `except Exception` of the command catches it."""
@@ -306,3 +315,49 @@ def read_tensorboard(logs_dir: Path) -> list:
     """All events of all files, files in name order as TensorBoard reads them."""
     paths = sorted(logs_dir.glob("events.out.tfevents.*"), key=lambda path: path.name)
     return [event for path in paths for event in read_event_file(path)]
+
+
+@contextlib.contextmanager
+def mounted_tmpfs(mount_point: Path, size: str = "3m"):
+    """A real tmpfs of `size` at `mount_point`, for a disk that fills up (ENOSPC) or is made
+    read-only (remount_read_only). Needs the right to mount (root here and in CI): skips otherwise."""
+    mount_point.mkdir(parents=True, exist_ok=True)
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount_point)],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+    try:
+        yield mount_point
+    finally:
+        subprocess.run(["umount", "-l", str(mount_point)], check=False)
+
+
+def remount_read_only(mount_point: Path) -> None:
+    subprocess.run(["mount", "-o", "remount,ro", str(mount_point)], check=True, capture_output=True)
+
+
+@contextlib.contextmanager
+def immutable(*paths: Path, within: Path | None = None):
+    """chattr +i on `paths` while inside (a file or folder even root cannot change or remove);
+    skips where the test is not root or the file system has no such attribute. On the way out,
+    everything under `within` loses the attribute too (for paths that were renamed meanwhile)."""
+    import shutil
+
+    if os.geteuid() != 0 or shutil.which("chattr") is None:
+        pytest.skip("chattr +i needs root and e2fsprogs' chattr")
+    done = subprocess.run(["chattr", "+i", *map(str, paths)], capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"chattr +i is not supported here: {done.stderr.strip()}")
+    try:
+        yield
+    finally:
+        subprocess.run(["chattr", "-i", *map(str, paths)], check=False, capture_output=True)
+        if within is not None:
+            subprocess.run(["chattr", "-R", "-i", str(within)], check=False, capture_output=True)
+
+
+def dead_pid() -> int:
+    """The pid of a process that has exited (for leftovers named after a dead writer)."""
+    process = subprocess.Popen([sys.executable, "-c", "pass"])
+    process.wait()
+    return process.pid

@@ -45,7 +45,8 @@ BAD_TRAIN_FILES = {
                    ["train.jsonl:5", "empty 'text'"]),
     "no text field": ([json.dumps({"body": "x", "auth_weight": 0.5, "prov_entropy": 1})],
                       ["train.jsonl:1", "missing field 'text'"]),
-    "empty file": ([], ["train.jsonl", "empty file"]),
+    "empty file": ([], ["train.jsonl", "no records (the file is empty)"]),
+    "blank lines only": (["", "   ", "\t"], ["train.jsonl", "no records (its 3 lines are blank)"]),
     "chat without assistant": ([json.dumps({"messages": [{"role": "user", "content": "hi"}],
                                             "auth_weight": 0.5, "prov_entropy": 1})],
                                ["train.jsonl:1", "last message must be a non-empty 'assistant'"]),
@@ -91,7 +92,7 @@ def test_bad_yaml_config(corpus, tmp_path):
     config.write_text("lora:\n  dropout: lots\n")
     result = run_in_process(*FAST, "--config", config, "--data-dir", corpus, "--output-dir", tmp_path / "out",
                             "--max-steps", "2")
-    assert_one_line_error(result, "run.yaml", "lora.dropout", "must be float")
+    assert_one_line_error(result, "run.yaml: 'lora.dropout' must be a number, got 'lots'")
     config.write_text("lora_rank: 4\nbogus_setting: 1\n")
     result = run_in_process(*FAST, "--config", config, "--data-dir", corpus, "--output-dir", tmp_path / "out",
                             "--max-steps", "2")

@@ -595,7 +595,8 @@ def test_clean_temporaries_removes_leftovers_and_restores_an_interrupted_replace
     manager.save(make_state(1))
     manager.save(make_state(2))
     d = manager.directory
-    os.rename(d / "step-00000002", d / ".tmp-replaced-step-00000002-999999")  # killed between the two renames
+    os.rename(d / "step-00000002", d / ".tmp-replaced-step-00000002-999999")  # killed between the two renames:
+    (d / ".tmp-step-00000002-999999").mkdir()  # its replacement never arrived
     (d / ".tmp-step-00000003-999999").mkdir()
     (d / ".tmp-deleting-step-00000000-999999").mkdir()
     (d / ".tmp-best-999999").write_text("step-00000002")
@@ -605,7 +606,8 @@ def test_clean_temporaries_removes_leftovers_and_restores_an_interrupted_replace
     removed = manager.clean_temporaries()
 
     assert sorted(p.name for p in removed) == [
-        ".tmp-best-999999", ".tmp-deleting-step-00000000-999999", ".tmp-step-00000003-999999",
+        ".tmp-best-999999", ".tmp-deleting-step-00000000-999999", ".tmp-step-00000002-999999",
+        ".tmp-step-00000003-999999",
     ]
     assert entries(d) == [".tmp-step-00000004-1", "step-00000001", "step-00000002"]
     assert manager.latest_valid().step == 2 and "restored checkpoint step-00000002" in warnings[0]

@@ -13,8 +13,12 @@ from corpus.index import CorpusIndex
 
 
 def build_index(tmp_path, n=37, in_memory=False, max_tokens=40):
+    """An index of the test's corpus, written on first use (rewritten, it would be another version:
+    an index streaming from it stops)."""
     rng = random.Random(3)
-    path = write_jsonl(tmp_path / "train.jsonl", [make_record(rng) for _ in range(n)])
+    path = tmp_path / "train.jsonl"
+    if not path.exists():
+        write_jsonl(path, [make_record(rng) for _ in range(n)])
     return CorpusIndex.build(path, load_tiny().tokenizer, max_tokens=max_tokens, in_memory=in_memory)
 
 

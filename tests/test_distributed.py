@@ -18,7 +18,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import FAST, REPO, TRAIN_SCRIPT, adapters_equal, load_adapters, read_metrics, run_in_process, write_corpus
+from conftest import (FAST, REPO, TRAIN_SCRIPT, adapters_equal, default_stop_signals, load_adapters, read_metrics,
+                      run_in_process, write_corpus)
 
 LAUNCHER = Path(sys.executable).parent / "mlx.launch"
 # Two processes and one with the same global batch sum the same numbers in another order, so
@@ -151,7 +152,7 @@ def start_launch(out: Path, data: Path, log: Path) -> subprocess.Popen:
     return subprocess.Popen(launch_command(2, *FAST, "--data-dir", data, "--output-dir", out, *STEPS,
                                            "--auto-resume"),
                             cwd=REPO, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT,
-                            stdin=subprocess.DEVNULL, start_new_session=True)
+                            stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=default_stop_signals)
 
 
 def wait_for(condition, timeout: float = 120) -> None:

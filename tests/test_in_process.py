@@ -20,7 +20,7 @@ from conftest import (FAST, GradCheckpointInProcess, adapters_equal, load_adapte
 
 # What differs between two runs of the same command: how fast it ran, when, and the memory
 # MLX holds (the whole process's, which in this process holds other tests' arrays too).
-TIMED = ("seconds", "tokens_per_sec", "memory_mb", "peak_memory_mb", "time", "created")
+TIMED = ("seconds", "session_seconds", "tokens_per_sec", "memory_mb", "peak_memory_mb", "time", "created")
 TIMED_TEXT = [(r"\d+:\d\d elapsed", "T elapsed"), (r"[\d,.]+ tok/s", "N tok/s"), (r"ETA [^ |]+", "ETA T"),
               (r"\d+m \d+s", "T"), (r"\d+h \d+m", "T"), (r"[+-]?[\d,.]+ [MG]B", "M")]
 

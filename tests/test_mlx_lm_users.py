@@ -169,7 +169,8 @@ def test_an_mlx_lm_lora_yaml_gives_the_same_run_as_the_flags(mlx_data, tmp_path)
     assert [(line["step"], line["loss"], line["grad_norm"]) for line in train_lines(tmp_path / "from-yaml")] == \
         [(line["step"], line["loss"], line["grad_norm"]) for line in train_lines(tmp_path / "from-flags")]
     saved = json.loads((tmp_path / "from-yaml" / "checkpoints" / "step-00000006" / "config.json").read_text())
-    assert saved["config"]["lora"] == {"rank": 4, "alpha": 8.0, "layers": -1, "dropout": 0.0, "fine_tune_type": "lora"}
+    assert saved["config"]["lora"] == {"rank": 4, "alpha": 8.0, "layers": -1, "dropout": 0.0, "fine_tune_type": "lora",
+                                       "keys": []}
 
     config.write_text(LORA_YAML.format(data=mlx_data, out=tmp_path / "x") + "lr_schedule:\n  name: cosine_decay\n"
                       "clear_cache_threshold: 1000\n")
@@ -225,7 +226,8 @@ def final_optimizer(out: Path) -> dict:
     ["--optimizer", "adam", "--fine-tune-type", "dora"],
     ["--optimizer", "sgd", "--sgd-momentum", "0.9", "--sgd-nesterov", "--grad-checkpoint"],
     ["--optimizer", "adafactor", "--weight-decay", "0.01"],
-], ids=["adam+dora", "sgd+grad-checkpoint", "adafactor"])
+    ["--lora-keys", "self_attn.q_proj", "self_attn.v_proj"],
+], ids=["adam+dora", "sgd+grad-checkpoint", "adafactor", "attention-only"])
 def test_each_option_trains_and_resumes_bit_for_bit_after_a_kill(options, tmp_path):
     data = write_corpus(tmp_path / "data", train=32, val=8)
     reference, out = tmp_path / "reference", tmp_path / "out"
@@ -251,6 +253,18 @@ def test_each_option_trains_and_resumes_bit_for_bit_after_a_kill(options, tmp_pa
 
         model, _, _ = load_with_mlx_lm(written["model"], False, adapter_path=str(out))
         assert type(model.layers[0].self_attn.q_proj).__name__ == "DoRALinear"
+    if "--lora-keys" in options:
+        # LoRA on exactly those layers of every block, and adapter_config.json names them, so
+        # mlx-lm rebuilds exactly these layers.
+        assert "LoRA on 2 blocks (self_attn.q_proj, self_attn.v_proj)" in result.stderr
+        assert set(load_adapters(out)) == {f"model.layers.{block}.self_attn.{layer}.lora_{ab}"
+                                           for block in (0, 1) for layer in ("q_proj", "v_proj") for ab in "ab"}
+        assert written["lora_parameters"]["keys"] == ["self_attn.q_proj", "self_attn.v_proj"]
+        from modeling import load_with_mlx_lm
+
+        model, _, _ = load_with_mlx_lm(written["model"], False, adapter_path=str(out))
+        assert {name: type(getattr(model.layers[1].self_attn, name)).__name__ for name in ("q_proj", "k_proj")} == \
+            {"q_proj": "LoRALinear", "k_proj": "QuantizedLinear"}
     if "--grad-checkpoint" in options:
         # The same run without it: the same adapters, within float rounding.
         plain = tmp_path / "plain"
@@ -263,7 +277,7 @@ def test_each_option_trains_and_resumes_bit_for_bit_after_a_kill(options, tmp_pa
     # An option that changes what is learned cannot change on resume.
     refused = run_in_process(*BASE, "--data-dir", data, "--output-dir", out, "--auto-resume", "--max-steps", "10")
     assert refused.returncode == 2 and "the config differs" in refused.stderr, refused.stderr
-    assert "optimizer" in refused.stderr or "fine_tune_type" in refused.stderr
+    assert "optimizer" in refused.stderr or "fine_tune_type" in refused.stderr or "lora.keys" in refused.stderr
 
 
 def test_init_adapters_start_a_new_run_from_a_finished_one(tmp_path):

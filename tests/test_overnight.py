@@ -23,8 +23,8 @@ from pathlib import Path
 import pytest
 
 from checkpoints.manifest import write_manifest
-from conftest import (FAST, REPO, TRAIN_SCRIPT, adapters_equal, assert_one_line_error, load_adapters, read_metrics, run_cli,
-                      run_in_process, train_lines, write_corpus, write_jsonl)
+from conftest import (FAST, REPO, TRAIN_SCRIPT, adapters_equal, assert_one_line_error, default_stop_signals, load_adapters,
+                      read_metrics, run_cli, run_in_process, train_lines, write_corpus, write_jsonl)
 
 STEPS = 12
 ARGS = [*FAST, "--checkpoint-interval", "4", "--eval-steps", "4", "--max-steps", str(STEPS)]
@@ -123,6 +123,7 @@ def test_closing_the_terminal_commits_a_checkpoint_and_exits_129(data, tmp_path)
     out = tmp_path / "out"
     pid, master = pty.fork()
     if pid == 0:  # the child: the training command, its stdout and stderr the terminal
+        default_stop_signals()
         os.chdir(REPO)
         os.execv(sys.executable, [sys.executable, str(TRAIN_SCRIPT), *map(str, ARGS), "--max-steps", "400",
                                   "--checkpoint-interval", "1000", "--eval-steps", "1000",

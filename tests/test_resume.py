@@ -25,8 +25,8 @@ from pathlib import Path
 import pytest
 
 from checkpoints import CheckpointManager
-from conftest import (FAST, REPO, TRAIN_SCRIPT, adapters_equal, load_adapters, read_metrics, run_cli,
-                      run_in_process, train_lines, write_corpus)
+from conftest import (FAST, REPO, TRAIN_SCRIPT, adapters_equal, default_stop_signals, load_adapters, read_metrics,
+                      run_cli, run_in_process, train_lines, write_corpus)
 
 STEPS = 20
 # A checkpoint every step: kills land inside saves, and there is always one to damage.
@@ -42,7 +42,8 @@ def start_cli(*args, stderr_path: Path) -> subprocess.Popen:
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     with open(stderr_path, "w") as err:
         return subprocess.Popen([sys.executable, str(TRAIN_SCRIPT), *map(str, args)], cwd=REPO, env=env,
-                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err)
+                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err,
+                                preexec_fn=default_stop_signals)
 
 
 def wait_until(predicate, process: subprocess.Popen | None = None, timeout: float = 60.0, poll: float = 0.002) -> bool:

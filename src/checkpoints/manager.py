@@ -29,8 +29,8 @@ import mlx.core as mx
 
 from errors import UserError, one_line
 
-from durable import (TEMP_PREFIX, aside_name, left_by_a_dead_process, commit_directory, copy_file_atomically, flush_dir, free_space, open_regular_file,
-                     write_text_atomically)
+from durable import (TEMP_PREFIX, aside_name, left_by_a_dead_process, commit_directory, copy_file_atomically, flush_dir,
+                     free_space, make_dirs, open_regular_file, remove_leftover, write_text_atomically)
 from .manifest import verify_checkpoint, write_manifest
 from .retention import RetentionPolicy
 from .state import ArrayWriteError, TrainingState, check_state, describe_error, read_state_files, write_state_files
@@ -41,7 +41,7 @@ BEST_POINTER = "best"
 FINAL_POINTER = "final"
 # A temporary name ends with the pid of the process that made it, so that a
 # leftover can be told from the work of another process still running.
-REPLACED_PATTERN = re.compile(r"^\.tmp-replaced-(step-\d{8,})-\d+$")
+REPLACED_PATTERN = re.compile(r"^\.tmp-replaced-(step-\d{8,})-(\d+)$")
 
 
 def checkpoint_dir_name(step: int) -> str:
@@ -124,7 +124,9 @@ class CheckpointManager:
         final = self.directory / name
         temp = self.directory / f"{TEMP_PREFIX}{name}-{os.getpid()}"
         try:
-            self.directory.mkdir(parents=True, exist_ok=True)
+            # Its name in the run folder durable before a checkpoint, a pointer or the run's
+            # top-level copy of the adapters can name what is inside it.
+            make_dirs(self.directory, fsync=self.fsync)
             remove_path(temp)  # our own leftover of an earlier failed attempt
             temp.mkdir()
             # Flushed all at once by the commit, each file and the folder.
@@ -201,8 +203,13 @@ class CheckpointManager:
             # Out of sight first: a deletion cut short leaves a hidden
             # leftover, not a visible half checkpoint.
             hidden = self.directory / f"{TEMP_PREFIX}deleting-{info.path.name}-{os.getpid()}"
-            os.rename(info.path, hidden)
-            remove_path(hidden)
+            try:
+                os.rename(info.path, hidden)
+            except OSError as error:
+                self.warn(f"retention could not remove checkpoint {info.path} ({describe_error(error)}); "
+                          f"it stays")
+                continue
+            remove_leftover(hidden, f"checkpoint {info.path.name} being deleted by retention", self.warn)
         if doomed and self.fsync:
             flush_dir(self.directory)
 
@@ -395,26 +402,32 @@ class CheckpointManager:
     def clean_temporaries(self) -> list[Path]:
         """Remove the leftovers of killed saves and deletions; returns what was removed.
 
-        A checkpoint renamed aside to be replaced, whose replacement never
-        arrived, is put back instead. Temporaries of another process that is
-        still alive are left alone: it may be saving right now.
+        A checkpoint renamed aside to be replaced is put back only when its replacement
+        never arrived: the save was killed between the two renames, so the replacement is
+        still there under its temporary name. An aside without one is what stayed of a
+        replacement that did arrive (its removal failed, or was cut short; the new one may
+        since have gone by retention): it is removed like any leftover, never put back.
+        Temporaries of another process that is still alive are left alone: it may be saving
+        right now. A leftover that cannot be removed (chattr +i, a permission error) is a
+        warning naming it, each time.
         """
         if not self.directory.is_dir():
             return []
+        names = {entry.name for entry in os.scandir(self.directory)}
         removed = []
-        for entry in os.scandir(self.directory):
-            if not entry.name.startswith(TEMP_PREFIX):
+        for name in sorted(names):
+            if not name.startswith(TEMP_PREFIX) or not left_by_a_dead_process(name):
                 continue
-            if not left_by_a_dead_process(entry.name):
-                continue
-            path = Path(entry.path)
-            replaced = REPLACED_PATTERN.match(entry.name)
+            path = self.directory / name
+            replaced = REPLACED_PATTERN.match(name)
             if replaced and not (self.directory / replaced[1]).exists():
-                os.rename(path, self.directory / replaced[1])
-                self.warn(f"restored checkpoint {replaced[1]}: a save replacing it was interrupted")
-                continue
-            remove_path(path)
-            removed.append(path)
+                replacement = f"{TEMP_PREFIX}{replaced[1]}-{replaced[2]}"
+                if replacement in names:  # killed between the two renames of a commit
+                    os.rename(path, self.directory / replaced[1])
+                    self.warn(f"restored checkpoint {replaced[1]}: a save replacing it was interrupted")
+                    continue
+            if remove_leftover(path, "leftover of an interrupted save or deletion", self.warn):
+                removed.append(path)
         if removed and self.fsync:
             flush_dir(self.directory)
         return removed

@@ -12,14 +12,17 @@ from __future__ import annotations
 import errno
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from checkpoints.manager import CheckpointCorruptError, CheckpointManager
-from checkpoints.run_dir import check_run_dir, remove_leftovers
+from checkpoints.run_dir import check_run_dir, refuse_hard_link, remove_leftovers
 from checkpoints.state import TrainingState
-from durable import CLOSE_ON_EXEC, NO_FOLLOW, aside_name, aside_stamp
+from durable import CLOSE_ON_EXEC, NO_FOLLOW, aside_name, aside_stamp, flush_dir, make_dirs
 from errors import UserError
+from file_identity import input_differences
+
+UNRECORDED_NAMES = {"base": "base model", "train_content": "whole training file", "val_content": "validation file"}
 
 
 @dataclass
@@ -27,37 +30,56 @@ class ResumePoint:
     path: Path
     state: TrainingState
     explicit: bool = False  # named by --resume: if it cannot be used, stop rather than take another
+    foreign: list = field(default_factory=list)  # newer checkpoints skipped as another run's (their paths)
+
+
+class ConfigMismatch(UserError):
+    """A checkpoint made with settings or inputs other than this run's."""
 
 
 def choose_start(manager: CheckpointManager, config, args, inputs: dict, *, stdin=None,
-                 out=None) -> ResumePoint | None:
+                 out=None, later: list | None = None) -> ResumePoint | None:
     """Decide from the flags (and, at a terminal, the user) where the run starts.
 
     `inputs` names what the run reads (the training file's identity, the
     resolved model): a checkpoint made from other inputs is not resumed.
+    What the choice moves aside (--fresh: the earlier run; a resume from an older
+    checkpoint: the newer ones) is moved at once, or, given a list `later`, appended
+    to it as calls for the caller to make once the data is checked and the model
+    loaded: a run that stops before then has moved nothing.
     """
     stdin = stdin or sys.stdin
     out = out or sys.stderr
     for leftover in manager.clean_temporaries():
         print(f"removed the leftover of an interrupted save: {leftover}", file=out)
 
+    def move(action) -> None:
+        if later is None:
+            action()
+        else:
+            later.append(action)
+
     if args.fresh:
-        moved = move_run_aside(manager)
-        if moved:
-            print(f"--fresh: the earlier run moved aside to {', '.join(map(str, moved))} (nothing was deleted)",
-                  file=out)
+        def fresh() -> None:
+            moved = move_run_aside(manager)
+            if moved:
+                print(f"--fresh: the earlier run moved aside to {', '.join(map(str, moved))} (nothing was deleted)",
+                      file=out)
+        move(fresh)
         return None
     if args.resume:
         info = manager.resolve(args.resume)
         point = _load_checked(manager, info.path, config, inputs)
         point.explicit = True
         if info.path.resolve().parent == manager.directory.resolve():
-            set_aside_newer(manager, point, out)
+            move(lambda: set_aside_newer(manager, point, out))
         return point
     if args.auto_resume:
         point = _newest_loadable(manager, config, inputs)
         if point is None:
             print("--auto-resume: no checkpoint yet, starting a new run", file=out)
+        elif point.foreign:
+            move(lambda: set_aside_foreign(manager, point, out))
         return point
 
     newest = manager.latest_valid()
@@ -74,11 +96,16 @@ def choose_start(manager: CheckpointManager, config, args, inputs: dict, *, stdi
         out.flush()
         answer = stdin.readline().strip().lower()
         if answer in ("", "y", "yes"):
-            return _newest_loadable(manager, config, inputs)
+            point = _newest_loadable(manager, config, inputs)
+            if point is not None and point.foreign:
+                move(lambda: set_aside_foreign(manager, point, out))
+            return point
         if answer in ("n", "no"):
-            moved = move_run_aside(manager)
-            print(f"starting anew; the earlier run moved aside to {', '.join(map(str, moved))} "
-                  f"(nothing was deleted)", file=out)
+            def anew() -> None:
+                moved = move_run_aside(manager)
+                print(f"starting anew; the earlier run moved aside to {', '.join(map(str, moved))} "
+                      f"(nothing was deleted)", file=out)
+            move(anew)
             return None
         raise UserError(f"answer {answer!r} is neither yes nor no; nothing was changed")
     raise UserError(
@@ -108,6 +135,8 @@ def move_run_aside(manager: CheckpointManager) -> list[Path]:
         target = aside_name(path, "old", stamp)
         os.rename(path, target)
         moved.append(target)
+    if moved and manager.fsync:  # before the new run writes its first line there
+        flush_dir(run)
     return moved
 
 
@@ -115,14 +144,30 @@ def set_aside_newer(manager: CheckpointManager, point: ResumePoint, out=None) ->
     """Resuming from an older checkpoint (say `best`) abandons the newer ones:
     move them aside, so that after a crash `latest` cannot pick them up."""
     newer = [info.path for info in manager.checkpoints(deep=False) if info.step > point.state.step]
-    if not newer:
+    return set_aside(manager, newer, "superseded", f"resuming from step {point.state.step}: the {{}} newer "
+                                                   f"checkpoint(s)", out)
+
+
+def set_aside_foreign(manager: CheckpointManager, point: ResumePoint, out=None) -> Path | None:
+    """Checkpoints skipped as another run's (copied in, made with other settings) are moved aside,
+    never deleted: `latest` (an export, the next resume) must not take them for this run's."""
+    foreign = [path for path in point.foreign if path.is_dir()]
+    return set_aside(manager, foreign, "foreign", "the {} checkpoint(s) of another run", out)
+
+
+def set_aside(manager: CheckpointManager, paths: list[Path], word: str, what: str, out=None) -> Path | None:
+    """Move `paths` into a new `checkpoints.<word>-<time>/` beside the checkpoints; say so ("{}" in
+    `what` is their count). None when there is nothing to move."""
+    if not paths:
         return None
-    target = aside_name(manager.directory, "superseded")
-    target.mkdir(parents=True)
-    for path in newer:
+    target = aside_name(manager.directory, word)
+    make_dirs(target, fsync=manager.fsync)
+    for path in paths:
         os.rename(path, target / path.name)
-    print(f"resuming from step {point.state.step}: the {len(newer)} newer checkpoint(s) were moved to "
-          f"{target} (nothing was deleted)", file=out or sys.stderr)
+    if manager.fsync:  # else a power loss could bring them back, for `latest` to take again
+        flush_dir(target)
+        flush_dir(manager.directory)
+    print(f"{what.format(len(paths))} were moved to {target} (nothing was deleted)", file=out or sys.stderr)
     return target
 
 
@@ -137,7 +182,7 @@ class RunLock:
         check_run_dir(self.path.parent)  # before anything is written there
         self.created = not os.path.lexists(self.path.parent)  # removed again if the run leaves it empty
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            make_dirs(self.path.parent)  # the run folder's name in its parent made durable once, at creation
         except OSError as exc:
             raise UserError(f"{self.path.parent}: cannot use as --output-dir ({exc.strerror})") from None
         # The file is removed when the run ends: a lock taken on a file another run has
@@ -167,6 +212,11 @@ class RunLock:
             if exc.errno == errno.ELOOP:
                 raise UserError(f"{self.path} is a symbolic link; remove it") from None
             raise UserError(f"{self.path.parent}: cannot use as --output-dir ({exc.strerror})") from None
+        try:  # before a byte is written: a hard link's other name would be rewritten
+            refuse_hard_link(self.path, os.fstat(self.handle.fileno()).st_nlink)
+        except UserError:
+            self.handle.close()
+            raise
         try:
             fcntl.flock(self.handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -219,9 +269,13 @@ def restore_with_fallback(manager: CheckpointManager, point: ResumePoint, restor
 
 def _newest_loadable(manager: CheckpointManager, config, inputs: dict,
                      below_step: int | None = None) -> ResumePoint | None:
-    """The newest checkpoint (before `below_step`, if given) that verifies and loads; each one
-    that does not is named. None only when there is no checkpoint at all: starting anew over
-    damaged ones would overwrite them."""
+    """The newest checkpoint (before `below_step`, if given) that verifies, loads and was made
+    with this run's settings and inputs; each one that does not is named. A newer one made with
+    others (a folder copied in from another run) is skipped when an older one is this run's,
+    and listed in the point's `foreign`; when none is, the settings changed: the newest one's
+    differences are the error. None only when there is no checkpoint at all: starting anew
+    over damaged ones would overwrite them."""
+    mismatched: list[tuple[Path, ConfigMismatch]] = []
     for info in reversed(manager.checkpoints(deep=False)):  # load() verifies the SHA-256 sums
         if below_step is not None and info.step >= below_step:
             continue
@@ -229,9 +283,20 @@ def _newest_loadable(manager: CheckpointManager, config, inputs: dict,
             manager.warn(f"skipping checkpoint {info.path.name} ({info.path}): {info.problem}")
             continue
         try:
-            return _load_checked(manager, info.path, config, inputs, corrupt_is_error=False)
+            point = _load_checked(manager, info.path, config, inputs, corrupt_is_error=False)
         except CheckpointCorruptError as exc:
             manager.warn(f"skipping checkpoint {info.path.name}: {exc}")
+            continue
+        except ConfigMismatch as exc:
+            mismatched.append((info.path, exc))
+            continue
+        for path, exc in mismatched:
+            manager.warn(f"skipping checkpoint {path.name}: not this run's (copied in from another run?): "
+                         f"{exc.differences}; resuming from this run's {point.path.name}")
+        point.foreign = [path for path, _ in mismatched]
+        return point
+    if mismatched:
+        raise mismatched[0][1]
     _refuse_if_only_invalid(manager)
     return None
 
@@ -250,7 +315,7 @@ def _load_checked(manager: CheckpointManager, path: Path, config, inputs: dict,
     try:
         state = manager.load(path)
         try:
-            saved = Config.from_dict(state.config, source=f"{path}/config.json")
+            saved = Config.from_saved(state.config, source=f"{path}/config.json")
             if not isinstance(state.trainer.get("inputs", {}), dict):
                 raise UserError(f"{path}/trainer_state.json: 'inputs' is not an object")
         except UserError as exc:  # not a config this code wrote: damaged, like a failed manifest
@@ -260,11 +325,18 @@ def _load_checked(manager: CheckpointManager, path: Path, config, inputs: dict,
             raise
         raise UserError(str(exc)) from None
     differences = differing_fields(saved.fingerprint_fields(), config.fingerprint_fields())
-    differences += differing_fields(state.trainer.get("inputs", {}), inputs)
-    if differences:
-        raise UserError(
-            f"cannot resume from {path}: the config differs in fields that change the result: "
-            + "; ".join(differences) + " (use the same settings, or --fresh to start anew)")
+    from_inputs, unrecorded = input_differences(state.trainer.get("inputs", {}), inputs)
+    if differences or from_inputs:
+        what = "the config differs in fields that change the result" if differences else \
+            "what the run reads differs from what it was trained on"
+        mismatch = ConfigMismatch(f"cannot resume from {path}: {what}: " + "; ".join(differences + from_inputs)
+                                  + " (use the same settings and files, or --fresh to start anew)")
+        mismatch.differences = "; ".join(differences + from_inputs)
+        raise mismatch
+    if unrecorded:
+        print(f"note: {path.name} was saved by an earlier version, which did not record the content of the "
+              f"{', '.join(UNRECORDED_NAMES[key] for key in unrecorded)}: not checked on this resume "
+              f"(the checkpoints it saves record them)", file=sys.stderr)
     return ResumePoint(path=path, state=state)
 
 

@@ -104,9 +104,9 @@ def collate(index: CorpusIndex, positions: np.ndarray, batch_size: int, pad_id: 
         n = len(tokens) - 1
         inputs[row, :n] = tokens[:-1]
         targets[row, :n] = tokens[1:]
-        # target j is token j + 1: it counts once it is past the prompt
-        first = max(sample.prompt_length - 1, 0)
-        mask[row, first:n] = 1.0
+        # target j is token j + 1: it counts where that token is learned (corpus.records.encode_record)
+        for start, end in sample.learned:
+            mask[row, max(start - 1, 0):max(end - 1, 0)] = 1.0
         indices[row] = position
         auth[row] = index.auth_weight[position]
         entropy[row] = index.prov_entropy[position]

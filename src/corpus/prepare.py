@@ -39,6 +39,8 @@ from errors import UserError
 from json_files import json_text
 
 CONTENT_FIELDS = ("text", "messages", "prompt", "completion")
+# The fields of a record the scorer reads besides its text (src/corpus/scoring.py).
+SCORER_METADATA = ("source_type", "year", "publisher", "institution", "citation_count", "url", "evidence")
 SCORE_DECIMALS = 4  # rounded so the bytes do not depend on the last bit of a libm
 DOMINANT_SHARE = 0.8  # warn when one source type is more than this share of the records
 WARNINGS_KEPT = 200  # warnings kept verbatim; the rest are only counted by reason
@@ -284,6 +286,12 @@ def load_time_scores(record: dict, where: str, this_year: int | None = None) -> 
         raise UserError(f"{where}: {bad.detail}") from None
     authority, entropy = computed_scores(content, metadata)
     return round(authority, SCORE_DECIMALS), round(entropy, SCORE_DECIMALS)
+
+
+def scored_from_text_alone(record: dict) -> bool:
+    """Whether a record without scores has none of the metadata the scorer reads either:
+    its scores are then a guess from its wording alone."""
+    return all(record.get(name) is None for name in SCORER_METADATA)
 
 
 def check_load_time_metadata(record: dict, where: str, this_year: int) -> None:

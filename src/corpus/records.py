@@ -13,6 +13,7 @@ import json
 import math
 from dataclasses import dataclass
 
+from corpus.chat_turns import chat_tokens, render
 from errors import UserError
 
 SCORE_FIELDS = ("auth_weight", "prov_entropy")
@@ -26,8 +27,13 @@ CHAT_ROLES = ("system", "user", "assistant", "tool")
 @dataclass(frozen=True)
 class EncodedSample:
     tokens: list[int]  # ids, EOS appended, truncated to the sequence budget
-    prompt_length: int  # tokens before this index are context only (no loss)
+    learned: tuple  # ((start, end), ...): the token positions the loss counts; the rest is context
     truncated: bool
+
+    @property
+    def learned_targets(self) -> int:
+        """How many tokens are learned (the first token is never a target: nothing precedes it)."""
+        return sum(max(0, end - max(start, 1)) for start, end in self.learned)
 
 
 def parse_record(line: bytes | str, path: str, line_number: int) -> dict:
@@ -80,12 +86,21 @@ def load_json_line(line: bytes | str, where: str):
     except RecursionError:
         raise UserError(f"{where}: invalid JSON (nested too deeply)") from None
     except json.JSONDecodeError as exc:  # its message without the line (always 1): what and where
-        raise UserError(f"{where}: invalid JSON ({exc.msg.removesuffix(' at')} at column {exc.colno})") from None
+        raise UserError(f"{where}: invalid JSON ({exc.msg.removesuffix(' at')} at column {_column(exc)})") from None
     except UnicodeDecodeError as exc:
         problem = str(exc)
         raise UserError(f"{where}: invalid JSON ({problem})") from None
     except ValueError as exc:  # e.g. an integer longer than Python's digit limit
         raise UserError(f"{where}: invalid JSON ({' '.join(str(exc).split())[:120]})") from None
+
+
+def _column(exc: json.JSONDecodeError) -> str:
+    """The column of the fault in the line. A line cut short fails past its end (in its line
+    break: json says line 2, column 1): the fault is where the line's text ends."""
+    end = len(exc.doc.rstrip())
+    if exc.pos >= end:
+        return f"{end + 1}, where the line ends: is it cut short?"
+    return str(exc.pos - (exc.doc.rfind("\n", 0, exc.pos) + 1) + 1)
 
 
 def scores_problem(authority, entropy) -> tuple[str, str] | None:
@@ -130,31 +145,32 @@ def messages_problem(messages) -> tuple[str, str] | None:
     return None
 
 
-def encode_record(record: dict, tokenizer, max_tokens: int) -> EncodedSample:
-    """Token ids of a checked record, EOS appended, truncated to `max_tokens`.
+def encode_record(record: dict, tokenizer, max_tokens: int, turns: str = "all") -> EncodedSample:
+    """Token ids of a checked record, EOS appended, truncated to `max_tokens`, with the
+    spans the loss counts.
 
-    For chat and prompt/completion records only the answer is learned: the
-    loss starts at `prompt_length` (like mlx-lm's mask_prompt, but always on,
-    since learning to predict the user's words is not what the user wants).
+    Text records are learned whole. For prompt/completion records the completion is
+    learned; for chat records every assistant turn (`turns` "all"; system, user and tool
+    turns are context) or only the last (`turns` "last", as mlx-lm's mask_prompt): see
+    corpus/chat_turns.py. Prompts are never learned: predicting the user's words is not
+    what the user wants.
     """
     if "messages" in record:
-        messages = record["messages"]
-        prompt = _chat_ids(tokenizer, messages[:-1], add_generation_prompt=True)
-        tokens = _chat_ids(tokenizer, messages, add_generation_prompt=False)
-    elif "completion" in record:
+        tokens, learned = chat_tokens(tokenizer, record["messages"], turns)
+        return _sample(tokens, learned, tokenizer.eos_token_id, max_tokens)
+    if "completion" in record:
         messages = [{"role": "user", "content": record["prompt"]}]
         if getattr(tokenizer, "chat_template", None):
-            prompt = _chat_ids(tokenizer, messages, add_generation_prompt=True)
+            prompt = render(tokenizer, messages, add_generation_prompt=True)
         else:
             prompt = list(tokenizer.encode(record["prompt"]))
         tokens = prompt + list(tokenizer.encode(record["completion"], add_special_tokens=False))
-    else:
-        prompt = []
-        tokens = list(tokenizer.encode(record["text"]))
-    return _sample(tokens, len(prompt), tokenizer.eos_token_id, max_tokens)
+        return _sample(tokens, [(len(prompt), len(tokens))], tokenizer.eos_token_id, max_tokens)
+    tokens = list(tokenizer.encode(record["text"]))
+    return _sample(tokens, [(0, len(tokens))], tokenizer.eos_token_id, max_tokens)
 
 
-def encode_records(records: list[dict], tokenizer, max_tokens: int) -> list[EncodedSample]:
+def encode_records(records: list[dict], tokenizer, max_tokens: int, turns: str = "all") -> list[EncodedSample]:
     """`encode_record` for many records; plain-text ones go to the tokenizer in
     one batch call (the fast tokenizer encodes a batch on all cores)."""
     texts = [i for i, r in enumerate(records) if "messages" not in r and "completion" not in r]
@@ -163,25 +179,18 @@ def encode_records(records: list[dict], tokenizer, max_tokens: int) -> list[Enco
         tokenizer_call = getattr(tokenizer, "_tokenizer", tokenizer)  # mlx-lm's wrapper holds the HF one
         ids = tokenizer_call([records[i]["text"] for i in texts])["input_ids"]
         for i, tokens in zip(texts, ids):
-            encoded[i] = _sample(list(tokens), 0, tokenizer.eos_token_id, max_tokens)
+            encoded[i] = _sample(list(tokens), [(0, len(tokens))], tokenizer.eos_token_id, max_tokens)
     for i, record in enumerate(records):
         if encoded[i] is None:
-            encoded[i] = encode_record(record, tokenizer, max_tokens)
+            encoded[i] = encode_record(record, tokenizer, max_tokens, turns)
     return encoded
 
 
-def _sample(tokens: list[int], prompt_length: int, eos: int, max_tokens: int) -> EncodedSample:
-    """EOS appended (unless the template ended with it), then cut to `max_tokens`."""
+def _sample(tokens: list[int], learned: list, eos: int, max_tokens: int) -> EncodedSample:
+    """EOS appended (unless the template ended with it; a span that reached the end takes
+    it in), then cut to `max_tokens`, the spans with it."""
     if not tokens or tokens[-1] != eos:
+        learned = [(start, end + 1 if end == len(tokens) else end) for start, end in learned]
         tokens.append(eos)
-    return EncodedSample(tokens=tokens[:max_tokens], prompt_length=min(prompt_length, max_tokens),
-                         truncated=len(tokens) > max_tokens)
-
-
-def _chat_ids(tokenizer, messages: list, add_generation_prompt: bool) -> list[int]:
-    if not messages:
-        return []
-    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=True)
-    if isinstance(ids, dict):  # newer transformers may return a BatchEncoding
-        ids = ids["input_ids"]
-    return list(ids)
+    kept = tuple((start, min(end, max_tokens)) for start, end in learned if start < min(end, max_tokens))
+    return EncodedSample(tokens=tokens[:max_tokens], learned=kept, truncated=len(tokens) > max_tokens)

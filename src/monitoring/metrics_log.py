@@ -11,6 +11,9 @@ A number that is not finite (the loss of the step that stopped a run, whose
 `end` line says why) is written as null: json_files' rule, no NaN or Infinity
 in any file.
 
+With `wandb` (--report-to wandb, monitoring/wandb_log.py), the same numbers go to a
+W&B run under the same tags, the end line's to its summary.
+
 TensorBoard scalars go to `output_dir/logs` through tensorboardX's event
 writer, in the caller's thread (see TensorBoardWriter for why). Known keys
 get grouped tags from TAGS ("loss" -> "train/loss", "val_loss" -> "val/loss");
@@ -170,8 +173,10 @@ class MetricsLog:
     the training that checkpoints protect."""
 
     def __init__(self, output_dir: Path, tensorboard: bool = True, resume_step: int | None = None,
-                 warn=None):
+                 warn=None, wandb=None):
+        """`wandb`: a monitoring.wandb_log.WandbLog that gets the same figures (and is finished by close)."""
         self.output_dir = Path(output_dir)
+        self._wandb = wandb
         self.output_dir.mkdir(parents=True, exist_ok=True)
         self.path = self.output_dir / METRICS_FILE
         self.warn = warn or (lambda message: print(f"WARNING: {message}", file=sys.stderr, flush=True))
@@ -231,12 +236,18 @@ class MetricsLog:
             pass  # tried again at the next line
 
     def _write_scalars(self, step: int, scalars: dict) -> None:
+        numbers = {tag_for(key): float(value) for key, value in scalars.items() if _is_number(value)}
+        if self._wandb is not None and numbers:
+            try:
+                self._wandb.log(step, numbers)
+            except Exception as exc:  # W&B is a copy of this file: it never stops the run
+                self._failed("wandb", f"could not log to W&B ({_reason(exc)}); the W&B run is incomplete, "
+                                      f"metrics.jsonl has every figure, training goes on")
         if self._writer is None:
             return
         try:
-            for key, value in scalars.items():
-                if _is_number(value):
-                    self._writer.add_scalar(tag_for(key), float(value), step)
+            for tag, value in numbers.items():
+                self._writer.add_scalar(tag, value, step)
         except OSError as exc:
             self._failed("tensorboard", f"could not write TensorBoard logs in {self.output_dir / TENSORBOARD_DIR} "
                                         f"({_reason(exc)}; {free_space(self.output_dir)}); they are incomplete for "
@@ -259,8 +270,14 @@ class MetricsLog:
         self._write_line({"step": step, "event": name, **fields})
 
     def end(self, reason: str, **summary) -> None:
-        """The last line: why the run ended, and its summary figures."""
+        """The last line: why the run ended, and its summary figures (W&B: the run's summary)."""
         self._write_line({"event": "end", "reason": reason, **summary})
+        if self._wandb is not None:
+            try:
+                self._wandb.summary({"end_reason": reason, **{key: float(value) for key, value in summary.items()
+                                                              if _is_number(value) and math.isfinite(value)}})
+            except Exception as exc:
+                self._failed("wandb", f"could not write the W&B run's summary ({_reason(exc)})")
 
     def flush(self) -> None:
         """Flush both to disk, e.g. when a checkpoint is committed."""
@@ -291,6 +308,12 @@ class MetricsLog:
             except OSError:
                 pass  # warned about by flush
             self._writer = None
+        if self._wandb is not None:
+            try:
+                self._wandb.finish()
+            except Exception as exc:
+                self._failed("wandb", f"could not finish the W&B run ({_reason(exc)})")
+            self._wandb = None
 
 
 class NoMetrics:
@@ -324,9 +347,11 @@ def _duration(seconds: float) -> str:
 
 def summary_text(**summary) -> str:
     """The end-of-run summary as a few lines. Known keys (all optional):
-    reason, steps, max_steps, tokens, seconds, best_val_loss, best_val_step,
-    adapters (where the adapters were written), peak_memory_mb, processes (mlx.launch:
-    tokens are the whole group's, memory rank 0's). Others are listed as they are."""
+    reason, steps, max_steps, tokens, seconds (in training steps, all sessions),
+    session_seconds (this process from its first step to its end, as the progress line's
+    elapsed), best_val_loss, best_val_step, adapters (where the adapters were written),
+    peak_memory_mb, processes (mlx.launch: tokens are the whole group's, memory rank 0's).
+    Others are listed as they are."""
     summary = dict(summary)
     lines = [f"Run ended: {summary.pop('reason', 'unknown reason')}"]
     processes = summary.pop("processes", 1)
@@ -341,8 +366,12 @@ def summary_text(**summary) -> str:
     if tokens is not None:
         rate = f" ({tokens / seconds:,.0f} tok/s{group})" if seconds else ""
         lines.append(f"  tokens    {tokens:,}{rate}")
-    if seconds is not None:
-        lines.append(f"  time      {_duration(seconds)}")
+    if seconds is not None:  # the steps alone, summed over every session of the run
+        lines.append(f"  time      {_duration(seconds)} in training steps (every session of the run)")
+    session = summary.pop("session_seconds", None)
+    if session is not None:  # this process, start to end: the clock of the progress line's "elapsed"
+        lines.append(f"  elapsed   {_duration(session)} this session, as the progress line counts it (validation, "
+                     f"checkpoints and compiling too)")
     if "best_val_loss" in summary:
         best, best_step = summary.pop("best_val_loss"), summary.pop("best_val_step", None)
         if not _is_number(best) or not math.isfinite(best):  # None, NaN, "nan"

@@ -1,0 +1,53 @@
+"""A first look at the data, before the model is loaded (minutes for a big base) and before
+anything of an earlier run is moved aside: each file exists, is a readable regular file,
+holds at least one record, and its first records parse and pass the record checks. The
+whole file is checked again as it is indexed (corpus/index.py), with the tokenizer.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from corpus.prepare import check_load_time_metadata
+from corpus.records import has_scores, parse_record
+from corpus.scoring import current_year
+from errors import UserError
+
+FIRST_RECORDS = 200  # the records looked at before loading; cheap even for a 7B run's corpus
+
+
+def check_data_files(config) -> None:
+    """UserError, naming file and line, for what would otherwise be found only after the model
+    has loaded: no training file, an unreadable one, no records, a bad record among the first."""
+    train = config.train_file
+    if not train.is_file():
+        where = "not a regular file" if train.exists() else "not found"
+        raise UserError(f"{train}: training file {where} (--data-dir {config.paths.data_dir} must hold train.jsonl)")
+    first_records(train, "training")
+    val = config.val_file
+    if val.is_file():
+        first_records(val, "validation")
+
+
+def first_records(path: Path, what: str, count: int = FIRST_RECORDS) -> int:
+    """Parse and check up to `count` records of `path`; how many there were. UserError for a
+    file that cannot be read, holds none (empty, or only blank lines), or a bad one."""
+    this_year = current_year()
+    records = lines = 0
+    try:
+        with open(path, "rb") as handle:
+            for lines, line in enumerate(handle, start=1):
+                if not line.strip():
+                    continue
+                record = parse_record(line, str(path), lines)
+                if not has_scores(record):
+                    check_load_time_metadata(record, f"{path}:{lines}", this_year)
+                records += 1
+                if records >= count:
+                    break
+    except OSError as exc:
+        raise UserError(f"{path}: cannot read the {what} file ({exc.strerror or exc})") from None
+    if not records:
+        why = "the file is empty" if not lines else f"its {lines:,} line{'s are' if lines > 1 else ' is'} blank"
+        raise UserError(f"{path}: no records ({why}); a {what} file holds one JSON object per line")
+    return records
