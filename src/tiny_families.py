@@ -79,7 +79,7 @@ FAMILIES = {
     "smollm": ("smollm", {"model_type": "llama", "tie_word_embeddings": True, "rope_theta": 100000.0}),
     "llama3": ("llama3", {"model_type": "llama", "tie_word_embeddings": False, "rope_theta": 500000.0,
                           "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                                           "high_freq_factor": 4.0, "original_max_position_embeddings": 64}}),
+                                           "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}}),
     "mistral": ("spm", {"model_type": "mistral", "head_dim": 32, "tie_word_embeddings": False}),
     "mixtral": ("spm", {"model_type": "mixtral", "num_local_experts": 4, "num_experts_per_tok": 2,
                         "tie_word_embeddings": False}),
