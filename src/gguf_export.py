@@ -515,22 +515,18 @@ def write_metadata(writer, plan: GGUFPlan, name: str) -> None:
                                                  if scale > 1.0 else 1.0)
 
     writer.add_tokenizer_model(vocabulary.model)
-    if vocabulary.pre:
-        writer.add_tokenizer_pre(vocabulary.pre)
     writer.add_token_list(vocabulary.tokens)
     writer.add_token_types(vocabulary.types)
-    if vocabulary.scores is not None:
-        writer.add_token_scores(vocabulary.scores)
-    if vocabulary.merges:
-        writer.add_token_merges(vocabulary.merges)
     for role, index in vocabulary.special_ids.items():
         getattr(writer, f"add_{role}_token_id")(index)
     writer.add_add_bos_token(vocabulary.add_bos)
     writer.add_add_eos_token(vocabulary.add_eos)
-    if vocabulary.add_space_prefix is not None:
-        writer.add_add_space_prefix(vocabulary.add_space_prefix)
-    if vocabulary.chat_template:
-        writer.add_chat_template(vocabulary.chat_template)
+    for value, add in ((vocabulary.pre, writer.add_tokenizer_pre), (vocabulary.scores, writer.add_token_scores),
+                       (vocabulary.merges, writer.add_token_merges),
+                       (vocabulary.add_space_prefix, writer.add_add_space_prefix),
+                       (vocabulary.chat_template, writer.add_chat_template)):
+        if value is not None:  # what this kind of vocabulary has
+            add(value)
 
 
 def llama_cpp_name(plan: GGUFPlan, name: str) -> str:
