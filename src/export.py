@@ -3,7 +3,7 @@ mlx-lm model folder (mlx_lm.load, mlx_lm generate, LM Studio's MLX engine), and
 with --gguf a GGUF file for llama.cpp, LM Studio and Ollama.
 
     python src/export.py --output-dir RUN --save-path DIR [--checkpoint latest|best|final|PATH]
-                         [--dequantize | --requantize] [--gguf] [--force]
+                         [--dequantize | --requantize] [--gguf [--gguf-type f16|q8_0|q4_0]] [--force]
 
 The chosen checkpoint is verified against its manifest, its base loaded as it
 was trained (modeling.run_base_model) and its adapters put on by mlx-lm; then
@@ -21,13 +21,12 @@ base's tokenizer and chat template:
   smallest, but quantizing the sum anew moves every weight of those layers by
   up to half a quantization step, so it is no longer exactly the trained model.
 
---gguf also writes DIR/<DIR name>-f16.gguf with mlx-lm's GGUF writer (llama,
-mistral and mixtral models), from the fused, unquantized weights in float16,
-then adds what that writer leaves out and llama.cpp needs: the chat template,
-whether to add BOS, and for a byte-level BPE vocabulary (GPT-2 style) its
-type, pre-tokenizer and merges (the writer declares every vocabulary a
-SentencePiece one). Other architectures and vocabularies are refused in one
-line before anything is written.
+--gguf also writes DIR/<DIR name>-<type>.gguf (gguf_export.py: llama incl.
+SmolLM and Llama 3, mistral, mixtral, qwen2, qwen3, gemma2, gemma3, phi3) from
+the fused model unquantized, as --gguf-type says: f16 (default), q8_0 or
+q4_0; with the tokenizer, special tokens, BOS flag and chat template in its
+metadata. Other architectures and vocabularies are refused in one line before
+anything is written.
 
 DIR is written under a temporary name beside it, flushed and renamed: it is
 whole or not there. An existing DIR is replaced only with --force.
@@ -45,7 +44,6 @@ if __name__ == "__main__":
 import argparse
 import contextlib
 import io
-import json
 import os
 import re
 import shutil
@@ -56,14 +54,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script from anywhere
 
 from errors import OneLineArgumentParser, UserError, run_command  # noqa: E402
+from gguf_export import GGUF_TYPES  # noqa: E402
 
-# The model types mlx_lm.fuse accepts for --export-gguf (its GGUF writer knows their tensor names).
-GGUF_MODEL_TYPES = ("llama", "mistral", "mixtral")
 EXPORT_RECORD_FILE = "distrust_qlora_export.json"
 TEMP_MARK = ".tmp-export-"  # DIR is written as .<DIR name>.tmp-export-<pid> beside it
 ASIDE_MARK = ".replaced-"  # with --force, the old DIR waits as .<DIR name>.replaced-<pid> until the new one is in
-# The split of GPT-2's byte-level BPE (HF ByteLevel with use_regex): llama.cpp's "gpt-2" pre-tokenizer.
-GPT2_PRE_TOKENIZER = "gpt-2"
 NAME_MAX = 255
 
 
@@ -82,13 +77,19 @@ def build_parser() -> argparse.ArgumentParser:
     how.add_argument("--requantize", action="store_true",
                      help="quantize the fused layers again: smallest, but no longer exactly the trained model")
     parser.add_argument("--gguf", action="store_true",
-                        help="also write a float16 GGUF file in the folder (llama, mistral, mixtral)")
+                        help="also write a GGUF file in the folder (llama, mistral, mixtral, qwen2, qwen3, gemma2, "
+                             "gemma3, phi3)")
+    parser.add_argument("--gguf-type", choices=GGUF_TYPES, default=None,
+                        help="the GGUF's weights: f16 (default), q8_0 or q4_0 (smallest); implies --gguf")
     parser.add_argument("--force", action="store_true", help="replace an existing --save-path")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.gguf_type is not None:
+        args.gguf = True
+    args.gguf_type = args.gguf_type or "f16"
     return run_command(lambda: print(export_run(args), flush=True))
 
 
@@ -104,13 +105,13 @@ def export_run(args: argparse.Namespace) -> str:
         remove_leftovers(save_path)  # before the checks: it may put back a folder a killed --force moved aside
     check_save_path(save_path, args.force, trained.run, base_dir, folders_read(trained))
     base_config = read_model_config(base_dir)
-    gguf_keys = gguf_tokenizer_keys(base_dir, base_config, save_path) if args.gguf else None
+    gguf_plan = plan_gguf_export(base_dir, base_config, args.gguf_type) if args.gguf else None
 
     parent_made = make_parent(save_path.parent)
     temp = save_path.with_name(f".{save_path.name}{TEMP_MARK}{os.getpid()}")
     try:
         temp.mkdir()
-        details = write_export(trained, base_dir, temp, args, gguf_keys, save_path.name)
+        details = write_export(trained, base_dir, temp, args, gguf_plan, save_path.name)
         # Flushed and renamed into place; an existing one (with --force) is renamed
         # aside first and removed only once the new one is there.
         commit_directory(temp, save_path, aside=save_path.with_name(f".{save_path.name}{ASIDE_MARK}{os.getpid()}"))
@@ -126,7 +127,7 @@ def export_run(args: argparse.Namespace) -> str:
     seconds = time.perf_counter() - started
     lines = [f"fused model: {save_path} ({details['layout']}; {size_text(details['model_bytes'])})"]
     if details.get("gguf"):
-        lines.append(f"GGUF: {save_path / details['gguf']} (float16; {size_text(details['gguf_bytes'])})")
+        lines.append(f"GGUF: {save_path / details['gguf']} ({args.gguf_type}; {size_text(details['gguf_bytes'])})")
     lines.append(f"from {trained.checkpoint} (step {trained.step}) on {trained.base.path}; {seconds:.1f} s")
     return "\n".join(lines)
 
@@ -169,64 +170,19 @@ def check_save_path(save_path: Path, force: bool, run: Path, base_dir: Path, als
         raise UserError(f"--save-path {save_path} is inside the run's checkpoints; give another --save-path")
 
 
-def gguf_tokenizer_keys(base_dir: Path, base_config: dict, save_path: Path) -> dict:
-    """The GGUF keys to add to what mlx-lm's writer puts there, or UserError when
-    mlx-lm cannot write this model (architecture) or its vocabulary would be wrong."""
-    model_type = base_config.get("model_type")
-    fallback = (f"export without --gguf (add --dequantize) and convert {save_path} with llama.cpp's "
-                f"convert_hf_to_gguf.py")
-    if model_type not in GGUF_MODEL_TYPES:
-        raise UserError(f"--gguf: mlx-lm's GGUF writer supports {', '.join(GGUF_MODEL_TYPES)} models, and this "
-                        f"base is {model_type!r}; {fallback}")
-    try:
-        spec = json.loads((base_dir / "tokenizer.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        raise UserError(f"--gguf: the base {base_dir} has no readable tokenizer.json, which mlx-lm's GGUF writer "
-                        f"needs; {fallback}") from None
-    model = spec.get("model") or {}
-    if _is_byte_level(spec):
-        if model.get("type") != "BPE" or not _is_gpt2_split(spec.get("pre_tokenizer")):
-            raise UserError(f"--gguf: the base's byte-level vocabulary splits text other than GPT-2's way, which "
-                            f"mlx-lm's GGUF writer cannot declare; {fallback}")
-        merges = [" ".join(pair) if isinstance(pair, list) else pair for pair in model.get("merges") or []]
-        return {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": GPT2_PRE_TOKENIZER,
-                "tokenizer.ggml.merges": merges}
-    if _is_sentencepiece_like(spec):
-        return {}  # what mlx-lm's writer declares ("llama", SentencePiece) is right
-    raise UserError(f"--gguf: the base's vocabulary is neither SentencePiece-like nor byte-level BPE; {fallback}")
-
-
-def _pieces(node) -> list[dict]:
-    """A tokenizer.json component and, for a Sequence, its members."""
-    if not isinstance(node, dict):
-        return []
-    members = node.get("pretokenizers") or node.get("normalizers") or node.get("decoders") or []
-    return [node] + [member for member in members if isinstance(member, dict)]
-
-
-def _is_byte_level(spec: dict) -> bool:
-    return any(piece.get("type") == "ByteLevel" for piece in _pieces(spec.get("pre_tokenizer")))
-
-
-def _is_gpt2_split(pre_tokenizer) -> bool:
-    pieces = [piece for piece in _pieces(pre_tokenizer) if piece.get("type") != "Sequence"]
-    return (len(pieces) == 1 and pieces[0].get("type") == "ByteLevel" and pieces[0].get("use_regex", True)
-            and not pieces[0].get("add_prefix_space", False))
-
-
-def _is_sentencepiece_like(spec: dict) -> bool:
-    if any(piece.get("type") == "Metaspace" for piece in _pieces(spec.get("pre_tokenizer"))):
-        return True
-    return any(piece.get("type") in ("Replace", "Prepend") and "\u2581" in json.dumps(piece, ensure_ascii=False)
-               for piece in _pieces(spec.get("normalizer")))
-
-
 # ---------------------------------------------------------------------------
 # writing
 
 
-def write_export(trained, base_dir: Path, temp: Path, args: argparse.Namespace, gguf_keys: dict | None,
-                 name: str) -> dict:
+def plan_gguf_export(base_dir: Path, base_config: dict, gguf_type: str):
+    """What --gguf will write, or UserError (architecture, vocabulary) before anything is written."""
+    from gguf_export import plan_gguf
+    from mlx_lm.utils import load_tokenizer
+
+    return plan_gguf(base_config, base_dir, load_tokenizer(base_dir), gguf_type)
+
+
+def write_export(trained, base_dir: Path, temp: Path, args: argparse.Namespace, gguf_plan, name: str) -> dict:
     import mlx.core as mx
     from mlx.utils import tree_flatten, tree_unflatten
     from mlx_lm.utils import dequantize_model, save
@@ -250,16 +206,17 @@ def write_export(trained, base_dir: Path, temp: Path, args: argparse.Namespace, 
     layout = describe_layout(args, quantized, len(lora_layers), quantization)
     details = {"layout": layout, "model_bytes": folder_bytes(temp)}
 
-    if gguf_keys is not None:
+    if gguf_plan is not None:
+        from gguf_export import write_gguf
+
         if args.requantize:
             # The GGUF holds the trained model itself: the adapters fused into
             # the dequantized weights, never a quantization of their sum.
             model.update_modules(tree_unflatten([(path, module.fuse(dequantize=True)) for path, module in lora_layers]))
         model = dequantize_model(model)
-        gguf_name = f"{name}-f16.gguf"
-        keys = dict(gguf_keys, **{"general.name": name})  # what LM Studio and Ollama show (mlx-lm's: "llama")
-        write_gguf(temp, temp / gguf_name, model, model_config, tokenizer, keys)
-        details["gguf"], details["gguf_bytes"] = gguf_name, (temp / gguf_name).stat().st_size
+        gguf_name = f"{name}-{args.gguf_type}.gguf"
+        written = write_gguf(gguf_plan, model, temp / gguf_name, name)  # name: what LM Studio and Ollama show
+        details["gguf"], details["gguf_bytes"] = gguf_name, written["bytes"]
     del model
     mx.clear_cache()
 
@@ -268,7 +225,7 @@ def write_export(trained, base_dir: Path, temp: Path, args: argparse.Namespace, 
         "base_model": {"path": trained.base.path, "source": trained.base.source,
                        "quantized_on_load": trained.base.quantization},
         "fused": "dequantize" if args.dequantize else "requantize" if args.requantize else "exact",
-        "layout": layout, "gguf": details.get("gguf"),
+        "layout": layout, "gguf": details.get("gguf"), "gguf_type": args.gguf_type if args.gguf else None,
     }
     (temp / EXPORT_RECORD_FILE).write_text(json_text(record, indent=2) + "\n", encoding="utf-8")
     return details
@@ -281,45 +238,6 @@ def describe_layout(args, quantized: bool, lora_count: int, quantization: dict |
     if args.requantize:
         return f"{lora_count} fused layers quantized again to {bits}: not exactly the trained model"
     return f"{lora_count} fused layers unquantized, the others {bits} as trained"
-
-
-def write_gguf(model_dir: Path, path: Path, model, model_config: dict, tokenizer, extra_keys: dict) -> None:
-    """mlx-lm's GGUF writer, then the keys it leaves out (one more pass over the file)."""
-    import mlx.core as mx
-    from mlx.utils import tree_flatten
-    from mlx_lm.gguf import convert_to_gguf
-
-    config = {key: value for key, value in model_config.items() if key not in ("quantization", "quantization_config")}
-    # mlx-lm labels the file F16 and turns bfloat16 into float16; float32 goes too,
-    # so that the label is true (norms stay float32, as the writer wants them).
-    weights = {key: value.astype(mx.float16) if value.dtype == mx.float32 else value
-               for key, value in tree_flatten(model.parameters())}
-    with contextlib.redirect_stdout(io.StringIO()):
-        try:
-            convert_to_gguf(model_dir, weights, config, str(path))
-        except (ValueError, NotImplementedError, KeyError) as exc:
-            raise UserError(f"--gguf: mlx-lm's GGUF writer refused this model ({exc})") from None
-    del weights
-
-    keys = dict(extra_keys)
-    template = getattr(tokenizer, "chat_template", None)
-    if isinstance(template, str) and template:
-        keys["tokenizer.chat_template"] = template
-    plain = tokenizer.encode("a", add_special_tokens=False)
-    special = tokenizer.encode("a")
-    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
-    keys["tokenizer.ggml.add_bos_token"] = mx.array(bos is not None and special[:1] == [bos] != plain[:1])
-    keys["tokenizer.ggml.add_eos_token"] = mx.array(eos is not None and special[-1:] == [eos] != plain[-1:])
-    pad = getattr(tokenizer, "pad_token_id", None)
-    if pad is not None:
-        keys["tokenizer.ggml.padding_token_id"] = mx.array(pad, dtype=mx.uint32)
-    arrays, metadata = mx.load(str(path), return_metadata=True)
-    # llama.cpp reads token types as int32 and refuses the file mlx-lm writes (uint32).
-    keys["tokenizer.ggml.token_type"] = metadata["tokenizer.ggml.token_type"].astype(mx.int32)
-    metadata.update(keys)
-    rewritten = path.with_name(path.stem + ".keys.gguf")  # mx.save_gguf wants the suffix
-    mx.save_gguf(str(rewritten), arrays, metadata)
-    os.replace(rewritten, path)
 
 
 def written_fault(exc: BaseException, save_path: Path) -> Exception | None:

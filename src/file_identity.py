@@ -246,11 +246,13 @@ def check_unchanged(path: Path, recorded: dict | None, what: str) -> None:
                         f"run the same command again to start from what it holds now")
 
 
-def input_differences(saved: dict, current: dict) -> tuple[list[str], list[str]]:
-    """(differences, newer inputs the checkpoint does not record) between the inputs a checkpoint
-    recorded and the current ones. The base and the data are described by file, the rest
+def input_differences(saved: dict, current: dict) -> tuple[list[str], list[str], list[str]]:
+    """(differences, newer inputs the checkpoint does not record, notes) between the inputs a
+    checkpoint recorded and the current ones. The base and the data are described by file, the rest
     as config.differing_fields lists settings. A checkpoint of an older version has no record of the base's
-    and the data's full content: those are not compared, and named in the second list."""
+    and the data's full content: those are not compared, and named in the second list. Another
+    validation file changes nothing that is learned (only what is measured): it is a note, not a
+    difference, so that a val.jsonl added, fixed or removed between two nights does not strand a run."""
     from config import differing_fields
 
     unrecorded = [key for key in NEWER_INPUTS if key not in saved and current.get(key) is not None]
@@ -258,10 +260,12 @@ def input_differences(saved: dict, current: dict) -> tuple[list[str], list[str]]
     differences = differing_fields(rest, {k: v for k, v in current.items() if k not in NEWER_INPUTS})
     if "base" in saved:
         differences += _base_differences(saved["base"], current.get("base"))
-    for key, what in (("train_content", "training file"), ("val_content", "validation file")):
-        if key in saved and _content(saved[key]) != _content(current.get(key)):
-            differences.append(_data_difference(what, saved[key], current.get(key)))
-    return differences, unrecorded
+    if "train_content" in saved and _content(saved["train_content"]) != _content(current.get("train_content")):
+        differences.append(_data_difference("training file", saved["train_content"], current.get("train_content")))
+    notes = []
+    if "val_content" in saved and _content(saved["val_content"]) != _content(current.get("val_content")):
+        notes.append(_data_difference("validation file", saved["val_content"], current.get("val_content")))
+    return differences, unrecorded, notes
 
 
 def _content(record) -> tuple | None:

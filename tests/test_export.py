@@ -4,8 +4,8 @@ The fused folder loads with mlx_lm.load and gives the logits of the trained
 model (base as trained + adapters) within float tolerance, by default and
 with --dequantize; --requantize is measurably not the same model. The GGUF
 reads back with the `gguf` package: tensor names and shapes, vocabulary,
-merges, chat template, and weights equal to the fused model's. Bad input is
-one line, exit 2, and nothing is written.
+merges, chat template, and weights equal to the fused model's (every family:
+test_gguf_export.py). Bad input is one line, exit 2, and nothing is written.
 
 Two tests run export.py in a process of its own, as a user does; the others
 run it in the test's process (conftest.run_script_in_process), and the runs
@@ -15,14 +15,14 @@ they export are trained there too.
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 
 import numpy as np
 import pytest
 
-from conftest import (FAST, REPO, assert_one_line_error, copy_with_damaged_adapters, run_in_process, run_script,
-                      run_script_in_process, train_on_a_tiny_copy, write_corpus)
+from conftest import (REPO, assert_one_line_error, copy_with_damaged_adapters, run_script, run_script_in_process,
+                      train_on_a_tiny_copy)
+from gguf_checks import check_tensors, check_vocabulary, fields
 
 EXPORT = REPO / "src" / "export.py"
 PROBE = [[5, 100, 200, 300, 400, 17, 99, 1000, 3, 7] * 3]
@@ -68,7 +68,6 @@ def test_export_is_the_trained_model_and_its_gguf_reads_back(tiny_run, trained_l
     from gguf import GGUFReader, GGUFValueType
     from mlx.utils import tree_flatten
     from mlx_lm import load
-    from mlx_lm.gguf import permute_weights, translate_weight_names
     from mlx_lm.utils import dequantize_model
 
     _, base, out = tiny_run
@@ -88,34 +87,18 @@ def test_export_is_the_trained_model_and_its_gguf_reads_back(tiny_run, trained_l
     record = json.loads((save / "distrust_qlora_export.json").read_text())
     assert record["step"] == 10 and record["fused"] == "exact"
 
+    # The GGUF: the fused model, unquantized, in float16, with the tiny model's GPT-2 style vocabulary.
     reader = GGUFReader(str(save / "distrust-tiny-f16.gguf"))
-    fields = {name: field.contents() for name, field in reader.fields.items() if not name.startswith("GGUF.")}
-    assert fields["general.architecture"] == "llama" and fields["llama.block_count"] == 2
-    assert fields["general.name"] == "distrust-tiny"
-    vocabulary = sorted(tokenizer.get_vocab().items(), key=lambda item: item[1])
-    assert fields["tokenizer.ggml.tokens"] == [token for token, _ in vocabulary]
-    assert fields["tokenizer.ggml.model"] == "gpt2" and fields["tokenizer.ggml.pre"] == "gpt-2"
-    merges = json.loads((base / "tokenizer.json").read_text())["model"]["merges"]
-    assert fields["tokenizer.ggml.merges"] == [" ".join(pair) for pair in merges]
-    assert fields["tokenizer.chat_template"] == tokenizer.chat_template
-    assert fields["tokenizer.ggml.eos_token_id"] == tokenizer.eos_token_id
-    assert fields["tokenizer.ggml.add_bos_token"] is False
+    parameters = {name: np.array(value.astype(mx.float32))
+                  for name, value in tree_flatten(dequantize_model(model).parameters())}
+    check_tensors(reader, parameters, config, "f16")
+    meta = fields(reader)
+    check_vocabulary(meta, base, tokenizer, 1024, "gpt2", "gpt-2")
+    assert meta["general.architecture"] == "llama" and meta["llama.block_count"] == 2
+    assert meta["general.name"] == "distrust-tiny"
+    assert "<|assistant|>" in meta["tokenizer.chat_template"] and meta["tokenizer.ggml.add_bos_token"] is False
     # llama.cpp refuses token types of any other type than int32.
     assert reader.fields["tokenizer.ggml.token_type"].types == [GGUFValueType.ARRAY, GGUFValueType.INT32]
-
-    # Weights: the fused model, unquantized, as mlx-lm's writer lays them out (q and k rows permuted).
-    fused = {translate_weight_names(name): np.array(value.astype(mx.float32)) for name, value in
-             tree_flatten(dequantize_model(model).parameters())}
-    for name in fused:
-        if "attn_q" in name or "attn_k" in name:
-            fused[name] = np.array(permute_weights(mx.array(fused[name]), 4, 4))
-    tensors = {tensor.name: tensor for tensor in reader.tensors}
-    assert tensors.keys() == fused.keys()
-    for name, tensor in tensors.items():
-        data = np.asarray(tensor.data, dtype=np.float32)
-        assert data.shape == fused[name].shape, name
-        assert tensor.tensor_type.name == ("F32" if "norm" in name else "F16"), name
-        assert np.abs(data - fused[name]).max() <= 1e-3, name
 
 
 def test_dequantize_gives_the_same_model_and_requantize_does_not(tiny_run, trained_logits, tmp_path):
@@ -174,40 +157,3 @@ def test_bad_input_is_one_line_exit_2_and_nothing_written(tiny_run, tmp_path):
     finally:
         moved.rename(base)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["damaged", "empty-run"]
-
-
-def test_gguf_of_an_architecture_mlx_lm_cannot_write_is_refused_before_anything_is_written(tmp_path, monkeypatch):
-    """A Qwen2 model (attention biases; mlx-lm's GGUF writer knows llama, mistral, mixtral)."""
-    import mlx.core as mx
-    from mlx_lm.models import qwen2
-    from mlx_lm.utils import save_config, save_model
-
-    import modeling
-
-    tiny = modeling.ensure_tiny_model()
-    # A new model each time: its quantized copy goes to a cache of this test's own.
-    monkeypatch.setenv("DISTRUST_QLORA_CACHE", str(tmp_path / "cache"))
-    base = tmp_path / "tiny-qwen2"
-    base.mkdir()
-    for item in tiny.iterdir():  # the tiny tokenizer and chat template
-        if item.name.startswith("tokenizer") or item.suffix == ".jinja":
-            shutil.copy2(item, base / item.name)
-    config = {"model_type": "qwen2", "hidden_size": 64, "num_hidden_layers": 1, "intermediate_size": 128,
-              "num_attention_heads": 4, "num_key_value_heads": 4, "rms_norm_eps": 1e-5, "vocab_size": 1024,
-              "tie_word_embeddings": True, "eos_token_id": 1, "pad_token_id": 0}
-    mx.random.seed(0)
-    model = qwen2.Model(qwen2.ModelArgs.from_dict(config))
-    mx.eval(model.parameters())
-    save_model(base, model)
-    save_config(config, base / "config.json")
-
-    corpus = write_corpus(tmp_path / "data", train=8, val=0)
-    out = tmp_path / "run"
-    result = run_in_process(*FAST, "--model", base, "--data-dir", corpus, "--output-dir", out, "--max-steps", "2")
-    assert result.returncode == 0, result.stderr
-    save = tmp_path / "exported"
-    assert_refused(export_in_process("--output-dir", out, "--save-path", save, "--gguf"),
-                   "--gguf", "'qwen2'", "llama, mistral, mixtral")
-    assert not save.exists()
-    result = export_in_process("--output-dir", out, "--save-path", save)  # without --gguf it exports
-    assert result.returncode == 0, result.stderr

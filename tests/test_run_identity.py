@@ -186,7 +186,7 @@ def test_a_single_model_file_is_an_identity_too(tmp_path):
     assert list(before["files"]) == ["model.gguf"] and before["files"]["model.gguf"]["size"] == 10240
     rewrite_keeping_size_and_times(model, lambda blob: blob[:5000] + b"\xff" + blob[5001:])
     after = file_identity.base_identity(str(model), cache=tmp_path / "hashes")
-    differences, _ = file_identity.input_differences({"base": before}, {"base": after})
+    differences, _, _ = file_identity.input_differences({"base": before}, {"base": after})
     assert differences == ["base model content differs (changed: model.gguf)"]
 
 
@@ -439,5 +439,8 @@ def test_the_validation_file_edited_before_the_first_validation_stops_the_run_af
     step = train_lines(out)[-1]["step"]
     assert step == 40 and (out / "checkpoints" / "step-00000040" / "manifest.json").is_file()
     assert not [line for line in read_metrics(out) if "val_loss" in line]  # never validated on the new one
-    again = run_in_process(*FAST, "--max-steps", "2000", "--data-dir", data, "--output-dir", out, "--auto-resume")
-    assert_one_line_error(again, "validation file val.jsonl: content differs (same size")
+    # Another validation file changes nothing that is learned: the resume goes on, saying so.
+    again = run_in_process(*FAST, "--max-steps", "42", "--data-dir", data, "--output-dir", out, "--auto-resume")
+    assert again.returncode == 0, again.stderr
+    assert "note: validation file val.jsonl: content differs (same size" in again.stderr
+    assert "validation losses before and after this resume do not compare" in again.stderr

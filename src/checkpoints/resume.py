@@ -325,7 +325,7 @@ def _load_checked(manager: CheckpointManager, path: Path, config, inputs: dict,
             raise
         raise UserError(str(exc)) from None
     differences = differing_fields(saved.fingerprint_fields(), config.fingerprint_fields())
-    from_inputs, unrecorded = input_differences(state.trainer.get("inputs", {}), inputs)
+    from_inputs, unrecorded, notes = input_differences(state.trainer.get("inputs", {}), inputs)
     if differences or from_inputs:
         what = "the config differs in fields that change the result" if differences else \
             "what the run reads differs from what it was trained on"
@@ -333,6 +333,9 @@ def _load_checked(manager: CheckpointManager, path: Path, config, inputs: dict,
                                   + " (use the same settings and files, or --fresh to start anew)")
         mismatch.differences = "; ".join(differences + from_inputs)
         raise mismatch
+    for note in notes:
+        print(f"note: {note}, since {path.name} was saved: validation losses before and after this resume do not "
+              f"compare (what is learned is the same; `best` was chosen on the earlier file)", file=sys.stderr)
     if unrecorded:
         print(f"note: {path.name} was saved by an earlier version, which did not record the content of the "
               f"{', '.join(UNRECORDED_NAMES[key] for key in unrecorded)}: not checked on this resume "
