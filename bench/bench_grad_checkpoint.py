@@ -139,20 +139,34 @@ def write_data(folder: Path, seq: int) -> Path:
     return folder
 
 
-def ours(args, model: Path, data: Path, out: Path, checkpoint: bool) -> dict:
+def shared_inputs(work: Path, seq: int) -> tuple[Path, Path]:
+    """(the data folder, mlx_lm's LoRA config: rank 8, scale 2) both sides train on."""
+    config = work / "lora.yaml"
+    config.write_text(json.dumps({"lora_parameters": {"rank": 8, "scale": 2.0, "dropout": 0.0}}))
+    return write_data(work / "data", seq), config
+
+
+def ours(args, model: Path, data: Path, out: Path, checkpoint: bool, *extra, steps: int | None = None,
+         seq: int | None = None, batch_size: int | None = None) -> dict:
+    """Our training command with the settings of mlx_lm's side (`extra` flags added; `steps`,
+    `seq`, `batch_size` in place of args'): MLX peak, max RSS, seconds and loss of each step."""
+    steps = steps or args.steps
     cmd = [sys.executable, str(SRC / "train_qlora.py"), "--model", str(model), "--data-dir", str(data),
-           "--output-dir", str(out), "--max-steps", str(args.steps), "--batch-size", str(args.batch_size),
-           "--max-seq-length", str(args.seq), "--lora-rank", "8", "--lora-alpha", "16", "--lora-layers", "-1",
+           "--output-dir", str(out), "--max-steps", str(steps), "--batch-size", str(batch_size or args.batch_size),
+           "--max-seq-length", str(seq or args.seq), "--lora-rank", "8", "--lora-alpha", "16", "--lora-layers", "-1",
            "--optimizer", "adam", "--learning-rate", "1e-4", "--warmup-steps", "0", "--val-batches", "1",
-           "--eval-steps", str(args.steps + 1), "--checkpoint-interval", str(args.steps + 1),
-           "--no-early-stopping", "--no-tensorboard", "--seed", "0"] + (["--grad-checkpoint"] if checkpoint else [])
+           "--eval-steps", str(steps + 1), "--checkpoint-interval", str(steps + 1),
+           "--no-early-stopping", "--no-tensorboard", "--seed", "0", *map(str, extra)] + \
+        (["--grad-checkpoint"] if checkpoint else [])
     result = run_child(cmd, out.with_suffix(".log"))
     if result["rc"] != 0:
         raise RuntimeError(f"ours exited {result['rc']}:\n{result['log'][-3000:]}")
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    steps = [r["tokens"] / r["tokens_per_sec"] for r in lines if "tokens_per_sec" in r]
+    step_lines = [r for r in lines if "tokens_per_sec" in r]
     end = next(r for r in lines if r.get("event") == "end")
-    return {"peak": end["peak_memory_mb"] * 1e6, "rss": result["rss"], "steps": steps, "cmd": cmd}
+    return {"peak": end["peak_memory_mb"] * 1e6, "rss": result["rss"], "cpu": result["cpu"], "cmd": cmd,
+            "log": result["log"],
+            "steps": [r["tokens"] / r["tokens_per_sec"] for r in step_lines], "losses": [r["loss"] for r in step_lines]}
 
 
 def theirs(args, model: Path, data: Path, out: Path, config: Path, checkpoint: bool) -> dict:
@@ -170,7 +184,7 @@ def theirs(args, model: Path, data: Path, out: Path, config: Path, checkpoint: b
     reported = json.loads(blob[len("BENCH_REPORTS "):])
     steps = [1.0 / r["iterations_per_second"] for r in reported["reports"]]
     peak = max([r["peak_memory"] * 1e9 for r in reported["reports"]] + [reported["peak"]])
-    return {"peak": peak, "rss": result["rss"], "steps": steps, "cmd": cmd}
+    return {"peak": peak, "rss": result["rss"], "cpu": result["cpu"], "steps": steps, "cmd": cmd}
 
 
 def steady(steps: list[float]) -> float:
@@ -206,7 +220,7 @@ def floor(args, model_path: Path) -> dict:
 
     sys.path.insert(0, str(SRC))
     from modeling import attach_lora, load_model
-    from trainer import weighted_loss_sums
+    from optimization import weighted_loss_sums
 
     loaded = load_model(str(model_path), 4)
     model = loaded.model
@@ -348,9 +362,7 @@ def main() -> int:
     if args.floor_only:
         return 0
     with scratch_dir("bench-gc-", args.keep) as work:
-        data = write_data(work / "data", args.seq)
-        config = work / "lora.yaml"
-        config.write_text(json.dumps({"lora_parameters": {"rank": 8, "scale": 2.0, "dropout": 0.0}}))
+        data, config = shared_inputs(work, args.seq)
         results = {}
         for checkpoint in (False, True):
             tag = "gc" if checkpoint else "plain"

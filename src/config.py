@@ -66,6 +66,13 @@ class TrainingConfig:
     # Recompute each block's activations in the backward pass (mlx-lm's grad_checkpoint):
     # less memory, more time; what is learned is the same within float rounding.
     grad_checkpoint: bool = False
+    # The output layer and the cross-entropy over chunks of this many tokens, so that the
+    # whole batch's logits never exist at once (chunked_loss.py): -1 automatic (about 4M
+    # logits a chunk), 0 off. Like grad_checkpoint: the same result within float rounding.
+    loss_chunk_size: int = -1
+    # Before step 1, one forward and backward pass on the longest batch: its peak memory,
+    # and a refusal (exit 2, with settings measured to fit) when it cannot fit (memory_check.py).
+    memory_check: bool = True
     seed: int = 0
     checkpoint_interval: int = 250
     keep_checkpoints: int = 3
@@ -202,6 +209,8 @@ class Config:
                 raise bad(flag, f"must be at least 1 (got {value})")
         if t.max_seq_length < 2:  # one input and one target at the least
             raise bad("max-seq-length", f"must be at least 2 (got {t.max_seq_length})")
+        if t.loss_chunk_size < -1:
+            raise bad("loss-chunk-size", f"must be -1 (automatic), 0 (off) or a number of tokens (got {t.loss_chunk_size})")
         if t.warmup_steps < 0:
             raise bad("warmup-steps", f"must be 0 or more (got {t.warmup_steps})")
         if not 0 <= t.seed < 2**32:
@@ -294,8 +303,9 @@ class Config:
         sequence length, seed and objective, and the optimizer with its
         settings (which optimizer, learning rate, warmup, clipping, weight
         decay, betas, momentum), which change the result just as much. Max
-        steps, intervals, patience, paths and --grad-checkpoint (memory, not
-        what is learned) are not: they may change. What the data, the model and
+        steps, intervals, patience, paths, --grad-checkpoint and
+        --loss-chunk-size (memory, not what is learned: the same result within
+        float rounding) and --no-memory-check are not: they may change. What the data, the model and
         the starting adapters *are* (not what they are called) is compared
         beside these, from the run's inputs (see train_qlora.run_inputs).
         New fields get the default that old runs had, so their checkpoints
@@ -445,7 +455,7 @@ def _coerce(value: Any, kind: type, name: str, source: str) -> Any:
 
 # Switches of the command line that set a setting to the opposite of their name.
 NEGATED_SWITCHES = {"no_tensorboard": "tensorboard", "no_early_stopping": "early_stopping",
-                    "no_streaming": "streaming"}
+                    "no_streaming": "streaming", "no_memory_check": "memory_check"}
 # Choices of where a run starts (flags, not settings): a file may hold them too.
 START_CHOICES = ("auto_resume", "resume", "fresh")
 

@@ -66,6 +66,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def evaluate_run(args: argparse.Namespace) -> dict:
+    from chunked_loss import loss_plan
     from corpus.batching import fixed_batches
     from corpus.index import CorpusIndex
     from machine import check_writable_folder
@@ -97,11 +98,12 @@ def evaluate_run(args: argparse.Namespace) -> dict:
                               limit=batch_size * max_batches if max_batches else None, turns=t.learn_assistant_turns)
     batches = fixed_batches(index, batch_size, math.ceil(len(index) / batch_size), pad_id)
 
-    base = loss_report(sample_losses(loaded.model, compile_row_losses(loaded.model), batches), index)
+    plan = loss_plan(loaded.model, t.loss_chunk_size)  # the run's: the logits a chunk of tokens at a time
+    base = loss_report(sample_losses(loaded.model, compile_row_losses(loaded.model, plan), batches), index)
     attach_lora(loaded.model, config.lora.rank, config.lora.alpha, config.lora.layers, config.lora.dropout, t.seed,
                 fine_tune_type=config.lora.fine_tune_type, keys=config.lora.keys)  # DoRA's magnitudes too
     loaded.model.load_weights(list(trained.adapters.items()), strict=False)
-    adapted = loss_report(sample_losses(loaded.model, compile_row_losses(loaded.model), batches), index)
+    adapted = loss_report(sample_losses(loaded.model, compile_row_losses(loaded.model, plan), batches), index)
 
     moved = adapted["gap"] - base["gap"] if adapted["gap"] is not None and base["gap"] is not None else None
     result = {

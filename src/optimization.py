@@ -6,21 +6,43 @@ functions; the trainer composes them into its compiled step.
 
 from __future__ import annotations
 
+from functools import partial
+
+import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
 
-from monitoring.evaluation import token_losses
+from chunked_loss import WHOLE_PLAN, LossPlan, loss_sums
 
 
-def weighted_loss_sums(model, inputs, targets, mask, weights):
+def weighted_loss_sums(model, inputs, targets, mask, weights, plan: LossPlan = WHOLE_PLAN):
     """(sum of w_i * ce over real target tokens, plain ce sum).
 
     Sums, not means: micro-batches are then weighted by their tokens simply by
     adding, and the step divides once by the real target tokens of the step.
     Padding never counts: `mask` is 0 there (and on fill rows and prompts).
+    With a chunked `plan`, the logits exist a chunk of tokens at a time (chunked_loss.py).
     """
-    ce = token_losses(model, inputs, targets) * mask
-    return (ce * weights[:, None]).sum(), ce.sum()
+    return loss_sums(model, inputs, targets, mask, weights, plan)
+
+
+def gradient_function(model: nn.Module, plan: LossPlan, compiled: bool):
+    """(inputs, targets, mask, weights) -> (weighted ce sum, ce sum, gradients of the first).
+
+    Compiled, it holds `model.state` and the MLX generator as inputs and outputs
+    (nn.value_and_grad puts the traced parameters into the model while it
+    differentiates), so it must be built after anything replaces them.
+    """
+    loss_and_grad = nn.value_and_grad(model, partial(weighted_loss_sums, plan=plan))
+
+    def gradients(inputs, targets, mask, weights):
+        (weighted_sum, ce_sum), grads = loss_and_grad(model, inputs, targets, mask, weights)
+        return weighted_sum, ce_sum, grads
+
+    if not compiled:
+        return gradients
+    state = [model.state, mx.random.state]
+    return partial(mx.compile, inputs=state, outputs=state)(gradients)
 
 
 def learning_rate_schedule(peak: float, warmup_steps: int, total_steps: int):

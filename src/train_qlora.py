@@ -74,6 +74,9 @@ FLAGS = [
     ("--grad-spike-threshold", "grad_spike_threshold", float, "gradient norm that counts as a spike"),
     ("--grad-spike-patience", "grad_spike_patience", int, "consecutive spikes that stop the run"),
     ("--seed", "seed", int, "every random choice follows from it"),
+    ("--loss-chunk-size", "loss_chunk_size", int, "the output layer and the loss over chunks of this many tokens, "
+                                                  "so the batch's logits never exist at once: -1 automatic (about "
+                                                  "4M logits a chunk), 0 off; the same result within float rounding"),
     ("--report-to", "report_to", str, "wandb: the metrics of metrics.jsonl to Weights & Biases too (pip install "
                                       "'.[wandb]'; files in OUTPUT/wandb; WANDB_MODE=offline needs no network)"),
     ("--project-name", "project_name", str, "the W&B project (mlx-lm's project_name)"),
@@ -87,6 +90,9 @@ SWITCHES = [
                                                      "still stop (default: plateaus stop the run)"),
     ("--no-tensorboard", "tensorboard", False, "write no TensorBoard logs (default: they go to OUTPUT/logs)"),
     ("--no-streaming", "streaming", False, "load the corpus into memory (default: read by byte offset as needed)"),
+    ("--no-memory-check", "memory_check", False, "skip the pre-flight (default: before step 1, one forward and "
+                                                 "backward pass on the longest batch measures its peak memory, and a "
+                                                 "batch that cannot fit is refused with settings measured to fit)"),
     ("--trust-remote-code", "trust_remote_code", True, "let a model's own code run (default: never)"),
 ]
 EXIT_CODES = """exit codes:
@@ -430,6 +436,7 @@ def train(config, output_dir: Path, manager, start, inputs: dict, group, names: 
         group.on_writer(lambda: restore() if start is not None else None)
         trainer.share_resume_point()
     try:
+        trainer.check_memory()  # the longest batch's peak memory, before step 1 (exit 2 if it cannot fit)
         end = trainer.fit()
     except CheckpointingFailed as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -35,6 +35,7 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 from checkpoints import CheckpointCorruptError, CheckpointManager, CheckpointSaveError, TrainingState
+from chunked_loss import LossPlan, loss_plan
 from config import Config
 from corpus.batching import Batch, DataPosition, Share, epoch_order, fixed_batches, training_batches
 from corpus.index import CorpusIndex
@@ -43,13 +44,14 @@ from durable import free_space
 from errors import UserError, error_line
 from file_identity import check_unchanged
 from host_rng import check_host_rng_state, host_rng_state, set_host_rng_state
+from memory_check import check_longest_batch
 from modeling import adapter_weights, names_mismatch, shapes_mismatch
 from monitoring.early_stopping import EarlyStopping
 from monitoring.evaluation import SampleLosses, compile_row_losses, loss_report, sample_losses
 from monitoring.metrics_log import MetricsLog, NoMetrics, summary_text
 from monitoring.progress import ProgressLine
 from monitoring.wandb_log import WandbLog, new_run_id, usable_run_id
-from optimization import build_optimizer, learning_rate_schedule, step_seed, use_grad_checkpoint, weighted_loss_sums
+from optimization import build_optimizer, gradient_function, learning_rate_schedule, step_seed, use_grad_checkpoint
 from process_group import PeerLost, ProcessGroup
 from stop_signals import EXIT_CODES, StopRequests
 
@@ -152,6 +154,7 @@ class DistrustTrainer:
         self.last_save_here = False  # last_save_path is one of this run's checkpoints (the same on every rank)
         self.adapters_written = False  # the top-level adapters were written by this run (the summary names them)
         self._compiled = None
+        self.loss_plan: LossPlan | None = None  # how the loss is computed (chunked_loss.py): see _loss_plan
         self.data_summary: dict | None = None  # what the data is, for a "data" line of metrics.jsonl
         self.wandb_run_id: str | None = None  # --report-to wandb: the W&B run, kept in checkpoints
 
@@ -296,26 +299,32 @@ class DistrustTrainer:
 
     # -- compiled functions ---------------------------------------------------
 
+    def _loss_plan(self) -> LossPlan:
+        """--loss-chunk-size for this model (a probe of its output layer), found once."""
+        if self.loss_plan is None:
+            self.loss_plan = loss_plan(self.model, self.config.training.loss_chunk_size)
+            if self.loss_plan.note:
+                self.log(f"note: {self.loss_plan.note}")
+        return self.loss_plan
+
+    def check_memory(self) -> None:
+        """The pre-flight, before `fit` (memory_check.py): the longest batch's peak memory in
+        one line, or a UserError naming settings measured to fit. Call on every rank."""
+        t = self.config.training
+        if t.memory_check and self.state.step < t.max_steps:
+            check_longest_batch(self.model, self._loss_plan(), t, self.train_index, self.pad_id, self.group,
+                                self.log)
+
     def _compile(self):
         """Build the compiled step after any restore: mx.compile holds the state
         objects it was given, so a later `optimizer.state = ...` would be missed."""
         model, optimizer = self.model, self.optimizer
         max_norm = self.config.training.max_grad_norm
-        loss_and_grad = nn.value_and_grad(model, weighted_loss_sums)
-
-        # model.state is an output too: nn.value_and_grad puts the traced
-        # parameters into the model while it differentiates.
-        grad_state = [model.state, mx.random.state]
-
-        def gradients(inputs, targets, mask, weights):
-            (weighted_sum, ce_sum), grads = loss_and_grad(model, inputs, targets, mask, weights)
-            return weighted_sum, ce_sum, grads
-
-        if not self.config.training.grad_checkpoint:
-            gradients = partial(mx.compile, inputs=grad_state, outputs=grad_state)(gradients)
+        plan = self._loss_plan()
         # With --grad-checkpoint the gradient pass runs uncompiled: compiled, its graph
         # held more at once (measured on 8 blocks x 1024 tokens: 265 MB peak against
         # 243 MB, at the same step time), and memory is what the option is for.
+        gradients = gradient_function(model, plan, compiled=not self.config.training.grad_checkpoint)
 
         @mx.compile
         def global_norm(grads, tokens):
@@ -338,7 +347,7 @@ class DistrustTrainer:
             return group.average(grads), group.sum(figures)
 
         # Validation runs the model in eval mode (no dropout), compiled like the step.
-        return CompiledFunctions(gradients, global_norm, update, compile_row_losses(model), reduce)
+        return CompiledFunctions(gradients, global_norm, update, compile_row_losses(model, plan), reduce)
 
     # -- one optimizer step ---------------------------------------------------
 

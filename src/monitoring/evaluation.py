@@ -19,22 +19,18 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from chunked_loss import WHOLE_PLAN, LossPlan, token_losses
 from corpus.index import CorpusIndex
 from distrust import AUTHORITY_SPLIT
 
 
-def token_losses(model: nn.Module, inputs: mx.array, targets: mx.array) -> mx.array:
-    """Per-token cross-entropy [B, L] in float32."""
-    logits = model(inputs)
-    return nn.losses.cross_entropy(logits, targets).astype(mx.float32)
-
-
-def compile_row_losses(model: nn.Module):
-    """(inputs, targets, mask) -> summed cross-entropy per row; compiled, the model's state an input."""
+def compile_row_losses(model: nn.Module, plan: LossPlan = WHOLE_PLAN):
+    """(inputs, targets, mask) -> summed cross-entropy per row; compiled, the model's state an input.
+    With a chunked `plan` the logits are computed a chunk of tokens at a time (chunked_loss.py)."""
 
     @partial(mx.compile, inputs=[model.state])
     def row_losses(inputs, targets, mask):
-        return (token_losses(model, inputs, targets) * mask).sum(axis=1)
+        return (token_losses(model, inputs, targets, plan) * mask).sum(axis=1)
 
     return row_losses
 
