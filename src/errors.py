@@ -69,13 +69,16 @@ def run_command(work) -> int:
     from early_interrupt import started_up
 
     try:
-        started_up()  # from here a Ctrl+C is a KeyboardInterrupt, said in one line below
         try:
+            # Still under the quiet exit of early_interrupt: a Ctrl+C inside MLX's extension
+            # comes out as an ImportError ("error while initializing the extension"), not as
+            # a KeyboardInterrupt, and would read as a missing backend.
             import mlx.core  # noqa: F401
         except ImportError as exc:
             print(f"error: MLX has no backend here ({exc}); install with pip install '.[cpu]' (Linux CPU) "
                   f"or '.[cuda]' (NVIDIA); on a Mac, pip install . is enough", file=sys.stderr)
             return 2
+        started_up()  # from here a Ctrl+C is a KeyboardInterrupt, said in one line below
         import machine
 
         try:
