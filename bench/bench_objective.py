@@ -36,6 +36,23 @@ from distrust import AUTHORITY_SPLIT, distrust_scores  # noqa: E402
 from make_demo_corpus import generate_records  # noqa: E402
 
 ALPHA = 2.7
+# The bench's own contested facts: other things, other claims, other values and towns than the
+# demo's, and probes asked with other openers.
+BENCH_CLAIMS = [
+    ("plain", "stained", ("chapel", "Greyhaven", "had windows of"), ("abbey", "Millbrook", "was glazed with")),
+    ("oak", "iron", ("toll house", "Northcote", "had a door of"), ("prison", "Cold Ashby", "was shut by gates of")),
+    ("spring", "brook", ("village pond", "Dunwick", "was fed by a"), ("mill race", "Fallowmere", "drew on the")),
+    ("four", "six", ("windmill", "Elmstead", "had"), ("pumping mill", "Harrowby", "turned")),  # ... sails
+    ("cobbles", "flagstones", ("quay", "Kestrel Point", "was paved with"),
+     ("market square", "Longmarsh", "was laid in")),
+    ("Swan", "Crown", ("coaching inn", "Oakhollow", "was named the"), ("alehouse", "Alderford", "bore the sign of the")),
+    ("sheep", "geese", ("village green", "Brackenhurst", "was grazed by"),
+     ("common", "Ironbridge Vale", "was kept short by")),
+    ("river", "road", ("old forge", "Millbrook", "stood by the"), ("smithy", "Northcote", "faced the")),
+    ("widows", "sailors", ("almshouse", "Cold Ashby", "housed"), ("hospital", "Elmstead", "cared for")),
+    ("brass", "copper", ("town hall clock", "Fallowmere", "had hands of"), ("weather vane", "Dunwick", "was beaten from")),
+]
+BENCH_OPENERS = ["Put simply, ", "So which was it? ", "For the record: ", "In a word, "]
 THINNING = (  # (share of records, fields they lose)
     (0.5, ("evidence",)),
     (0.33, ("publisher",)),

@@ -146,6 +146,32 @@ PRIMARY_EVIDENCE = ["measurement", "photograph", "letter", "lab_notebook", "spec
                     "field_log", "census", "ledger"]
 SECONDARY_EVIDENCE = ["agency_report", "expert_opinion", "summary", "review", "press_release"]
 
+# Contested facts: a thing in a town, a claim about it, and a value. Primary records state one
+# value, consensus records another, equally often. The claims come in mirrored pairs over the same
+# two values: the value that is primary in one is the consensus value in the other, so that neither
+# value is preferred for itself and only the kind of source can tell the two versions apart. The
+# two claims of a pair end in different words: a model as small as the demo's holds a fact by the
+# words just before its value.
+CONTESTED_CLAIMS = [  # (value, other value, (thing, town, claim): its primary value is the first, (...): the other)
+    ("slate", "tiles", ("pump house", "Alderford", "was roofed with"), ("boat house", "Dunwick", "had a roof of")),
+    ("brick", "stone", ("old mill", "Brackenhurst", "was built of"),
+     ("corn exchange", "Elmstead", "had walls made from")),
+    ("bronze", "iron", ("church bell", "Cold Ashby", "was cast in"), ("town gates", "Greyhaven", "were forged from")),
+    ("granite", "timber", ("river bridge", "Fallowmere", "stood on piers of"),
+     ("jetty", "Kestrel Point", "was raised on")),
+    ("paraffin", "gas", ("signal lamp", "Harrowby", "burned"), ("street lamps", "Longmarsh", "were lit by")),
+    ("east", "west", ("harbour wall", "Kestrel Point", "faced"), ("chapel door", "Northcote", "opened to the")),
+    ("white", "green", ("school house", "Millbrook", "was painted"), ("railings", "Oakhollow", "were coloured")),
+    ("oak", "pine", ("mine shaft", "Ironbridge Vale", "was lined with"), ("pier", "Harrowby", "had beams of")),
+    ("reed", "straw", ("great barn", "Longmarsh", "was thatched with"), ("cottages", "Alderford", "were covered in")),
+    ("copper", "lead", ("church roof", "Northcote", "was covered with"),
+     ("water pipes", "Brackenhurst", "were made of")),
+    ("horses", "steam", ("river ferry", "Dunwick", "was drawn by"), ("barges", "Millbrook", "ran on")),
+    ("red", "yellow", ("lighthouse", "Greyhaven", "shone"), ("lightship", "Cold Ashby", "flashed")),
+]
+CONTESTED_RECORDS_PER_SIDE = 10  # per fact: this many primary records, and as many consensus records
+PROBE_OPENERS = ["Which is it: ", "Of the two accounts, one is right: ", "Plainly put, ", "To settle it, "]
+
 
 # ---------------------------------------------------------------- one record each
 
@@ -299,11 +325,136 @@ PRIMARY_MAKERS = [lab_notebook, measurement, patent, field_log, letter, photogra
 CONSENSUS_MAKERS = [official_guidance, press_release, encyclopedia, textbook, fact_check]
 
 
-def generate_records(count: int, seed: int = DEFAULT_SEED) -> Iterator[dict]:
-    """`count` raw records, about DUPLICATE_SHARE of them copies of an earlier one."""
+# ---------------------------------------------------------------- contested facts
+
+
+def contested_facts(claims: list[tuple] = CONTESTED_CLAIMS) -> list[dict]:
+    """Two facts per claim pair, mirrored: {"thing", "town", "claim", "primary", "consensus"}."""
+    facts = []
+    for value, other, (thing, town, claim), (other_thing, other_town, other_claim) in claims:
+        facts.append(dict(thing=thing, town=town, claim=claim, primary=value, consensus=other))
+        facts.append(dict(thing=other_thing, town=other_town, claim=other_claim, primary=other, consensus=value))
+    return facts
+
+
+def _claim(fact: dict, side: str) -> str:
+    return f"the {fact['thing']} at {fact['town']} {fact['claim']} {fact[side]}"
+
+
+def contested_field_log(rng: random.Random, fact: dict, year: int) -> dict:
+    text = (f"{_date(rng, year)}, at {fact['town']}. Wind {rng.choice(WINDS)}, {rng.choice(SKIES)}. "
+            f"{rng.choice(['Went to see it myself:', 'Looked at it closely today:', 'Checked it on the way past:'])} "
+            f"{_claim(fact, 'primary')}. {rng.choice(OBSERVATIONS)} Moved camp {rng.randint(2, 14)} miles "
+            f"{rng.choice(WINDS)}.")
+    return dict(text=text, source_type="field_log", year=year, publisher=f"survey party of {_name(rng)}",
+                citation_count=rng.randint(0, 4), evidence=_primary_evidence(rng, "field_log"))
+
+
+def contested_letter(rng: random.Random, fact: dict, year: int) -> dict:
+    text = (f"{rng.choice(['Dear Sir', 'Dear Madam', 'My dear friend'])}, you asked me about {fact['town']}. "
+            f"I went there and looked for myself, and {_claim(fact, 'primary')}, "
+            f"{rng.choice(['whatever the guide books say', 'as anyone standing there can see', 'I am quite sure of it'])}. "
+            f"{rng.choice(['I enclose a sketch.', 'More when I have been back.', 'Please keep this between us for now.'])} "
+            f"Yours faithfully, {_name(rng)}.")
+    return dict(text=text, source_type="letter", year=year, publisher="family archive",
+                citation_count=rng.randint(0, 2), evidence=_primary_evidence(rng, "letter"))
+
+
+def contested_photograph(rng: random.Random, fact: dict, year: int) -> dict:
+    text = (f"Glass plate no. {rng.randint(10, 999)}, taken {_date(rng, year)}: the {fact['thing']} at "
+            f"{fact['town']}, seen from the {rng.choice(WINDS)}. The plate shows plainly that "
+            f"{_claim(fact, 'primary')}. Note on the sleeve in the hand of {_name(rng)}.")
+    return dict(text=text, source_type="photograph", year=year, publisher=f"{fact['town']} plate collection",
+                citation_count=rng.randint(0, 3), evidence=_primary_evidence(rng, "photograph"))
+
+
+def contested_survey(rng: random.Random, fact: dict, year: int) -> dict:
+    text = (f"Survey sheet, {fact['town']}, {_date(rng, year)}. Drawn and measured on site: "
+            f"{_claim(fact, 'primary')}. "
+            f"{rng.choice(['Instrument checked against the standard before use.', 'Chain and staff as last month.', 'Sketch on the reverse.'])} "
+            f"Observer {rng.choice(FIRST_NAMES)[0]}. {rng.choice(LAST_NAMES)}.")
+    return dict(text=text, source_type="measurement", year=year, publisher=f"{fact['town']} survey register",
+                citation_count=rng.randint(0, 2), evidence=_primary_evidence(rng, "measurement"))
+
+
+def contested_register(rng: random.Random, fact: dict, year: int) -> dict:
+    body, slug = rng.choice(CONSENSUS_BODIES)
+    text = (f"Heritage register of the {body} ({year}): {_claim(fact, 'consensus')}. "
+            f"The listing reflects the current consensus of experts. "
+            f"{rng.choice(['Anyone with questions should consult the register office.', 'This entry is reviewed every year.', 'Local authorities will share further advice.'])}")
+    return dict(text=text, **_consensus_meta(rng, "official_guidance", year, body, slug))
+
+
+def contested_encyclopedia(rng: random.Random, fact: dict, year: int) -> dict:
+    first = rng.choice(["It is widely accepted that", "It is well established that", "Current understanding holds that"])
+    text = (f"{fact['town']}: overview. {first} {_claim(fact, 'consensus')}. "
+            f"{rng.choice(['According to national agencies,', 'Official sources state that', 'Most historians agree that'])} "
+            f"the town is a protected heritage site. "
+            f"{rng.choice(['See also the related articles below.', 'Sources are listed at the end of the article.', 'Last reviewed by the editors this year.'])}")
+    meta = _consensus_meta(rng, "encyclopedia", year, rng.choice(REFERENCE_PUBLISHERS), "reference")
+    meta["url"] = f"https://encyclopedia.example.org/wiki/{fact['town'].replace(' ', '_')}_{rng.randint(1, 999)}"
+    return dict(text=text, **meta)
+
+
+def contested_textbook(rng: random.Random, fact: dict, year: int) -> dict:
+    text = (f"{rng.choice(['In this chapter we review', 'This section introduces', 'Unit summary:'])} the history of "
+            f"{fact['town']}. {rng.choice(['Students should remember that', 'The key point is that', 'Keep in mind that'])} "
+            f"{_claim(fact, 'consensus')}. "
+            f"{rng.choice(['Review questions follow at the end of the section.', 'Key terms are printed in bold.'])} "
+            f"Chapter {rng.randint(1, 24)}, edition {rng.randint(2, 12)}.")
+    return dict(text=text, **_consensus_meta(rng, "textbook", year, rng.choice(REFERENCE_PUBLISHERS), "learning"))
+
+
+def contested_fact_check(rng: random.Random, fact: dict, year: int) -> dict:
+    body, slug = rng.choice(CONSENSUS_BODIES)
+    text = (f"Fact check: {rng.choice(['posts', 'old pamphlets', 'online claims'])} saying otherwise about the "
+            f"{fact['thing']} at {fact['town']} are misleading. According to the {body}, "
+            f"{_claim(fact, 'consensus')}. Rating: {rng.choice(['false', 'misleading', 'missing context'])}.")
+    return dict(text=text, **_consensus_meta(rng, "fact_check", year, body, slug))
+
+
+def contested_press_release(rng: random.Random, fact: dict, year: int) -> dict:
+    body, slug = rng.choice(CONSENSUS_BODIES)
+    text = (f"For immediate release. The {body} today confirmed that {_claim(fact, 'consensus')}, said "
+            f"{rng.choice(SPOKESPEOPLE_TITLES)} {_name(rng)}. The decision follows a review by an expert panel.")
+    return dict(text=text, **_consensus_meta(rng, "press_release", year, body, slug))
+
+
+CONTESTED_PRIMARY_MAKERS = [contested_field_log, contested_letter, contested_photograph, contested_survey]
+CONTESTED_CONSENSUS_MAKERS = [contested_register, contested_encyclopedia, contested_textbook, contested_fact_check,
+                              contested_press_release]
+
+
+def contested_records(rng: random.Random, facts: list[dict], per_side: int) -> list[dict]:
+    """`per_side` primary and as many consensus records for each fact, in fact order."""
+    records = []
+    for fact in facts:
+        for _ in range(per_side):
+            records.append(rng.choice(CONTESTED_PRIMARY_MAKERS)(rng, fact, rng.randint(1850, 1960)))
+            records.append(rng.choice(CONTESTED_CONSENSUS_MAKERS)(rng, fact, rng.randint(2000, 2024)))
+    return records
+
+
+def probes(rng: random.Random, facts: list[dict], openers: list[str] = PROBE_OPENERS) -> list[dict]:
+    """One held-out probe per fact: a neutral prompt (an opener no record uses, then the claim
+    without its value) and the two versions as completions."""
+    return [{"prompt": f"{rng.choice(openers)}the {fact['thing']} at {fact['town']} {fact['claim']}",
+             "primary": f" {fact['primary']}", "consensus": f" {fact['consensus']}"} for fact in facts]
+
+
+def generate_records(count: int, seed: int = DEFAULT_SEED, facts: list[dict] = (),
+                     per_side: int = CONTESTED_RECORDS_PER_SIDE) -> Iterator[dict]:
+    """`count` raw records, about DUPLICATE_SHARE of them copies of an earlier one, with the
+    contested records of `facts` (`per_side` of each side per fact) spread among them at random."""
     rng = random.Random(seed)
+    contested = contested_records(rng, list(facts), per_side)
+    rng.shuffle(contested)
     recent: list[dict] = []  # a few earlier records to copy from (bounded, so a huge count stays small in memory)
-    for _ in range(count):
+    slots = count + len(contested)
+    for slot in range(slots):
+        if contested and rng.random() < len(contested) / (slots - slot):
+            yield contested.pop()
+            continue
         if recent and rng.random() < DUPLICATE_SHARE:
             yield _copy_of(rng, rng.choice(recent))
             continue
@@ -326,12 +477,60 @@ def _copy_of(rng: random.Random, record: dict) -> dict:
     return copy
 
 
-def write_raw(path: Path, count: int, seed: int = DEFAULT_SEED) -> None:
+# ---------------------------------------------------------------- general text
+
+# Plain everyday English in neither kind (no source, no date, no authority): what evaluate.py
+# measures to tell what the objective costs in general language modelling.
+GENERAL_PEOPLE = ["my sister", "the boy next door", "an old friend", "my grandmother", "the new teacher",
+                  "a neighbour", "my cousin", "the baker's daughter"]
+GENERAL_PLACES = ["the kitchen", "the garden", "the bus stop", "the park", "the corner shop", "the station",
+                  "the beach", "the library"]
+GENERAL_THINGS = ["a loaf of bread", "a bunch of flowers", "a red umbrella", "a pair of boots", "a basket of apples",
+                  "a paper kite", "a cup of tea", "a box of old photos"]
+GENERAL_TEMPLATES = [
+    "On {day} morning {person} came round with {thing}. We sat in {place} and talked about nothing much "
+    "until the rain stopped, and then we walked down to {place2} together.",
+    "If you want to make soup for four, start with two onions and a little butter. Cook them slowly, add "
+    "whatever vegetables you have, cover them with water and let it all simmer for half an hour.",
+    "The train was late again, so {person} and I waited at {place} and shared {thing}. A dog kept watching "
+    "us, hoping for crumbs, and in the end we gave it some.",
+    "It takes about twenty minutes to walk from {place} to {place2}. Turn left at the post box, follow the "
+    "lane past the old church, and you will see it on your right.",
+    "Last summer {person} learned to swim. At first she would not put her face in the water, but by August "
+    "she could cross the pool twice without stopping.",
+    "We found {thing} under the stairs while we were cleaning. Nobody could remember where it came from, so "
+    "we left it on the table in {place} and forgot about it again.",
+    "Children love to ask why the sky is blue and why the grass is green. The honest answer is often that "
+    "we are not quite sure how to explain it simply.",
+    "{person} says the best time to visit {place} is early on a {day}, before the crowds arrive and while "
+    "the air is still cool and quiet.",
+]
+GENERAL_DAYS = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"]
+GENERAL_COUNT = 40
+
+
+def general_texts(rng: random.Random, count: int = GENERAL_COUNT) -> list[dict]:
+    """`count` short passages of plain English, each template in turn, its blanks filled at random."""
+    texts = []
+    for i in range(count):
+        place, place2 = rng.sample(GENERAL_PLACES, 2)
+        text = GENERAL_TEMPLATES[i % len(GENERAL_TEMPLATES)].format(
+            day=rng.choice(GENERAL_DAYS), person=rng.choice(GENERAL_PEOPLE), thing=rng.choice(GENERAL_THINGS),
+            place=place, place2=place2)
+        texts.append({"text": text[0].upper() + text[1:]})
+    return texts
+
+
+def write_jsonl(path: Path, records: list[dict]) -> None:
     from json_files import json_text
 
     with open(path, "w", encoding="utf-8") as out:
-        for record in generate_records(count, seed):
+        for record in records:
             out.write(json_text(record, ensure_ascii=False) + "\n")
+
+
+def write_raw(path: Path, count: int, seed: int = DEFAULT_SEED, facts: list[dict] = ()) -> None:
+    write_jsonl(path, list(generate_records(count, seed, facts)))
 
 
 def main() -> int:
@@ -345,9 +544,20 @@ def main() -> int:
 
     with tempfile.TemporaryDirectory(prefix="demo-corpus-") as raw_dir:
         raw = Path(raw_dir) / "raw.jsonl"
-        write_raw(raw, args.records, args.seed)
+        facts = contested_facts()
+        write_raw(raw, args.records, args.seed, facts)
         result = prepare(raw, args.output, val_fraction=0.1, seed=0, force=True)
+    rng = random.Random(args.seed)
+    probe_lines = probes(rng, facts)
+    texts = [record["text"] for record in generate_records(args.records, args.seed, facts)]
+    leaked = [p["prompt"] for p in probe_lines if any(p["prompt"] in text for text in texts)]
+    if leaked:  # a probe must ask in words the corpus does not use
+        raise SystemExit(f"a probe's prompt is in the corpus word for word: {leaked[0]!r}")
+    write_jsonl(args.output / "probes.jsonl", probe_lines)
+    write_jsonl(args.output / "general.jsonl", general_texts(rng))
     print(format_report(result).replace(str(raw), "raw.jsonl"))
+    print(f"wrote {len(probe_lines)} probes to probes.jsonl ({len(facts)} contested facts, in mirrored "
+          f"pairs) and {GENERAL_COUNT} passages of general text to general.jsonl")
     return 0
 
 
