@@ -13,6 +13,7 @@ gives the original's ids.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import shutil
@@ -420,6 +421,43 @@ def test_a_run_on_a_gguf_trains_the_built_folder_and_resumes_bit_for_bit_after_t
     assert before.keys() == after.keys() and all(mx.array_equal(before[k], after[k]).item() for k in before)
     state, config = final_state(resumed)
     assert modeling.run_base_model(state.adapter_config, config).path == str(built)
+
+
+def test_a_gguf_replaced_keeping_its_size_and_times_is_built_again_not_its_stale_folder(tmp_path):
+    """The folder is keyed by the file's content, as the run's base identity is (file_identity):
+    another model of the same size put in its place with the old modification time (cp -p,
+    rsync -a, touch -r) is another folder, built from what the file holds now."""
+    import os
+
+    _, _, path, _ = family_gguf(tmp_path, "llama", types=q8_and_q4)
+    first = build(path)
+    before = os.stat(path)
+    (tmp_path / "other").mkdir()
+    _, _, other, _ = family_gguf(tmp_path / "other", "llama", types=q8_and_q4, seed=1)
+    assert other.stat().st_size == before.st_size
+    os.replace(other, path)
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    second = build(path)
+    assert second.path != first.path
+    old, new = (mx.load(str(Path(base.path) / "model.safetensors")) for base in (first, second))
+    assert not mx.array_equal(old["model.embed_tokens.weight"], new["model.embed_tokens.weight"]).item()
+    assert mx.array_equal(new["model.embed_tokens.weight"], mx.load(str(path))["token_embd.weight"]).item()
+
+
+def test_a_built_folder_changed_in_the_cache_is_built_again_not_trained_on(tmp_path):
+    """Like a quantized copy (modeling.remove_if_changed): the folder records its files' sums."""
+    from test_run_identity import scale_one_weight
+
+    _, _, path, _ = family_gguf(tmp_path, "llama", types=q8_and_q4)
+    built = Path(build(path).path)
+    written = (built / "model.safetensors").read_bytes()
+    scale_one_weight(built / "model.safetensors")
+    again = io.StringIO()
+    with contextlib.redirect_stderr(again):
+        assert build(path).path == str(built)
+    assert f"note: {built} is not as it was written (changed: model.safetensors); building it again" \
+        in again.getvalue()
+    assert (built / "model.safetensors").read_bytes() == written
 
 
 def test_an_ollama_blob_without_an_extension_is_read_by_its_magic(tmp_path):
