@@ -374,7 +374,8 @@ def test_the_line_about_requantized_tensors(tmp_path):
         "are (group size 32)" in result.stderr
     assert f"note: 15 F16 tensors of {path} were dequantized and quantized to 4 bits (group size 64" \
         in result.stderr
-    assert f"model: {path} (4-bit; its mlx-lm folder {tmp_path / 'cache' / 'gguf'}" in result.stderr
+    # The kept Q8_0 embedding is counted apart: config.json's bits (4) are only the most common width.
+    assert f"model: {path} (15 layers 4-bit, 1 8-bit; its mlx-lm folder {tmp_path / 'cache' / 'gguf'}" in result.stderr
 
 
 # ------------------------------------------------------------- training on a GGUF
