@@ -286,6 +286,10 @@ def run(args: argparse.Namespace, group=None) -> int:
     # Before the lock, the model (minutes) and any move aside: what would stop the run anyway.
     check_path_lengths(output_dir)
     check_data_files(config)
+    if config.training.memory_check:
+        from memory_check import memory_limit
+
+        memory_limit()  # a DISTRUST_QLORA_MEMORY_LIMIT that is no size: one line now, not once the model has loaded
     # Rank 0 alone writes to the output dir (the lock, checkpoints, logs); the others only read their data.
     with RunLock(output_dir) if group.is_writer else contextlib.nullcontext():
         inputs = run_inputs(config)
