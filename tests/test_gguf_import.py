@@ -140,7 +140,15 @@ def random_model(config: dict, seed: int = 0):
 def write_gguf(path: Path, model, config: dict, arch: str, vocab: dict, types=None) -> Path:
     """The model as llama.cpp's converter writes it: its metadata keys, the gguf package's tensor
     names, Q/K rows interleaved (llama), Gemma's norms plus 1, 1-D tensors F32 and 2-D ones of
-    `types(name)` (F32 by default; Q8_0, Q4_0, F16 are written with the gguf package's quantizer)."""
+    `types(name)` (F32 by default; Q8_0, Q4_0, F16 are written with the gguf package's quantizer).
+
+    An independent oracle, kept apart from src/gguf_export.py on purpose: written from llama.cpp's
+    convert_hf_to_gguf.py conventions, so the import is checked against llama.cpp's layout and
+    not against our own export (a convention both got wrong would pass a round trip: that one is
+    test_gguf_export's). It also writes what the export never does and real files hold: a type per
+    tensor (a Q8_0 embedding beside Q4_0 MLPs, F16 beside Q8_0) and SentencePiece's own scores.
+    Likewise FAMILIES and the tokenizers here (real `sentencepiece` models) are not
+    src/tiny_families.py's, whose folders are what the export starts from."""
     from mlx.utils import tree_flatten
 
     K = gguf.Keys
