@@ -12,7 +12,9 @@ base's tokenizer and chat template:
 
 - default: each layer that carries adapters becomes one unquantized layer
   (its quantized base weight dequantized, plus the adapters' product); every
-  other layer stays exactly as trained (4-bit). The logits are those of the
+  other layer stays exactly as trained (4-bit; a base of mixed widths, as a
+  GGUF's Q8_0 and Q4_0 layers, keeps each layer's own, and the line export
+  prints counts them per width). The logits are those of the
   trained model up to float rounding; mlx-lm loads layers without scales as
   unquantized, so this is an ordinary mlx-lm folder.
 - --dequantize: every layer unquantized (mlx_lm fuse --dequantize): the same
