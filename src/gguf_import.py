@@ -54,7 +54,7 @@ from errors import UserError
 from json_files import json_text
 
 GGUF_MAGIC = b"GGUF"
-GGUF_BUILD_FORMAT = 2  # part of the built folders' cache key: bump if how they are made changes
+GGUF_BUILD_FORMAT = 3  # part of the built folders' cache key: bump if how they are made changes
 KEPT_GROUP_SIZE = 32  # the block of Q4_0, Q4_1 and Q8_0
 TOKENIZER_TRANSFORMERS = "5.17"  # the first transformers with transformers.integrations.gguf
 SUPPORTED = ("llama (also Mistral, SmolLM, Llama 3)", "qwen2", "qwen3", "gemma2", "gemma3", "phi3")
@@ -607,7 +607,22 @@ def _converted_tokenizer(meta: Metadata, tokens: list):
                         f"({' '.join(str(exc).split())})") from None
     if spec["tokenizer_type"] == "llama" and not meta.arch.startswith("gemma"):
         _spaces_as_llama_cpp(backend, spec.get("add_prefix_space", True))
-    return backend
+    return _only_the_files_tokens(backend, len(tokens))
+
+
+def _only_the_files_tokens(backend, count: int):
+    """The tokenizer without the tokens transformers' conversion adds beyond the file's `count`:
+    its GPT-2 tokenizer adds `<|endoftext|>` (its default unk, bos and eos) to a byte-level
+    vocabulary that has none, as Llama 3's, an id past the embedding's rows (export --gguf refuses
+    it; a text holding it would read past the embedding)."""
+    from tokenizers import Tokenizer
+
+    spec = json.loads(backend.to_str())
+    added = spec.get("added_tokens") or []
+    if all(entry["id"] < count for entry in added):
+        return backend
+    spec["added_tokens"] = [entry for entry in added if entry["id"] < count]
+    return Tokenizer.from_str(json.dumps(spec))
 
 
 def _spaces_as_llama_cpp(backend, prefix_space: bool) -> None:

@@ -184,8 +184,9 @@ def test_the_layout_line_counts_each_bit_width_of_a_base_with_mixed_bits(tmp_pat
                       for name, module in model.named_modules() if hasattr(module, "to_quantized")
                       or hasattr(module, "bits"))
 
-    exact = export_in_process("--output-dir", run, "--save-path", tmp_path / "exact")
+    exact = export_in_process("--output-dir", run, "--save-path", tmp_path / "exact", "--gguf")
     assert exact.returncode == 0, exact.stderr
+    assert (tmp_path / "exact" / "exact-f16.gguf").is_file()  # GGUF in, trained, GGUF out
     assert "(4 fused layers unquantized, the others as trained: 8 layers 8-bit, 4 4-bit;" in exact.stdout
     assert bits_in(tmp_path / "exact") == [0] * 4 + [4] * 4 + [8] * 8
     # It loads as an ordinary mlx-lm folder (no fused layer named as quantized) and is the trained model.

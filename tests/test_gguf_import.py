@@ -276,6 +276,9 @@ def test_a_byte_level_bpe_vocabulary_tokenizes_as_the_original(family, tmp_path)
 
     _, _, path, original = family_gguf(tmp_path, family)
     rebuilt = load_tokenizer(Path(build(path, bits=0).path))
+    # The file's tokens and no more (transformers' GPT-2 tokenizer would add its <|endoftext|> default
+    # where the vocabulary has none, as Llama 3's: an id past the embedding, refused by export --gguf).
+    assert sorted(rebuilt.get_vocab().values()) == list(range(len(original.get_vocab())))
     for text in SAMPLES:
         assert rebuilt.encode(text) == original.encode(text), text
         assert rebuilt.decode(rebuilt.encode(text)) == text
