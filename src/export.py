@@ -12,7 +12,9 @@ base's tokenizer and chat template:
 
 - default: each layer that carries adapters becomes one unquantized layer
   (its quantized base weight dequantized, plus the adapters' product); every
-  other layer stays exactly as trained (4-bit). The logits are those of the
+  other layer stays exactly as trained (4-bit; a base of mixed widths, as a
+  GGUF's Q8_0 and Q4_0 layers, keeps each layer's own, and the line export
+  prints counts them per width). The logits are those of the
   trained model up to float rounding; mlx-lm loads layers without scales as
   unquantized, so this is an ordinary mlx-lm folder.
 - --dequantize: every layer unquantized (mlx_lm fuse --dequantize): the same
@@ -184,26 +186,32 @@ def plan_gguf_export(base_dir: Path, base_config: dict, gguf_type: str):
 
 def write_export(trained, base_dir: Path, temp: Path, args: argparse.Namespace, gguf_plan, name: str) -> dict:
     import mlx.core as mx
-    from mlx.utils import tree_flatten, tree_unflatten
+    from mlx.utils import tree_unflatten
     from mlx_lm.utils import dequantize_model, save
 
     from json_files import json_text
-    from modeling import load_trained_model
+    from modeling import layer_bits, load_trained_model
 
     model, tokenizer, model_config = load_trained_model(trained)
     # mlx_lm.fuse's loop; the LoRA layers are kept, to fuse again for the GGUF.
     lora_layers = [(path, module) for path, module in model.named_modules() if hasattr(module, "fuse")]
     exact = not args.requantize
     model.update_modules(tree_unflatten([(path, module.fuse(dequantize=exact)) for path, module in lora_layers]))
+    if exact:
+        # A base of mixed widths (a GGUF's Q8_0 and Q4_0 tensors) names its layers of the less common
+        # width in config.json's quantization section; mlx_lm.load quantizes a layer named there
+        # whatever the weights hold, so a fused layer, now unquantized, must not be named.
+        for key in ("quantization", "quantization_config"):
+            if isinstance(model_config.get(key), dict):
+                model_config[key] = {name: value for name, value in model_config[key].items()
+                                     if name not in {path for path, _ in lora_layers}}
     if args.dequantize:
         model = dequantize_model(model)
         model_config.pop("quantization", None)
         model_config.pop("quantization_config", None)
-    quantized = any(path.endswith(".scales") for path, _ in tree_flatten(model.parameters()))
     with contextlib.redirect_stdout(io.StringIO()):  # mlx-lm prints progress with the temporary name
         save(temp, str(base_dir), model, tokenizer, dict(model_config), donate_model=False)
-    quantization = trained.base.quantization or model_config.get("quantization")
-    layout = describe_layout(args, quantized, len(lora_layers), quantization)
+    layout = describe_layout(args, layer_bits(model), {path for path, _ in lora_layers})
     details = {"layout": layout, "model_bytes": folder_bytes(temp)}
 
     if gguf_plan is not None:
@@ -231,13 +239,21 @@ def write_export(trained, base_dir: Path, temp: Path, args: argparse.Namespace, 
     return details
 
 
-def describe_layout(args, quantized: bool, lora_count: int, quantization: dict | None) -> str:
-    bits = f"{quantization['bits']}-bit" if quantization else "quantized"
-    if args.dequantize or not quantized:
+def describe_layout(args, bits: dict, fused: set) -> str:
+    """The fused model's layers in words: `bits` {path: bits or None} of its layers
+    (modeling.layer_bits), `fused` the paths of those that carried adapters. A base may mix
+    widths (a GGUF's Q8_0 and Q4_0 tensors): each is counted, as the folder holds it."""
+    from modeling import bits_text
+
+    if args.dequantize or not any(bits.values()):
         return "every layer unquantized"
     if args.requantize:
-        return f"{lora_count} fused layers quantized again to {bits}: not exactly the trained model"
-    return f"{lora_count} fused layers unquantized, the others {bits} as trained"
+        again = bits_text(bits[path] for path in fused)
+        again = f"to {again}" if "," not in again else f"to their own bits ({again})"
+        return f"{len(fused)} fused layers quantized again {again}: not exactly the trained model"
+    others = bits_text(width for path, width in bits.items() if path not in fused)
+    return (f"{len(fused)} fused layers unquantized, the others {others} as trained" if "," not in others else
+            f"{len(fused)} fused layers unquantized, the others as trained: {others}")
 
 
 def written_fault(exc: BaseException, save_path: Path) -> Exception | None:

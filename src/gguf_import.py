@@ -29,17 +29,19 @@ the model cache (`.cache/gguf/`) that `mlx_lm.load` takes like any other:
   whether BOS is added, and the chat template written as a Hugging Face
   tokenizer folder.
 
-The folder is keyed by the file's identity (its name, size and modification
-time) and --quantize-bits, so a changed file never reuses a stale folder; it
-records what it was made from (modeling.BASE_RECORD_FILE), so a run's base is
-found again (modeling.run_base_model) and rebuilt when the cache was wiped.
+The folder is keyed by the file's content (its SHA-256, file_identity: the
+sum the run's base identity takes, read once and cached) and --quantize-bits,
+so a changed file never reuses a stale folder, even one replaced keeping its
+size and times (cp -p, rsync -a, touch -r); it records what it was made from
+and its own files' sums (modeling.BASE_RECORD_FILE), so a run's base is found
+again (modeling.run_base_model), rebuilt when the cache was wiped, and rebuilt
+when its files were changed in the cache (modeling.remove_if_changed).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import struct
 import sys
@@ -52,7 +54,7 @@ from errors import UserError
 from json_files import json_text
 
 GGUF_MAGIC = b"GGUF"
-GGUF_BUILD_FORMAT = 1  # part of the built folders' cache key: bump if how they are made changes
+GGUF_BUILD_FORMAT = 3  # part of the built folders' cache key: bump if how they are made changes
 KEPT_GROUP_SIZE = 32  # the block of Q4_0, Q4_1 and Q8_0
 TOKENIZER_TRANSFORMERS = "5.17"  # the first transformers with transformers.integrations.gguf
 SUPPORTED = ("llama (also Mistral, SmolLM, Llama 3)", "qwen2", "qwen3", "gemma2", "gemma3", "phi3")
@@ -78,27 +80,24 @@ def resolve_gguf_file(path: Path, shown: str) -> str:
 
 def prepare_gguf_base(resolved: str, quantize_bits: int, shown: str | None = None):
     """The BaseModel of a GGUF file: its mlx-lm folder in the cache, built the first time."""
-    from modeling import BaseModel, build_model_dir_once
+    from modeling import BaseModel, build_model_dir_once, remove_if_changed
 
     source = Path(resolved)
     target = built_dir(source, quantize_bits)
+    remove_if_changed(target)
     build_model_dir_once(target, lambda scratch: build_model_folder(source, scratch, quantize_bits, shown or resolved),
                          f"the mlx-lm model of {shown or resolved}")
     return BaseModel(source=resolved, path=str(target), quantization=_built_quantization(target))
 
 
 def built_dir(source: Path, quantize_bits: int) -> Path:
-    """Where the folder built from `source` lives: named for the file, keyed by its identity
-    (the name of the file a link leads to, its size and modification time) and the bits a
-    tensor that is not kept is quantized to."""
+    """Where the folder built from `source` lives: named for the file, keyed by its content
+    (SHA-256, as the run's base identity: file_identity.file_sha256, cached while the file's
+    stat is unchanged) and the bits a tensor that is not kept is quantized to."""
+    from file_identity import file_sha256, hash_cache
     from modeling import QUANT_GROUP_SIZE, cache_dir
 
-    try:
-        info = source.stat()
-    except OSError as exc:
-        raise UserError(f"{source}: cannot read ({exc.strerror})") from None
-    identity = [GGUF_BUILD_FORMAT, os.path.basename(os.path.realpath(source)), info.st_size, info.st_mtime_ns,
-                quantize_bits, QUANT_GROUP_SIZE]
+    identity = [GGUF_BUILD_FORMAT, file_sha256(source, hash_cache())["sha256"], quantize_bits, QUANT_GROUP_SIZE]
     key = hashlib.sha256(json.dumps(identity).encode()).hexdigest()[:12]
     stem = source.name[:-5] if source.name.lower().endswith(".gguf") else source.name
     return cache_dir() / "gguf" / f"{stem[:48]}-q{quantize_bits}-{key}"
@@ -413,6 +412,7 @@ def build_model_folder(path: Path, scratch: Path, quantize_bits: int, shown: str
     from mlx.utils import tree_flatten
     from mlx_lm.utils import _get_classes, save_config, save_model
 
+    from file_identity import written_sums
     from modeling import BASE_RECORD_FILE, QUANT_GROUP_SIZE, QUANT_MODE, names_mismatch, shapes_mismatch
 
     gguf = _gguf()
@@ -480,7 +480,8 @@ def build_model_folder(path: Path, scratch: Path, quantize_bits: int, shown: str
     save_config(config, scratch / "config.json")
     kinds = Counter(types.values())
     record = {"source": str(path), "gguf": {"architecture": meta.arch, "tensor_types": dict(kinds)},
-              "quantization": config.get("quantization"), "quantize_bits": quantize_bits}
+              "quantization": config.get("quantization"), "quantize_bits": quantize_bits,
+              "files": written_sums(scratch)}  # modeling.remove_if_changed checks them
     (scratch / BASE_RECORD_FILE).write_text(json_text(record, indent=2) + "\n", encoding="utf-8")
     say_what_was_read(shown, config, kinds, requantized, quantize_bits)
 
@@ -606,7 +607,22 @@ def _converted_tokenizer(meta: Metadata, tokens: list):
                         f"({' '.join(str(exc).split())})") from None
     if spec["tokenizer_type"] == "llama" and not meta.arch.startswith("gemma"):
         _spaces_as_llama_cpp(backend, spec.get("add_prefix_space", True))
-    return backend
+    return _only_the_files_tokens(backend, len(tokens))
+
+
+def _only_the_files_tokens(backend, count: int):
+    """The tokenizer without the tokens transformers' conversion adds beyond the file's `count`:
+    its GPT-2 tokenizer adds `<|endoftext|>` (its default unk, bos and eos) to a byte-level
+    vocabulary that has none, as Llama 3's, an id past the embedding's rows (export --gguf refuses
+    it; a text holding it would read past the embedding)."""
+    from tokenizers import Tokenizer
+
+    spec = json.loads(backend.to_str())
+    added = spec.get("added_tokens") or []
+    if all(entry["id"] < count for entry in added):
+        return backend
+    spec["added_tokens"] = [entry for entry in added if entry["id"] < count]
+    return Tokenizer.from_str(json.dumps(spec))
 
 
 def _spaces_as_llama_cpp(backend, prefix_space: bool) -> None:

@@ -517,6 +517,32 @@ def block_linear_layers(model: nn.Module) -> list[str]:
                    if isinstance(module, kinds) or hasattr(module, "to_lora")})
 
 
+def layer_bits(model: nn.Module) -> dict[str, int | None]:
+    """{path: bits} of each layer that holds a weight matrix (linear, embedding, experts): its
+    quantization's bits, None where it is not quantized. A base need not have one width: a
+    GGUF's Q8_0 and Q4_0 tensors are kept as 8- and 4-bit layers (SmolLM2's Q4_1 file has an
+    8-bit embedding), and config.json's `bits` is only the most common one."""
+    return {path: getattr(module, "bits", None) for path, module in model.named_modules()
+            if hasattr(module, "bits") or hasattr(module, "to_quantized")}
+
+
+def bits_text(bits) -> str:
+    """What layers of these bits are, in words: '4-bit' (all alike), 'not quantized', or each width
+    with its count, most first ('10 layers 8-bit, 6 4-bit, 2 unquantized')."""
+    from collections import Counter
+
+    counts = Counter(bits)
+    if not counts:
+        return "no layers"
+    if len(counts) == 1:
+        (width,) = counts
+        return f"{width}-bit" if width else "not quantized"
+    parts = [f"{count} {f'{width}-bit' if width else 'unquantized'}"
+             for width, count in sorted(counts.items(), key=lambda item: (-item[1], -(item[0] or 0)))]
+    first, _, width = parts[0].partition(" ")
+    return ", ".join([f"{first} layers {width}", *parts[1:]])
+
+
 def parameter_counts(model: nn.Module) -> tuple[int, int]:
     """(trainable, total) parameters; quantized weights counted as the weights they stand for."""
     from mlx_lm.utils import get_total_parameters

@@ -286,6 +286,10 @@ def run(args: argparse.Namespace, group=None) -> int:
     # Before the lock, the model (minutes) and any move aside: what would stop the run anyway.
     check_path_lengths(output_dir)
     check_data_files(config)
+    if config.training.memory_check:
+        from memory_check import memory_limit
+
+        memory_limit()  # a DISTRUST_QLORA_MEMORY_LIMIT that is no size: one line now, not once the model has loaded
     # Rank 0 alone writes to the output dir (the lock, checkpoints, logs); the others only read their data.
     with RunLock(output_dir) if group.is_writer else contextlib.nullcontext():
         inputs = run_inputs(config)
@@ -343,14 +347,15 @@ def train(config, output_dir: Path, manager, start, inputs: dict, group, names: 
     from checkpoints.resume import restore_with_fallback
     from corpus.index import CorpusIndex, check_records
     from file_identity import check_unchanged
-    from modeling import (adapter_config, attach_lora, load_init_adapters, load_model, parameter_counts,
-                          tokenizer_key)
+    from modeling import (adapter_config, attach_lora, bits_text, layer_bits, load_init_adapters, load_model,
+                          parameter_counts, tokenizer_key)
     from trainer import CheckpointingFailed, DistrustTrainer
 
     t, lo = config.training, config.lora
     train_path = config.train_file
     # inputs["model"] is the model already resolved (for `tiny`: already built).
     loaded = load_model(inputs["model"], config.model.quantize_bits, config.model.trust_remote_code)
+    quant = bits_text(layer_bits(loaded.model).values())  # before LoRA: the base's layers, each width counted
     num_layers, note = attach_lora(loaded.model, lo.rank, lo.alpha, lo.layers, lo.dropout, t.seed,
                                    fine_tune_type=lo.fine_tune_type, keys=lo.keys,
                                    keys_named=said_as(names, ("lora", "keys"), "--lora-keys"))
@@ -360,7 +365,6 @@ def train(config, output_dir: Path, manager, start, inputs: dict, group, names: 
         source = load_init_adapters(loaded.model, config.paths.init_adapters)
         print(f"adapters: starting from {source}", file=sys.stderr)
     trainable, total = parameter_counts(loaded.model)
-    quant = f"{loaded.quantized_bits}-bit" if loaded.quantized_bits else "not quantized"
     if loaded.base.quantization:
         quant += f"; {'its mlx-lm folder' if Path(loaded.path).is_file() else 'its quantized copy'} {loaded.base.path}"
     kind = "DoRA" if lo.fine_tune_type == "dora" else "LoRA"

@@ -20,8 +20,8 @@ import subprocess
 import numpy as np
 import pytest
 
-from conftest import (REPO, assert_one_line_error, copy_with_damaged_adapters, run_script, run_script_in_process,
-                      train_on_a_tiny_copy)
+from conftest import (FAST, REPO, assert_one_line_error, copy_with_damaged_adapters, run_in_process, run_script,
+                      run_script_in_process, train_on_a_tiny_copy, write_corpus)
 from gguf_checks import check_tensors, check_vocabulary, fields
 
 EXPORT = REPO / "src" / "export.py"
@@ -157,3 +157,46 @@ def test_bad_input_is_one_line_exit_2_and_nothing_written(tiny_run, tmp_path):
     finally:
         moved.rename(base)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["damaged", "empty-run"]
+
+
+def test_the_layout_line_counts_each_bit_width_of_a_base_with_mixed_bits(tmp_path, monkeypatch):
+    """A GGUF of Q8_0 embedding, output and attention and Q4_0 MLP (as llama.cpp's mixed files,
+    or a Q4_1 file with a Q8_0 embedding) is a base of 8- and 4-bit layers: the line says how many
+    of each stay as trained, and to what the fused layers are quantized again, as the folder holds."""
+    from mlx_lm import load
+    import mlx.core as mx
+    from test_gguf_import import IDS, family_gguf, q8_and_q4
+
+    monkeypatch.setenv("DISTRUST_QLORA_CACHE", str(tmp_path / "cache"))
+    _, _, path, _ = family_gguf(tmp_path, "llama", types=q8_and_q4)  # 2 blocks, lm_head of its own
+    data = write_corpus(tmp_path / "data", train=8, val=0)
+    run = tmp_path / "run"
+    result = run_in_process(*FAST, "--model", path, "--data-dir", data, "--output-dir", run, "--max-steps", "1",
+                            "--lora-keys", "self_attn.q_proj", "mlp.down_proj")
+    assert result.returncode == 0, result.stderr
+    # Embedding, lm_head and 4 attention layers a block 8-bit, 3 MLP layers a block 4-bit; 4 are fused (unquantized).
+    assert f"model: {path} (10 layers 8-bit, 6 4-bit; its mlx-lm folder" in result.stderr
+
+    def bits_in(folder):
+        model, config = load(str(folder), return_config=True)[::2]
+        quantization = config["quantization"]
+        return sorted(quantization.get(name, quantization)["bits"] if hasattr(module, "bits") else 0
+                      for name, module in model.named_modules() if hasattr(module, "to_quantized")
+                      or hasattr(module, "bits"))
+
+    exact = export_in_process("--output-dir", run, "--save-path", tmp_path / "exact", "--gguf")
+    assert exact.returncode == 0, exact.stderr
+    assert (tmp_path / "exact" / "exact-f16.gguf").is_file()  # GGUF in, trained, GGUF out
+    assert "(4 fused layers unquantized, the others as trained: 8 layers 8-bit, 4 4-bit;" in exact.stdout
+    assert bits_in(tmp_path / "exact") == [0] * 4 + [4] * 4 + [8] * 8
+    # It loads as an ordinary mlx-lm folder (no fused layer named as quantized) and is the trained model.
+    trained = load(json.loads((run / "adapter_config.json").read_text())["model"], adapter_path=str(run))[0]
+    fused, expected = (model(mx.array([IDS])).astype(mx.float32) for model in (load(str(tmp_path / "exact"))[0],
+                                                                                 trained))
+    # Within float16 rounding: the file's scales are float16, so are the fused weights.
+    assert mx.abs(fused - expected).max().item() <= 5e-3 * mx.abs(expected).max().item()
+    again = export_in_process("--output-dir", run, "--save-path", tmp_path / "again", "--requantize")
+    assert again.returncode == 0, again.stderr
+    assert "(4 fused layers quantized again to their own bits (2 layers 8-bit, 2 4-bit): not exactly the " \
+           "trained model;" in again.stdout
+    assert bits_in(tmp_path / "again") == [4] * 6 + [8] * 10

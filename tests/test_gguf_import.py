@@ -13,6 +13,7 @@ gives the original's ids.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import shutil
@@ -139,7 +140,15 @@ def random_model(config: dict, seed: int = 0):
 def write_gguf(path: Path, model, config: dict, arch: str, vocab: dict, types=None) -> Path:
     """The model as llama.cpp's converter writes it: its metadata keys, the gguf package's tensor
     names, Q/K rows interleaved (llama), Gemma's norms plus 1, 1-D tensors F32 and 2-D ones of
-    `types(name)` (F32 by default; Q8_0, Q4_0, F16 are written with the gguf package's quantizer)."""
+    `types(name)` (F32 by default; Q8_0, Q4_0, F16 are written with the gguf package's quantizer).
+
+    An independent oracle, kept apart from src/gguf_export.py on purpose: written from llama.cpp's
+    convert_hf_to_gguf.py conventions, so the import is checked against llama.cpp's layout and
+    not against our own export (a convention both got wrong would pass a round trip: that one is
+    test_gguf_export's). It also writes what the export never does and real files hold: a type per
+    tensor (a Q8_0 embedding beside Q4_0 MLPs, F16 beside Q8_0) and SentencePiece's own scores.
+    Likewise FAMILIES and the tokenizers here (real `sentencepiece` models) are not
+    src/tiny_families.py's, whose folders are what the export starts from."""
     from mlx.utils import tree_flatten
 
     K = gguf.Keys
@@ -267,6 +276,9 @@ def test_a_byte_level_bpe_vocabulary_tokenizes_as_the_original(family, tmp_path)
 
     _, _, path, original = family_gguf(tmp_path, family)
     rebuilt = load_tokenizer(Path(build(path, bits=0).path))
+    # The file's tokens and no more (transformers' GPT-2 tokenizer would add its <|endoftext|> default
+    # where the vocabulary has none, as Llama 3's: an id past the embedding, refused by export --gguf).
+    assert sorted(rebuilt.get_vocab().values()) == list(range(len(original.get_vocab())))
     for text in SAMPLES:
         assert rebuilt.encode(text) == original.encode(text), text
         assert rebuilt.decode(rebuilt.encode(text)) == text
@@ -373,7 +385,8 @@ def test_the_line_about_requantized_tensors(tmp_path):
         "are (group size 32)" in result.stderr
     assert f"note: 15 F16 tensors of {path} were dequantized and quantized to 4 bits (group size 64" \
         in result.stderr
-    assert f"model: {path} (4-bit; its mlx-lm folder {tmp_path / 'cache' / 'gguf'}" in result.stderr
+    # The kept Q8_0 embedding is counted apart: config.json's bits (4) are only the most common width.
+    assert f"model: {path} (15 layers 4-bit, 1 8-bit; its mlx-lm folder {tmp_path / 'cache' / 'gguf'}" in result.stderr
 
 
 # ------------------------------------------------------------- training on a GGUF
@@ -420,6 +433,43 @@ def test_a_run_on_a_gguf_trains_the_built_folder_and_resumes_bit_for_bit_after_t
     assert before.keys() == after.keys() and all(mx.array_equal(before[k], after[k]).item() for k in before)
     state, config = final_state(resumed)
     assert modeling.run_base_model(state.adapter_config, config).path == str(built)
+
+
+def test_a_gguf_replaced_keeping_its_size_and_times_is_built_again_not_its_stale_folder(tmp_path):
+    """The folder is keyed by the file's content, as the run's base identity is (file_identity):
+    another model of the same size put in its place with the old modification time (cp -p,
+    rsync -a, touch -r) is another folder, built from what the file holds now."""
+    import os
+
+    _, _, path, _ = family_gguf(tmp_path, "llama", types=q8_and_q4)
+    first = build(path)
+    before = os.stat(path)
+    (tmp_path / "other").mkdir()
+    _, _, other, _ = family_gguf(tmp_path / "other", "llama", types=q8_and_q4, seed=1)
+    assert other.stat().st_size == before.st_size
+    os.replace(other, path)
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    second = build(path)
+    assert second.path != first.path
+    old, new = (mx.load(str(Path(base.path) / "model.safetensors")) for base in (first, second))
+    assert not mx.array_equal(old["model.embed_tokens.weight"], new["model.embed_tokens.weight"]).item()
+    assert mx.array_equal(new["model.embed_tokens.weight"], mx.load(str(path))["token_embd.weight"]).item()
+
+
+def test_a_built_folder_changed_in_the_cache_is_built_again_not_trained_on(tmp_path):
+    """Like a quantized copy (modeling.remove_if_changed): the folder records its files' sums."""
+    from test_run_identity import scale_one_weight
+
+    _, _, path, _ = family_gguf(tmp_path, "llama", types=q8_and_q4)
+    built = Path(build(path).path)
+    written = (built / "model.safetensors").read_bytes()
+    scale_one_weight(built / "model.safetensors")
+    again = io.StringIO()
+    with contextlib.redirect_stderr(again):
+        assert build(path).path == str(built)
+    assert f"note: {built} is not as it was written (changed: model.safetensors); building it again" \
+        in again.getvalue()
+    assert (built / "model.safetensors").read_bytes() == written
 
 
 def test_an_ollama_blob_without_an_extension_is_read_by_its_magic(tmp_path):
