@@ -39,6 +39,7 @@ import numpy as np
 from corpus.batching import Batch, padded_length
 from corpus.records import load_json_line, short_repr
 from errors import UserError
+from monitoring.evaluation import sample_losses
 
 PROBE_FILE = "probes.jsonl"  # in a data folder: scored at each validation, and by evaluate.py
 SIDES = ("primary", "consensus")
@@ -54,12 +55,6 @@ class Probe:
     prompt_ids: tuple = ()
     primary_ids: tuple = ()
     consensus_ids: tuple = ()
-
-
-def probe_file_in(data_dir: Path) -> Path | None:
-    """DIR/probes.jsonl if there is something at that name (a folder there is refused by read_probes)."""
-    path = Path(data_dir) / PROBE_FILE
-    return path if path.exists() or path.is_symlink() else None
 
 
 def load_probes(path: Path, tokenizer, context: int | None) -> list[Probe]:
@@ -190,8 +185,6 @@ class ProbeScores:
 def score_probes(model, row_losses, batches: list[Batch], count: int) -> ProbeScores:
     """Run `probe_batches` of `count` probes through `row_losses` (summed cross-entropy per row:
     monitoring.evaluation.compile_row_losses, compiled or not), in eval mode."""
-    from monitoring.evaluation import sample_losses
-
     losses = sample_losses(model, row_losses, batches)
     logprob, tokens = np.zeros(2 * count), np.zeros(2 * count, dtype=np.int64)
     logprob[losses.positions] = -losses.ce.astype(np.float64)
