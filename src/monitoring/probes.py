@@ -36,8 +36,8 @@ from pathlib import Path
 
 import numpy as np
 
-from corpus.batching import Batch, padded_length
-from corpus.records import load_json_line, short_repr
+from corpus.batching import Batch, padded_length, padded_rows
+from corpus.records import EncodedSample, load_json_line, short_repr
 from errors import UserError
 from monitoring.evaluation import sample_losses
 
@@ -145,35 +145,30 @@ def probe_batches(probes: list[Probe], pad_id: int, tokens_per_batch: int, conte
     """Every completion of every probe as a row (row 2i: probe i's primary, 2i + 1: its
     consensus), sorted by length and batched: a batch takes rows while rows x padded width
     stays within `tokens_per_batch` (at least one row). The mask covers the completion's
-    targets only; widths come from the batching ladder, so the compiled forward is traced
-    a few times at most."""
-    rows = [(probe.prompt_ids + getattr(probe, f"{side}_ids"), len(probe.prompt_ids))
-            for probe in probes for side in SIDES]
-    order = sorted(range(len(rows)), key=lambda r: len(rows[r][0]))
+    targets only (the completion is the row's learned span, as a training record's is);
+    widths come from the batching ladder, so the compiled forward is traced a few times at most."""
+    rows = []
+    for probe in probes:
+        for side in SIDES:
+            tokens = list(probe.prompt_ids + getattr(probe, f"{side}_ids"))
+            rows.append(EncodedSample(tokens, ((len(probe.prompt_ids), len(tokens)),), truncated=False))
+    order = sorted(range(len(rows)), key=lambda r: len(rows[r].tokens))
     widest = context or sys.maxsize
     batches, taken = [], []
     for r in order:
-        width = padded_length(len(rows[r][0]) - 1, widest)
+        width = padded_length(len(rows[r].tokens) - 1, widest)
         if taken and (len(taken) + 1) * width > tokens_per_batch:
-            batches.append(_batch([rows[i] for i in taken], taken, pad_id, widest))
+            batches.append(_batch(rows, taken, pad_id, widest))
             taken = []
         taken.append(r)
-    batches.append(_batch([rows[i] for i in taken], taken, pad_id, widest))
+    batches.append(_batch(rows, taken, pad_id, widest))
     return batches
 
 
-def _batch(rows: list[tuple], numbers: list[int], pad_id: int, widest: int) -> Batch:
-    width = padded_length(max(len(tokens) - 1 for tokens, _ in rows), widest)
-    inputs = np.full((len(rows), width), pad_id, dtype=np.int32)
-    targets = np.full((len(rows), width), pad_id, dtype=np.int32)
-    mask = np.zeros((len(rows), width), dtype=np.float32)
-    for row, (tokens, start) in enumerate(rows):
-        n = len(tokens) - 1
-        inputs[row, :n] = tokens[:-1]
-        targets[row, :n] = tokens[1:]
-        mask[row, start - 1:n] = 1.0  # target j is token j + 1: the completion's tokens from `start` on
-    zeros = np.zeros(len(rows), dtype=np.float32)
-    return Batch(inputs, targets, mask, np.asarray(numbers, dtype=np.int64), zeros, zeros)
+def _batch(rows: list[EncodedSample], taken: list[int], pad_id: int, widest: int) -> Batch:
+    inputs, targets, mask = padded_rows([rows[r] for r in taken], len(taken), widest, pad_id)
+    zeros = np.zeros(len(taken), dtype=np.float32)
+    return Batch(inputs, targets, mask, np.asarray(taken, dtype=np.int64), zeros, zeros)
 
 
 @dataclass
