@@ -63,7 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--checkpoint", default="latest", metavar="latest|best|final|PATH",
                         help="which checkpoint's adapters (default: latest)")
     parser.add_argument("--batch-size", type=int, help="samples per batch (default: the run's)")
-    parser.add_argument("--max-batches", type=int, help="evaluate at most this many batches (default: the whole file)")
+    parser.add_argument("--max-batches", type=int,
+                        help="evaluate at most this many batches of the data file, and of the general text "
+                             "(default: the whole file)")
     parser.add_argument("--json", type=Path, metavar="PATH",
                         help="where to write the figures (default: RUN/evaluations/<checkpoint>-<data file>.json)")
     parser.add_argument("--probes", type=Path, metavar="FILE",
