@@ -3,6 +3,7 @@ loss of primary sources relative to consensus ones?
 
     python src/evaluate.py --output-dir RUN [--data-dir DIR] [--checkpoint latest|best|final|PATH]
                            [--batch-size N] [--max-batches N] [--json PATH]
+                           [--probes FILE] [--general FILE]
 
 Loads the run's base model exactly as it was trained (quantized on load the
 same way), evaluates it, attaches the chosen checkpoint's adapters and
@@ -14,6 +15,21 @@ figures go to a JSON file (default RUN/evaluations/<checkpoint>-<data file>.json
 The data file is DIR/test.jsonl, else DIR/val.jsonl, else DIR/valid.jsonl;
 DIR defaults to the run's own --data-dir. Every loss is plain cross-entropy
 per real target token, so runs trained with any --lambda-weight compare.
+
+Two more measurements, when their files are there: DIR/probes.jsonl and
+DIR/general.jsonl are used if they exist; --probes FILE and --general FILE
+name others (and are then required to exist).
+
+- Probes (monitoring/probes.py): contested facts, each a neutral prompt with the
+  primary source's completion and the consensus's. For base and adapted model:
+  the share of probes that prefer the primary completion (by summed log-prob
+  given the prompt), the mean margin primary minus consensus (nats), each
+  completion's summed and per-token log-prob, and the probes whose preferred
+  side flipped from base to adapted. JSON key "probes".
+- General text: plain text of neither kind (lines {"text": ...}, no scores
+  needed); its loss and perplexity, base against adapted, say what the training
+  cost on text it was not about. JSON key "general".
+Either is null in the JSON where there is no such file.
 
 Exit codes: 0 done; 2 bad usage or input (one line, nothing written).
 """
@@ -47,9 +63,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--checkpoint", default="latest", metavar="latest|best|final|PATH",
                         help="which checkpoint's adapters (default: latest)")
     parser.add_argument("--batch-size", type=int, help="samples per batch (default: the run's)")
-    parser.add_argument("--max-batches", type=int, help="evaluate at most this many batches (default: the whole file)")
+    parser.add_argument("--max-batches", type=int,
+                        help="evaluate at most this many batches of the data file, and of the general text "
+                             "(default: the whole file)")
     parser.add_argument("--json", type=Path, metavar="PATH",
                         help="where to write the figures (default: RUN/evaluations/<checkpoint>-<data file>.json)")
+    parser.add_argument("--probes", type=Path, metavar="FILE",
+                        help="contested facts, one JSON line each: {prompt, primary, consensus}; which completion "
+                             "each model prefers (default: probes.jsonl of the data folder, if there is one)")
+    parser.add_argument("--general", type=Path, metavar="FILE",
+                        help="general text, one JSON line each: {text}; its loss, base against adapted (default: "
+                             "general.jsonl of the data folder, if there is one)")
     return parser
 
 
@@ -67,11 +91,13 @@ def main(argv: list[str] | None = None) -> int:
 
 def evaluate_run(args: argparse.Namespace) -> dict:
     from chunked_loss import loss_plan
-    from corpus.batching import fixed_batches
-    from corpus.index import CorpusIndex
+    from corpus.precheck import first_records
     from machine import check_writable_folder
     from modeling import attach_lora, load_model, open_run
-    from monitoring.evaluation import compile_row_losses, loss_report, sample_losses
+    from monitoring.evaluation import (GENERAL_FILE, compile_row_losses, file_in, loss_report, overall_loss,
+                                       sample_losses)
+    from monitoring.probes import (PROBE_FILE, encode_probes, flipped, model_context, probe_batches, probe_report,
+                                   read_probes, score_probes)
 
     run = args.output_dir
     trained = open_run(run, args.checkpoint, "evaluate")
@@ -79,31 +105,55 @@ def evaluate_run(args: argparse.Namespace) -> dict:
     t = config.training
     batch_size = _positive(args.batch_size, "--batch-size") or t.batch_size
     max_batches = _positive(args.max_batches, "--max-batches")
-    data_file = find_data_file(args.data_dir or Path(config.paths.data_dir))
+    data_dir = args.data_dir or Path(config.paths.data_dir)
+    data_file = find_data_file(data_dir)
+    probes_file = args.probes or file_in(data_dir, PROBE_FILE)
+    general_file = args.general or file_in(data_dir, GENERAL_FILE)
     json_path = args.json or run / "evaluations" / f"{trained.checkpoint.name}-{data_file.stem}.json"
     if json_path.exists() and not json_path.is_file():
         raise UserError(f"{json_path}: exists and is not a file")
     if args.json:  # asked for: a place that cannot take it is said now, before minutes of work
-        refuse_what_the_run_reads(json_path, trained, data_file)
+        refuse_what_the_run_reads(json_path, trained, data_file, probes_file, general_file)
         check_writable_folder(json_path.parent, f"--json {json_path}")
     else:
         refuse_link_in_run(json_path.parent)
+    # What can be checked without the model is, before it loads (minutes for a big base).
+    probes = read_probes(probes_file) if probes_file else []
+    if general_file:
+        first_records(general_file, "general text")
 
     # The base as it was trained (its quantized copy, or the tiny model rebuilt): as is, it is
     # the model the adapters were trained on.
     loaded = load_model(trained.base.path, config.model.quantize_bits, config.model.trust_remote_code)
     tokenizer = loaded.tokenizer
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    index = CorpusIndex.build(data_file, tokenizer, t.max_seq_length + 1,
-                              limit=batch_size * max_batches if max_batches else None, turns=t.learn_assistant_turns)
-    batches = fixed_batches(index, batch_size, math.ceil(len(index) / batch_size), pad_id)
+    index, batches = _fixed_batches(data_file, tokenizer, t, batch_size, max_batches, pad_id)
+    if probes:
+        context = model_context(loaded.model)
+        probes = encode_probes(probes, probes_file, tokenizer, context)
+        # As many tokens a batch as a batch of the data (forward only, as here).
+        probe_rows = probe_batches(probes, pad_id, batch_size * t.max_seq_length, context)
+    if general_file:
+        _, general_batches = _fixed_batches(general_file, tokenizer, t, batch_size, max_batches, pad_id)
 
     plan = loss_plan(loaded.model, t.loss_chunk_size)  # the run's: the logits a chunk of tokens at a time
-    base = loss_report(sample_losses(loaded.model, compile_row_losses(loaded.model, plan), batches), index)
+
+    def measure() -> dict:
+        """Every figure of the model as it is now, through one compiled forward."""
+        row_losses = compile_row_losses(loaded.model, plan)
+        figures = {"report": loss_report(sample_losses(loaded.model, row_losses, batches), index)}
+        if probes:
+            figures["probes"] = probe_report(probes, score_probes(loaded.model, row_losses, probe_rows, len(probes)))
+        if general_file:
+            figures["general"] = overall_loss(loaded.model, row_losses, general_batches)
+        return figures
+
+    before = measure()
     attach_lora(loaded.model, config.lora.rank, config.lora.alpha, config.lora.layers, config.lora.dropout, t.seed,
                 fine_tune_type=config.lora.fine_tune_type, keys=config.lora.keys)  # DoRA's magnitudes too
     loaded.model.load_weights(list(trained.adapters.items()), strict=False)
-    adapted = loss_report(sample_losses(loaded.model, compile_row_losses(loaded.model, plan), batches), index)
+    after = measure()
+    base, adapted = before["report"], after["report"]
 
     moved = adapted["gap"] - base["gap"] if adapted["gap"] is not None and base["gap"] is not None else None
     result = {
@@ -111,10 +161,26 @@ def evaluate_run(args: argparse.Namespace) -> dict:
         "base_model": loaded.path, "quantized_bits": loaded.quantized_bits,
         "distrust": {"mode": config.distrust.mode, "lambda": config.distrust.lambda_weight, "alpha": config.distrust.alpha},
         "base": base, "adapted": adapted, "gap_moved": moved,
+        "probes": {"file": str(probes_file), "count": len(probes), "base": before["probes"],
+                   "adapted": after["probes"], "flipped": flipped(before["probes"], after["probes"])}
+        if probes else None,
+        "general": {"file": str(general_file), "base": before["general"], "adapted": after["general"]}
+        if general_file else None,
     }
     result["json"] = str(json_path)
     result["json_asked"] = args.json is not None
     return result
+
+
+def _fixed_batches(path: Path, tokenizer, t, batch_size: int, max_batches: int | None, pad_id: int) -> tuple:
+    """(index, batches) of a data file: its records in file order (the first `max_batches`
+    batches' worth), each cut to the run's --max-seq-length as training cut them."""
+    from corpus.batching import fixed_batches
+    from corpus.index import CorpusIndex
+
+    index = CorpusIndex.build(path, tokenizer, t.max_seq_length + 1,
+                              limit=batch_size * max_batches if max_batches else None, turns=t.learn_assistant_turns)
+    return index, fixed_batches(index, batch_size, math.ceil(len(index) / batch_size), pad_id)
 
 
 def write_figures(result: dict) -> None:
@@ -137,9 +203,10 @@ def write_figures(result: dict) -> None:
                                f"({exc.strerror or exc}){elsewhere}") from None
 
 
-def refuse_what_the_run_reads(json_path: Path, trained, data_file: Path) -> None:
+def refuse_what_the_run_reads(json_path: Path, trained, data_file: Path, probes_file: Path | None = None,
+                              general_file: Path | None = None) -> None:
     """--json must not replace a file the run reads or wrote: its checkpoints (one would fail its
-    manifest), its adapters and logs, the data evaluated, the base's files."""
+    manifest), its adapters and logs, the data evaluated (probes and general text too), the base's files."""
     from checkpoints.run_dir import RUN_FILES
 
     target = json_path.resolve()
@@ -148,6 +215,8 @@ def refuse_what_the_run_reads(json_path: Path, trained, data_file: Path) -> None
     files = [(trained.run / name, "a file of the run") for name in RUN_FILES] + [(data_file, "the data evaluated"),
                                                                                  (trained.config.train_file,
                                                                                   "the training data")]
+    files += [(path, what) for path, what in ((probes_file, "the probe file"), (general_file, "the general text"))
+              if path is not None]
     for folder, what in inside:
         if folder.exists() and folder.resolve() in target.parents:
             raise UserError(f"--json {json_path} is inside {what} ({folder}): give another --json PATH")
@@ -218,7 +287,38 @@ def format_table(result: dict) -> str:
     else:
         lines.append(f"gap primary - consensus: base {base['gap']:+.4f}, adapted {adapted['gap']:+.4f}: "
                      f"moved {result['gap_moved']:+.4f} nats")
+    general = result.get("general")
+    if general:
+        lines.append(f"general text: {general['file']}")
+        lines.append(row("general text", general["base"], general["adapted"]))
+    if result.get("probes"):
+        lines += probe_table(result["probes"])
     return "\n".join(lines)
+
+
+def probe_table(probes: dict) -> list[str]:
+    """The probes' lines of the table: share and mean margin, base against adapted; then each
+    probe's completions, their summed and per-token log-prob, and the side it prefers
+    (`base -> adapted` where that flipped)."""
+    base, adapted, flips = probes["base"], probes["adapted"], probes["flipped"]
+    to_side = {side: sum(flip["to"] == side for flip in flips) for side in ("primary", "consensus")}
+    lines = [f"probes: {probes['file']} ({probes['count']} probes; each prefers the completion of higher summed "
+             f"log-prob given the prompt)",
+             f"{'':24}{'':8}  {'base':>9} {'':9}  {'adapted':>9} {'':9}  {'change':>7}"]
+    for name, key, sign in (("primary preferred", "primary_share", ""), ("mean margin (nats)", "mean_margin", "+")):
+        lines.append(f"{name:24}{'':8}  {base[key]:>{sign}9.4f} {'':9}  {adapted[key]:>{sign}9.4f} {'':9}  "
+                     f"{adapted[key] - base[key]:>+7.4f}")
+    lines.append(f"flipped: {len(flips)} of {probes['count']} ({to_side['primary']} to primary, "
+                 f"{to_side['consensus']} to consensus)")
+    lines.append(f"{'line  completion':32}  {'base logp':>9} {'/token':>9}  {'adapted':>9} {'/token':>9}  preferred")
+    for b, a in zip(base["per_probe"], adapted["per_probe"]):
+        for side in ("primary", "consensus"):
+            number = f"{b['line']:>4}" if side == "primary" else ""
+            prefers = "" if side != "primary" else b["prefers"] if b["prefers"] == a["prefers"] else \
+                f"{b['prefers']} -> {a['prefers']}"
+            lines.append(f"{number:4}  {side:26}  {b[side]['logprob']:>9.4f} {b[side]['per_token']:>9.4f}  "
+                         f"{a[side]['logprob']:>9.4f} {a[side]['per_token']:>9.4f}  {prefers}".rstrip())
+    return lines
 
 
 if __name__ == "__main__":

@@ -349,6 +349,8 @@ def train(config, output_dir: Path, manager, start, inputs: dict, group, names: 
     from file_identity import check_unchanged
     from modeling import (adapter_config, attach_lora, bits_text, layer_bits, load_init_adapters, load_model,
                           parameter_counts, tokenizer_key)
+    from monitoring.evaluation import file_in
+    from monitoring.probes import PROBE_FILE, load_probes, model_context
     from trainer import CheckpointingFailed, DistrustTrainer
 
     t, lo = config.training, config.lora
@@ -398,8 +400,17 @@ def train(config, output_dir: Path, manager, start, inputs: dict, group, names: 
         data_summary.update(epochs=t.epochs, max_steps=t.max_steps)
     val_path = config.val_file
     data_dir = Path(config.paths.data_dir)
+    probes_path = file_in(data_dir, PROBE_FILE)
+    # A measurement, not an input: checked whole now (a bad one stops the run before its first
+    # step), and kept out of run_inputs, so a resume with another probe file is the same run.
+    probes = load_probes(probes_path, loaded.tokenizer, model_context(loaded.model)) if probes_path else []
+    if probes:
+        print(f"data: {len(probes)} probe{'s' if len(probes) != 1 else ''} from {probes_path}, scored at each "
+              f"validation (val_probe_primary_share, val_probe_margin)", file=sys.stderr)
+        data_summary.update(probe_file=str(probes_path), probes=len(probes))
     if not val_path.is_file():
-        print(f"note: no val.jsonl or valid.jsonl in {data_dir}; training without validation", file=sys.stderr)
+        scored = "; the probes are still scored every --eval-steps" if probes else ""
+        print(f"note: no val.jsonl or valid.jsonl in {data_dir}; training without validation{scored}", file=sys.stderr)
         val_path = None
     else:
         # The whole file is checked now (a bad line stops the run before its first step);
@@ -427,7 +438,7 @@ def train(config, output_dir: Path, manager, start, inputs: dict, group, names: 
         adapter_config(loaded.path, num_layers, lo.rank, lo.alpha, lo.dropout, base=loaded.base,
                        fine_tune_type=lo.fine_tune_type, keys=lo.keys),
         index, val_path, output_dir, manager, log=lambda msg: print(msg, file=sys.stderr),
-        group=group,
+        group=group, probes=probes,
     )
     trainer.data_summary = data_summary
 

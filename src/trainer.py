@@ -49,6 +49,7 @@ from modeling import adapter_weights, names_mismatch, shapes_mismatch
 from monitoring.early_stopping import EarlyStopping
 from monitoring.evaluation import SampleLosses, compile_row_losses, loss_report, sample_losses
 from monitoring.metrics_log import MetricsLog, NoMetrics, summary_text
+from monitoring.probes import Probe, model_context, probe_batches, probe_report, score_probes, validation_figures
 from monitoring.progress import ProgressLine
 from monitoring.wandb_log import WandbLog, new_run_id, usable_run_id
 from optimization import build_optimizer, gradient_function, learning_rate_schedule, step_seed, use_grad_checkpoint
@@ -113,7 +114,9 @@ class DistrustTrainer:
     def __init__(self, config: Config, model: nn.Module, tokenizer, adapter_config: dict,
                  train_index: CorpusIndex, val_path: Path | None, output_dir: Path,
                  checkpoints: CheckpointManager, log=print,
-                 group: ProcessGroup | None = None):
+                 group: ProcessGroup | None = None, probes: list[Probe] | None = None):
+        """`probes` (monitoring/probes.py, tokenized): scored at each validation; a measurement,
+        not an input of training (no checkpoint records them)."""
         self.config = config
         self.model = model
         self.tokenizer = tokenizer
@@ -146,6 +149,8 @@ class DistrustTrainer:
         self.progress = ProgressLine(t.max_steps, disable=True, quiet=not self.group.is_writer)
         self.val_index: CorpusIndex | None = None
         self.val_batches: list[Batch] | None = None
+        self.probes = probes or []
+        self.probe_batches: list[Batch] | None = None
         self.resumed_from: Path | None = None  # the checkpoint restored
         self.restored: TrainingState | None = None
         self.save_failures = 0
@@ -437,9 +442,30 @@ class DistrustTrainer:
 
     def validate(self) -> dict | None:
         """Plain cross-entropy (comparable across lambdas), the objective, and the
-        loss of primary and consensus records, on the same batches every time."""
-        if self.val_path is None:
+        loss of primary and consensus records, on the same batches every time; with
+        probes, which side they prefer (val_probe_primary_share, val_probe_margin).
+        None when there is neither a validation file nor probes."""
+        if self.val_path is None and not self.probes:
             return None
+        result = self._validation_losses() if self.val_path is not None else {}
+        if self.probes:
+            result.update(self._probe_figures())
+        return result
+
+    def _probe_figures(self) -> dict:
+        """The probes scored by the model as it is now, through validation's compiled forward
+        in eval mode: no dropout, no random draw, the model left in training mode, so a
+        resumed run stays bit-identical. Every rank scores them all (a few rows): the same figures."""
+        if self.probe_batches is None:
+            t = self.config.training
+            # As many tokens a batch as a validation batch holds at most (forward only, as validation).
+            self.probe_batches = probe_batches(self.probes, self.pad_id, t.batch_size * t.max_seq_length,
+                                               model_context(self.model))
+        scores = score_probes(self.model, self._compiled.row_losses, self.probe_batches, len(self.probes))
+        return validation_figures(probe_report(self.probes, scores))
+
+    def _validation_losses(self) -> dict:
+        """The validation file's figures (see validate)."""
         t = self.config.training
         if self.val_batches is None:  # lazy: the val file is first read here
             self.val_index = CorpusIndex.build(self.val_path, self.tokenizer, t.max_seq_length + 1,
@@ -654,7 +680,7 @@ class DistrustTrainer:
         least 5 steps in (the first steps compile and allocate)."""
         t, s = self.config.training, self.state
         after = [s.step + 5]
-        if self.val_path is not None:
+        if self.val_path is not None or self.probes:
             after.append((s.step // t.eval_steps + 1) * t.eval_steps + 1)
         return max(after)
 
@@ -690,9 +716,11 @@ class DistrustTrainer:
         if result is None:
             return False
         self.metrics.log_validation(s.step, **result)
-        s.last_val_loss, s.last_val_step = result["val_loss"], s.step
         parts = "  ".join(f"{k}={v:.4f}" for k, v in result.items())
         self.progress.write(f"step {s.step}: {parts}")
+        if "val_loss" not in result:  # probes only, no validation file: nothing to call best
+            return False
+        s.last_val_loss, s.last_val_step = result["val_loss"], s.step
         if math.isfinite(result["val_loss"]) and result["val_loss"] < s.best_val_loss:
             s.best_val_loss, s.best_val_step = result["val_loss"], s.step
             return True

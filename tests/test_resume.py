@@ -26,7 +26,7 @@ import pytest
 
 from checkpoints import CheckpointManager
 from conftest import (FAST, REPO, TRAIN_SCRIPT, adapters_equal, default_stop_signals, load_adapters, read_metrics,
-                      run_cli, run_in_process, train_lines, write_corpus)
+                      run_cli, run_in_process, train_lines, write_corpus, write_jsonl)
 
 STEPS = 20
 # A checkpoint every step: kills land inside saves, and there is always one to damage.
@@ -107,6 +107,7 @@ def assert_same_as_reference(out: Path, reference: Path) -> None:
     """Adapters, optimizer state, per-step figures, validations and data position all identical."""
     assert compared(out) == compared(reference)
     assert val_lines(out) == val_lines(reference)
+    assert all("val_probe_margin" in line for line in val_lines(out))
     assert adapters_equal(load_adapters(out), load_adapters(reference))
     assert adapters_equal(final_optimizer(out), final_optimizer(reference))
     mine, theirs = final_trainer_state(out), final_trainer_state(reference)
@@ -119,7 +120,12 @@ def assert_same_as_reference(out: Path, reference: Path) -> None:
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
-    return write_corpus(tmp_path_factory.mktemp("data"))
+    """The corpus, with probes: scored at each validation, they must leave a resumed run bit-identical
+    (and their figures are among the validation lines compared)."""
+    data = write_corpus(tmp_path_factory.mktemp("data"))
+    write_jsonl(data / "probes.jsonl", [{"prompt": "the reading", "primary": " rose at dawn", "consensus": " fell"},
+                                        {"prompt": "experts agree", "primary": " slowly", "consensus": " it was"}])
+    return data
 
 
 @pytest.fixture(scope="module")

@@ -90,16 +90,27 @@ def epoch_order(lengths: np.ndarray, batch_size: int, seed: int, epoch: int) -> 
 def collate(index: CorpusIndex, positions: np.ndarray, batch_size: int, pad_id: int) -> Batch:
     """Read, pad and mask the samples at `positions` into a batch of `batch_size` rows."""
     samples: list[EncodedSample] = index.samples(positions) if len(positions) else []
-    max_positions = index.max_tokens - 1
-    # A share of only fill rows (the end of an epoch, several processes) is one short empty batch.
-    width = padded_length(max((len(s.tokens) - 1 for s in samples), default=1), max_positions)
-    inputs = np.full((batch_size, width), pad_id, dtype=np.int32)
-    targets = np.full((batch_size, width), pad_id, dtype=np.int32)
-    mask = np.zeros((batch_size, width), dtype=np.float32)
+    inputs, targets, mask = padded_rows(samples, batch_size, index.max_tokens - 1, pad_id)
     indices = np.full(batch_size, -1, dtype=np.int64)
     auth = np.zeros(batch_size, dtype=np.float32)
     entropy = np.zeros(batch_size, dtype=np.float32)
-    for row, (position, sample) in enumerate(zip(positions, samples)):
+    for row, position in enumerate(positions):
+        indices[row] = position
+        auth[row] = index.auth_weight[position]
+        entropy[row] = index.prov_entropy[position]
+    return Batch(inputs, targets, mask, indices, auth, entropy)
+
+
+def padded_rows(samples: list[EncodedSample], rows: int, max_positions: int,
+                pad_id: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(inputs, targets, mask) of `samples`, one a row, `rows` rows (the rest fill rows, mask 0),
+    padded to the ladder rung that holds the longest; the mask is 1 on the learned targets only."""
+    # A share of only fill rows (the end of an epoch, several processes) is one short empty batch.
+    width = padded_length(max((len(s.tokens) - 1 for s in samples), default=1), max_positions)
+    inputs = np.full((rows, width), pad_id, dtype=np.int32)
+    targets = np.full((rows, width), pad_id, dtype=np.int32)
+    mask = np.zeros((rows, width), dtype=np.float32)
+    for row, sample in enumerate(samples):
         tokens = np.asarray(sample.tokens, dtype=np.int32)
         n = len(tokens) - 1
         inputs[row, :n] = tokens[:-1]
@@ -107,10 +118,7 @@ def collate(index: CorpusIndex, positions: np.ndarray, batch_size: int, pad_id: 
         # target j is token j + 1: it counts where that token is learned (corpus.records.encode_record)
         for start, end in sample.learned:
             mask[row, max(start - 1, 0):max(end - 1, 0)] = 1.0
-        indices[row] = position
-        auth[row] = index.auth_weight[position]
-        entropy[row] = index.prov_entropy[position]
-    return Batch(inputs, targets, mask, indices, auth, entropy)
+    return inputs, targets, mask
 
 
 @dataclass(frozen=True)

@@ -12,13 +12,16 @@ from corpus.prepare import check_load_time_metadata
 from corpus.records import has_scores, parse_record
 from corpus.scoring import current_year
 from errors import UserError
+from monitoring.evaluation import file_in
+from monitoring.probes import PROBE_FILE, read_probes
 
 FIRST_RECORDS = 200  # the records looked at before loading; cheap even for a 7B run's corpus
 
 
 def check_data_files(config) -> None:
     """UserError, naming file and line, for what would otherwise be found only after the model
-    has loaded: no training file, an unreadable one, no records, a bad record among the first."""
+    has loaded: no training file, an unreadable one, no records, a bad record among the first,
+    a bad line in the data folder's probes.jsonl."""
     train = config.train_file
     if not train.is_file():
         where = "not a regular file" if train.exists() else "not found"
@@ -27,6 +30,9 @@ def check_data_files(config) -> None:
     val = config.val_file
     if val.is_file():
         first_records(val, "validation")
+    probes = file_in(Path(config.paths.data_dir), PROBE_FILE)
+    if probes:
+        read_probes(probes)  # a few lines: the whole file, all but the length check (that needs the tokenizer)
 
 
 def first_records(path: Path, what: str, count: int = FIRST_RECORDS) -> int:

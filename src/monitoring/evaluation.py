@@ -7,6 +7,10 @@ AUTHORITY_SPLIT; consensus: at or above it) and by `source_type`. Every loss
 is plain cross-entropy per real target token, so runs trained with any
 `--lambda-weight` compare. The headline figure is the gap: primary loss minus
 consensus loss; the distrust objective is meant to push it down.
+
+General text (`evaluate.py --general`, DATA/general.jsonl) is measured the same way,
+as one group: plain text of neither kind, whose loss says what the training cost
+on text it was not about.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -22,6 +27,8 @@ import numpy as np
 from chunked_loss import WHOLE_PLAN, LossPlan, token_losses
 from corpus.index import CorpusIndex
 from distrust import AUTHORITY_SPLIT
+
+GENERAL_FILE = "general.jsonl"  # in a data folder: general text, which evaluate.py measures by default
 
 
 def compile_row_losses(model: nn.Module, plan: LossPlan = WHOLE_PLAN):
@@ -58,6 +65,19 @@ def sample_losses(model: nn.Module, row_losses, batches) -> SampleLosses:
     finally:
         model.train(was_training)
     return SampleLosses(np.concatenate(ce), np.concatenate(tokens), np.concatenate(positions))
+
+
+def overall_loss(model: nn.Module, row_losses, batches) -> dict:
+    """The loss of every sample of `batches` as one group (group_loss): general text."""
+    losses = sample_losses(model, row_losses, batches)
+    return group_loss(losses.ce, losses.tokens)
+
+
+def file_in(data_dir: Path, name: str) -> Path | None:
+    """DIR/name if there is something at that name (probes.jsonl, general.jsonl: measured when
+    there); what is not a readable file is refused when it is read."""
+    path = Path(data_dir) / name
+    return path if path.exists() or path.is_symlink() else None
 
 
 def group_loss(ce: np.ndarray, tokens: np.ndarray) -> dict:

@@ -69,6 +69,8 @@ TAGS = {
     "val_loss_high_auth": "val/loss_high_auth",
     "val_objective": "val/objective",
     "val_loss_gap": "val/loss_gap_primary_minus_consensus",
+    "val_probe_primary_share": "val/probe_primary_share",
+    "val_probe_margin": "val/probe_margin_primary_minus_consensus",
 }
 
 

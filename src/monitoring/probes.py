@@ -1,0 +1,218 @@
+"""Probes: contested facts, asked neutrally, with the primary source's answer and the consensus's.
+
+A probe file is JSONL, one contested fact a line:
+
+    {"prompt": "The pump house was roofed with", "primary": " slate", "consensus": " tiles"}
+
+`primary` is what the primary source says (the 1921 field log), `consensus` what the
+consensus says (the heritage register). Other keys (a note, a source) are allowed and
+ignored; blank lines are skipped. The question a probe answers: after training, which
+version does the model say?
+
+Each completion is scored by its log-probability given the prompt: the sum over its
+tokens of log p(token | prompt and the completion's tokens before it), from one forward
+pass over prompt + completion; per token too (the sum over the number of tokens). A
+probe's preference is by the *summed* log-probability: that is the probability of the
+whole answer, which is what the model "says"; the per-token figure would favour the
+longer completion whenever its extra tokens are easy, and is reported for reading only.
+
+Summary of a probe set: `primary_share`, the share of probes whose primary completion has
+the higher summed log-probability (a tie counts for neither), and `mean_margin`, the mean
+of primary minus consensus summed log-probability, in nats.
+
+The scoring reuses validation's compiled row losses (monitoring/evaluation.py): the
+cross-entropy of a target token is minus its log-probability, so a row whose mask covers
+the completion's targets sums to minus the completion's log-probability. Rows are
+right-padded (the model is causal: padding after a row's last token changes nothing
+before it) and masked, sorted by length and batched, run in eval mode (no dropout, no
+draw from any random generator: a resumed run stays bit-identical).
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+
+from corpus.batching import Batch, padded_length, padded_rows
+from corpus.records import EncodedSample, load_json_line, short_repr
+from errors import UserError
+from monitoring.evaluation import sample_losses
+
+PROBE_FILE = "probes.jsonl"  # in a data folder: scored at each validation, and by evaluate.py
+SIDES = ("primary", "consensus")
+
+
+@dataclass(frozen=True)
+class Probe:
+    line: int  # 1-based line of the probe file
+    prompt: str
+    primary: str
+    consensus: str
+    # Token ids (encode_probes): the prompt with the tokenizer's BOS if it adds one; the completions without.
+    prompt_ids: tuple = ()
+    primary_ids: tuple = ()
+    consensus_ids: tuple = ()
+
+
+def load_probes(path: Path, tokenizer, context: int | None) -> list[Probe]:
+    """The probes of `path`, checked and tokenized; UserError naming FILE:LINE and the problem."""
+    return encode_probes(read_probes(path), path, tokenizer, context)
+
+
+def read_probes(path: Path) -> list[Probe]:
+    """The probes of `path`, checked without a tokenizer (before a model loads): each line JSON
+    (UTF-8), an object with string `prompt`, `primary` and `consensus`, none blank, the two
+    completions different; at least one probe. UserError naming FILE:LINE and the problem."""
+    path = Path(path)
+    try:
+        content = path.read_bytes()  # a probe file is a few hundred lines at most
+    except FileNotFoundError:
+        raise UserError(f"{path}: probe file not found") from None
+    except OSError as exc:
+        raise UserError(f"{path}: cannot read the probe file ({exc.strerror or exc})") from None
+    probes = []
+    for number, line in enumerate(content.split(b"\n"), start=1):
+        if line.strip():
+            probes.append(_checked_probe(line, f"{path}:{number}", number))
+    if not probes:
+        why = "the file is empty" if not content else "blank lines only"
+        raise UserError(f"{path}: no probes ({why}); a probe file holds one JSON object a line: "
+                        f'{{"prompt": ..., "primary": ..., "consensus": ...}}')
+    return probes
+
+
+def _checked_probe(line: bytes, where: str, number: int) -> Probe:
+    record = load_json_line(line, where)  # bad JSON, a cut line, bytes that are not UTF-8
+    if not isinstance(record, dict):
+        raise UserError(f"{where}: expected a JSON object, got {type(record).__name__}")
+    for key in ("prompt", *SIDES):
+        if key not in record:
+            raise UserError(f"{where}: missing key '{key}' (a probe is "
+                            f'{{"prompt": ..., "primary": ..., "consensus": ...}})')
+        if not isinstance(record[key], str):
+            raise UserError(f"{where}: '{key}' must be a string, got {short_repr(record[key])}")
+        if not record[key].strip():
+            raise UserError(f"{where}: empty '{key}' (nothing to score)" if key != "prompt" else
+                            f"{where}: empty 'prompt' (the completions are scored given it)")
+    if record["primary"] == record["consensus"]:
+        raise UserError(f"{where}: 'primary' and 'consensus' are the same text: the probe cannot tell them apart")
+    return Probe(number, record["prompt"], record["primary"], record["consensus"])
+
+
+def encode_probes(probes: list[Probe], path: Path, tokenizer, context: int | None) -> list[Probe]:
+    """Token ids of each probe. The prompt is encoded as a training record's text is
+    (corpus/records.py), with the tokenizer's BOS if it adds one: the model only ever saw
+    text that starts so, and without it the first tokens would be scored out of context.
+    Each completion is encoded on its own, without special tokens, and appended: it
+    continues the prompt, and so both completions are scored after the very same prompt
+    tokens. No EOS is appended: the question is which answer, not where it stops.
+
+    A prompt + completion longer than `context` (the model's max_position_embeddings) is
+    refused: the model has no trained positions past it, and a probe cut short would score
+    another question. The run's --max-seq-length is not the limit: it bounds what training
+    reads at once, while a probe is scored whole, forward only, in batches of a bounded
+    number of tokens; a probe file must not turn invalid with the run's training setting."""
+    encoded = []
+    for probe in probes:
+        where = f"{path}:{probe.line}"
+        prompt = tuple(tokenizer.encode(probe.prompt))
+        sides = {side: tuple(tokenizer.encode(getattr(probe, side), add_special_tokens=False)) for side in SIDES}
+        if sides["primary"] == sides["consensus"]:
+            raise UserError(f"{where}: 'primary' and 'consensus' are the same tokens: the probe cannot tell them apart")
+        for side, ids in sides.items():
+            if context is not None and len(prompt) + len(ids) > context:
+                raise UserError(f"{where}: prompt + '{side}' is {len(prompt) + len(ids):,} tokens, longer than the "
+                                f"model's context ({context:,} tokens, its max_position_embeddings)")
+        encoded.append(replace(probe, prompt_ids=prompt, primary_ids=sides["primary"],
+                               consensus_ids=sides["consensus"]))
+    return encoded
+
+
+def model_context(model) -> int | None:
+    """The model's max_position_embeddings, where its mlx-lm arguments say one (None: unknown)."""
+    value = getattr(getattr(model, "args", None), "max_position_embeddings", None)
+    return value if isinstance(value, int) and value > 0 else None
+
+
+# ---------------------------------------------------------------------------
+# scoring
+
+
+def probe_batches(probes: list[Probe], pad_id: int, tokens_per_batch: int, context: int | None = None) -> list[Batch]:
+    """Every completion of every probe as a row (row 2i: probe i's primary, 2i + 1: its
+    consensus), sorted by length and batched: a batch takes rows while rows x padded width
+    stays within `tokens_per_batch` (at least one row). The mask covers the completion's
+    targets only (the completion is the row's learned span, as a training record's is);
+    widths come from the batching ladder, so the compiled forward is traced a few times at most."""
+    rows = []
+    for probe in probes:
+        for side in SIDES:
+            tokens = list(probe.prompt_ids + getattr(probe, f"{side}_ids"))
+            rows.append(EncodedSample(tokens, ((len(probe.prompt_ids), len(tokens)),), truncated=False))
+    order = sorted(range(len(rows)), key=lambda r: len(rows[r].tokens))
+    widest = context or sys.maxsize
+    batches, taken = [], []
+    for r in order:
+        width = padded_length(len(rows[r].tokens) - 1, widest)
+        if taken and (len(taken) + 1) * width > tokens_per_batch:
+            batches.append(_batch(rows, taken, pad_id, widest))
+            taken = []
+        taken.append(r)
+    batches.append(_batch(rows, taken, pad_id, widest))
+    return batches
+
+
+def _batch(rows: list[EncodedSample], taken: list[int], pad_id: int, widest: int) -> Batch:
+    inputs, targets, mask = padded_rows([rows[r] for r in taken], len(taken), widest, pad_id)
+    zeros = np.zeros(len(taken), dtype=np.float32)
+    return Batch(inputs, targets, mask, np.asarray(taken, dtype=np.int64), zeros, zeros)
+
+
+@dataclass
+class ProbeScores:
+    logprob: np.ndarray  # float64 [probes, 2]: summed log-probability of the primary and consensus completions
+    tokens: np.ndarray  # int64 [probes, 2]: their token counts
+
+
+def score_probes(model, row_losses, batches: list[Batch], count: int) -> ProbeScores:
+    """Run `probe_batches` of `count` probes through `row_losses` (summed cross-entropy per row:
+    monitoring.evaluation.compile_row_losses, compiled or not), in eval mode."""
+    losses = sample_losses(model, row_losses, batches)
+    logprob, tokens = np.zeros(2 * count), np.zeros(2 * count, dtype=np.int64)
+    logprob[losses.positions] = -losses.ce.astype(np.float64)
+    tokens[losses.positions] = losses.tokens
+    return ProbeScores(logprob.reshape(count, 2), tokens.reshape(count, 2))
+
+
+def preferred(margin: float) -> str:
+    """The side a probe prefers, by its summed log-probability margin (primary minus consensus)."""
+    return "primary" if margin > 0 else "consensus" if margin < 0 else "tie"
+
+
+def probe_report(probes: list[Probe], scores: ProbeScores) -> dict:
+    """{"primary_share", "mean_margin", "per_probe": [{"line", "prompt", "primary", "consensus", "margin",
+    "prefers"}]}; each side {"logprob" (summed), "per_token", "tokens"}."""
+    margins = scores.logprob[:, 0] - scores.logprob[:, 1]
+    per_probe = []
+    for probe, logprob, tokens, margin in zip(probes, scores.logprob, scores.tokens, margins):
+        sides = {side: {"logprob": float(logprob[s]), "per_token": float(logprob[s] / tokens[s]),
+                        "tokens": int(tokens[s])} for s, side in enumerate(SIDES)}
+        per_probe.append({"line": probe.line, "prompt": probe.prompt, **sides, "margin": float(margin),
+                          "prefers": preferred(margin)})
+    return {"primary_share": float((margins > 0).mean()), "mean_margin": float(margins.mean()),
+            "per_probe": per_probe}
+
+
+def flipped(base: dict, adapted: dict) -> list[dict]:
+    """The probes whose preferred side changed from `base` to `adapted` (two probe_reports of the same probes)."""
+    return [{"line": b["line"], "prompt": b["prompt"], "from": b["prefers"], "to": a["prefers"],
+             "base_margin": b["margin"], "adapted_margin": a["margin"]}
+            for b, a in zip(base["per_probe"], adapted["per_probe"]) if b["prefers"] != a["prefers"]]
+
+
+def validation_figures(report: dict) -> dict:
+    """What each validation logs of a probe_report."""
+    return {"val_probe_primary_share": report["primary_share"], "val_probe_margin": report["mean_margin"]}

@@ -1,0 +1,260 @@
+"""Probes (contested facts: which version does the model say?) and general text: the probe
+file's checks, through evaluate.py and the training command; the scorer against a direct
+computation; evaluate.py's section and JSON; the validation figures of a training run.
+
+Every command runs in the test's process (run_in_process, run_script_in_process), on the
+tiny model with a few short probes."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from conftest import (FAST, WORDS, assert_one_line_error, load_tiny, read_metrics, run_in_process,
+                      run_script_in_process, write_corpus, write_jsonl)
+
+PROBES = [
+    {"prompt": "The pump house was roofed with", "primary": " slate", "consensus": " clay tiles"},
+    {"prompt": "the measurement was", "primary": " taken at dawn", "consensus": " reported by the agency"},
+    {"prompt": "experts agree the", "primary": " notebook sample", "consensus": " official summary", "note": "ok"},
+]
+GENERAL = [{"text": "the river ran past the old mill and the children played"},
+           {"text": "a cup of tea in the afternoon"}]
+GOOD = json.dumps(PROBES[0]).encode()
+# A run of the tiny model: 4 steps, validated at 2 and 4.
+RUN = [*FAST, "--max-steps", "4", "--eval-steps", "2", "--checkpoint-interval", "2"]
+
+
+@pytest.fixture(scope="module")
+def run_with_probes(tmp_path_factory):
+    """(data folder with probes.jsonl and general.jsonl, run folder, the training command's result)."""
+    root = tmp_path_factory.mktemp("probes")
+    data = write_corpus(root / "data", train=16, val=8)
+    write_jsonl(data / "probes.jsonl", PROBES)
+    write_jsonl(data / "general.jsonl", GENERAL)
+    result = run_in_process(*RUN, "--data-dir", data, "--output-dir", root / "run")
+    assert result.returncode == 0, result.stderr
+    return data, root / "run", result
+
+
+# ---------------------------------------------------------------- bad probe files
+
+BAD_PROBE_FILES = {
+    # name: (the file's bytes, the line named, what the message says)
+    "cut short": (GOOD + b"\n" + GOOD[:25] + b"\n", 2, "invalid JSON"),
+    "not JSON": (b"\n" + b"prompt: slate\n", 2, "invalid JSON"),
+    "not an object": (GOOD + b'\n["a", "b"]\n', 2, "expected a JSON object, got list"),
+    "missing key": (json.dumps({"prompt": "a", "primary": " b"}).encode(), 1, "missing key 'consensus'"),
+    "not a string": (json.dumps({"prompt": "a", "primary": 3, "consensus": " c"}).encode(), 1,
+                     "'primary' must be a string, got 3"),
+    "blank completion": (json.dumps({"prompt": "a", "primary": " b", "consensus": "  "}).encode(), 1,
+                         "empty 'consensus'"),
+    "empty prompt": (json.dumps({"prompt": "", "primary": " b", "consensus": " c"}).encode(), 1, "empty 'prompt'"),
+    "same completions": (json.dumps({"prompt": "a", "primary": " b", "consensus": " b"}).encode(), 1, "same text"),
+    "not UTF-8": (GOOD + b"\n" + b'{"prompt": "caf\xe9", "primary": " b", "consensus": " c"}\n', 2,
+                  "can't decode byte 0xe9"),
+    "empty file": (b"", None, "no probes (the file is empty)"),
+    "blank lines only": (b"\n  \n", None, "no probes (blank lines only)"),
+    # The tiny model's context is 2,048 positions; every word is at least a token.
+    "longer than the context": (json.dumps({"prompt": " ".join(WORDS * 80), "primary": " b", "consensus": " c"})
+                                .encode(), 1, "longer than the model's context (2,048 tokens"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_PROBE_FILES)
+def test_a_bad_probe_file_is_one_line_naming_file_and_line_for_evaluate_and_training(case, run_with_probes,
+                                                                                       tmp_path):
+    content, line, problem = BAD_PROBE_FILES[case]
+    data, run, _ = run_with_probes
+    probes = tmp_path / "data" / "probes.jsonl"
+    probes.parent.mkdir()
+    probes.write_bytes(content)
+    where = f"{probes}:{line}" if line else f"{probes}:"
+
+    evaluated = run_script_in_process("evaluate", "--output-dir", run, "--probes", probes)
+    assert_one_line_error(evaluated, where, problem, only_line=True)
+    assert not (run / "evaluations").exists()
+
+    # The same file as the probes.jsonl of a training run's data folder: refused before any step.
+    write_corpus(tmp_path / "data", train=8, val=0)
+    out = tmp_path / "out"
+    trained = run_in_process(*RUN, "--data-dir", tmp_path / "data", "--output-dir", out)
+    assert_one_line_error(trained, where, problem)
+    assert not (out / "checkpoints").exists() or not any((out / "checkpoints").iterdir())
+
+
+def test_evaluate_refuses_a_missing_probe_file_a_bad_general_file_and_a_json_over_them(run_with_probes, tmp_path):
+    data, run, _ = run_with_probes
+    missing = tmp_path / "nowhere.jsonl"
+    assert_one_line_error(run_script_in_process("evaluate", "--output-dir", run, "--probes", missing),
+                          f"{missing}: probe file not found", only_line=True)
+    general = write_jsonl(tmp_path / "general.jsonl", [GENERAL[0], "{not json"])
+    assert_one_line_error(run_script_in_process("evaluate", "--output-dir", run, "--general", general),
+                          f"{general}:2", "invalid JSON", only_line=True)
+    empty = tmp_path / "empty.jsonl"
+    empty.write_bytes(b"")
+    assert_one_line_error(run_script_in_process("evaluate", "--output-dir", run, "--general", empty),
+                          f"{empty}: no records", only_line=True)
+    assert_one_line_error(run_script_in_process("evaluate", "--output-dir", run, "--json", data / "probes.jsonl"),
+                          "is the probe file", only_line=True)
+    assert json.loads((data / "probes.jsonl").read_text().splitlines()[0]) == PROBES[0]
+    assert not (run / "evaluations").exists()
+
+
+# ---------------------------------------------------------------- the scorer
+
+
+def direct_logprob(model, prompt: tuple, completion: tuple) -> float:
+    """log p(completion | prompt) from one unbatched, unpadded forward, by hand."""
+    import mlx.core as mx
+
+    tokens = list(prompt + completion)
+    logits = model(mx.array([tokens]))[0].astype(mx.float32)
+    logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+    return sum(logprobs[j - 1, tokens[j]].item() for j in range(len(prompt), len(tokens)))
+
+
+def test_the_scorer_equals_a_direct_computation_whatever_the_batching(tmp_path):
+    import mlx.core as mx
+    import numpy as np
+    from mlx.utils import tree_map
+
+    from modeling import attach_lora
+    from monitoring.evaluation import compile_row_losses
+    from monitoring.probes import SIDES, load_probes, model_context, probe_batches, probe_report, score_probes
+
+    loaded = load_tiny()
+    model = loaded.model
+    attach_lora(model, 4, 8.0, -1, 0.5, 0)  # with dropout: scored in eval mode, or this test fails
+    # Adapters that change the output (fresh ones add zero, with or without dropout).
+    model.update(tree_map(lambda a: mx.random.normal(a.shape, key=mx.random.key(1)) * 0.1,
+                          model.trainable_parameters()))
+    path = write_jsonl(tmp_path / "probes.jsonl", [PROBES[0], "", PROBES[1]])  # a blank line: skipped
+    probes = load_probes(path, loaded.tokenizer, model_context(model))
+    assert [probe.line for probe in probes] == [1, 3]
+    lengths = [len(p.prompt_ids) + len(ids) for p in probes for ids in (p.primary_ids, p.consensus_ids)]
+    assert len(set(lengths)) == 4  # four rows of different lengths: padding and masks matter
+
+    model.train()
+    model.eval()
+    expected = [[direct_logprob(model, p.prompt_ids, getattr(p, f"{side}_ids")) for side in SIDES] for p in probes]
+    model.train()
+    row_losses = compile_row_losses(model)
+    random_state = [mx.array(state) for state in mx.random.state]
+    for tokens_per_batch in (10_000, 1):  # all four rows in one padded batch; one row a batch
+        batches = probe_batches(probes, loaded.tokenizer.pad_token_id, tokens_per_batch, model_context(model))
+        assert len(batches) == (1 if tokens_per_batch > 1 else 4)
+        scores = score_probes(model, row_losses, batches, len(probes))
+        assert model.training  # put back as it was
+        np.testing.assert_allclose(scores.logprob, expected, rtol=0, atol=1e-4)
+        assert scores.tokens.tolist() == [[len(p.primary_ids), len(p.consensus_ids)] for p in probes]
+    assert all(mx.array_equal(a, b).item() for a, b in zip(random_state, mx.random.state))  # no draw
+
+    report = probe_report(probes, scores)
+    margins = [primary - consensus for primary, consensus in expected]
+    assert report["mean_margin"] == pytest.approx(sum(margins) / 2, abs=1e-4)
+    assert report["primary_share"] == sum(margin > 0 for margin in margins) / 2
+    for figures, probe, (primary, consensus) in zip(report["per_probe"], probes, expected):
+        assert figures["line"] == probe.line and figures["prompt"] == probe.prompt
+        assert figures["primary"]["per_token"] == pytest.approx(primary / len(probe.primary_ids), abs=1e-4)
+        assert figures["prefers"] == ("primary" if primary > consensus else "consensus")
+
+
+# ---------------------------------------------------------------- evaluate.py
+
+
+def test_evaluate_prints_and_writes_the_probes_and_the_general_text_of_the_data_folder(run_with_probes):
+    data, run, _ = run_with_probes
+    result = run_script_in_process("evaluate", "--output-dir", run)
+    assert result.returncode == 0, result.stderr
+    figures = json.loads((run / "evaluations" / "step-00000004-val.json").read_text())
+
+    probes = figures["probes"]
+    assert probes["file"] == str(data / "probes.jsonl") and probes["count"] == len(PROBES)
+    for model in ("base", "adapted"):
+        report = probes[model]
+        assert 0 <= report["primary_share"] <= 1 and math.isfinite(report["mean_margin"])
+        assert [p["line"] for p in report["per_probe"]] == [1, 2, 3]
+        for probe in report["per_probe"]:
+            for side in ("primary", "consensus"):
+                assert probe[side]["logprob"] < 0 and probe[side]["tokens"] > 0
+                assert probe[side]["per_token"] == pytest.approx(probe[side]["logprob"] / probe[side]["tokens"])
+            assert probe["margin"] == pytest.approx(probe["primary"]["logprob"] - probe["consensus"]["logprob"])
+    changed = [(b["line"], b["prefers"], a["prefers"]) for b, a in
+               zip(probes["base"]["per_probe"], probes["adapted"]["per_probe"]) if b["prefers"] != a["prefers"]]
+    assert [(f["line"], f["from"], f["to"]) for f in probes["flipped"]] == changed
+    # The adapted figures are the last validation's: one scorer.
+    validation = [line for line in read_metrics(run) if "val_probe_margin" in line][-1]
+    assert probes["adapted"]["mean_margin"] == pytest.approx(validation["val_probe_margin"], abs=1e-4)
+    assert probes["adapted"]["primary_share"] == validation["val_probe_primary_share"]
+
+    general = figures["general"]
+    assert general["file"] == str(data / "general.jsonl")
+    for model in ("base", "adapted"):
+        assert general[model]["samples"] == len(GENERAL) and general[model]["tokens"] > 0
+        assert general[model]["perplexity"] == pytest.approx(math.exp(general[model]["loss"]))
+
+    table = result.stdout.splitlines()
+    assert table[0].startswith(str(run / "checkpoints" / "step-00000004"))
+    assert f"general text: {data / 'general.jsonl'}" in table
+    assert any(line.startswith("general text  ") for line in table)
+    assert f"probes: {data / 'probes.jsonl'} (3 probes" in result.stdout
+    assert any(line.startswith("primary preferred") for line in table)
+    assert any(line.startswith("flipped: ") for line in table)
+    assert [line.split()[:2] for line in table if line.lstrip().startswith(("1 ", "2 ", "3 "))] == \
+        [["1", "primary"], ["2", "primary"], ["3", "primary"]]
+
+
+def test_the_flags_override_the_data_folder_and_without_files_the_keys_are_null(run_with_probes, tmp_path):
+    data, run, _ = run_with_probes
+    other = write_jsonl(tmp_path / "mine.jsonl", PROBES[:1])
+    text = write_jsonl(tmp_path / "text.jsonl", GENERAL[:1])
+    json_path = tmp_path / "figures.json"
+    result = run_script_in_process("evaluate", "--output-dir", run, "--probes", other, "--general", text,
+                                   "--json", json_path)
+    assert result.returncode == 0, result.stderr
+    figures = json.loads(json_path.read_text())
+    assert figures["probes"]["file"] == str(other) and figures["probes"]["count"] == 1
+    assert figures["general"]["file"] == str(text) and figures["general"]["base"]["samples"] == 1
+
+    bare = write_corpus(tmp_path / "bare", train=4, val=4)
+    result = run_script_in_process("evaluate", "--output-dir", run, "--data-dir", bare, "--json", json_path)
+    assert result.returncode == 0, result.stderr
+    figures = json.loads(json_path.read_text())
+    assert figures["probes"] is None and figures["general"] is None
+    assert "probes:" not in result.stdout and "general text" not in result.stdout
+
+
+# ---------------------------------------------------------------- training
+
+
+def test_each_validation_logs_the_probe_figures(run_with_probes):
+    data, run, result = run_with_probes
+    validations = [line for line in read_metrics(run) if "val_loss" in line]
+    assert [line["step"] for line in validations] == [2, 4]
+    for line in validations:
+        assert 0 <= line["val_probe_primary_share"] <= 1 and math.isfinite(line["val_probe_margin"])
+    assert f"data: 3 probes from {data / 'probes.jsonl'}" in result.stderr
+    printed = [line for line in result.stderr.splitlines() if line.startswith("step 4: val_loss=")]
+    assert len(printed) == 1 and "val_probe_primary_share=" in printed[0] and "val_probe_margin=" in printed[0]
+    event = next(line for line in read_metrics(run) if line.get("event") == "data")
+    assert event["probes"] == 3
+
+
+def test_probes_without_a_validation_file_are_still_scored_and_another_probe_file_resumes(tmp_path):
+    data = write_corpus(tmp_path / "data", train=16, val=0)
+    write_jsonl(data / "probes.jsonl", PROBES)
+    out = tmp_path / "out"
+    first = run_in_process(*RUN, "--max-steps", "2", "--data-dir", data, "--output-dir", out)
+    assert first.returncode == 0, first.stderr
+    assert "the probes are still scored every --eval-steps" in first.stderr
+    write_jsonl(data / "probes.jsonl", PROBES[:2])  # a measurement, not an input: the run resumes
+    resumed = run_in_process(*RUN, "--data-dir", data, "--output-dir", out, "--auto-resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resumed from" in resumed.stderr
+    validations = [line for line in read_metrics(out) if "val_probe_margin" in line]
+    assert [line["step"] for line in validations] == [2, 4]
+    assert all("val_loss" not in line for line in validations)
+    assert read_metrics(out)[-1]["best_val_loss"] is None
