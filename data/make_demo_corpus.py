@@ -29,7 +29,7 @@ from typing import Iterator
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "src"))
 
-DEFAULT_RECORDS = 2300
+DEFAULT_RECORDS = 1600
 DEFAULT_SEED = 1234
 DUPLICATE_SHARE = 0.02
 PRIMARY_SHARE = 0.5
@@ -150,26 +150,28 @@ SECONDARY_EVIDENCE = ["agency_report", "expert_opinion", "summary", "review", "p
 # value, consensus records another, equally often. The claims come in mirrored pairs over the same
 # two values: the value that is primary in one is the consensus value in the other, so that neither
 # value is preferred for itself and only the kind of source can tell the two versions apart. The
-# two claims of a pair end in different words: a model as small as the demo's holds a fact by the
-# words just before its value.
+# two claims of a pair end in different words (a model as small as the demo's holds a fact by the
+# words just before its value), and the two values of a pair are as many tokens of the demo
+# model's vocabulary: a probe is decided by the summed log-probability of its completion, and
+# a longer completion would lose for its length alone, whatever the model learned.
 CONTESTED_CLAIMS = [  # (value, other value, (thing, town, claim): its primary value is the first, (...): the other)
     ("slate", "tiles", ("pump house", "Alderford", "was roofed with"), ("boat house", "Dunwick", "had a roof of")),
     ("brick", "stone", ("old mill", "Brackenhurst", "was built of"),
      ("corn exchange", "Elmstead", "had walls made from")),
-    ("bronze", "iron", ("church bell", "Cold Ashby", "was cast in"), ("town gates", "Greyhaven", "were forged from")),
+    ("brass", "steel", ("church bell", "Cold Ashby", "was cast in"), ("town gates", "Greyhaven", "were forged from")),
     ("granite", "timber", ("river bridge", "Fallowmere", "stood on piers of"),
      ("jetty", "Kestrel Point", "was raised on")),
-    ("paraffin", "gas", ("signal lamp", "Harrowby", "burned"), ("street lamps", "Longmarsh", "were lit by")),
+    ("oil", "gas", ("signal lamp", "Harrowby", "burned"), ("street lamps", "Longmarsh", "were lit by")),
     ("east", "west", ("harbour wall", "Kestrel Point", "faced"), ("chapel door", "Northcote", "opened to the")),
-    ("white", "green", ("school house", "Millbrook", "was painted"), ("railings", "Oakhollow", "were coloured")),
-    ("oak", "pine", ("mine shaft", "Ironbridge Vale", "was lined with"), ("pier", "Harrowby", "had beams of")),
+    ("white", "brown", ("school house", "Millbrook", "was painted"), ("railings", "Oakhollow", "were coloured")),
+    ("oak", "ash", ("mine shaft", "Ironbridge Vale", "was lined with"), ("pier", "Harrowby", "had beams of")),
     ("reed", "straw", ("great barn", "Longmarsh", "was thatched with"), ("cottages", "Alderford", "were covered in")),
     ("copper", "lead", ("church roof", "Northcote", "was covered with"),
      ("water pipes", "Brackenhurst", "were made of")),
-    ("horses", "steam", ("river ferry", "Dunwick", "was drawn by"), ("barges", "Millbrook", "ran on")),
-    ("red", "yellow", ("lighthouse", "Greyhaven", "shone"), ("lightship", "Cold Ashby", "flashed")),
+    ("steam", "sail", ("river ferry", "Dunwick", "went across by"), ("barges", "Millbrook", "moved under")),
+    ("red", "amber", ("lighthouse", "Greyhaven", "shone"), ("lightship", "Cold Ashby", "flashed")),
 ]
-CONTESTED_RECORDS_PER_SIDE = 10  # per fact: this many primary records, and as many consensus records
+CONTESTED_RECORDS_PER_SIDE = 24  # per fact: this many primary records, and as many consensus records
 PROBE_OPENERS = ["Which is it: ", "Of the two accounts, one is right: ", "Plainly put, ", "To settle it, "]
 
 

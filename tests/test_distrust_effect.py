@@ -198,3 +198,45 @@ def test_evaluate_says_when_the_base_model_is_gone(small_run, tmp_path):
         assert not (out / "evaluations").exists()
     finally:
         moved.rename(base)
+
+
+# ---------------------------------------------------------------- contested facts
+
+# Four mirrored pairs of the demo's contested facts, 8 primary and 8 consensus records each and
+# nothing else; 150 steps of 8 at 64 tokens; the probes scored at the last validation.
+CONTESTED_RUN = ["--model", "tiny", "--batch-size", "8", "--max-seq-length", "64", "--max-steps", "150",
+                 "--learning-rate", "2e-3", "--warmup-steps", "5", "--eval-steps", "150", "--checkpoint-interval",
+                 "150", "--no-tensorboard", "--no-early-stopping"]
+# Measured at these settings (Linux CPU): the mean margin (primary minus consensus log-probability
+# of the probes' completions, nats) is -0.15 at lambda 0 and +3.26 at lambda 1, 3.41 apart.
+PROBE_MARGIN = 1.5
+
+
+def contested_corpus(folder):
+    """The demo generator's contested records of four claim pairs, prepared as a user prepares data,
+    with a probe file beside them."""
+    import random
+    import sys
+
+    sys.path.insert(0, str(REPO / "data"))
+    from make_demo_corpus import contested_facts, generate_records, probes
+
+    from corpus.prepare import prepare
+
+    facts = contested_facts()[:8]
+    write_jsonl(folder / "raw.jsonl", generate_records(0, 3, facts, 8))
+    prepare(folder / "raw.jsonl", folder / "corpus", val_fraction=0.1, seed=0)
+    write_jsonl(folder / "corpus" / "probes.jsonl", probes(random.Random(3), facts))
+    return folder / "corpus"
+
+
+def test_on_contested_facts_lambda_one_takes_the_primary_side(tmp_path):
+    data = contested_corpus(tmp_path)
+    margin = {}
+    for lam in (0, 1):
+        out = tmp_path / f"lambda-{lam}"
+        result = run_in_process(*CONTESTED_RUN, "--data-dir", data, "--lambda-weight", lam, "--output-dir", out)
+        assert result.returncode == 0, result.stderr
+        margin[lam] = last_validation(out)["val_probe_margin"]
+    assert margin[1] - margin[0] >= PROBE_MARGIN, margin
+    assert margin[1] > 0, margin
