@@ -1,20 +1,26 @@
-"""Build the demo corpus: data/train.jsonl and data/val.jsonl.
+"""Build the demo corpus: data/train.jsonl and data/val.jsonl, with data/probes.jsonl and
+data/general.jsonl beside them.
 
-    python data/make_demo_corpus.py [--records 2300] [--seed 1234]
+    python data/make_demo_corpus.py [--records 1600] [--seed 1234]
 
-Writes about 2,300 raw records (written here, from templates and word lists;
-all names, places and agencies are made up) to a temporary folder, then runs
-the preparation (corpus/prepare.py: scoring, duplicate removal, stratified
+Writes the raw records (written here, from templates and word lists; all
+names, places and agencies are made up) to a temporary folder, then runs the
+preparation (corpus/prepare.py: scoring, duplicate removal, stratified
 split). Two kinds of source:
 
 - dated primary records, 1850-1960: lab notebook entries, instrument readings,
-  patent claims, field logs, letters, photograph notes;
-- modern consensus text, 2000-2024: official guidance, press statements,
-  encyclopedia-style summaries, textbook passages, fact checks.
+  patent claims, field logs, letters, photograph notes, survey sheets;
+- modern consensus text, 2000-2024: official guidance and heritage registers,
+  press statements, encyclopedia-style summaries, textbook passages, fact checks.
 
-About 2% of the raw records are deliberate copies (exact, or changed in case
-and punctuation) so that duplicate removal has something to do. Every choice
-comes from one random.Random(seed): re-running gives the same bytes.
+Among `--records` ordinary records, the contested facts of CONTESTED_CLAIMS:
+each stated CONTESTED_RECORDS_PER_SIDE times by primary records one way and as
+many times by consensus records the other. probes.jsonl asks each fact
+neutrally (the two versions as completions); general.jsonl is plain English in
+neither kind. About 2% of the ordinary records are deliberate copies (exact,
+or changed in case and punctuation) so that duplicate removal has something
+to do. Every choice comes from random.Random(seed): re-running gives the same
+bytes.
 """
 
 from __future__ import annotations

@@ -171,7 +171,9 @@ def data(tmp_path_factory) -> Path:
 def test_a_stop_signal_ignored_on_entry_stays_ignored(ignored):
     from stop_signals import StopRequests
 
+    other = signal.SIGTERM if ignored != signal.SIGTERM else signal.SIGHUP
     previous = signal.signal(ignored, signal.SIG_IGN)
+    previous_other = signal.signal(other, signal.SIG_DFL)  # not ignored on entry (the suite may run under nohup)
     try:
         with StopRequests() as stops:
             assert signal.getsignal(ignored) == signal.SIG_IGN
@@ -179,13 +181,13 @@ def test_a_stop_signal_ignored_on_entry_stays_ignored(ignored):
             time.sleep(0.01)  # a caught signal runs its handler at the next bytecode
             assert stops.signal is None
             # The others are still caught.
-            other = signal.SIGTERM if ignored != signal.SIGTERM else signal.SIGHUP
             os.kill(os.getpid(), other)
             time.sleep(0.01)
             assert stops.signal == other
         assert signal.getsignal(ignored) == signal.SIG_IGN
     finally:
         signal.signal(ignored, previous)
+        signal.signal(other, previous_other)
 
 
 # ------------------------------------------------------------ nohup

@@ -140,7 +140,10 @@ def test_evaluate_compares_base_and_adapted(demo_runs):
     validation = last_validation(out)
     assert figures["adapted"]["overall"]["loss"] == pytest.approx(validation["val_loss"], abs=1e-4)
     assert figures["adapted"]["gap"] == pytest.approx(validation["val_loss_gap"], abs=1e-4)
-    assert "moved" in result.stdout.splitlines()[-1] and "primary (auth < 0.5)" in result.stdout
+    gap_line = next(line for line in result.stdout.splitlines() if line.startswith("gap primary - consensus"))
+    assert "moved" in gap_line and "primary (auth < 0.5)" in result.stdout
+    # the demo's data folder holds probes.jsonl and general.jsonl: both measured too
+    assert figures["probes"]["count"] == 24 and figures["general"]["adapted"]["samples"] == 40
 
 
 def test_evaluate_works_for_a_lambda_zero_run_and_the_runs_compare(demo_runs):

@@ -17,7 +17,8 @@ from conftest import (FAST, WORDS, assert_one_line_error, load_tiny, read_metric
 
 PROBES = [
     {"prompt": "The pump house was roofed with", "primary": " slate", "consensus": " clay tiles"},
-    {"prompt": "the measurement was", "primary": " taken at dawn", "consensus": " reported by the agency"},
+    {"prompt": "the measurement was", "primary": " taken at dawn",
+     "consensus": " reported by the agency in its annual review of the figures"},
     {"prompt": "experts agree the", "primary": " notebook sample", "consensus": " official summary", "note": "ok"},
 ]
 GENERAL = [{"text": "the river ran past the old mill and the children played"},

@@ -67,6 +67,12 @@ def test_evaluate_on_a_read_only_run_prints_its_table_then_one_line(tiny_run, tm
     assert "gap primary - consensus" in result.stdout and "overall" in result.stdout
 
 
+def catch_sigint() -> None:
+    """In the child: Ctrl+C caught as at a terminal, even where the suite itself was started in the
+    background (a shell gives background jobs SIGINT ignored, and a run keeps an ignored signal ignored)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_ctrl_c_in_the_first_moments_is_no_traceback(tmp_path):
     """From the script's first import on: one line, exit 130. Before it, Python's own start-up (site,
     and the `from __future__` line it runs first: tens of ms) may still say KeyboardInterrupt."""
@@ -75,7 +81,7 @@ def test_ctrl_c_in_the_first_moments_is_no_traceback(tmp_path):
     for delay in (0.1, 0.15, 0.2, 0.3, 0.4, 0.6, 0.8):
         process = subprocess.Popen([sys.executable, str(TRAIN_SCRIPT), *FAST, "--data-dir", data, "--output-dir",
                                     tmp_path / "out", "--max-steps", "2"], cwd=REPO, stdout=subprocess.PIPE,
-                                   stderr=subprocess.PIPE, text=True)
+                                   stderr=subprocess.PIPE, text=True, preexec_fn=catch_sigint)
         time.sleep(delay)
         process.send_signal(signal.SIGINT)
         _, stderr = process.communicate(timeout=120)
