@@ -2,7 +2,7 @@
 trained model take the primary side? Measured on a two-kind corpus prepared by the toolkit
 itself, with contested facts of its own, for several --lambda-weight values.
 
-    python bench/bench_objective.py [--records 1400] [--steps 2000] [--lambdas 0 0.5 1] [--keep]
+    python bench/bench_objective.py [--records 1400] [--steps 2000] [--lambdas 0 0.5 1] [--real-steps N] [--keep]
 
 1. Writes raw records of two kinds in equal numbers (dated 1850-1960 lab
    notebooks, readings, patents, field logs, letters, photograph notes; modern
