@@ -220,7 +220,7 @@ def floor(args, model_path: Path) -> dict:
 
     sys.path.insert(0, str(SRC))
     from modeling import attach_lora, load_model
-    from optimization import weighted_loss_sums
+    from chunked_loss import loss_sums
 
     loaded = load_model(str(model_path), 4)
     model = loaded.model
@@ -233,7 +233,7 @@ def floor(args, model_path: Path) -> dict:
     batch = (tokens[:, :-1], tokens[:, 1:], mx.ones((args.batch_size, args.seq)), mx.ones((args.batch_size,)))
     mx.eval(model.parameters(), *batch)
 
-    loss_and_grad = nn.value_and_grad(model, weighted_loss_sums)
+    loss_and_grad = nn.value_and_grad(model, loss_sums)
     state = [model.state, mx.random.state]
 
     def gradients(*arrays):
@@ -242,7 +242,7 @@ def floor(args, model_path: Path) -> dict:
 
     @partial(mx.compile, inputs=[model.state])
     def forward(*arrays):
-        return weighted_loss_sums(model, *arrays)[0]
+        return loss_sums(model, *arrays)[0]
 
     # The same blocks throughout: each variant sets the class of each block before its call.
     blocks = list(model.layers)

@@ -148,7 +148,11 @@ def loss_sums(model: nn.Module, inputs: mx.array, targets: mx.array, mask: mx.ar
               plan: LossPlan = WHOLE_PLAN) -> tuple[mx.array, mx.array]:
     """(sum of weights[row] * ce over the tokens where mask is 1, plain ce sum), in chunks
     where the plan says. Only the first is differentiated in a step; in chunks the second
-    is a figure only (no gradient flows from it)."""
+    is a figure only (no gradient flows from it).
+
+    Sums, not means: micro-batches are then weighted by their tokens simply by
+    adding, and the step divides once by the real target tokens of the step.
+    Padding never counts: `mask` is 0 there (and on fill rows and prompts)."""
     chunk = plan.chunk_for(inputs.size)
     if chunk is None:
         ce = cross_entropy(model(inputs), targets) * mask

@@ -12,18 +12,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
 
-from chunked_loss import WHOLE_PLAN, LossPlan, loss_sums
-
-
-def weighted_loss_sums(model, inputs, targets, mask, weights, plan: LossPlan = WHOLE_PLAN):
-    """(sum of w_i * ce over real target tokens, plain ce sum).
-
-    Sums, not means: micro-batches are then weighted by their tokens simply by
-    adding, and the step divides once by the real target tokens of the step.
-    Padding never counts: `mask` is 0 there (and on fill rows and prompts).
-    With a chunked `plan`, the logits exist a chunk of tokens at a time (chunked_loss.py).
-    """
-    return loss_sums(model, inputs, targets, mask, weights, plan)
+from chunked_loss import LossPlan, loss_sums
 
 
 def gradient_function(model: nn.Module, plan: LossPlan, compiled: bool):
@@ -33,7 +22,7 @@ def gradient_function(model: nn.Module, plan: LossPlan, compiled: bool):
     (nn.value_and_grad puts the traced parameters into the model while it
     differentiates), so it must be built after anything replaces them.
     """
-    loss_and_grad = nn.value_and_grad(model, partial(weighted_loss_sums, plan=plan))
+    loss_and_grad = nn.value_and_grad(model, partial(loss_sums, plan=plan))
 
     def gradients(inputs, targets, mask, weights):
         (weighted_sum, ce_sum), grads = loss_and_grad(model, inputs, targets, mask, weights)

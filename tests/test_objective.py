@@ -13,7 +13,7 @@ from corpus.batching import collate
 from corpus.index import CorpusIndex
 from distrust import DistrustObjective, distrust_scores
 from errors import UserError
-from optimization import weighted_loss_sums
+from chunked_loss import loss_sums
 
 
 def test_distrust_score_matches_the_published_formula():
@@ -61,8 +61,8 @@ def test_padding_never_counts(tmp_path):
     assert batch.inputs.shape[1] >= max(index.lengths) - 1 and batch.indices[3] == -1  # a fill row
 
     weights = np.array([1.0, 2.0, 0.5, 0.0], dtype=np.float32)
-    weighted_sum, ce_sum = weighted_loss_sums(model, mx.array(batch.inputs), mx.array(batch.targets),
-                                              mx.array(batch.mask), mx.array(weights))
+    weighted_sum, ce_sum = loss_sums(model, mx.array(batch.inputs), mx.array(batch.targets),
+                                     mx.array(batch.mask), mx.array(weights))
     by_hand_ce, by_hand_weighted, tokens = 0.0, 0.0, 0
     for row, text in enumerate(texts):
         ids = tokenizer.encode(text) + [tokenizer.eos_token_id]
@@ -79,8 +79,8 @@ def test_padding_never_counts(tmp_path):
     # Whatever sits in the padding, the loss is the same.
     noisy = batch.inputs.copy()
     noisy[batch.mask == 0] = 7
-    again, _ = weighted_loss_sums(model, mx.array(noisy), mx.array(batch.targets), mx.array(batch.mask),
-                                  mx.array(weights))
+    again, _ = loss_sums(model, mx.array(noisy), mx.array(batch.targets), mx.array(batch.mask),
+                         mx.array(weights))
     assert again.item() == pytest.approx(weighted_sum.item(), rel=1e-6)
 
 
