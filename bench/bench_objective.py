@@ -68,15 +68,19 @@ THINNING = (  # (share of records, fields they lose)
 )
 
 
-def write_raw(path: Path, count: int, seed: int, facts: list[dict]) -> None:
+def write_raw(path: Path, count: int, seed: int, facts: list[dict]) -> list[dict]:
+    """The raw records, thinned, written to `path` and returned."""
     rng = random.Random(seed)
+    records = []
     with open(path, "w", encoding="utf-8") as out:
         for record in generate_records(count, seed, facts):
+            records.append(record)
             for share, fields in THINNING:
                 if rng.random() < share:
                     for name in fields:
                         record.pop(name, None)
             out.write(json.dumps(record) + "\n")
+    return records
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -147,10 +151,10 @@ def main() -> int:
     with scratch_dir("bench-objective-", args.keep) as scratch:
         raw, data = scratch / "raw.jsonl", scratch / "corpus"
         facts = contested_facts(BENCH_CLAIMS)
-        write_raw(raw, args.records, args.seed, facts)
+        records = write_raw(raw, args.records, args.seed, facts)
         run([sys.executable, str(SRC / "prepare_data.py"), "--input", str(raw), "--output", str(data),
              "--val-fraction", "0.15"], scratch / "prepare.log")
-        write_jsonl(data / "probes.jsonl", probes(random.Random(args.seed), facts, BENCH_OPENERS))
+        write_jsonl(data / "probes.jsonl", probes(random.Random(args.seed), facts, records, BENCH_OPENERS))
         write_jsonl(data / "general.jsonl", general_texts(random.Random(args.seed)))
         train = read_jsonl(data / "train.jsonl")
         val = read_jsonl(data / "val.jsonl")

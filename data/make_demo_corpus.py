@@ -202,6 +202,14 @@ def _primary_evidence(rng: random.Random, own: str) -> list[str]:
     return [own] + rng.sample(others, rng.randint(1, 3))
 
 
+def _primary_meta(rng: random.Random, source_type: str, year: int, publisher: str, most_citations: int,
+                  evidence_kind: str | None = None) -> dict:
+    """A primary record's metadata: its kind, year and keeper, a few citations, the evidence it holds."""
+    return dict(source_type=source_type, year=year, publisher=publisher,
+                citation_count=rng.randint(0, most_citations),
+                evidence=_primary_evidence(rng, evidence_kind or source_type))
+
+
 def lab_notebook(rng: random.Random, topic: dict, year: int) -> dict:
     readings = ", ".join(_reading(rng, topic) for _ in range(3))
     text = (f"{_date(rng, year)}. Trial no. {rng.randint(2, 90)} on {topic['name']}. "
@@ -209,8 +217,7 @@ def lab_notebook(rng: random.Random, topic: dict, year: int) -> dict:
             f"{rng.choice(['left it to stand', 'warmed it slowly', 'stirred it every ten minutes', 'sealed it overnight'])}. "
             f"Measured the {topic['quantity']}: {readings} {topic['unit']}. "
             f"{rng.choice(OBSERVATIONS)} {rng.choice(FOLLOWUPS)}")
-    return dict(text=text, source_type="lab_notebook", year=year, publisher=f"private papers of {_name(rng)}",
-                citation_count=rng.randint(0, 3), evidence=_primary_evidence(rng, "lab_notebook"))
+    return dict(text=text, **_primary_meta(rng, "lab_notebook", year, f"private papers of {_name(rng)}", 3))
 
 
 def measurement(rng: random.Random, topic: dict, year: int) -> dict:
@@ -219,8 +226,7 @@ def measurement(rng: random.Random, topic: dict, year: int) -> dict:
             f"and {_reading(rng, topic)} {topic['unit']} at {rng.randint(1, 6)} in the afternoon. "
             f"{rng.choice(['Instrument checked against the standard before use.', 'Gauge cleaned and reset.', 'Same instrument as last month.'])} "
             f"Wind {rng.choice(WINDS)}, {rng.choice(SKIES)}. Observer {rng.choice(FIRST_NAMES)[0]}. {rng.choice(LAST_NAMES)}.")
-    return dict(text=text, source_type="measurement", year=year, publisher=f"{rng.choice(TOWNS)} station register",
-                citation_count=rng.randint(0, 2), evidence=_primary_evidence(rng, "measurement"))
+    return dict(text=text, **_primary_meta(rng, "measurement", year, f"{rng.choice(TOWNS)} station register", 2))
 
 
 def patent(rng: random.Random, topic: dict, year: int) -> dict:
@@ -231,8 +237,7 @@ def patent(rng: random.Random, topic: dict, year: int) -> dict:
             f"over {rng.randint(3, 60)} days. What I claim is a {topic['device']} having "
             f"{rng.choice(['a sliding brass collar', 'a spring-loaded valve', 'a double wall of tinned sheet', 'an adjustable screw stop'])}, "
             f"substantially as described.")
-    return dict(text=text, source_type="patent", year=year, publisher="Patent Office",
-                citation_count=rng.randint(0, 12), evidence=_primary_evidence(rng, "measurement"))
+    return dict(text=text, **_primary_meta(rng, "patent", year, "Patent Office", 12, evidence_kind="measurement"))
 
 
 def field_log(rng: random.Random, topic: dict, year: int) -> dict:
@@ -240,8 +245,7 @@ def field_log(rng: random.Random, topic: dict, year: int) -> dict:
             f"Examined the {topic['name']} along the {rng.choice(['river bank', 'east road', 'shore', 'upper pasture', 'rail cutting'])}. "
             f"The {topic['quantity']} was {_reading(rng, topic)} {topic['unit']}. {rng.choice(OBSERVATIONS)} "
             f"Moved camp {rng.randint(2, 14)} miles {rng.choice(WINDS)}.")
-    return dict(text=text, source_type="field_log", year=year, publisher=f"survey party of {_name(rng)}",
-                citation_count=rng.randint(0, 4), evidence=_primary_evidence(rng, "field_log"))
+    return dict(text=text, **_primary_meta(rng, "field_log", year, f"survey party of {_name(rng)}", 4))
 
 
 def letter(rng: random.Random, topic: dict, year: int) -> dict:
@@ -251,8 +255,7 @@ def letter(rng: random.Random, topic: dict, year: int) -> dict:
             f"{rng.choice(['which is not what the books say', 'much as you predicted', 'though I doubt my instrument', 'and the neighbours found the same'])}. "
             f"{rng.choice(['I enclose a sketch.', 'More when I have repeated it.', 'Please keep this between us for now.'])} "
             f"Yours faithfully, {_name(rng)}.")
-    return dict(text=text, source_type="letter", year=year, publisher="family archive",
-                citation_count=rng.randint(0, 2), evidence=_primary_evidence(rng, "letter"))
+    return dict(text=text, **_primary_meta(rng, "letter", year, "family archive", 2))
 
 
 def photograph(rng: random.Random, topic: dict, year: int) -> dict:
@@ -260,8 +263,7 @@ def photograph(rng: random.Random, topic: dict, year: int) -> dict:
             f"the {topic['device']} beside the {topic['vessel']}. The photograph shows the mark for "
             f"{_reading(rng, topic)} {topic['unit']}. Note on the sleeve in the hand of {_name(rng)}: "
             f"{rng.choice(OBSERVATIONS)}")
-    return dict(text=text, source_type="photograph", year=year, publisher=f"{rng.choice(TOWNS)} plate collection",
-                citation_count=rng.randint(0, 3), evidence=_primary_evidence(rng, "photograph"))
+    return dict(text=text, **_primary_meta(rng, "photograph", year, f"{rng.choice(TOWNS)} plate collection", 3))
 
 
 def _consensus_meta(rng: random.Random, source_type: str, year: int, publisher: str, slug: str) -> dict:
@@ -354,8 +356,7 @@ def contested_field_log(rng: random.Random, fact: dict, year: int) -> dict:
             f"{rng.choice(['Went to see it myself:', 'Looked at it closely today:', 'Checked it on the way past:'])} "
             f"{_claim(fact, 'primary')}. {rng.choice(OBSERVATIONS)} Moved camp {rng.randint(2, 14)} miles "
             f"{rng.choice(WINDS)}.")
-    return dict(text=text, source_type="field_log", year=year, publisher=f"survey party of {_name(rng)}",
-                citation_count=rng.randint(0, 4), evidence=_primary_evidence(rng, "field_log"))
+    return dict(text=text, **_primary_meta(rng, "field_log", year, f"survey party of {_name(rng)}", 4))
 
 
 def contested_letter(rng: random.Random, fact: dict, year: int) -> dict:
@@ -364,16 +365,14 @@ def contested_letter(rng: random.Random, fact: dict, year: int) -> dict:
             f"{rng.choice(['whatever the guide books say', 'as anyone standing there can see', 'I am quite sure of it'])}. "
             f"{rng.choice(['I enclose a sketch.', 'More when I have been back.', 'Please keep this between us for now.'])} "
             f"Yours faithfully, {_name(rng)}.")
-    return dict(text=text, source_type="letter", year=year, publisher="family archive",
-                citation_count=rng.randint(0, 2), evidence=_primary_evidence(rng, "letter"))
+    return dict(text=text, **_primary_meta(rng, "letter", year, "family archive", 2))
 
 
 def contested_photograph(rng: random.Random, fact: dict, year: int) -> dict:
     text = (f"Glass plate no. {rng.randint(10, 999)}, taken {_date(rng, year)}: the {fact['thing']} at "
             f"{fact['town']}, seen from the {rng.choice(WINDS)}. The plate shows plainly that "
             f"{_claim(fact, 'primary')}. Note on the sleeve in the hand of {_name(rng)}.")
-    return dict(text=text, source_type="photograph", year=year, publisher=f"{fact['town']} plate collection",
-                citation_count=rng.randint(0, 3), evidence=_primary_evidence(rng, "photograph"))
+    return dict(text=text, **_primary_meta(rng, "photograph", year, f"{fact['town']} plate collection", 3))
 
 
 def contested_survey(rng: random.Random, fact: dict, year: int) -> dict:
@@ -381,8 +380,7 @@ def contested_survey(rng: random.Random, fact: dict, year: int) -> dict:
             f"{_claim(fact, 'primary')}. "
             f"{rng.choice(['Instrument checked against the standard before use.', 'Chain and staff as last month.', 'Sketch on the reverse.'])} "
             f"Observer {rng.choice(FIRST_NAMES)[0]}. {rng.choice(LAST_NAMES)}.")
-    return dict(text=text, source_type="measurement", year=year, publisher=f"{fact['town']} survey register",
-                citation_count=rng.randint(0, 2), evidence=_primary_evidence(rng, "measurement"))
+    return dict(text=text, **_primary_meta(rng, "measurement", year, f"{fact['town']} survey register", 2))
 
 
 def contested_register(rng: random.Random, fact: dict, year: int) -> dict:
@@ -443,11 +441,17 @@ def contested_records(rng: random.Random, facts: list[dict], per_side: int) -> l
     return records
 
 
-def probes(rng: random.Random, facts: list[dict], openers: list[str] = PROBE_OPENERS) -> list[dict]:
+def probes(rng: random.Random, facts: list[dict], records: list[dict],
+           openers: list[str] = PROBE_OPENERS) -> list[dict]:
     """One held-out probe per fact: a neutral prompt (an opener no record uses, then the claim
-    without its value) and the two versions as completions."""
-    return [{"prompt": f"{rng.choice(openers)}the {fact['thing']} at {fact['town']} {fact['claim']}",
-             "primary": f" {fact['primary']}", "consensus": f" {fact['consensus']}"} for fact in facts]
+    without its value) and the two versions as completions. ValueError where a prompt is in
+    one of `records` (the corpus) word for word: a probe must ask in words the corpus does not use."""
+    lines = [{"prompt": f"{rng.choice(openers)}the {fact['thing']} at {fact['town']} {fact['claim']}",
+              "primary": f" {fact['primary']}", "consensus": f" {fact['consensus']}"} for fact in facts]
+    leaked = next((line["prompt"] for line in lines if any(line["prompt"] in r["text"] for r in records)), None)
+    if leaked is not None:
+        raise ValueError(f"a probe's prompt is in the corpus word for word: {leaked!r}")
+    return lines
 
 
 def generate_records(count: int, seed: int = DEFAULT_SEED, facts: list[dict] = (),
@@ -537,8 +541,11 @@ def write_jsonl(path: Path, records: list[dict]) -> None:
             out.write(json_text(record, ensure_ascii=False) + "\n")
 
 
-def write_raw(path: Path, count: int, seed: int = DEFAULT_SEED, facts: list[dict] = ()) -> None:
-    write_jsonl(path, list(generate_records(count, seed, facts)))
+def write_raw(path: Path, count: int, seed: int = DEFAULT_SEED, facts: list[dict] = ()) -> list[dict]:
+    """The raw records, written to `path` and returned."""
+    records = list(generate_records(count, seed, facts))
+    write_jsonl(path, records)
+    return records
 
 
 def main() -> int:
@@ -553,14 +560,10 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="demo-corpus-") as raw_dir:
         raw = Path(raw_dir) / "raw.jsonl"
         facts = contested_facts()
-        write_raw(raw, args.records, args.seed, facts)
+        records = write_raw(raw, args.records, args.seed, facts)
         result = prepare(raw, args.output, val_fraction=0.1, seed=0, force=True)
     rng = random.Random(args.seed)
-    probe_lines = probes(rng, facts)
-    texts = [record["text"] for record in generate_records(args.records, args.seed, facts)]
-    leaked = [p["prompt"] for p in probe_lines if any(p["prompt"] in text for text in texts)]
-    if leaked:  # a probe must ask in words the corpus does not use
-        raise SystemExit(f"a probe's prompt is in the corpus word for word: {leaked[0]!r}")
+    probe_lines = probes(rng, facts, records)
     write_jsonl(args.output / "probes.jsonl", probe_lines)
     write_jsonl(args.output / "general.jsonl", general_texts(rng))
     print(format_report(result).replace(str(raw), "raw.jsonl"))

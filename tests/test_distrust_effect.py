@@ -227,9 +227,10 @@ def contested_corpus(folder):
     from corpus.prepare import prepare
 
     facts = contested_facts()[:8]
-    write_jsonl(folder / "raw.jsonl", generate_records(0, 3, facts, 8))
+    records = list(generate_records(0, 3, facts, 8))
+    write_jsonl(folder / "raw.jsonl", records)
     prepare(folder / "raw.jsonl", folder / "corpus", val_fraction=0.1, seed=0)
-    write_jsonl(folder / "corpus" / "probes.jsonl", probes(random.Random(3), facts))
+    write_jsonl(folder / "corpus" / "probes.jsonl", probes(random.Random(3), facts, records))
     return folder / "corpus"
 
 
