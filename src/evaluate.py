@@ -300,8 +300,10 @@ def probe_table(probes: dict) -> list[str]:
     """The probes' lines of the table: share and mean margin, base against adapted; then each
     probe's completions, their summed and per-token log-prob, and the side it prefers
     (`base -> adapted` where that flipped)."""
+    from monitoring.probes import SIDES
+
     base, adapted, flips = probes["base"], probes["adapted"], probes["flipped"]
-    to_side = {side: sum(flip["to"] == side for flip in flips) for side in ("primary", "consensus")}
+    to_side = {side: sum(flip["to"] == side for flip in flips) for side in SIDES}
     lines = [f"probes: {probes['file']} ({probes['count']} probes; each prefers the completion of higher summed "
              f"log-prob given the prompt)",
              f"{'':24}{'':8}  {'base':>9} {'':9}  {'adapted':>9} {'':9}  {'change':>7}"]
@@ -312,7 +314,7 @@ def probe_table(probes: dict) -> list[str]:
                  f"{to_side['consensus']} to consensus)")
     lines.append(f"{'line  completion':32}  {'base logp':>9} {'/token':>9}  {'adapted':>9} {'/token':>9}  preferred")
     for b, a in zip(base["per_probe"], adapted["per_probe"]):
-        for side in ("primary", "consensus"):
+        for side in SIDES:
             number = f"{b['line']:>4}" if side == "primary" else ""
             prefers = "" if side != "primary" else b["prefers"] if b["prefers"] == a["prefers"] else \
                 f"{b['prefers']} -> {a['prefers']}"

@@ -285,7 +285,7 @@ def run(args: argparse.Namespace, group=None) -> int:
     group.on_writer(lambda: check_batch_divides(config.training.batch_size, group.size))
     # Before the lock, the model (minutes) and any move aside: what would stop the run anyway.
     check_path_lengths(output_dir)
-    check_data_files(config)
+    probes = check_data_files(config)  # (probes.jsonl of the data folder, its probes as read)
     if config.training.memory_check:
         from memory_check import memory_limit
 
@@ -306,7 +306,7 @@ def run(args: argparse.Namespace, group=None) -> int:
         # loaded and the data is checked: `later`, run by train().
         later: list = []
         start = group.on_writer(lambda: choose_start(manager, config, args, inputs, later=later))
-        return train(config, output_dir, manager, start, inputs, group, settings.names, later)
+        return train(config, output_dir, manager, start, inputs, group, settings.names, later, probes)
 
 
 def check_batch_divides(batch_size: int, processes: int) -> None:
@@ -341,16 +341,16 @@ def run_inputs(config) -> dict:
 
 
 def train(config, output_dir: Path, manager, start, inputs: dict, group, names: dict | None = None,
-          later=()) -> int:
+          later=(), probes=(None, [])) -> int:
     """The run: `names` says how the user wrote each setting they gave (config.setting_name); `later`,
-    what the start moves aside, once the model has loaded and the data is checked."""
+    what the start moves aside, once the model has loaded and the data is checked; `probes`, the data
+    folder's probe file and its probes as the pre-check read them (corpus/precheck.py)."""
     from checkpoints.resume import restore_with_fallback
     from corpus.index import CorpusIndex, check_records
     from file_identity import check_unchanged
     from modeling import (adapter_config, attach_lora, bits_text, layer_bits, load_init_adapters, load_model,
                           parameter_counts, tokenizer_key)
-    from monitoring.evaluation import file_in
-    from monitoring.probes import PROBE_FILE, load_probes, model_context
+    from monitoring.probes import encode_probes, model_context
     from trainer import CheckpointingFailed, DistrustTrainer
 
     t, lo = config.training, config.lora
@@ -400,10 +400,10 @@ def train(config, output_dir: Path, manager, start, inputs: dict, group, names: 
         data_summary.update(epochs=t.epochs, max_steps=t.max_steps)
     val_path = config.val_file
     data_dir = Path(config.paths.data_dir)
-    probes_path = file_in(data_dir, PROBE_FILE)
+    probes_path, probes = probes
     # A measurement, not an input: checked whole now (a bad one stops the run before its first
     # step), and kept out of run_inputs, so a resume with another probe file is the same run.
-    probes = load_probes(probes_path, loaded.tokenizer, model_context(loaded.model)) if probes_path else []
+    probes = encode_probes(probes, probes_path, loaded.tokenizer, model_context(loaded.model)) if probes else []
     if probes:
         print(f"data: {len(probes)} probe{'s' if len(probes) != 1 else ''} from {probes_path}, scored at each "
               f"validation (val_probe_primary_share, val_probe_margin)", file=sys.stderr)

@@ -18,10 +18,11 @@ from monitoring.probes import PROBE_FILE, read_probes
 FIRST_RECORDS = 200  # the records looked at before loading; cheap even for a 7B run's corpus
 
 
-def check_data_files(config) -> None:
+def check_data_files(config) -> tuple[Path | None, list]:
     """UserError, naming file and line, for what would otherwise be found only after the model
     has loaded: no training file, an unreadable one, no records, a bad record among the first,
-    a bad line in the data folder's probes.jsonl."""
+    a bad line in the data folder's probes.jsonl. Returns (that probe file, its probes as read):
+    the run tokenizes them once the model has loaded, without reading the file again."""
     train = config.train_file
     if not train.is_file():
         where = "not a regular file" if train.exists() else "not found"
@@ -31,8 +32,8 @@ def check_data_files(config) -> None:
     if val.is_file():
         first_records(val, "validation")
     probes = file_in(Path(config.paths.data_dir), PROBE_FILE)
-    if probes:
-        read_probes(probes)  # a few lines: the whole file, all but the length check (that needs the tokenizer)
+    # A few lines: the whole file, all but the length check (that needs the tokenizer).
+    return probes, read_probes(probes) if probes else []
 
 
 def first_records(path: Path, what: str, count: int = FIRST_RECORDS) -> int:
