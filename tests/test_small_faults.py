@@ -200,17 +200,22 @@ def test_a_run_whose_checkpoints_all_fail_names_no_adapters(tiny_run, tmp_path):
     ("empty", ["train.jsonl", "no records (the file is empty)"]),
     ("blank", ["train.jsonl", "no records (its 4 lines are blank)"]),
     ("bad val line", ["val.jsonl:3", "invalid JSON"]),
+    # a writer killed mid-line, beyond the first records the pre-check parses
+    ("cut last line", ["train.jsonl:300", "invalid JSON", "cut short"]),
 ])
 def test_bad_data_is_found_before_the_model_loads_and_fresh_moves_nothing(tiny_run, tmp_path, case, fragments):
     root, base, out = tiny_run
     run = tmp_path / "run"
     shutil.copytree(out, run)
     before = sorted(p.name for p in run.iterdir())
-    data = write_corpus(tmp_path / "data", train=16, val=4)
+    data = write_corpus(tmp_path / "data", train=300 if case == "cut last line" else 16, val=4)
     if case == "empty":
         (data / "train.jsonl").write_text("")
     elif case == "blank":
         (data / "train.jsonl").write_text("\n   \n\t\n\n")
+    elif case == "cut last line":
+        content = (data / "train.jsonl").read_bytes()
+        (data / "train.jsonl").write_bytes(content[:-30])
     else:
         with open(data / "val.jsonl", "r+") as handle:
             lines = handle.readlines()

@@ -51,6 +51,7 @@ def first_records(path: Path, what: str, count: int = FIRST_RECORDS) -> int:
                     check_load_time_metadata(record, f"{path}:{lines}", this_year)
                 records += 1
                 if records >= count:
+                    _check_unfinished_last_line(handle, path, this_year)
                     break
     except OSError as exc:
         raise UserError(f"{path}: cannot read the {what} file ({exc.strerror or exc})") from None
@@ -58,3 +59,28 @@ def first_records(path: Path, what: str, count: int = FIRST_RECORDS) -> int:
         why = "the file is empty" if not lines else f"its {lines:,} line{'s are' if lines > 1 else ' is'} blank"
         raise UserError(f"{path}: no records ({why}); a {what} file holds one JSON object per line")
     return records
+
+
+TAIL_BYTES = 1 << 20  # how far back from the end a last line is looked for
+
+
+def _check_unfinished_last_line(handle, path: Path, this_year: int) -> None:
+    """A file whose writer was killed ends in a line cut short, with no newline after it: that
+    line, beyond the first records, would otherwise be found only once the model has loaded.
+    Only a file that does not end with a newline is looked at (the tail, then the lines counted
+    to name the line); one that does costs one seek."""
+    size = handle.seek(0, 2)
+    handle.seek(max(size - 1, 0))
+    if size == 0 or handle.read(1) == b"\n":
+        return
+    start = max(size - TAIL_BYTES, 0)
+    handle.seek(start)
+    tail = handle.read()
+    last = tail.rsplit(b"\n", 1)[-1]
+    if not last.strip() or (start > 0 and b"\n" not in tail):
+        return
+    handle.seek(0)
+    number = sum(chunk.count(b"\n") for chunk in iter(lambda: handle.read(1 << 20), b"")) + 1
+    record = parse_record(last, str(path), number)
+    if not has_scores(record):
+        check_load_time_metadata(record, f"{path}:{number}", this_year)
