@@ -248,12 +248,13 @@ def describe_layout(args, bits: dict, fused: set) -> str:
     if args.dequantize or not any(bits.values()):
         return "every layer unquantized"
     if args.requantize:
-        again = bits_text(bits[path] for path in fused)
-        again = f"to {again}" if "," not in again else f"to their own bits ({again})"
+        widths = [bits[path] for path in fused]
+        again = f"to {bits_text(widths)}" if len(set(widths)) <= 1 else f"to their own bits ({bits_text(widths)})"
         return f"{len(fused)} fused layers quantized again {again}: not exactly the trained model"
-    others = bits_text(width for path, width in bits.items() if path not in fused)
-    return (f"{len(fused)} fused layers unquantized, the others {others} as trained" if "," not in others else
-            f"{len(fused)} fused layers unquantized, the others as trained: {others}")
+    widths = [width for path, width in bits.items() if path not in fused]
+    return (f"{len(fused)} fused layers unquantized, the others {bits_text(widths)} as trained"
+            if len(set(widths)) <= 1 else
+            f"{len(fused)} fused layers unquantized, the others as trained: {bits_text(widths)}")
 
 
 def written_fault(exc: BaseException, save_path: Path) -> Exception | None:
