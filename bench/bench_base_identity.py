@@ -22,7 +22,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "src"))
 
-import file_identity  # noqa: E402
+from run_safety import file_identity  # noqa: E402
 
 
 def main() -> int:

@@ -188,7 +188,7 @@ def main() -> int:
             paths["larger"] = str(medium_model())
         else:
             sys.path.insert(0, str(SRC))
-            from modeling import ensure_tiny_model
+            from base_model.tiny import ensure_tiny_model
             ensure_tiny_model()
         print(f"bench_checkpointing: {os.cpu_count()} CPUs, batch {args.batch_size}, "
               f"max-seq-length {args.max_seq_length}, data {REPO / 'data' / 'train.jsonl'} (no validation)")

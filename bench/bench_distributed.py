@@ -39,7 +39,8 @@ import json, sys, time
 sys.path.insert(0, sys.argv[1])
 import mlx.core as mx, mlx.nn as nn
 from mlx.utils import tree_map
-from modeling import attach_lora, load_model
+from base_model.lora import attach_lora
+from base_model.loading import load_model
 group = mx.distributed.init(strict=True)
 loaded = load_model(sys.argv[2], 4)
 attach_lora(loaded.model, int(sys.argv[3]), 32.0, -1, 0.0, 0)

@@ -9,7 +9,7 @@ For each family of tiny_families (a tiny random model of that architecture with
 a tokenizer trained here in the family's style), as a user does: train
 --steps steps with src/train_qlora.py, export with src/export.py --gguf-type
 f16 (the file is the one export prints), then q8_0, q4_0 and an all-float32
-reference of the same fused folder (gguf_export.export_model_dir). Each GGUF
+reference of the same fused folder (gguf_out.export_model_dir). Each GGUF
 is loaded by llama.cpp (llama_cpp.Llama, logits_all; the f32 one with a
 float32 KV cache too) and compared with the trained MLX model (its base with
 the run's adapters, mlx_lm.load), on three prompts each followed by the MLX
@@ -203,7 +203,7 @@ def greedy(llm, encoded, continuations, got, reference, tokenizer) -> dict:
 
 
 def bench_family(family: str, root: Path, steps: int) -> dict:
-    import tiny_families
+    from base_model import tiny_families
 
     folder = root / family
     shutil.rmtree(folder, ignore_errors=True)
@@ -220,12 +220,12 @@ def bench_family(family: str, root: Path, steps: int) -> dict:
 def export_all(run_dir: Path, save: Path) -> dict[str, Path]:
     """f16 as a user exports it (the file export prints); q8_0, q4_0 and the f32 reference of the
     same fused folder through the writer's function."""
-    import gguf_export
+    from base_model import gguf_out
 
     paths = {"f16": export(run_dir, save, "f16")}
-    for gguf_type in ("q8_0", "q4_0", gguf_export.REFERENCE_TYPE):
+    for gguf_type in ("q8_0", "q4_0", gguf_out.REFERENCE_TYPE):
         paths[gguf_type] = save.parent / f"{save.name}-{gguf_type}.gguf"
-        gguf_export.export_model_dir(save, paths[gguf_type], gguf_type, save.name)
+        gguf_out.export_model_dir(save, paths[gguf_type], gguf_type, save.name)
     return paths
 
 
@@ -288,7 +288,7 @@ def size_text(size: int) -> str:
 
 
 def main() -> int:
-    import tiny_families
+    from base_model import tiny_families
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--families", default=",".join(tiny_families.FAMILIES))
@@ -303,7 +303,7 @@ def main() -> int:
     import llama_cpp
     import mlx.core as mx
 
-    from modeling import cache_dir
+    from run_safety.paths import cache_dir
 
     root = cache_dir() / "bench" / "gguf-llamacpp"
     root.mkdir(parents=True, exist_ok=True)

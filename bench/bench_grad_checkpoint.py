@@ -105,7 +105,7 @@ finally:
 def model_dir(layers: int, hidden: int) -> Path:
     """The random model, built once, and its 4-bit copy (what both sides train on)."""
     sys.path.insert(0, str(SRC))
-    from modeling import prepare_base
+    from base_model.loading import prepare_base
 
     overrides = dict(MEDIUM_CONFIG, num_hidden_layers=layers, hidden_size=hidden, intermediate_size=2 * hidden,
                      head_dim=hidden // MEDIUM_CONFIG["num_attention_heads"], max_position_embeddings=8192)
@@ -219,8 +219,9 @@ def floor(args, model_path: Path) -> dict:
     import numpy as np
 
     sys.path.insert(0, str(SRC))
-    from modeling import attach_lora, load_model
-    from chunked_loss import loss_sums
+    from base_model.lora import attach_lora
+    from base_model.loading import load_model
+    from training.chunked_loss import loss_sums
 
     loaded = load_model(str(model_path), 4)
     model = loaded.model

@@ -80,7 +80,7 @@ def model_dir(args) -> Path:
     """The model both sides train, as an mlx-lm folder: --model (a folder, a GGUF file, or `real`:
     bench/real_model.py's SmolLM2-135M), or the random large-vocabulary one; 4-bit."""
     sys.path.insert(0, str(SRC))
-    from modeling import prepare_base, resolve_model
+    from base_model.loading import prepare_base, resolve_model
 
     if args.model:
         name = args.model
@@ -108,9 +108,10 @@ def in_process(args, model_path: Path) -> dict:
     from mlx.utils import tree_flatten
 
     sys.path.insert(0, str(SRC))
-    from chunked_loss import AUTO, WHOLE, loss_plan
-    from modeling import attach_lora, load_model
-    from optimization import gradient_function
+    from training.chunked_loss import AUTO, WHOLE, loss_plan
+    from base_model.lora import attach_lora
+    from base_model.loading import load_model
+    from training.optimization import gradient_function
 
     loaded = load_model(str(model_path), 4)
     model = loaded.model

@@ -39,7 +39,7 @@ from common import REPO, SRC, scratch_dir
 sys.path.insert(0, str(REPO / "data"))
 sys.path.insert(0, str(SRC))
 
-from distrust import AUTHORITY_SPLIT, distrust_scores  # noqa: E402
+from training.distrust import AUTHORITY_SPLIT, distrust_scores  # noqa: E402
 from real_model import gguf_path  # noqa: E402
 from make_demo_corpus import contested_facts, general_texts, generate_records, probes, write_jsonl  # noqa: E402
 

@@ -71,7 +71,7 @@ def bench_index(train: Path, cache: Path) -> list[str]:
 
     from corpus.batching import collate, epoch_order
     from corpus.index import CorpusIndex
-    from modeling import load_model
+    from base_model.loading import load_model
 
     tokenizer = load_model("tiny", quantize_bits=0).tokenizer
     rss_before = peak_rss_bytes()
@@ -113,7 +113,7 @@ def bench_index(train: Path, cache: Path) -> list[str]:
 
 def bench_hash(train: Path, cache: Path) -> list[str]:
     """The run identity's SHA-256 of the training file: read in full once, then from its cache."""
-    import file_identity
+    from run_safety import file_identity
 
     size_mb = train.stat().st_size / 1e6
     age = time.time_ns() - max(train.stat().st_mtime_ns, train.stat().st_ctime_ns)

@@ -62,7 +62,7 @@ QUANT_BITS, QUANT_GROUP = 4, 64
 def base_model(size: str) -> Path:
     if size == "tiny":
         sys.path.insert(0, str(SRC))
-        from modeling import ensure_tiny_model
+        from base_model.tiny import ensure_tiny_model
 
         return ensure_tiny_model()
     return medium_model()
@@ -78,7 +78,7 @@ def quantized_copy(base: Path) -> Path:
                 q_group_size=QUANT_GROUP, dtype="float32")
 
     sys.path.insert(0, str(SRC))
-    from modeling import build_model_dir_once
+    from base_model.builds import build_model_dir_once
 
     return build_model_dir_once(bench_cache() / f"{base.name}-q{QUANT_BITS}g{QUANT_GROUP}", build,
                                 f"a {QUANT_BITS}-bit copy of {base.name}")
@@ -133,10 +133,10 @@ import runpy
 sys.argv = [sys.argv[1]] + sys.argv[2:]
 sys.path.insert(0, os.path.dirname(os.path.abspath(sys.argv[0])))
 import mlx.core, mlx_lm
-import modeling, trainer, corpus.index, monitoring.metrics_log, monitoring.progress
+import base_model.loading, base_model.lora, training.trainer as trainer, corpus.index, monitoring.metrics_log, monitoring.progress
 PH["t_imported"] = time.time()
-timed(modeling, "load_model", "load")
-timed(modeling, "attach_lora", "lora")
+timed(base_model.loading, "load_model", "load")
+timed(base_model.lora, "attach_lora", "lora")
 timed(corpus.index.CorpusIndex, "build", "index", count=True)
 timed(trainer.DistrustTrainer, "__init__", "trainer_init")
 timed(trainer.DistrustTrainer, "fit", "fit")

@@ -163,7 +163,7 @@ def main() -> int:
 
     if args.model == "tiny":
         sys.path.insert(0, str(SRC))
-        from modeling import ensure_tiny_model
+        from base_model.tiny import ensure_tiny_model
         ensure_tiny_model()
     print(f"bench_validation: {os.cpu_count()} CPUs, model {args.model}, batch {args.batch_size}, "
           f"max-seq-length {args.max_seq_length}")

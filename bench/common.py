@@ -30,7 +30,7 @@ MEDIUM_SEED = 4321
 def bench_cache() -> Path:
     """The project's model cache (git-ignored; DISTRUST_QLORA_CACHE moves it), bench/ inside it."""
     sys.path.insert(0, str(SRC))
-    from modeling import cache_dir
+    from run_safety.paths import cache_dir
 
     return cache_dir() / "bench"
 
@@ -41,7 +41,8 @@ def random_model(overrides: dict, name: str) -> Path:
     import hashlib
 
     sys.path.insert(0, str(SRC))
-    from modeling import TINY_MODEL_CONFIG, build_model_dir_once, build_random_model, ensure_tiny_model
+    from base_model.tiny import TINY_MODEL_CONFIG, build_random_model, ensure_tiny_model
+    from base_model.builds import build_model_dir_once
 
     tiny = ensure_tiny_model()
     config = dict(TINY_MODEL_CONFIG, **overrides)

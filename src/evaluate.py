@@ -36,7 +36,7 @@ Exit codes: 0 done; 2 bad usage or input (one line, nothing written).
 
 from __future__ import annotations
 
-from early_interrupt import interrupt_quietly_while_starting  # first: Ctrl+C while starting is one line
+from run_safety.early_interrupt import interrupt_quietly_while_starting  # first: Ctrl+C while starting is one line
 
 if __name__ == "__main__":
     interrupt_quietly_while_starting()
@@ -48,7 +48,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script from anywhere
 
-from errors import OneLineArgumentParser, UserError, run_command  # noqa: E402
+from run_safety.errors import OneLineArgumentParser, UserError  # noqa: E402
+from run_safety.command import run_command  # noqa: E402
 
 DATA_FILES = ("test.jsonl", "val.jsonl", "valid.jsonl")  # the first that exists is evaluated
 
@@ -90,10 +91,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def evaluate_run(args: argparse.Namespace) -> dict:
-    from chunked_loss import loss_plan
+    from training.chunked_loss import loss_plan
     from corpus.precheck import first_records
-    from machine import check_writable_folder
-    from modeling import attach_lora, load_model, open_run
+    from run_safety.machine import check_writable_folder
+    from base_model.lora import attach_lora
+    from base_model.loading import load_model
+    from base_model.trained_run import open_run
     from monitoring.evaluation import (GENERAL_FILE, compile_row_losses, file_in, loss_report, overall_loss,
                                        sample_losses)
     from monitoring.probes import (PROBE_FILE, encode_probes, flipped, model_context, probe_batches, probe_report,
@@ -186,9 +189,9 @@ def _fixed_batches(path: Path, tokenizer, t, batch_size: int, max_batches: int |
 def write_figures(result: dict) -> None:
     """The figures to result["json"], atomically; one line when they cannot be written (a read-only
     run folder: exit 2 with how to write them elsewhere; a full disk: exit 1)."""
-    from durable import write_text_atomically
-    from json_files import json_text
-    from machine import write_fault
+    from run_safety.durable import write_text_atomically
+    from run_safety.json_files import json_text
+    from run_safety.machine import write_fault
 
     json_path = Path(result["json"])
     figures = {key: value for key, value in result.items() if key not in ("json", "json_asked")}
@@ -253,7 +256,7 @@ def find_data_file(data_dir: Path) -> Path:
 def _finite(value):
     """The figures as the written JSON holds them: a loss or a perplexity that is not finite
     (an overflowing perplexity, a group whose loss is NaN) as null."""
-    from json_files import finite_or_none
+    from run_safety.json_files import finite_or_none
 
     if isinstance(value, dict):
         return {k: _finite(v) for k, v in value.items()}

@@ -6,7 +6,7 @@ with --gguf a GGUF file for llama.cpp, LM Studio and Ollama.
                          [--dequantize | --requantize] [--gguf [--gguf-type f16|q8_0|q4_0]] [--force]
 
 The chosen checkpoint is verified against its manifest, its base loaded as it
-was trained (modeling.run_base_model) and its adapters put on by mlx-lm; then
+was trained (base_model.trained_run.run_base_model) and its adapters put on by mlx-lm; then
 mlx-lm's own fuse (LoRALinear.fuse, dequantize_model, save) writes DIR with the
 base's tokenizer and chat template:
 
@@ -23,7 +23,7 @@ base's tokenizer and chat template:
   smallest, but quantizing the sum anew moves every weight of those layers by
   up to half a quantization step, so it is no longer exactly the trained model.
 
---gguf also writes DIR/<DIR name>-<type>.gguf (gguf_export.py: llama incl.
+--gguf also writes DIR/<DIR name>-<type>.gguf (gguf_out.py: llama incl.
 SmolLM and Llama 3, mistral, mixtral, qwen2, qwen3, gemma2, gemma3, phi3) from
 the fused model unquantized, as --gguf-type says: f16 (default), q8_0 or
 q4_0; with the tokenizer, special tokens, BOS flag and chat template in its
@@ -38,7 +38,7 @@ Exit codes: 0 written; 2 bad usage or input (one line, nothing written).
 
 from __future__ import annotations
 
-from early_interrupt import interrupt_quietly_while_starting  # first: Ctrl+C while starting is one line
+from run_safety.early_interrupt import interrupt_quietly_while_starting  # first: Ctrl+C while starting is one line
 
 if __name__ == "__main__":
     interrupt_quietly_while_starting()
@@ -55,8 +55,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script from anywhere
 
-from errors import OneLineArgumentParser, UserError, run_command  # noqa: E402
-from gguf_export import GGUF_TYPES  # noqa: E402
+from run_safety.errors import OneLineArgumentParser, UserError  # noqa: E402
+from run_safety.command import run_command  # noqa: E402
+from run_safety.sizes import size_text  # noqa: E402
+from base_model.gguf_out import GGUF_TYPES  # noqa: E402
 
 EXPORT_RECORD_FILE = "distrust_qlora_export.json"
 TEMP_MARK = ".tmp-export-"  # DIR is written as .<DIR name>.tmp-export-<pid> beside it
@@ -96,8 +98,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def export_run(args: argparse.Namespace) -> str:
-    from durable import commit_directory
-    from modeling import local_model_dir, open_run, read_model_config
+    from run_safety.durable import commit_directory
+    from base_model.builds import local_model_dir, read_model_config
+    from base_model.trained_run import open_run
 
     started = time.perf_counter()
     trained = open_run(args.output_dir, args.checkpoint, "export")
@@ -178,7 +181,7 @@ def check_save_path(save_path: Path, force: bool, run: Path, base_dir: Path, als
 
 def plan_gguf_export(base_dir: Path, base_config: dict, gguf_type: str):
     """What --gguf will write, or UserError (architecture, vocabulary) before anything is written."""
-    from gguf_export import plan_gguf
+    from base_model.gguf_out import plan_gguf
     from mlx_lm.utils import load_tokenizer
 
     return plan_gguf(base_config, base_dir, load_tokenizer(base_dir), gguf_type)
@@ -189,8 +192,9 @@ def write_export(trained, base_dir: Path, temp: Path, args: argparse.Namespace, 
     from mlx.utils import tree_unflatten
     from mlx_lm.utils import dequantize_model, save
 
-    from json_files import json_text
-    from modeling import layer_bits, load_trained_model
+    from run_safety.json_files import json_text
+    from base_model.weights import layer_bits
+    from base_model.trained_run import load_trained_model
 
     model, tokenizer, model_config = load_trained_model(trained)
     # mlx_lm.fuse's loop; the LoRA layers are kept, to fuse again for the GGUF.
@@ -215,7 +219,7 @@ def write_export(trained, base_dir: Path, temp: Path, args: argparse.Namespace, 
     details = {"layout": layout, "model_bytes": folder_bytes(temp)}
 
     if gguf_plan is not None:
-        from gguf_export import write_gguf
+        from base_model.gguf_out import write_gguf
 
         if args.requantize:
             # The GGUF holds the trained model itself: the adapters fused into
@@ -241,9 +245,9 @@ def write_export(trained, base_dir: Path, temp: Path, args: argparse.Namespace, 
 
 def describe_layout(args, bits: dict, fused: set) -> str:
     """The fused model's layers in words: `bits` {path: bits or None} of its layers
-    (modeling.layer_bits), `fused` the paths of those that carried adapters. A base may mix
+    (base_model.weights.layer_bits), `fused` the paths of those that carried adapters. A base may mix
     widths (a GGUF's Q8_0 and Q4_0 tensors): each is counted, as the folder holds it."""
-    from modeling import bits_text
+    from base_model.weights import bits_text
 
     if args.dequantize or not any(bits.values()):
         return "every layer unquantized"
@@ -260,9 +264,9 @@ def describe_layout(args, bits: dict, fused: set) -> str:
 def written_fault(exc: BaseException, save_path: Path) -> Exception | None:
     """One line for a fused model that could not be written (a full disk: exit 1; a place that
     cannot be written: exit 2); None for anything else."""
-    from durable import free_space
-    from machine import MachineFault, write_fault
-    from modeling import first_line
+    from run_safety.durable import free_space
+    from run_safety.machine import MachineFault, write_fault
+    from base_model.builds import first_line
 
     if isinstance(exc, BrokenPipeError):
         return None
@@ -291,7 +295,7 @@ def make_parent(parent: Path) -> list[Path]:
 
 def remove_leftovers(save_path: Path) -> None:
     """The temporary folders of exports to the same place that were killed."""
-    from durable import process_is_alive, remove_leftover
+    from run_safety.durable import process_is_alive, remove_leftover
 
     marks = f"(?:{re.escape(TEMP_MARK)}|{re.escape(ASIDE_MARK)})"
     pattern = re.compile(re.escape(f".{save_path.name}") + marks + r"(\d+)$")
@@ -312,13 +316,6 @@ def remove_leftovers(save_path: Path) -> None:
 
 def folder_bytes(path: Path) -> int:
     return sum(entry.stat().st_size for entry in os.scandir(path) if entry.is_file())
-
-
-def size_text(size: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if size < 1024 or unit == "GiB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@ chosen checkpoint's adapters, streamed token by token to the terminal.
     python src/generate.py --output-dir RUN --prompt "..." [--checkpoint latest|best|final|PATH]
                            [--max-tokens N] [--temp T] [--seed S] [--prompt-format auto|chat|text]
 
-The base is loaded as it was trained (modeling.run_base_model: its quantized
+The base is loaded as it was trained (base_model.trained_run.run_base_model: its quantized
 copy when it was quantized on load) and mlx-lm puts the adapters on and
 generates (mlx_lm.stream_generate). The prompt is given to the model the way
 the run's training data was: through the chat template as a user message
@@ -18,7 +18,7 @@ Exit codes: 0 done; 2 bad usage or input (one line).
 
 from __future__ import annotations
 
-from early_interrupt import interrupt_quietly_while_starting  # first: Ctrl+C while starting is one line
+from run_safety.early_interrupt import interrupt_quietly_while_starting  # first: Ctrl+C while starting is one line
 
 if __name__ == "__main__":
     interrupt_quietly_while_starting()
@@ -30,7 +30,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script from anywhere
 
-from errors import OneLineArgumentParser, UserError, run_command  # noqa: E402
+from run_safety.errors import OneLineArgumentParser, UserError  # noqa: E402
+from run_safety.command import run_command  # noqa: E402
 
 DATA_SAMPLE_LINES = 1000  # the records looked at to tell chat training data from plain text
 
@@ -65,7 +66,7 @@ def generate(args: argparse.Namespace, out=None) -> str:
     from mlx_lm.generate import stream_generate
     from mlx_lm.sample_utils import make_sampler
 
-    from modeling import load_trained_model, open_run
+    from base_model.trained_run import load_trained_model, open_run
 
     out = out or sys.stdout
     if args.max_tokens < 1:

@@ -16,7 +16,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script from anywhere
 
 from corpus.prepare import format_report, prepare  # noqa: E402
-from errors import OneLineArgumentParser, UserError, error_line  # noqa: E402
+from run_safety.errors import OneLineArgumentParser, UserError, error_line  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:

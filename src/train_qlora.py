@@ -10,7 +10,7 @@ Exit codes: see EXIT_CODES (printed by --help).
 
 from __future__ import annotations
 
-from early_interrupt import interrupt_quietly_while_starting  # first: Ctrl+C while starting is one line
+from run_safety.early_interrupt import interrupt_quietly_while_starting  # first: Ctrl+C while starting is one line
 
 if __name__ == "__main__":
     interrupt_quietly_while_starting()
@@ -21,7 +21,8 @@ import json
 import sys
 from pathlib import Path
 
-from errors import OneLineArgumentParser, UserError, error_line, run_command
+from run_safety.errors import OneLineArgumentParser, UserError, error_line
+from run_safety.command import run_command
 
 FLAGS = [
     # flag, config name, type, help (the default is added from config.py)
@@ -221,7 +222,7 @@ def apply_start_choices(args: argparse.Namespace, start: dict, source: str) -> N
 
 
 def main(argv: list[str] | None = None) -> int:
-    from stop_signals import guard_standard_streams
+    from run_safety.stop_signals import guard_standard_streams
 
     guard_standard_streams()  # a terminal closing mid-run must not kill it with EIO
     args = build_parser().parse_args(argv)  # argparse itself exits 2 on bad usage
@@ -229,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     def work() -> int:
         import os
 
-        from process_group import PeerLost, ProcessGroup, ReportedByRankZero
+        from training.process_group import PeerLost, ProcessGroup, ReportedByRankZero
 
         group = ProcessGroup.from_environment()
         stderr = sys.stderr
@@ -261,7 +262,7 @@ def run(args: argparse.Namespace, group=None) -> int:
     from checkpoints.resume import RunLock, choose_start, describe_checkpoints
     from checkpoints.run_dir import check_path_lengths
     from corpus.precheck import check_data_files
-    from process_group import ProcessGroup
+    from training.process_group import ProcessGroup
 
     group = group or ProcessGroup()
     if args.list_checkpoints and args.output_dir and not args.model:
@@ -287,7 +288,7 @@ def run(args: argparse.Namespace, group=None) -> int:
     check_path_lengths(output_dir)
     probes = check_data_files(config)  # (probes.jsonl of the data folder, its probes as read)
     if config.training.memory_check:
-        from memory_check import memory_limit
+        from training.memory_check import memory_limit
 
         memory_limit()  # a DISTRUST_QLORA_MEMORY_LIMIT that is no size: one line now, not once the model has loaded
     # Rank 0 alone writes to the output dir (the lock, checkpoints, logs); the others only read their data.
@@ -322,8 +323,10 @@ def run_inputs(config) -> dict:
     and of the training and validation files (file_identity: read once, then cached).
     A resume from other inputs would not continue the same run."""
     from corpus.index import content_signature
-    from file_identity import base_identity, data_identity
-    from modeling import adapters_signature, resolve_model
+    from run_safety.file_identity import base_identity, data_identity
+    from base_model.lora import adapters_signature
+    from base_model.builds import local_model_dir
+    from base_model.loading import resolve_model
 
     train_path = config.train_file
     if not train_path.is_file():
@@ -333,7 +336,7 @@ def run_inputs(config) -> dict:
     except OSError as exc:
         raise UserError(f"{train_path}: cannot read ({exc.strerror})") from None
     inputs = {"train_data": signature, "model": resolve_model(config.model.model)}
-    inputs.update(base=base_identity(inputs["model"]), train_content=data_identity(train_path),
+    inputs.update(base=base_identity(local_model_dir(inputs["model"])), train_content=data_identity(train_path),
                   val_content=data_identity(config.val_file if config.val_file.is_file() else None))
     if config.paths.init_adapters:
         inputs["init_adapters"] = adapters_signature(config.paths.init_adapters)
@@ -347,11 +350,12 @@ def train(config, output_dir: Path, manager, start, inputs: dict, group, names: 
     folder's probe file and its probes as the pre-check read them (corpus/precheck.py)."""
     from checkpoints.resume import restore_with_fallback
     from corpus.index import CorpusIndex, check_records
-    from file_identity import check_unchanged
-    from modeling import (adapter_config, attach_lora, bits_text, layer_bits, load_init_adapters, load_model,
-                          parameter_counts, tokenizer_key)
+    from run_safety.file_identity import check_unchanged
+    from base_model.lora import adapter_config, attach_lora, load_init_adapters
+    from base_model.weights import bits_text, layer_bits, parameter_counts
+    from base_model.loading import load_model, tokenizer_key
     from monitoring.probes import encode_probes, model_context
-    from trainer import CheckpointingFailed, DistrustTrainer
+    from training.trainer import CheckpointingFailed, DistrustTrainer
 
     t, lo = config.training, config.lora
     train_path = config.train_file

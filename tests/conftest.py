@@ -143,7 +143,7 @@ def run_script_in_process(name: str, *args, input: str | None = None, timeout: f
     import mlx.core as mx
     import numpy as np
 
-    import trainer
+    from training import trainer
 
     module = importlib.import_module(name)
     argv = [str(arg) for arg in args]
@@ -239,10 +239,10 @@ def train_on_a_tiny_copy(root: Path, val: int = 8, steps: int = 10, *extra) -> t
     Returns (base, run folder)."""
     import shutil
 
-    import modeling
+    from base_model import tiny
 
     base = root / "tiny-base"
-    shutil.copytree(modeling.ensure_tiny_model(), base)
+    shutil.copytree(tiny.ensure_tiny_model(), base)
     data = write_corpus(root / "data", train=24, val=val)
     out = root / "run"
     result = run_in_process(*FAST, "--model", base, "--data-dir", data, "--output-dir", out, "--max-steps", steps,
@@ -291,9 +291,9 @@ def corpus(tmp_path) -> Path:
 
 def load_tiny():
     """A fresh tiny demo model (quantized, no LoRA yet) and its tokenizer."""
-    import modeling
+    from base_model import loading
 
-    return modeling.load_model("tiny", quantize_bits=4)
+    return loading.load_model("tiny", quantize_bits=4)
 
 
 def read_event_file(path: Path) -> list:

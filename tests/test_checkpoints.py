@@ -32,7 +32,7 @@ from checkpoints import (
 )
 from checkpoints.manager import CheckpointInfo
 from checkpoints.state import STATE_FILES
-from errors import UserError
+from run_safety.errors import UserError
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 LORA_A = "model.layers.1.self_attn.q_proj.lora_a"
@@ -337,7 +337,7 @@ def test_a_failing_fsync_leaves_the_previous_checkpoint(manager, monkeypatch, co
     # replaced wherever it was imported, so the failure is reached on any OS.
     import checkpoints.manifest
     import checkpoints.state
-    import durable
+    from run_safety import durable
 
     for module in (durable, checkpoints.state, checkpoints.manifest):
         monkeypatch.setattr(module, "flush_fd", failing_flush)

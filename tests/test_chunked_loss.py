@@ -16,11 +16,11 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
-from chunked_loss import AUTO, AUTO_LOGITS, AUTO_MIN_CHUNKS, WHOLE, loss_plan, token_losses
+from training.chunked_loss import AUTO, AUTO_LOGITS, AUTO_MIN_CHUNKS, WHOLE, loss_plan, token_losses
 from conftest import (FAST, adapters_equal, load_adapters, read_metrics, run_cli, run_in_process,
                       run_script_in_process, train_lines)
 from monitoring.evaluation import compile_row_losses
-from optimization import gradient_function
+from training.optimization import gradient_function
 
 # Each chunk runs the operations autograd runs on the whole batch, on its rows: on this CPU
 # (MLX 0.32.4) the losses, the gradients and whole runs came out equal to the bit. Where a
@@ -35,15 +35,15 @@ CHUNKED = ["--loss-chunk-size", "16"]  # FAST's batches (4 x up to 48 tokens) in
 def tiny_model(tmp_path, *, tied: bool = True, bits: int = 4, dora: bool = False):
     """The tiny model (tied embedding), or one of its shape with its own lm_head; with LoRA
     (or DoRA) on every block, its B matrices drawn so that every adapter has a gradient."""
-    import modeling
+    from base_model import loading, lora, tiny
 
     if tied:
         name = "tiny"
     else:
-        name = str(modeling.build_random_model(tmp_path / "untied", {"tie_word_embeddings": False}, seed=7))
-    loaded = modeling.load_model(name, bits)
+        name = str(tiny.build_random_model(tmp_path / "untied", {"tie_word_embeddings": False}, seed=7))
+    loaded = loading.load_model(name, bits)
     model = loaded.model
-    modeling.attach_lora(model, 4, 8.0, -1, 0.0, seed=0, fine_tune_type="dora" if dora else "lora")
+    lora.attach_lora(model, 4, 8.0, -1, 0.0, seed=0, fine_tune_type="dora" if dora else "lora")
     mx.random.seed(5)
     model.load_weights([(name, mx.random.normal(value.shape) * 0.05) for name, value in
                         tree_flatten(model.trainable_parameters()) if name.endswith("lora_b")], strict=False)

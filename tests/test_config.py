@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from config import Config, differing_fields
-from errors import UserError
+from run_safety.errors import UserError
 from conftest import REPO
 from train_qlora import build_parser, config_from_args
 

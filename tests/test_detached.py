@@ -169,7 +169,7 @@ def data(tmp_path_factory) -> Path:
 
 @pytest.mark.parametrize("ignored", [signal.SIGHUP, signal.SIGINT, signal.SIGTERM])
 def test_a_stop_signal_ignored_on_entry_stays_ignored(ignored):
-    from stop_signals import StopRequests
+    from run_safety.stop_signals import StopRequests
 
     other = signal.SIGTERM if ignored != signal.SIGTERM else signal.SIGHUP
     previous = signal.signal(ignored, signal.SIG_IGN)

@@ -225,8 +225,8 @@ def test_a_resume_with_another_world_size_continues_the_same_run(data, one_proce
 def test_processes_that_read_different_data_are_stopped_before_training(tmp_path):
     # What a hostfile run meets when one machine holds another corpus: each rank checks the
     # same way as train_qlora.py does, here with a value that differs by rank.
-    script = ("import os, sys; sys.path.insert(0, 'src'); from errors import UserError; "
-              "from process_group import ProcessGroup; g = ProcessGroup.from_environment()\n"
+    script = ("import os, sys; sys.path.insert(0, 'src'); from run_safety.errors import UserError; "
+              "from training.process_group import ProcessGroup; g = ProcessGroup.from_environment()\n"
               "try:\n    g.check_same('the data', 'same'); g.check_same('the data', os.environ['MLX_RANK'])\n"
               "except UserError as e:\n    print(f'rank {g.rank}: {e}'); sys.exit(2)\n")
     env = dict(os.environ, PYTHONUNBUFFERED="1")

@@ -15,7 +15,7 @@ import pytest
 
 from conftest import (REPO, assert_one_line_error, copy_with_damaged_adapters, read_metrics, run_in_process,
                       run_script, run_script_in_process, train_on_a_tiny_copy, write_jsonl)
-from distrust import DistrustObjective, weight_report_lines
+from training.distrust import DistrustObjective, weight_report_lines
 
 DEMO_DATA = REPO / "data"
 # Short demo runs: sequences cut to 64 tokens, 60 steps of 8, validated once at the end on 64 val records.

@@ -26,7 +26,7 @@ def first(flushes: list, predicate, after: int = -1) -> int:
 
 
 def test_each_name_is_durable_before_anything_inside_or_naming_it_is_committed(tmp_path, monkeypatch):
-    import durable
+    from run_safety import durable
 
     data = write_corpus(tmp_path / "data")
     runs = tmp_path / "runs"  # neither it nor the run folder exists yet: both are created

@@ -20,7 +20,7 @@ import pytest
 from conftest import FAST, assert_one_line_error, run_in_process, run_script_in_process, write_corpus
 from gguf_checks import ARCHITECTURES, check_tensors, check_vocabulary, dequantized, fields
 
-import tiny_families
+from base_model import tiny_families
 
 # family -> (tokenizer.ggml.model, tokenizer.ggml.pre)
 VOCABULARIES = {"llama": ("llama", None), "smollm": ("gpt2", "smollm"), "llama3": ("gpt2", "llama-bpe"),
@@ -63,7 +63,7 @@ def test_each_family_exports_a_gguf_llama_cpp_reads(family, families_root):
     from mlx_lm import load
     from mlx_lm.utils import dequantize_model
 
-    import gguf_export
+    from base_model import gguf_out
 
     base, run = train_family(families_root, family)
     gguf_type = {"qwen2": "q4_0", "phi3": "q8_0"}.get(family, "f16")  # the other types below, from the writer
@@ -117,7 +117,7 @@ def test_each_family_exports_a_gguf_llama_cpp_reads(family, families_root):
         # llama.cpp lets Phi-3's chat tokens swallow the white space after them (as its tokenizer does)
         # only for a model whose name says phi3: another name gets it.
         renamed = families_root / family / "mine.gguf"
-        gguf_export.export_model_dir(save, renamed, "f16", "mine")
+        gguf_out.export_model_dir(save, renamed, "f16", "mine")
         assert fields(GGUFReader(str(renamed)))["general.name"] == "mine (phi3)"
     if family in ("gemma2", "gemma3"):
         assert meta["tokenizer.ggml.add_space_prefix"] is False
@@ -127,12 +127,12 @@ def test_each_family_exports_a_gguf_llama_cpp_reads(family, families_root):
     # Round trip: the f16 file read back as a base (--model FILE.gguf's own path, kept unquantized) is the
     # fused model within float16 rounding, and tokenizes as it does. (The import takes no mixture of experts.)
     if family != "mixtral":
-        import gguf_import
+        from base_model import gguf_in
 
         f16 = path if gguf_type == "f16" else families_root / family / "round-trip-f16.gguf"
         if f16 != path:
-            gguf_export.export_model_dir(save, f16, "f16", save.name)
-        again, again_tokenizer = load(gguf_import.prepare_gguf_base(str(f16), 0).path)
+            gguf_out.export_model_dir(save, f16, "f16", save.name)
+        again, again_tokenizer = load(gguf_in.prepare_gguf_base(str(f16), 0).path)
         ids = mx.array([tokenizer.encode(ROUND_TRIP_TEXTS[0])])
         want, got = (np.array(m(ids).astype(mx.float32)) for m in (model, again))
         assert np.abs(got - want).max() <= 0.01 * np.abs(want).max()
@@ -143,7 +143,7 @@ def test_each_family_exports_a_gguf_llama_cpp_reads(family, families_root):
     others = sorted({"f16", "q8_0", "q4_0"} - {gguf_type}) if family in ("smollm", "mixtral", "gemma3") else []
     for other in others:
         target = families_root / family / f"{other}.gguf"
-        summary = gguf_export.export_model_dir(save, target, other)
+        summary = gguf_out.export_model_dir(save, target, other)
         assert summary["bytes"] == target.stat().st_size
         check_tensors(GGUFReader(str(target)), parameters, config, other)
 
@@ -183,19 +183,19 @@ def test_vocabularies_and_rope_scalings_llama_cpp_would_read_wrong_are_refused(t
     """The plan refuses, naming why, what llama.cpp would tokenize or position differently."""
     from mlx_lm.utils import load_tokenizer
 
-    import gguf_export
-    from errors import UserError
+    from base_model import gguf_out
+    from run_safety.errors import UserError
 
     base = tiny_families.build_family_model("qwen2", tmp_path / "qwen2")
     config = json.loads((base / "config.json").read_text())
     spec = json.loads((base / "tokenizer.json").read_text())
-    plan = gguf_export.plan_gguf(config, base, load_tokenizer(base), "q4_0")
+    plan = gguf_out.plan_gguf(config, base, load_tokenizer(base), "q4_0")
     assert (plan.arch, plan.vocabulary.model, plan.vocabulary.pre) == ("qwen2", "gpt2", "qwen2")
 
     def refusal(config: dict, spec: dict) -> str:
         (base / "tokenizer.json").write_text(json.dumps(spec))
         with pytest.raises(UserError) as caught:
-            gguf_export.plan_gguf(config, base, load_tokenizer(base))
+            gguf_out.plan_gguf(config, base, load_tokenizer(base))
         return str(caught.value)
 
     other_split = json.loads(json.dumps(spec))

@@ -5,7 +5,7 @@ classes), written to a GGUF file here the way llama.cpp's converter writes one
 (its tensor names from the gguf package's table, the Q/K rows of llama-family
 models interleaved, Gemma's norms stored plus 1, llama.cpp's metadata keys), with
 a tokenizer trained here (`tokenizers` byte-level BPE, or `sentencepiece`).
-Read back through gguf_import it must be the same model: float files give the
+Read back through base_model/gguf_in.py it must be the same model: float files give the
 original logits (exactly, or within 1e-5 for Gemma, whose norm offset is
 rounded in float32); Q4_0 and Q8_0 tensors are kept bit for bit; the tokenizer
 gives the original's ids.
@@ -142,13 +142,13 @@ def write_gguf(path: Path, model, config: dict, arch: str, vocab: dict, types=No
     names, Q/K rows interleaved (llama), Gemma's norms plus 1, 1-D tensors F32 and 2-D ones of
     `types(name)` (F32 by default; Q8_0, Q4_0, F16 are written with the gguf package's quantizer).
 
-    An independent oracle, kept apart from src/gguf_export.py on purpose: written from llama.cpp's
+    An independent oracle, kept apart from src/gguf_out.py on purpose: written from llama.cpp's
     convert_hf_to_gguf.py conventions, so the import is checked against llama.cpp's layout and
     not against our own export (a convention both got wrong would pass a round trip: that one is
     test_gguf_export's). It also writes what the export never does and real files hold: a type per
     tensor (a Q8_0 embedding beside Q4_0 MLPs, F16 beside Q8_0) and SentencePiece's own scores.
     Likewise FAMILIES and the tokenizers here (real `sentencepiece` models) are not
-    src/tiny_families.py's, whose folders are what the export starts from."""
+    src/base_model/tiny_families.py's, whose folders are what the export starts from."""
     from mlx.utils import tree_flatten
 
     K = gguf.Keys
@@ -233,9 +233,9 @@ def own_cache(tmp_path, monkeypatch):
 
 
 def build(path: Path, bits: int = 4):
-    import modeling
+    from base_model import loading
 
-    return modeling.prepare_base(modeling.resolve_model(str(path)), bits, shown=path.name)
+    return loading.prepare_base(loading.resolve_model(str(path)), bits, shown=path.name)
 
 
 def logits(model, ids) -> mx.array:
@@ -318,7 +318,7 @@ def test_q8_0_and_q4_0_tensors_are_kept_bit_for_bit_and_nothing_is_quantized_twi
     from mlx.utils import tree_flatten
     from mlx_lm import load
 
-    import gguf_import
+    from base_model import gguf_in
 
     model, config, path, _ = family_gguf(tmp_path, family, types=q8_and_q4)
     base = build(path, bits=4)
@@ -341,7 +341,7 @@ def test_q8_0_and_q4_0_tensors_are_kept_bit_for_bit_and_nothing_is_quantized_twi
             theirs = read_by_mlx[f"{table.get_name(module)}.{part}"]
             if family in PERMUTED and module.endswith(("q_proj", "k_proj")):
                 heads = config["num_attention_heads" if module.endswith("q_proj") else "num_key_value_heads"]
-                theirs = gguf_import.unpermute_rows(theirs, heads)
+                theirs = gguf_in.unpermute_rows(theirs, heads)
             assert mx.array_equal(kept[f"{module}.{part}"], theirs).item(), (module, part)
             compared += 1
     assert compared == 3 * sum(1 for _, v in tree_flatten(model.parameters()) if v.ndim == 2)
@@ -358,12 +358,12 @@ def test_q8_0_and_q4_0_tensors_are_kept_bit_for_bit_and_nothing_is_quantized_twi
 
 
 def test_other_tensor_types_are_dequantized_and_quantized_to_quantize_bits_with_one_line(tmp_path):
-    import modeling
+    from base_model import builds
 
     _, _, path, _ = family_gguf(tmp_path, "llama", types=lambda name: T.Q8_0 if "embed" in name else T.F16)
     base = build(path, bits=4)
     quantization = json.loads((Path(base.path) / "config.json").read_text())["quantization"]
-    assert (quantization["group_size"], quantization["bits"]) == (modeling.QUANT_GROUP_SIZE, 4)
+    assert (quantization["group_size"], quantization["bits"]) == (builds.QUANT_GROUP_SIZE, 4)
     assert quantization["model.embed_tokens"] == {"group_size": 32, "bits": 8, "mode": "affine"}  # Q8_0: kept
     assert base.quantization == quantization
     # --quantize-bits 0 keeps them as the file has them; another folder (the bits are in its key).
@@ -395,7 +395,7 @@ def test_the_line_about_requantized_tensors(tmp_path):
 def test_a_run_on_a_gguf_trains_the_built_folder_and_resumes_bit_for_bit_after_the_cache_is_wiped(tmp_path):
     from mlx_lm import load
 
-    import modeling
+    from base_model import trained_run
     from test_modeling import final_state, validation_loss
 
     _, _, path, _ = family_gguf(tmp_path, "llama", types=q8_and_q4)
@@ -432,7 +432,7 @@ def test_a_run_on_a_gguf_trains_the_built_folder_and_resumes_bit_for_bit_after_t
     after = mx.load(str(built / "model.safetensors"))
     assert before.keys() == after.keys() and all(mx.array_equal(before[k], after[k]).item() for k in before)
     state, config = final_state(resumed)
-    assert modeling.run_base_model(state.adapter_config, config).path == str(built)
+    assert trained_run.run_base_model(state.adapter_config, config).path == str(built)
 
 
 def test_a_gguf_replaced_keeping_its_size_and_times_is_built_again_not_its_stale_folder(tmp_path):
@@ -457,7 +457,7 @@ def test_a_gguf_replaced_keeping_its_size_and_times_is_built_again_not_its_stale
 
 
 def test_a_built_folder_changed_in_the_cache_is_built_again_not_trained_on(tmp_path):
-    """Like a quantized copy (modeling.remove_if_changed): the folder records its files' sums."""
+    """Like a quantized copy (builds.remove_if_changed): the folder records its files' sums."""
     from test_run_identity import scale_one_weight
 
     _, _, path, _ = family_gguf(tmp_path, "llama", types=q8_and_q4)
@@ -548,11 +548,11 @@ def test_k_quants_are_dequantized_as_llama_cpp_does(tmp_path):
     """Q6_K and Q2_K as MLX's own GGUF reader gives them; Q4_K as llama.cpp's formula (mx.load
     0.32.4 does not follow it: on this block it is off by up to 8.4, one reason the gguf package
     reads the tensors)."""
-    import gguf_import
+    from base_model import gguf_in
 
     for kind, scale_bytes in ((T.Q6_K, [208]), (T.Q2_K, [80, 82])):
         path = one_tensor_gguf(tmp_path / f"{kind.name}.gguf", kind, scale_bytes=scale_bytes)
-        ours = gguf_import.float_tensor(gguf.GGUFReader(path).tensors[0], path.name)
+        ours = gguf_in.float_tensor(gguf.GGUFReader(path).tensors[0], path.name)
         assert ours.dtype == mx.float16 and mx.array_equal(ours, mx.load(str(path))["a.weight"]).item(), kind.name
 
     path = one_tensor_gguf(tmp_path / "Q4_K.gguf", T.Q4_K, rows=1, blocks=1, scale_bytes=[0, 2])
@@ -571,7 +571,7 @@ def test_k_quants_are_dequantized_as_llama_cpp_does(tmp_path):
         for half, nibbles in enumerate((q & 15, q >> 4)):
             scale, minimum = scale_and_min(2 * chunk + half)
             expected += list(d * scale * nibbles - dmin * minimum)
-    ours = np.array(gguf_import.float_tensor(gguf.GGUFReader(path).tensors[0], "Q4_K").astype(mx.float32))[0]
+    ours = np.array(gguf_in.float_tensor(gguf.GGUFReader(path).tensors[0], "Q4_K").astype(mx.float32))[0]
     assert np.abs(ours - np.array(expected)).max() <= 2 ** -11 * np.abs(expected).max()  # float16 rounding
 
 

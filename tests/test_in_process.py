@@ -98,13 +98,13 @@ def test_this_process_is_left_as_it_was_after_a_run_a_refusal_and_a_crash(tmp_pa
 
 
 def test_grad_checkpoint_is_refused_in_process_and_patches_nothing(tmp_path):
-    import modeling
+    from base_model import loading
 
     data = write_corpus(tmp_path / "data", train=12, val=0)
     out = tmp_path / "out"
     with pytest.raises(GradCheckpointInProcess):
         run_in_process(*FAST, "--data-dir", data, "--output-dir", out, "--max-steps", "2", "--grad-checkpoint")
-    block = type(modeling.load_model("tiny", quantize_bits=4).model.layers[0])
+    block = type(loading.load_model("tiny", quantize_bits=4).model.layers[0])
     assert not getattr(block, "_distrust_grad_checkpoint", False)
     assert not (out / ".run.lock").exists()
 

@@ -18,7 +18,7 @@ import pytest
 
 from checkpoints.manifest import write_manifest
 from conftest import FAST, adapters_equal, load_adapters, make_record, run_cli, run_script, train_lines
-from json_files import finite_or_none, json_text
+from run_safety.json_files import finite_or_none, json_text
 
 STEPS = 8
 # A checkpoint before the first validation (step 2), so that one has no best validation loss yet.

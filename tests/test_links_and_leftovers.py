@@ -107,19 +107,19 @@ KILLED_BUILD = """
 import sys, time
 sys.path.insert(0, "src")
 from pathlib import Path
-import modeling
+from base_model import builds
 
 def build(scratch):
     (scratch / "model.safetensors").write_bytes(bytes(1 << 20))
     print("building", flush=True)
     time.sleep(300)
 
-modeling.build_model_dir_once(Path(sys.argv[1]), build, "a model killed while built")
+builds.build_model_dir_once(Path(sys.argv[1]), build, "a model killed while built")
 """
 
 
 def test_the_scratch_folder_of_a_build_killed_with_sigkill_is_removed_at_the_next_start(tmp_path, capfd):
-    import modeling
+    from base_model import builds
 
     cache = tmp_path / "cache"
     process = subprocess.Popen([sys.executable, "-c", KILLED_BUILD, str(cache / "killed")], cwd=REPO,
@@ -134,7 +134,7 @@ def test_the_scratch_folder_of_a_build_killed_with_sigkill_is_removed_at_the_nex
     try:  # a build of a process still running is its own business
         busy = cache / f".other-build-0123abcd-{alive.pid}"
         busy.mkdir()
-        target = modeling.build_model_dir_once(cache / "next", lambda scratch: (scratch / "config.json").write_text(
+        target = builds.build_model_dir_once(cache / "next", lambda scratch: (scratch / "config.json").write_text(
             "{}"), "the next model")
     finally:
         alive.kill()

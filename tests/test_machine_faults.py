@@ -86,7 +86,7 @@ def test_a_kernel_library_cut_short_names_the_file_to_remove(data, tmp_path):
     """A compile killed mid-write (or on a full disk) leaves a broken library every later run loads."""
     import mlx.core as mx
 
-    import machine
+    from run_safety import machine
 
     if shutil.which("g++") is None:
         pytest.skip("without g++ MLX compiles nothing")
@@ -118,7 +118,7 @@ def test_a_hard_open_files_limit_of_1024_trains(data, tmp_path):
 
 
 def test_mlx_lm_imports_under_a_hard_limit_of_2048():
-    code = ("import sys, resource; sys.path.insert(0, 'src'); import machine; "
+    code = ("import sys, resource; sys.path.insert(0, 'src'); from run_safety import machine; "
             "machine.import_mlx_lm_within_open_files_limit(); import mlx_lm.utils; "
             "print(resource.getrlimit(resource.RLIMIT_NOFILE))")
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120,
@@ -166,7 +166,7 @@ def test_a_working_directory_deleted_mid_run_does_not_stop_a_run_with_absolute_p
 
 
 def test_a_read_only_or_full_cache_is_one_line_and_leaves_no_scratch(data, tmp_path, monkeypatch):
-    import modeling
+    from run_safety import paths
 
     cache = tmp_path / "cache"
     with mounted_tmpfs(cache, "64k"):
@@ -178,14 +178,14 @@ def test_a_read_only_or_full_cache_is_one_line_and_leaves_no_scratch(data, tmp_p
         remount_read_only(cache)
         read_only = run_in_process(*ARGS, "--data-dir", data, "--output-dir", tmp_path / "out")
     assert_one_line_error(read_only, "cannot build the tiny demo model", "Read-only file system")
-    assert modeling.cache_dir() == cache  # the test did look there
+    assert paths.cache_dir() == cache  # the test did look there
 
 
 def test_a_full_cache_while_the_4_bit_copy_is_written_is_one_line(data, tmp_path, monkeypatch):
-    import modeling
+    from base_model import tiny
 
     base = tmp_path / "base"
-    shutil.copytree(modeling.ensure_tiny_model(), base)  # a float base: quantized on load, into the cache
+    shutil.copytree(tiny.ensure_tiny_model(), base)  # a float base: quantized on load, into the cache
     cache = tmp_path / "cache"
     with mounted_tmpfs(cache, "64k"):
         monkeypatch.setenv("DISTRUST_QLORA_CACHE", str(cache))

@@ -16,7 +16,7 @@ import pytest
 
 from conftest import (FAST, adapters_equal, assert_one_line_error, load_adapters, load_tiny, read_metrics, run_cli,
                       run_in_process, train_lines)
-from memory_check import LIMIT_VARIABLE, longest_batch, parse_size
+from training.memory_check import LIMIT_VARIABLE, longest_batch, parse_size
 
 LINE = re.compile(r"^memory: the longest batch \((\d+) x ([\d,]+) tokens\) peaks at ([\d.,]+) (MB|kB|GB) of "
                   r"([\d.,]+) (MB|kB|GB) \((.*)\)$", re.M)

@@ -41,9 +41,9 @@ def fresh_tiny_tokenizer():
     """The tiny model's tokenizer, a copy of its own (a test may change its chat template)."""
     from mlx_lm.utils import load_tokenizer
 
-    import modeling
+    from base_model import tiny
 
-    return load_tokenizer(Path(modeling.ensure_tiny_model()))
+    return load_tokenizer(Path(tiny.ensure_tiny_model()))
 
 
 def answer_tokens(tokens: list[int], tokenizer) -> list[set[int]]:

@@ -249,7 +249,7 @@ def test_each_option_trains_and_resumes_bit_for_bit_after_a_kill(options, tmp_pa
     if "dora" in options:
         assert any(name.endswith(".m") for name in load_adapters(out))  # DoRA's magnitudes are trained
         # mlx-lm itself loads the DoRA adapters onto the base the run names.
-        from modeling import load_with_mlx_lm
+        from base_model.loading import load_with_mlx_lm
 
         model, _, _ = load_with_mlx_lm(written["model"], False, adapter_path=str(out))
         assert type(model.layers[0].self_attn.q_proj).__name__ == "DoRALinear"
@@ -260,7 +260,7 @@ def test_each_option_trains_and_resumes_bit_for_bit_after_a_kill(options, tmp_pa
         assert set(load_adapters(out)) == {f"model.layers.{block}.self_attn.{layer}.lora_{ab}"
                                            for block in (0, 1) for layer in ("q_proj", "v_proj") for ab in "ab"}
         assert written["lora_parameters"]["keys"] == ["self_attn.q_proj", "self_attn.v_proj"]
-        from modeling import load_with_mlx_lm
+        from base_model.loading import load_with_mlx_lm
 
         model, _, _ = load_with_mlx_lm(written["model"], False, adapter_path=str(out))
         assert {name: type(getattr(model.layers[1].self_attn, name)).__name__ for name in ("q_proj", "k_proj")} == \

@@ -67,16 +67,16 @@ def test_the_base_a_run_names_gives_the_trained_model(tmp_path, base_kind):
     from mlx_lm.tuner.utils import load_adapters
     from mlx_lm.utils import quantize_model
 
-    import modeling
+    from base_model import loading, trained_run
 
-    tiny = modeling.resolve_model("tiny")
+    tiny = loading.resolve_model("tiny")
     if base_kind == "quantized on load":
         source = tiny
         corpus, out = train(tmp_path)
     else:
         # What `mlx_lm convert -q` writes: the quantized copy, taken as a model of its own.
         source = str(tmp_path / "tiny-4bit")
-        shutil.copytree(modeling.prepare_base(tiny, 4).path, source)
+        shutil.copytree(loading.prepare_base(tiny, 4).path, source)
         corpus, out = train(tmp_path, "--model", source)
 
     adapter_config = json.loads((out / "adapter_config.json").read_text())
@@ -111,13 +111,13 @@ def test_the_base_a_run_names_gives_the_trained_model(tmp_path, base_kind):
         assert np.abs(logits(float_model) - logits(model)).max() > 0.1
 
     state, config = final_state(out)
-    assert modeling.run_base_model(state.adapter_config, config).path == adapter_config["model"]
+    assert trained_run.run_base_model(state.adapter_config, config).path == adapter_config["model"]
 
 
 def test_a_moved_project_rebuilds_the_tiny_base_and_its_quantized_copy(tmp_path, monkeypatch):
     from mlx_lm import load
 
-    import modeling
+    from base_model import trained_run
 
     monkeypatch.setenv("DISTRUST_QLORA_CACHE", str(tmp_path / "cache-before"))
     _, out = train(tmp_path)
@@ -129,11 +129,11 @@ def test_a_moved_project_rebuilds_the_tiny_base_and_its_quantized_copy(tmp_path,
     shutil.rmtree(tmp_path / "cache-before")
     monkeypatch.setenv("DISTRUST_QLORA_CACHE", str(tmp_path / "cache-after"))
     state, config = final_state(out)
-    base = modeling.run_base_model(state.adapter_config, config)
+    base = trained_run.run_base_model(state.adapter_config, config)
     assert base.path.startswith(str(tmp_path / "cache-after" / "quantized"))
     assert base.quantization == QUANTIZED_ON_LOAD
-    trained = modeling.open_run(out, "latest", "test")
-    model, _, _ = modeling.load_trained_model(trained)
+    trained = trained_run.open_run(out, "latest", "test")
+    model, _, _ = trained_run.load_trained_model(trained)
     assert np.array_equal(logits(model), before)  # rebuilt byte for byte: the very same model
 
 
@@ -143,14 +143,14 @@ def test_quantizing_on_load_is_written_once_and_loads_as_the_base_quantized_in_m
     from mlx_lm import load
     from mlx_lm.utils import quantize_model
 
-    import modeling
+    from base_model import loading
 
     monkeypatch.setenv("DISTRUST_QLORA_CACHE", str(tmp_path / "cache"))
-    first = modeling.load_model("tiny", quantize_bits=4)
+    first = loading.load_model("tiny", quantize_bits=4)
     copy = Path(first.base.path)
     written = (copy / "model.safetensors").stat().st_mtime_ns
-    again = modeling.load_model("tiny", quantize_bits=4)
-    assert again.base.path == str(copy) and first.path == again.path == modeling.resolve_model("tiny")
+    again = loading.load_model("tiny", quantize_bits=4)
+    assert again.base.path == str(copy) and first.path == again.path == loading.resolve_model("tiny")
     assert [p.name for p in copy.parent.iterdir()] == [copy.name]
     assert (copy / "model.safetensors").stat().st_mtime_ns == written  # written once
     assert first.quantized_bits == 4 and first.base.quantization == QUANTIZED_ON_LOAD
@@ -163,5 +163,5 @@ def test_quantizing_on_load_is_written_once_and_loads_as_the_base_quantized_in_m
     assert all(mx.array_equal(loaded[k], expected[k]).item() and loaded[k].dtype == expected[k].dtype for k in loaded)
 
     # --quantize-bits 0 keeps the base: nothing to copy, the base itself is named.
-    plain = modeling.load_model("tiny", quantize_bits=0)
+    plain = loading.load_model("tiny", quantize_bits=0)
     assert plain.base.path == plain.path and plain.quantized_bits is None

@@ -11,9 +11,9 @@ import pytest
 from conftest import load_tiny
 from corpus.batching import collate
 from corpus.index import CorpusIndex
-from distrust import DistrustObjective, distrust_scores
-from errors import UserError
-from chunked_loss import loss_sums
+from training.distrust import DistrustObjective, distrust_scores
+from run_safety.errors import UserError
+from training.chunked_loss import loss_sums
 
 
 def test_distrust_score_matches_the_published_formula():

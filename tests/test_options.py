@@ -70,9 +70,9 @@ def test_quantize_bits_0_trains_on_the_base_as_it_is(data, tmp_path):
     result = train(data, tmp_path / "float", "--quantize-bits", "0", steps=2)
     assert "not quantized" in result.stderr
     config = json.loads((tmp_path / "float" / "adapter_config.json").read_text())
-    import modeling
+    from base_model import tiny
 
-    assert config["model"] == str(modeling.ensure_tiny_model())  # the float base itself, no quantized copy
+    assert config["model"] == str(tiny.ensure_tiny_model())  # the float base itself, no quantized copy
     train(data, tmp_path / "quantized", steps=2)
     assert not adapters_equal(load_adapters(tmp_path / "float"), load_adapters(tmp_path / "quantized"))
 
@@ -114,10 +114,10 @@ def test_one_run_per_output_dir(data, tmp_path):
 
 
 def test_chat_records_on_a_model_without_a_chat_template_are_refused_at_their_line(tmp_path):
-    import modeling
+    from base_model import tiny
 
     base = tmp_path / "no-template"
-    shutil.copytree(modeling.ensure_tiny_model(), base)
+    shutil.copytree(tiny.ensure_tiny_model(), base)
     tokenizer_config = json.loads((base / "tokenizer_config.json").read_text())
     tokenizer_config.pop("chat_template", None)
     (base / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))

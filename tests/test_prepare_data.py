@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from corpus import prepare as prep
-from errors import UserError
+from run_safety.errors import UserError
 
 REPO = Path(__file__).resolve().parent.parent
 CLI = REPO / "src" / "prepare_data.py"

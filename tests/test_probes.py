@@ -122,7 +122,7 @@ def test_the_scorer_equals_a_direct_computation_whatever_the_batching(tmp_path):
     import numpy as np
     from mlx.utils import tree_map
 
-    from modeling import attach_lora
+    from base_model.lora import attach_lora
     from monitoring.evaluation import compile_row_losses
     from monitoring.probes import SIDES, load_probes, model_context, probe_batches, probe_report, score_probes
 

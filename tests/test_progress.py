@@ -7,7 +7,8 @@ import re
 
 import pytest
 
-from monitoring.progress import ProgressLine, format_bytes, format_duration
+from monitoring.progress import ProgressLine, format_duration
+from run_safety.sizes import size_text
 
 
 class FakeTerminal(io.StringIO):
@@ -74,7 +75,7 @@ def test_durations_are_hours_and_minutes(seconds, shown):
     (4_523_000_000, "4.52 GB"), (-2_000_000, "-2.0 MB"),
 ])
 def test_memory_in_mb_or_gb_as_it_grows(count, shown):
-    assert format_bytes(count) == shown
+    assert size_text(count, smallest="MB") == shown
 
 
 def test_memory_growth_is_measured_from_the_baseline_step_and_marked_only_when_large():

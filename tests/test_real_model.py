@@ -45,7 +45,7 @@ def test_the_real_model_is_read_as_the_file_describes(run):
     import mlx.core as mx
     from mlx_lm.utils import load_tokenizer
 
-    import gguf_import
+    from base_model import gguf_in
 
     built = Path(json.loads((run[0] / "adapter_config.json").read_text())["model"])
     config = json.loads((built / "config.json").read_text())
@@ -60,7 +60,7 @@ def test_the_real_model_is_read_as_the_file_describes(run):
     theirs = mx.load(str(gguf_path()))
     for part in ("weight", "scales", "biases"):
         assert mx.array_equal(ours[f"model.layers.7.self_attn.k_proj.{part}"],
-                              gguf_import.unpermute_rows(theirs[f"blk.7.attn_k.{part}"], 3)).item()
+                              gguf_in.unpermute_rows(theirs[f"blk.7.attn_k.{part}"], 3)).item()
         assert mx.array_equal(ours[f"model.embed_tokens.{part}"], theirs[f"token_embd.{part}"]).item()
     tokenizer = load_tokenizer(built)
     assert tokenizer.encode(QUESTION) == [1780, 314, 260, 3575, 282, 4649, 47]  # no BOS: the file says so

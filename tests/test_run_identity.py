@@ -24,7 +24,7 @@ from checkpoints.manifest import write_manifest
 from conftest import (FAST, assert_one_line_error, read_metrics, run_in_process, train_lines, train_on_a_tiny_copy,
                       write_corpus, write_jsonl)
 
-import file_identity
+from run_safety import file_identity
 
 
 def times_of(path: Path) -> tuple[int, int]:
@@ -144,9 +144,9 @@ def test_a_base_changed_while_the_run_was_stopped_is_listed_on_resume(tmp_path, 
 def test_a_resume_on_the_unchanged_base_reads_none_of_it_again(tmp_path, monkeypatch):
     """The tiny model's files were hashed by an earlier run (or are now, once): a resume only
     stats them. A sum taken within 2 s of a file's last change is not kept: wait that long."""
-    import modeling
+    from base_model import tiny
 
-    base = modeling.ensure_tiny_model()
+    base = tiny.ensure_tiny_model()
     newest = max(max(info.st_mtime_ns, info.st_ctime_ns) for info in map(os.stat, base.iterdir()))
     time.sleep(max(0.0, (newest + file_identity.RACY_NS - time.time_ns()) / 1e9 + 0.05))
     data = write_corpus(tmp_path / "data")
@@ -180,13 +180,15 @@ def test_a_hash_cache_that_cannot_be_written_is_no_fault(tmp_path, monkeypatch):
 
 def test_a_single_model_file_is_an_identity_too(tmp_path):
     """A base given as one file (a .gguf): its name, size and SHA-256; an edit keeping size and times shows."""
+    from checkpoints.resume import input_differences
+
     model = tmp_path / "model.gguf"
     model.write_bytes(bytes(range(256)) * 40)
     before = file_identity.base_identity(str(model), cache=tmp_path / "hashes")
     assert list(before["files"]) == ["model.gguf"] and before["files"]["model.gguf"]["size"] == 10240
     rewrite_keeping_size_and_times(model, lambda blob: blob[:5000] + b"\xff" + blob[5001:])
     after = file_identity.base_identity(str(model), cache=tmp_path / "hashes")
-    differences, _, _ = file_identity.input_differences({"base": before}, {"base": after})
+    differences, _, _ = input_differences({"base": before}, {"base": after})
     assert differences == ["base model content differs (changed: model.gguf)"]
 
 
@@ -221,10 +223,10 @@ def test_a_base_edited_keeping_sizes_and_times_gets_a_quantized_copy_of_its_own(
 
 def test_a_quantized_copy_changed_in_the_cache_is_built_again_not_trained_on(tmp_path, monkeypatch):
     """The copy a run trains on is derived: it records its own files' sums when written."""
-    import modeling
+    from base_model import tiny
 
     base = tmp_path / "base"
-    shutil.copytree(modeling.ensure_tiny_model(), base)
+    shutil.copytree(tiny.ensure_tiny_model(), base)
     monkeypatch.setenv("DISTRUST_QLORA_CACHE", str(tmp_path / "cache"))  # a copy of its own, shared with no test
     data = write_corpus(tmp_path / "data")
     first = run_in_process(*FAST, "--model", base, "--data-dir", data, "--output-dir", tmp_path / "a", "--max-steps", 2)
@@ -318,17 +320,17 @@ def test_a_training_file_touched_chmodded_or_copied_over_with_its_own_bytes_does
 
 def test_a_training_file_edited_while_the_model_loads_is_found_before_the_first_step(tmp_path, monkeypatch):
     """Loading a 7B base takes minutes; the identity was taken before it, the index after."""
-    import modeling
+    from base_model import loading
 
     data = write_corpus(tmp_path / "data")
-    load_model = modeling.load_model
+    load_model = loading.load_model
 
     def load_then_edit(*args, **kwargs):
         loaded = load_model(*args, **kwargs)
         rewrite_keeping_size_and_times(data / "train.jsonl", same_length_other_scores)
         return loaded
 
-    monkeypatch.setattr(modeling, "load_model", load_then_edit)
+    monkeypatch.setattr(loading, "load_model", load_then_edit)
     result = run_in_process(*FAST, "--data-dir", data, "--output-dir", tmp_path / "out", "--max-steps", "3")
     assert_one_line_error(result, "train.jsonl", "training file changed since this run started", "same size")
     assert not (tmp_path / "out" / "checkpoints").exists()
@@ -336,10 +338,10 @@ def test_a_training_file_edited_while_the_model_loads_is_found_before_the_first_
 
 def test_files_that_loading_does_not_read_are_not_part_of_the_base(tmp_path):
     """A README, a .DS_Store, weights in another format: adding or editing them is no other base."""
-    import modeling
+    from base_model import tiny
 
     base = tmp_path / "base"
-    shutil.copytree(modeling.ensure_tiny_model(), base)
+    shutil.copytree(tiny.ensure_tiny_model(), base)
     before = file_identity.base_identity(str(base), cache=tmp_path / "hashes")
     for name in ("README.md", ".DS_Store", "pytorch_model.bin"):
         (base / name).write_bytes(b"anything")

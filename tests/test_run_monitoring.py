@@ -244,7 +244,7 @@ def test_the_logged_learning_rate_is_the_one_each_step_used(validated_run):
 def test_the_schedule_with_and_without_warmup(warmup):
     import mlx.core as mx
 
-    from optimization import learning_rate_schedule
+    from training.optimization import learning_rate_schedule
 
     schedule = learning_rate_schedule(1e-3, warmup, 10)
     rates = [schedule(mx.array(t)).item() for t in range(11)]

@@ -6,7 +6,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from corpus import scoring
-from distrust import distrust_scores
+from training.distrust import distrust_scores
 
 ALPHA = 2.7
 

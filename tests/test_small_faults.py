@@ -103,7 +103,7 @@ def test_a_checkpoint_removed_by_retention_after_it_was_chosen_still_loads(tiny_
     import mlx.core as mx
     from mlx_lm import load
 
-    from modeling import load_trained_model, open_run
+    from base_model.trained_run import load_trained_model, open_run
 
     root, base, out = tiny_run
     run = tmp_path / "run"
@@ -140,7 +140,7 @@ def test_generate_into_a_pipe_closed_by_its_reader_stops_quietly(tiny_run):
 
 
 def test_a_ctrl_c_a_library_turned_into_another_exception_is_still_exit_130(capsys):
-    from errors import run_command
+    from run_safety.command import run_command
 
     def work():
         try:

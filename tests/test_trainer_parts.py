@@ -12,8 +12,8 @@ def build_trainer(tmp_path: Path):
     from checkpoints import CheckpointManager
     from config import Config
     from corpus.index import CorpusIndex
-    from modeling import adapter_config, attach_lora
-    from trainer import DistrustTrainer
+    from base_model.lora import adapter_config, attach_lora
+    from training.trainer import DistrustTrainer
 
     data = write_corpus(tmp_path / "data", train=16, val=0)
     out = tmp_path / "run"

@@ -27,9 +27,9 @@ from typing import Callable
 
 import mlx.core as mx
 
-from errors import UserError, one_line
+from run_safety.errors import UserError, one_line
 
-from durable import (TEMP_PREFIX, aside_name, left_by_a_dead_process, commit_directory, copy_file_atomically, flush_dir,
+from run_safety.durable import (TEMP_PREFIX, aside_name, left_by_a_dead_process, commit_directory, copy_file_atomically, flush_dir,
                      free_space, make_dirs, open_regular_file, remove_leftover, write_text_atomically)
 from .manifest import verify_checkpoint, write_manifest
 from .retention import RetentionPolicy

@@ -17,8 +17,8 @@ from functools import lru_cache
 from importlib import metadata
 from pathlib import Path
 
-from durable import flush_fd, open_regular_file, sha256_of_file
-from json_files import json_text
+from run_safety.durable import flush_fd, open_regular_file, sha256_of_file
+from run_safety.json_files import json_text
 from .state import STATE_FILES
 
 MANIFEST_FILE = "manifest.json"

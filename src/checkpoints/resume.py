@@ -15,12 +15,14 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from config import differing_fields
 from checkpoints.manager import CheckpointCorruptError, CheckpointManager
 from checkpoints.run_dir import check_run_dir, refuse_hard_link, remove_leftovers
 from checkpoints.state import TrainingState
-from durable import CLOSE_ON_EXEC, NO_FOLLOW, aside_name, aside_stamp, flush_dir, make_dirs
-from errors import UserError
-from file_identity import input_differences
+from run_safety.durable import CLOSE_ON_EXEC, NO_FOLLOW, aside_name, aside_stamp, flush_dir, make_dirs
+from run_safety.errors import UserError
+from run_safety.sizes import size_text
+from run_safety.file_identity import NEWER_INPUTS, content_key, file_differences, size_change
 
 UNRECORDED_NAMES = {"base": "base model", "train_content": "whole training file", "val_content": "validation file"}
 
@@ -310,7 +312,7 @@ def _refuse_if_only_invalid(manager: CheckpointManager) -> None:
 
 def _load_checked(manager: CheckpointManager, path: Path, config, inputs: dict,
                   corrupt_is_error: bool = True) -> ResumePoint:
-    from config import Config, differing_fields
+    from config import Config
 
     try:
         state = manager.load(path)
@@ -353,7 +355,7 @@ def describe_checkpoints(manager: CheckpointManager) -> str:
         marks = ", ".join(m for m, on in (("best", info.is_best), ("final", info.is_final)) if on)
         rows.append((
             info.path.name, str(info.step), _fmt(info.loss), _fmt(info.val_loss),
-            "yes" if info.valid else f"NO: {info.problem}", _size(info.size_bytes), marks,
+            "yes" if info.valid else f"NO: {info.problem}", size_text(info.size_bytes), marks,
         ))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows]
@@ -371,8 +373,38 @@ def _fmt(value) -> str:
     return "-" if value is None else f"{value:.4f}"
 
 
-def _size(size: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if size < 1024 or unit == "GiB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
+def input_differences(saved: dict, current: dict) -> tuple[list[str], list[str], list[str]]:
+    """(differences, newer inputs the checkpoint does not record, notes) between the inputs a
+    checkpoint recorded and the current ones. The base and the data are described by file, the rest
+    as config.differing_fields lists settings. A checkpoint of an older version has no record of the base's
+    and the data's full content: those are not compared, and named in the second list. Another
+    validation file changes nothing that is learned (only what is measured): it is a note, not a
+    difference, so that a val.jsonl added, fixed or removed between two nights does not strand a run."""
+    unrecorded = [key for key in NEWER_INPUTS if key not in saved and current.get(key) is not None]
+    rest = {key: value for key, value in saved.items() if key not in NEWER_INPUTS}
+    differences = differing_fields(rest, {k: v for k, v in current.items() if k not in NEWER_INPUTS})
+    if "base" in saved:
+        differences += _base_differences(saved["base"], current.get("base"))
+    if "train_content" in saved and content_key(saved["train_content"]) != content_key(current.get("train_content")):
+        differences.append(_data_difference("training file", saved["train_content"], current.get("train_content")))
+    notes = []
+    if "val_content" in saved and content_key(saved["val_content"]) != content_key(current.get("val_content")):
+        notes.append(_data_difference("validation file", saved["val_content"], current.get("val_content")))
+    return differences, unrecorded, notes
+
+
+def _data_difference(what: str, saved, current) -> str:
+    if not isinstance(saved, dict):
+        return f"{what}: none at the checkpoint, now {current.get('name')}"
+    if not isinstance(current, dict):
+        return f"{what}: {saved.get('name')} at the checkpoint, none now"
+    return f"{what} {current.get('name')}: content differs ({size_change(saved, current)})"
+
+
+def _base_differences(saved, current) -> list[str]:
+    before = saved.get("files") if isinstance(saved, dict) else None
+    now = current.get("files") if isinstance(current, dict) else None
+    if not isinstance(before, dict) or not isinstance(now, dict):
+        return [f"base model files: checkpoint {before!r}, now {now!r}"]
+    differences = file_differences(before, now)
+    return [f"base model content differs ({differences})"] if differences else []

@@ -23,8 +23,8 @@ import os
 import stat
 from pathlib import Path
 
-from durable import TEMP_PREFIX, left_by_a_dead_process, remove_leftover
-from errors import UserError
+from run_safety.durable import TEMP_PREFIX, left_by_a_dead_process, remove_leftover
+from run_safety.errors import UserError
 
 RUN_FILES = ("adapters.safetensors", "adapter_config.json", "metrics.jsonl", ".run.lock")
 WRITTEN_IN_PLACE = ("metrics.jsonl", ".run.lock")  # appended or rewritten, not replaced by rename

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from durable import flush_fd, open_regular_file
-from json_files import json_text
+from run_safety.durable import flush_fd, open_regular_file
+from run_safety.json_files import json_text
 
 # The files of a checkpoint. adapters.safetensors + adapter_config.json are the
 # mlx-lm adapter format, so `mlx_lm.load(model, adapter_path=checkpoint_dir)`

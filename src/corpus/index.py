@@ -23,10 +23,10 @@ import numpy as np
 from corpus.prepare import check_load_time_metadata, load_time_scores, scored_from_text_alone
 from corpus.records import EncodedSample, encode_records, has_scores, parse_record
 from corpus.scoring import current_year
-from durable import open_regular_file, replace_file
-from file_identity import stat_key
-from json_files import json_text
-from errors import UserError
+from run_safety.durable import open_regular_file, replace_file
+from run_safety.file_identity import stat_key
+from run_safety.json_files import json_text
+from run_safety.errors import UserError
 
 
 ENCODE_CHUNK = 1024
@@ -186,7 +186,7 @@ class CorpusIndex:
         elif now[2] != self.file_stat[2]:
             what = f"{self.file_stat[2]:,} bytes then, {now[2]:,} now"
         elif self.content_sha256 is not None:
-            from file_identity import file_sha256, hash_cache
+            from run_safety.file_identity import file_sha256, hash_cache
 
             if file_sha256(self.path, hash_cache())["sha256"] == self.content_sha256:
                 self.file_stat = now  # the same bytes: the offsets still hold
@@ -258,7 +258,7 @@ def _cache_key(path: Path, max_tokens: int, tokenizer_key: str, turns: str) -> s
     # The file's content (SHA-256, read once per version of the file: file_identity), not its
     # size and times: an edit that keeps those (touch -r, cp -p, rsync -a) is another index,
     # a chmod or a touch is not (rebuilding a million records' index takes minutes).
-    from file_identity import file_sha256, hash_cache
+    from run_safety.file_identity import file_sha256, hash_cache
 
     blob = json.dumps([INDEX_FORMAT, str(path.resolve()), file_sha256(path, hash_cache())["sha256"], max_tokens,
                        tokenizer_key, _scorer_key(), turns])

@@ -11,7 +11,7 @@ from pathlib import Path
 from corpus.prepare import check_load_time_metadata
 from corpus.records import has_scores, parse_record
 from corpus.scoring import current_year
-from errors import UserError
+from run_safety.errors import UserError
 from monitoring.evaluation import file_in
 from monitoring.probes import PROBE_FILE, read_probes
 

@@ -33,10 +33,10 @@ import numpy as np
 
 from corpus import scoring
 from corpus.records import SCORE_FIELDS, messages_problem, scores_problem, short_repr
-from distrust import distrust_scores
-from durable import flush_dir, flush_fd
-from errors import UserError
-from json_files import json_text
+from training.distrust import distrust_scores
+from run_safety.durable import flush_dir, flush_fd
+from run_safety.errors import UserError
+from run_safety.json_files import json_text
 
 CONTENT_FIELDS = ("text", "messages", "prompt", "completion")
 # The fields of a record the scorer reads besides its text (src/corpus/scoring.py).

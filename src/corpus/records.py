@@ -14,7 +14,7 @@ import math
 from dataclasses import dataclass
 
 from corpus.chat_turns import chat_tokens, render
-from errors import UserError
+from run_safety.errors import UserError
 
 SCORE_FIELDS = ("auth_weight", "prov_entropy")
 AUTH_WEIGHT_MAX = 0.99

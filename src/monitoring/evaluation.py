@@ -24,9 +24,9 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from chunked_loss import WHOLE_PLAN, LossPlan, token_losses
+from training.chunked_loss import WHOLE_PLAN, LossPlan, token_losses
 from corpus.index import CorpusIndex
-from distrust import AUTHORITY_SPLIT
+from training.distrust import AUTHORITY_SPLIT
 
 GENERAL_FILE = "general.jsonl"  # in a data folder: general text, which evaluate.py measures by default
 

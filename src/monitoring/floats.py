@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 
-from json_files import finite_or_none
+from run_safety.json_files import finite_or_none
 
 OLD_NON_FINITE = ("inf", "-inf", "nan")  # what the previous encoding, str(x), wrote
 

@@ -45,9 +45,9 @@ import sys
 import time
 from pathlib import Path
 
-from durable import aside_name, aside_stamp, flush_fd, free_space, open_for_append, open_regular_file, replace_file
-from errors import UserError
-from json_files import finite_or_none, json_text
+from run_safety.durable import aside_name, aside_stamp, flush_fd, free_space, open_for_append, open_regular_file, replace_file
+from run_safety.errors import UserError
+from run_safety.json_files import finite_or_none, json_text
 
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "logs"

@@ -38,7 +38,7 @@ import numpy as np
 
 from corpus.batching import Batch, padded_length, padded_rows
 from corpus.records import EncodedSample, load_json_line, short_repr
-from errors import UserError
+from run_safety.errors import UserError
 from monitoring.evaluation import sample_losses
 
 PROBE_FILE = "probes.jsonl"  # in a data folder: scored at each validation, and by evaluate.py

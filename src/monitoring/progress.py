@@ -40,6 +40,7 @@ from collections import deque
 from tqdm import tqdm
 
 from monitoring.floats import decode_float, encode_float, mean_finite
+from run_safety.sizes import size_text
 
 DEFAULT_BASELINE_STEP = 5  # the step whose memory reading becomes the baseline, unless told otherwise
 GROWTH_WARNING_FRACTION = 0.5  # "growing" past +50% of the baseline ...
@@ -54,16 +55,6 @@ def _is_terminal(file) -> bool:
         return bool(file.isatty())
     except (AttributeError, ValueError):  # no isatty, or a closed file
         return False
-
-
-def format_bytes(count: float) -> str:
-    """43.8 MB, 512 MB, 4.52 GB (decimal units, as the summary's MB)."""
-    sign = "-" if count < 0 else ""
-    count = abs(count)
-    if count >= 1e9:
-        return f"{sign}{count / 1e9:.2f} GB"
-    mb = count / 1e6
-    return f"{sign}{mb:.1f} MB" if mb < 100 else f"{sign}{mb:.0f} MB"
 
 
 def format_duration(seconds: float) -> str:
@@ -203,10 +194,10 @@ class ProgressLine:
             f"ETA {format_duration(self.eta_seconds(step))}",
             f"last checkpoint {steps_since_checkpoint} step{'s' if steps_since_checkpoint != 1 else ''} ago",
         ]
-        memory = f"memory {format_bytes(memory_bytes)}"
+        memory = f"memory {size_text(memory_bytes, smallest='MB')}"
         growth = self.memory_growth_bytes(memory_bytes)
         if growth is not None:
-            memory += f" ({'+' if growth >= 0 else ''}{format_bytes(growth)} since step {self.memory_baseline_at}"
+            memory += f" ({'+' if growth >= 0 else ''}{size_text(growth, smallest='MB')} since step {self.memory_baseline_at}"
             if growth > GROWTH_WARNING_FRACTION * self.memory_baseline_bytes and growth >= GROWTH_WARNING_BYTES:
                 memory += ": growing"
             memory += ")"

@@ -37,7 +37,7 @@ import string
 import sys
 from pathlib import Path
 
-from errors import UserError, one_line
+from run_safety.errors import UserError, one_line
 
 RUN_ID = re.compile(r"[a-z0-9]{1,64}")  # what we write; anything else in a checkpoint is not ours
 

@@ -33,9 +33,9 @@ The folder is keyed by the file's content (its SHA-256, file_identity: the
 sum the run's base identity takes, read once and cached) and --quantize-bits,
 so a changed file never reuses a stale folder, even one replaced keeping its
 size and times (cp -p, rsync -a, touch -r); it records what it was made from
-and its own files' sums (modeling.BASE_RECORD_FILE), so a run's base is found
-again (modeling.run_base_model), rebuilt when the cache was wiped, and rebuilt
-when its files were changed in the cache (modeling.remove_if_changed).
+and its own files' sums (base_model.builds.BASE_RECORD_FILE), so a run's base is found
+again (base_model.trained_run.run_base_model), rebuilt when the cache was wiped, and rebuilt
+when its files were changed in the cache (base_model.builds.remove_if_changed).
 """
 
 from __future__ import annotations
@@ -50,8 +50,8 @@ from pathlib import Path
 
 import numpy as np
 
-from errors import UserError
-from json_files import json_text
+from run_safety.errors import UserError
+from run_safety.json_files import json_text
 
 GGUF_MAGIC = b"GGUF"
 GGUF_BUILD_FORMAT = 3  # part of the built folders' cache key: bump if how they are made changes
@@ -80,7 +80,7 @@ def resolve_gguf_file(path: Path, shown: str) -> str:
 
 def prepare_gguf_base(resolved: str, quantize_bits: int, shown: str | None = None):
     """The BaseModel of a GGUF file: its mlx-lm folder in the cache, built the first time."""
-    from modeling import BaseModel, build_model_dir_once, remove_if_changed
+    from base_model.builds import BaseModel, build_model_dir_once, remove_if_changed
 
     source = Path(resolved)
     target = built_dir(source, quantize_bits)
@@ -94,8 +94,9 @@ def built_dir(source: Path, quantize_bits: int) -> Path:
     """Where the folder built from `source` lives: named for the file, keyed by its content
     (SHA-256, as the run's base identity: file_identity.file_sha256, cached while the file's
     stat is unchanged) and the bits a tensor that is not kept is quantized to."""
-    from file_identity import file_sha256, hash_cache
-    from modeling import QUANT_GROUP_SIZE, cache_dir
+    from run_safety.file_identity import file_sha256, hash_cache
+    from base_model.builds import QUANT_GROUP_SIZE
+    from run_safety.paths import cache_dir
 
     identity = [GGUF_BUILD_FORMAT, file_sha256(source, hash_cache())["sha256"], quantize_bits, QUANT_GROUP_SIZE]
     key = hashlib.sha256(json.dumps(identity).encode()).hexdigest()[:12]
@@ -412,8 +413,9 @@ def build_model_folder(path: Path, scratch: Path, quantize_bits: int, shown: str
     from mlx.utils import tree_flatten
     from mlx_lm.utils import _get_classes, save_config, save_model
 
-    from file_identity import written_sums
-    from modeling import BASE_RECORD_FILE, QUANT_GROUP_SIZE, QUANT_MODE, names_mismatch, shapes_mismatch
+    from run_safety.file_identity import written_sums
+    from base_model.builds import BASE_RECORD_FILE, QUANT_GROUP_SIZE, QUANT_MODE
+    from base_model.weights import names_mismatch, shapes_mismatch
 
     gguf = _gguf()
     reader = open_reader(path, shown)
@@ -481,7 +483,7 @@ def build_model_folder(path: Path, scratch: Path, quantize_bits: int, shown: str
     kinds = Counter(types.values())
     record = {"source": str(path), "gguf": {"architecture": meta.arch, "tensor_types": dict(kinds)},
               "quantization": config.get("quantization"), "quantize_bits": quantize_bits,
-              "files": written_sums(scratch)}  # modeling.remove_if_changed checks them
+              "files": written_sums(scratch)}  # base_model.builds.remove_if_changed checks them
     (scratch / BASE_RECORD_FILE).write_text(json_text(record, indent=2) + "\n", encoding="utf-8")
     say_what_was_read(shown, config, kinds, requantized, quantize_bits)
 

@@ -12,7 +12,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
 
-from chunked_loss import LossPlan, loss_sums
+from training.chunked_loss import LossPlan, loss_sums
 
 
 def gradient_function(model: nn.Module, plan: LossPlan, compiled: bool):

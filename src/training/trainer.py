@@ -35,26 +35,27 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 from checkpoints import CheckpointCorruptError, CheckpointManager, CheckpointSaveError, TrainingState
-from chunked_loss import LossPlan, loss_plan
+from training.chunked_loss import LossPlan, loss_plan
 from config import Config
 from corpus.batching import Batch, DataPosition, Share, epoch_order, fixed_batches, training_batches
 from corpus.index import CorpusIndex
-from distrust import DistrustObjective, weight_report_lines
-from durable import free_space
-from errors import UserError, error_line
-from file_identity import check_unchanged
-from host_rng import check_host_rng_state, host_rng_state, set_host_rng_state
-from memory_check import check_longest_batch
-from modeling import adapter_weights, names_mismatch, shapes_mismatch
+from training.distrust import DistrustObjective, weight_report_lines
+from run_safety.durable import free_space
+from run_safety.errors import UserError, error_line
+from run_safety.file_identity import check_unchanged
+from run_safety.host_rng import check_host_rng_state, host_rng_state, set_host_rng_state
+from training.memory_check import check_longest_batch
+from base_model.lora import adapter_weights
+from base_model.weights import names_mismatch, shapes_mismatch
 from monitoring.early_stopping import EarlyStopping
 from monitoring.evaluation import SampleLosses, compile_row_losses, loss_report, sample_losses
 from monitoring.metrics_log import MetricsLog, NoMetrics, summary_text
 from monitoring.probes import Probe, model_context, probe_batches, probe_report, score_probes, validation_figures
 from monitoring.progress import ProgressLine
 from monitoring.wandb_log import WandbLog, new_run_id, usable_run_id
-from optimization import build_optimizer, gradient_function, learning_rate_schedule, step_seed, use_grad_checkpoint
-from process_group import PeerLost, ProcessGroup
-from stop_signals import EXIT_CODES, StopRequests
+from training.optimization import build_optimizer, gradient_function, learning_rate_schedule, step_seed, use_grad_checkpoint
+from training.process_group import PeerLost, ProcessGroup
+from run_safety.stop_signals import EXIT_CODES, StopRequests
 
 MAX_STEP = 10**12  # more optimizer steps than any run makes: a larger one is a tampered checkpoint
 # Saves that fail this many times in a row stop the run: an overnight run that

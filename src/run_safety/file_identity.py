@@ -28,9 +28,10 @@ import stat
 import time
 from pathlib import Path
 
-from durable import CLOSE_ON_EXEC, open_regular_file, replace_file
-from errors import UserError
-from json_files import json_text
+from run_safety.durable import CLOSE_ON_EXEC, open_regular_file, replace_file
+from run_safety.errors import UserError
+from run_safety.json_files import json_text
+from run_safety.paths import cache_dir
 
 HASHES_FOLDER = "file-hashes"  # in the model cache
 RACY_NS = 2_000_000_000  # a sum taken this soon after the file's last change is not reused
@@ -147,8 +148,6 @@ def _prune(cache: Path) -> None:
 
 def hash_cache() -> Path:
     """Where the sums are kept: the model cache (DISTRUST_QLORA_CACHE, else the project's .cache/)."""
-    from modeling import cache_dir
-
     return cache_dir() / HASHES_FOLDER
 
 
@@ -178,15 +177,11 @@ def model_files(folder: Path) -> list[Path]:
     return chosen
 
 
-def base_identity(resolved: str, cache: Path | None = None) -> dict:
-    """{"files": {name: {"size", "sha256"}}} of the base a run trains on, as the user gave it:
-    a model folder (its files that loading reads), a single model file (.gguf), or an HF id
-    (the snapshot folder mlx-lm resolves, downloaded as loading would)."""
-    path = Path(resolved)
-    if not path.exists():
-        from modeling import local_model_dir
-
-        path = local_model_dir(resolved)
+def base_identity(local: str | Path, cache: Path | None = None) -> dict:
+    """{"files": {name: {"size", "sha256"}}} of the base a run trains on, on this machine: a model
+    folder (its files that loading reads) or a single model file (.gguf). An HF id is first made
+    its snapshot folder (base_model.builds.local_model_dir)."""
+    path = Path(local)
     if path.is_file():
         return {"files": {path.name: file_sha256(path, hash_cache() if cache is None else cache)}}
     return {"files": folder_sums(path, cache=cache)}
@@ -221,7 +216,7 @@ def folder_differs(folder: Path, recorded: dict, leave_out: tuple[str, ...] = ()
             now[path.name] = mark if unchanged else file_sha256(path, hash_cache())
     except UserError as exc:
         return str(exc)
-    return _file_differences(recorded, now)
+    return file_differences(recorded, now)
 
 
 # ---------------------------------------------------------------------------
@@ -242,62 +237,24 @@ def check_unchanged(path: Path, recorded: dict | None, what: str) -> None:
         return
     now = file_sha256(path, hash_cache())
     if now["sha256"] != recorded["sha256"]:
-        raise UserError(f"{path}: the {what} changed since this run started ({_sizes(recorded, now)}); "
+        raise UserError(f"{path}: the {what} changed since this run started ({size_change(recorded, now)}); "
                         f"run the same command again to start from what it holds now")
 
 
-def input_differences(saved: dict, current: dict) -> tuple[list[str], list[str], list[str]]:
-    """(differences, newer inputs the checkpoint does not record, notes) between the inputs a
-    checkpoint recorded and the current ones. The base and the data are described by file, the rest
-    as config.differing_fields lists settings. A checkpoint of an older version has no record of the base's
-    and the data's full content: those are not compared, and named in the second list. Another
-    validation file changes nothing that is learned (only what is measured): it is a note, not a
-    difference, so that a val.jsonl added, fixed or removed between two nights does not strand a run."""
-    from config import differing_fields
-
-    unrecorded = [key for key in NEWER_INPUTS if key not in saved and current.get(key) is not None]
-    rest = {key: value for key, value in saved.items() if key not in NEWER_INPUTS}
-    differences = differing_fields(rest, {k: v for k, v in current.items() if k not in NEWER_INPUTS})
-    if "base" in saved:
-        differences += _base_differences(saved["base"], current.get("base"))
-    if "train_content" in saved and _content(saved["train_content"]) != _content(current.get("train_content")):
-        differences.append(_data_difference("training file", saved["train_content"], current.get("train_content")))
-    notes = []
-    if "val_content" in saved and _content(saved["val_content"]) != _content(current.get("val_content")):
-        notes.append(_data_difference("validation file", saved["val_content"], current.get("val_content")))
-    return differences, unrecorded, notes
-
-
-def _content(record) -> tuple | None:
+def content_key(record) -> tuple | None:
+    """(size, sha256) of a file's record, the part that says whether its content changed."""
     return (record.get("size"), record.get("sha256")) if isinstance(record, dict) else None
 
 
-def _sizes(before: dict, now: dict) -> str:
+def size_change(before: dict, now: dict) -> str:
     if before.get("size") == now.get("size"):
         return f"same size, {now.get('size'):,} bytes, other content"
     return f"{before.get('size'):,} bytes then, {now.get('size'):,} now"
 
 
-def _data_difference(what: str, saved, current) -> str:
-    if not isinstance(saved, dict):
-        return f"{what}: none at the checkpoint, now {current.get('name')}"
-    if not isinstance(current, dict):
-        return f"{what}: {saved.get('name')} at the checkpoint, none now"
-    return f"{what} {current.get('name')}: content differs ({_sizes(saved, current)})"
-
-
-def _base_differences(saved, current) -> list[str]:
-    before = saved.get("files") if isinstance(saved, dict) else None
-    now = current.get("files") if isinstance(current, dict) else None
-    if not isinstance(before, dict) or not isinstance(now, dict):
-        return [f"base model files: checkpoint {before!r}, now {now!r}"]
-    differences = _file_differences(before, now)
-    return [f"base model content differs ({differences})"] if differences else []
-
-
-def _file_differences(before: dict, now: dict) -> str | None:
+def file_differences(before: dict, now: dict) -> str | None:
     """'changed: a, b; added: c; gone: d' between two {name: {"size", "sha256"}}, None when equal."""
-    changed = [name for name in sorted(set(before) & set(now)) if _content(before[name]) != _content(now[name])]
+    changed = [name for name in sorted(set(before) & set(now)) if content_key(before[name]) != content_key(now[name])]
     parts = [f"{label} {_names(names)}" for label, names in (
         ("changed:", changed), ("added:", sorted(set(now) - set(before))), ("gone:", sorted(set(before) - set(now))))
         if names]

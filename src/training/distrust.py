@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from errors import UserError
+from run_safety.errors import UserError
 
 EPSILON = 1e-8
 # Records below this auth_weight are reported as primary, the others as consensus

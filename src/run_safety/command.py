@@ -1,63 +1,11 @@
-"""The one exception type that means "the user gave us something wrong".
+"""The shell every command line runs in: its work, with a UserError anywhere as one line and
+exit 2, a fault of the machine (machine.fault_line) as one line and exit 1, a Ctrl+C (even one a
+library turned into another exception) as one line and exit 130; anything else is a bug and keeps
+its traceback (exit 1)."""
 
-The command line turns it into a single line on stderr and exit code 2; any
-other exception is a bug and keeps its traceback (exit 1).
-"""
-
-import argparse
 import errno
 
-
-class UserError(Exception):
-    """Bad usage, config or data. The message is shown as is, on one line."""
-
-
-def one_line(text: str | None) -> str:
-    """`text` with its line breaks and runs of spaces made single spaces (it may quote a file)."""
-    return " ".join((text or "").split())
-
-
-def error_line(exc: BaseException, prefix: str = "") -> str:
-    """`error: ...` on one line, whatever the message holds."""
-    return f"{prefix}error: {one_line(str(exc))}"
-
-
-class OneLineArgumentParser(argparse.ArgumentParser):
-    """argparse, but a usage error is one line on stderr (no usage block), exit 2; a flag
-    must be written whole (no abbreviations: --max-step is not taken for --max-steps), and
-    a mistyped one gets the flag it was close to."""
-
-    def __init__(self, *args, **kwargs):
-        kwargs.setdefault("allow_abbrev", False)
-        super().__init__(*args, **kwargs)
-
-    def parse_known_args(self, args=None, namespace=None):
-        parsed, unknown = super().parse_known_args(args, namespace)
-        for token in unknown:
-            if token.startswith("-") and len(token) > 1 and not _is_number(token):
-                self.error(f"unrecognized argument {token}{self.suggestion(token)}")
-        return parsed, unknown
-
-    def suggestion(self, token: str) -> str:
-        """' (did you mean --max-steps?)' for a mistyped flag, or nothing."""
-        import difflib
-
-        flag = token.split("=", 1)[0]
-        known = [name for name in self._option_string_actions if name.startswith("--")]
-        dashed = "--" + flag.lstrip("-").replace("_", "-")
-        close = [dashed] if dashed in known else difflib.get_close_matches(flag, known, n=1, cutoff=0.75)
-        return f" (did you mean {close[0]}?)" if close else ""
-
-    def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
-def _is_number(token: str) -> bool:
-    try:
-        float(token)
-    except ValueError:
-        return False
-    return True
+from run_safety.errors import UserError, error_line
 
 
 def run_command(work) -> int:
@@ -66,7 +14,7 @@ def run_command(work) -> int:
     the machine (machine.fault_line) into one line and exit 1, Ctrl+C into exit 130."""
     import sys
 
-    from early_interrupt import started_up
+    from run_safety.early_interrupt import started_up
 
     try:
         try:
@@ -79,7 +27,7 @@ def run_command(work) -> int:
                   f"or '.[cuda]' (NVIDIA); on a Mac, pip install . is enough", file=sys.stderr)
             return 2
         started_up()  # from here a Ctrl+C is a KeyboardInterrupt, said in one line below
-        import machine
+        from run_safety import machine
 
         try:
             machine.check_start()

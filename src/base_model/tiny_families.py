@@ -134,7 +134,7 @@ def build_family_model(family: str, target: Path, seed: int = 0) -> Path:
 
 
 def training_texts() -> list[str]:
-    from modeling import _tiny_training_texts
+    from base_model.tiny import _tiny_training_texts
 
     return _tiny_training_texts() + EXTRA_TEXTS * 4
 

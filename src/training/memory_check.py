@@ -38,12 +38,13 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from chunked_loss import AUTO, LossPlan, loss_plan
+from training.chunked_loss import AUTO, LossPlan, loss_plan
 from corpus.batching import padded_length
 from corpus.index import CorpusIndex
-from errors import UserError
-from optimization import gradient_function
-from process_group import ProcessGroup
+from run_safety.errors import UserError
+from training.optimization import gradient_function
+from training.process_group import ProcessGroup
+from run_safety.sizes import size_text
 
 LIMIT_VARIABLE = "DISTRUST_QLORA_MEMORY_LIMIT"
 UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
@@ -88,13 +89,6 @@ def parse_size(text: str) -> int:
     if not match or match.group(2).lower() not in UNITS or float(match.group(1)) <= 0:
         raise UserError(f"{LIMIT_VARIABLE}={text!r}: give a size such as 16GB, 512MiB or a number of bytes")
     return int(float(match.group(1)) * UNITS[match.group(2).lower()])
-
-
-def size_text(size: float) -> str:
-    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if size >= scale:
-            return f"{size / scale:,.1f} {unit}"
-    return f"{size:,.0f} bytes"
 
 
 def check_longest_batch(model: nn.Module, plan: LossPlan, training, index: CorpusIndex, pad_id: int,

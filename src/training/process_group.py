@@ -32,7 +32,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from errors import UserError, error_line
+from run_safety.errors import UserError, error_line
 
 
 class PeerLost(Exception):

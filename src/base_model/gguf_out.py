@@ -38,7 +38,7 @@ from pathlib import Path
 
 import numpy as np
 
-from errors import UserError
+from run_safety.errors import UserError
 
 GGUF_TYPES = ("f16", "q8_0", "q4_0")  # what export.py --gguf-type offers
 REFERENCE_TYPE = "f32"  # every tensor float32: the parity bench's reference, not offered to users

@@ -29,7 +29,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from errors import UserError, one_line
+from run_safety.errors import UserError, one_line
 
 # errno values that say the machine failed, never the code: the disk, the file system, the
 # process's limits.
