@@ -118,9 +118,11 @@ def reference() -> str:
         "command prints the same. How the flags are used, by task: [the docs](../README.md#the-docs).",
         "",
         "`src/train_qlora.py` also takes `--config FILE.yaml`: its keys are the flag names with",
-        "underscores (switches too: `no_tensorboard: true`), or nested sections as in `src/config.py`,",
-        "or an `mlx_lm lora` config ([coming from mlx_lm lora](mlx-lm.md)); flags override the file.",
-        "`examples/run.yaml` lists every key with its default.",
+        "underscores (switches too: `no_tensorboard: true`, `grad_checkpoint: true`, and where a run",
+        "starts: `auto_resume: true`), or nested sections as in `src/config.py`, or an `mlx_lm lora`",
+        "config ([coming from mlx_lm lora](mlx-lm.md)); flags override the file.",
+        "`examples/run.yaml` lists every key with its default. Exit codes: below, and all of them in",
+        "[overnight runs](overnight.md#exit-codes).",
         "",
     ]
     return "\n".join(head) + "\n" + "\n".join(section(script) for script in COMMANDS)
