@@ -1,8 +1,8 @@
 """The docs say only what the code does: the command-line reference is what the parsers
-say (regenerated and compared), every relative link of README.md and docs/*.md leads to a
-file and heading that exist, and every `python src/...` or `python bench/...` command in
-them names a script that exists, with flags that script's parser has. Nothing is trained:
-the parsers are built, never run."""
+say (regenerated and compared), every relative link of README.md, docs/*.md and
+data/README.md leads to a file and heading that exist, and every `python src/...`
+(bench/, data/, docs/) command in them names a script that exists, with flags that
+script's parser has. Nothing is trained: the parsers are built, never run."""
 
 from __future__ import annotations
 
@@ -14,11 +14,12 @@ import pytest
 
 from conftest import REPO
 
-PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md")), REPO / "data" / "README.md"]
 LINK = re.compile(r"(?<!!)\[[^\]]*\]\(([^)\s]+)\)")
 FENCED = re.compile(r"^```[^\n]*\n(.*?)^```", re.DOTALL | re.MULTILINE)
 INLINE = re.compile(r"`([^`]+)`")
-COMMAND = re.compile(r"\bpython3?\s+((?:src|bench)/[\w/.-]+\.py)(.*)")
+INDENTED = re.compile(r"^(?: {4}|\t)(.*)$", re.MULTILINE)  # a code block by indentation, outside lists
+COMMAND = re.compile(r"\bpython3?\s+((?:src|bench|data|docs)/[\w/.-]+\.py)(.*)")
 # Where a shell command line ends and the next (or a redirection, a comment) begins.
 SHELL_BREAKS = {"|", "||", "&&", "&", ";", ">", ">>", "2>&1", "<"}
 FLAG = re.compile(r"^\[?(--[A-Za-z0-9][\w-]*)")
@@ -50,16 +51,18 @@ def anchors(page: Path) -> set[str]:
 
 
 def code_pieces(text: str) -> list[str]:
-    """Each line of the fenced blocks (continued lines joined) and each inline code span."""
+    """Each line of the fenced and indented blocks (continued lines joined) and each inline code span."""
     pieces = []
     for block in FENCED.findall(text):
         pieces += block.replace("\\\n", " ").splitlines()
-    pieces += [" ".join(span.split()) for span in INLINE.findall(FENCED.sub("", text))]
+    prose = FENCED.sub("", text)
+    pieces += [line for line in INDENTED.findall(prose.replace("\\\n", " ")) if "`" not in line]
+    pieces += [" ".join(span.split()) for span in INLINE.findall(prose)]
     return pieces
 
 
 def commands(page: Path) -> list[tuple[str, list[str]]]:
-    """(script, its flags) for every `python src/...` or `python bench/...` command on the page."""
+    """(script, its flags) for every `python src/...` (bench/, data/, docs/) command on the page."""
     found = []
     for piece in code_pieces(page.read_text(encoding="utf-8")):
         for match in COMMAND.finditer(piece):
