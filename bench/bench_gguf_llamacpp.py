@@ -64,7 +64,7 @@ TEXTS = [
 ]
 CHAT = [{"role": "user", "content": "What is the capital of France?"}]
 GREEDY_TOKENS = 16
-# As the README's "A real model on a laptop" trains it (a real model: slow on CPU).
+# As docs/models.md's "The real model" trains it (a real model: slow on CPU).
 SMOLLM2_TRAINING = ["--max-seq-length", 32, "--batch-size", 2, "--learning-rate", "5e-5", "--lora-rank", 16]
 F16_TOLERANCE = 0.01  # f16: max |logit difference| as a share of the largest |logit|
 

@@ -12,7 +12,7 @@ gives), and builds its mlx-lm folder through `--model FILE.gguf`'s own path
 real-model tests where `gguf_path()` is a file, and skips them, saying how to
 get it, where it is not.
 
-Then, as the README's "A real model on a laptop" does:
+Then, as docs/models.md's "The real model" does:
 
     python src/train_qlora.py --model .cache/real/SmolLM2-135M-Instruct.Q4_1.gguf --max-seq-length 32 ...
 """

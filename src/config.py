@@ -193,7 +193,7 @@ class Config:
             return UserError(f"{where}: {name} {problem}")
 
         if not self.model.model:
-            raise bad("model", "is required (an HF id, a local mlx-lm model dir, or 'tiny')")
+            raise bad("model", "is required (an HF id, a local mlx-lm model dir, a GGUF file, or 'tiny')")
         if self.model.quantize_bits not in (0, 2, 3, 4, 5, 6, 8):
             raise bad("quantize-bits", f"must be one of 0, 2, 3, 4, 5, 6, 8 (got {self.model.quantize_bits})")
         t, lo, d, es = self.training, self.lora, self.distrust, self.early_stopping

@@ -26,7 +26,8 @@ from run_safety.command import run_command
 
 FLAGS = [
     # flag, config name, type, help (the default is added from config.py)
-    ("--model", "model", str, "HF id, local mlx-lm model dir, or 'tiny' (the built-in demo model); required"),
+    ("--model", "model", str, "HF id, local mlx-lm model dir, GGUF file (LM Studio's, an Ollama blob), or 'tiny' "
+                              "(the built-in demo model); required"),
     ("--data-dir", "data_dir", str, "holds train.jsonl, and val.jsonl or mlx-lm's valid.jsonl for validation"),
     ("--output-dir", "output_dir", str, "everything a run writes (default: models/distrust-<model name>)"),
     ("--max-steps", "max_steps", int, "optimizer steps"),

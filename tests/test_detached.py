@@ -32,7 +32,7 @@ ARGS = [*FAST, "--max-steps", "100000", "--checkpoint-interval", "1000", "--eval
 def readme_recipe(marker: str) -> str:
     """The line of the README's overnight block whose comment is `marker` (# Linux, ...)."""
     text = (REPO / "README.md").read_text(encoding="utf-8")
-    block = text.split("### Overnight: detached")[1].split("```bash\n")[1].split("```")[0]
+    block = text.split("## Overnight: detached")[1].split("```bash\n")[1].split("```")[0]
     (line,) = [line for line in block.splitlines() if line.rstrip().endswith(f"# {marker}")]
     return line.rsplit("#", 1)[0].strip()
 
