@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-from cpu_blas import load_optimized_blas  # noqa: E402 - before MLX: its CPU products through an optimized BLAS
+from run_safety.cpu_blas import load_optimized_blas  # noqa: E402 - before MLX: its CPU products through an optimized BLAS
 
 load_optimized_blas()
 

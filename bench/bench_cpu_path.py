@@ -66,8 +66,8 @@ def compare_logits(quantized, floated, batches) -> tuple[float, float, float]:
 def logit_part(base: str) -> None:
     import mlx_lm
 
-    from cpu_blas import blas_line
-    from float_base import copy_sizes, use_float_base
+    from run_safety.cpu_blas import blas_line
+    from base_model.float_base import copy_sizes, use_float_base
 
     print(blas_line() or "blas: (not MLX's Linux CPU wheel)")
     quantized, tokenizer = mlx_lm.load(base)
@@ -124,7 +124,7 @@ def adapters_part(out: Path) -> None:
     """The float run's adapters, loaded by mlx-lm on the 4-bit base they name."""
     import mlx_lm
 
-    from float_base import use_float_base
+    from base_model.float_base import use_float_base
 
     base = json.loads((out / "adapter_config.json").read_text())["model"]
     quantized, tokenizer = mlx_lm.load(base, adapter_path=str(out))

@@ -32,7 +32,7 @@ class ModelConfig:
     model: str = ""
     quantize_bits: int = 4
     trust_remote_code: bool = False
-    # How the frozen quantized layers of the base compute (float_base.py): "auto" (float32 copies
+    # How the frozen quantized layers of the base compute (base_model/float_base.py): "auto" (float32 copies
     # of their dequantized weights where the backend is the CPU and the copy fits), "on", "off".
     float_base: str = "auto"
 

@@ -43,7 +43,7 @@ from run_safety.early_interrupt import interrupt_quietly_while_starting  # first
 if __name__ == "__main__":
     interrupt_quietly_while_starting()
 
-from cpu_blas import load_optimized_blas  # noqa: E402 - before MLX: its CPU products through an optimized BLAS
+from run_safety.cpu_blas import load_optimized_blas  # noqa: E402 - before MLX: its CPU products through an optimized BLAS
 
 load_optimized_blas()
 

@@ -15,7 +15,7 @@ from run_safety.early_interrupt import interrupt_quietly_while_starting  # first
 if __name__ == "__main__":
     interrupt_quietly_while_starting()
 
-from cpu_blas import load_optimized_blas  # noqa: E402 - before MLX: its CPU products through an optimized BLAS
+from run_safety.cpu_blas import load_optimized_blas  # noqa: E402 - before MLX: its CPU products through an optimized BLAS
 
 load_optimized_blas()
 
@@ -476,13 +476,13 @@ def train(config, output_dir: Path, manager, start, inputs: dict, group, names: 
 
 def compute_with(model, float_base: str, bits: str) -> dict:
     """How the run's products are computed, said in the start lines: the BLAS of MLX's CPU
-    backend (cpu_blas.py), and the base in its quantized form or with float32 copies of its
-    quantized layers (float_base.py, --float-base), made here. Returns what a checkpoint
+    backend (run_safety/cpu_blas.py), and the base in its quantized form or with float32 copies of its
+    quantized layers (base_model/float_base.py, --float-base), made here. Returns what a checkpoint
     records of it (DistrustTrainer.arithmetic)."""
     import mlx.core as mx
 
-    from cpu_blas import blas_identity, blas_line
-    from float_base import choose, copy_sizes, float_base_line, use_float_base
+    from run_safety.cpu_blas import blas_identity, blas_line
+    from base_model.float_base import choose, copy_sizes, float_base_line, use_float_base
 
     line = blas_line()
     if line:

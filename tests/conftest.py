@@ -25,7 +25,7 @@ import warnings
 from pathlib import Path
 
 import pytest
-from cpu_blas import load_optimized_blas
+from run_safety.cpu_blas import load_optimized_blas
 
 # The test process multiplies as the commands do (an optimized BLAS where one is installed):
 # loaded before any test module imports MLX.

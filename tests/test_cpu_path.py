@@ -1,4 +1,4 @@
-"""The CPU path: an optimized BLAS under MLX (cpu_blas.py) and the base's float copy (float_base.py).
+"""The CPU path: an optimized BLAS under MLX (run_safety/cpu_blas.py) and the base's float copy (base_model/float_base.py).
 
 Runs on the tiny model. The float copy is checked in the test's process (the same function
 as the 4-bit layers up to rounding; only the adapters train), and end to end: the start
@@ -33,8 +33,8 @@ def test_the_float_copy_is_the_quantized_function_and_only_the_adapters_train():
     import mlx.nn as nn
     from mlx.utils import tree_flatten, tree_unflatten
 
-    from float_base import choose, copy_sizes, quantized_layers, use_float_base
-    from modeling import attach_lora
+    from base_model.float_base import choose, copy_sizes, quantized_layers, use_float_base
+    from base_model.lora import attach_lora
 
     quantized, floated = load_tiny().model, load_tiny().model
     for model in (quantized, floated):
@@ -68,7 +68,7 @@ def test_a_run_with_the_float_copy_says_so_and_its_adapters_load_on_the_4bit_bas
     import mlx.core as mx
     from mlx_lm import load
 
-    from float_base import use_float_base
+    from base_model.float_base import use_float_base
 
     data = write_corpus(tmp_path / "data", train=24, val=0)
     runs = {}
@@ -126,7 +126,7 @@ def test_float_base_settings_and_bad_values(tmp_path):
 
 
 def test_the_blas_is_said_at_start_and_a_bad_one_is_one_line(tmp_path, monkeypatch):
-    import cpu_blas
+    from run_safety import cpu_blas
 
     if cpu_blas.blas_line() is None:
         pytest.skip("not MLX's Linux CPU wheel: no BLAS is loaded here")
@@ -145,7 +145,7 @@ def test_the_blas_is_said_at_start_and_a_bad_one_is_one_line(tmp_path, monkeypat
 
 
 def test_openblas_threads_are_pinned_and_a_resume_with_other_threads_says_so(tmp_path, monkeypatch):
-    import cpu_blas
+    from run_safety import cpu_blas
 
     if cpu_blas.blas_identity().get("blas_threads") is None:
         pytest.skip(f"no optimized BLAS in this process ({cpu_blas.blas_line()})")

@@ -1,7 +1,7 @@
 """The real model learns, and survives kill -9: SmolLM2-135M-Instruct from its GGUF on the demo corpus.
 
-Where an optimized BLAS and the base's float copy make a real step cheap on a CPU (cpu_blas.py,
-float_base.py), ten steps of 2 x 32 tokens with LoRA on the last two blocks lower the
+Where an optimized BLAS and the base's float copy make a real step cheap on a CPU (run_safety/cpu_blas.py,
+base_model/float_base.py), ten steps of 2 x 32 tokens with LoRA on the last two blocks lower the
 validation loss on the demo data measurably; the same run killed with SIGKILL after its
 step-5 checkpoint and resumed with --auto-resume ends with the uninterrupted run's adapters,
 per-step losses and validation, bit for bit. Skipped, saying how to get it, where the model
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from cpu_blas import FIX_COMMAND, multiplies_slowly
+from run_safety.cpu_blas import FIX_COMMAND, multiplies_slowly
 from conftest import (REPO, TRAIN_SCRIPT, adapters_equal, default_stop_signals, load_adapters, read_metrics,
                       run_in_process, train_lines)
 

@@ -51,9 +51,9 @@ class MachineFault(Exception):
 
 def check_start() -> None:
     """What every command checks first: the working directory exists, the BLAS that
-    DISTRUST_QLORA_BLAS names could be loaded (cpu_blas.py), and mlx-lm can be imported
+    DISTRUST_QLORA_BLAS names could be loaded (run_safety/cpu_blas.py), and mlx-lm can be imported
     under this process's open-files limit."""
-    from cpu_blas import check_blas
+    from run_safety.cpu_blas import check_blas
 
     check_working_directory()
     check_blas()  # a DISTRUST_QLORA_BLAS that cannot be loaded: one line, exit 2

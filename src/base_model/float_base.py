@@ -66,8 +66,9 @@ def choose(setting: str, model: nn.Module) -> tuple[bool, str]:
         return False, "not on the CPU (4-bit kernels are fast on the GPU)"
     import os
 
-    from errors import UserError
-    from memory_check import memory_limit, size_text
+    from run_safety.errors import UserError
+    from run_safety.sizes import size_text
+    from training.memory_check import memory_limit
 
     float_bytes, _ = copy_sizes(model)
     try:
@@ -110,7 +111,7 @@ def use_float_base(model: nn.Module) -> int:
 
 def float_base_line(on: bool, why: str, sizes: tuple[int, int], bits: str) -> str:
     """The start line: which way the base computes, and the memory the copy costs."""
-    from memory_check import size_text
+    from run_safety.sizes import size_text
 
     if not on:
         return f"base: computes in its quantized form ({bits}): {why}"

@@ -78,7 +78,7 @@ def load_optimized_blas() -> None:
 def check_blas() -> None:
     """UserError (one line, exit 2) where DISTRUST_QLORA_BLAS names a library that cannot be used."""
     if _state["problem"]:
-        from errors import UserError
+        from run_safety.errors import UserError
 
         raise UserError(_state["problem"])
 
