@@ -22,6 +22,7 @@ import sys
 from pathlib import Path
 
 from errors import OneLineArgumentParser, UserError, error_line, run_command
+from mlx_lm_flags import add_mlx_lm_flags, settings_from_mlx_lm_flags
 
 FLAGS = [
     # flag, config name, type, help (the default is added from config.py)
@@ -123,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="QLoRA fine-tuning with the Empirical Distrust objective, made for long unattended runs.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--config", metavar="RUN.YAML",
+    parser.add_argument("-c", "--config", metavar="RUN.YAML",
                         help="YAML file of settings, flags override it: the flag names with underscores (switches "
                              "too: no_tensorboard: true), or an mlx_lm lora config (iters, num_layers, "
                              "lora_parameters, ...); see examples/")
@@ -133,6 +134,12 @@ def build_parser() -> argparse.ArgumentParser:
                             **({"nargs": "+", "metavar": "KEY"} if name == "lora_keys" else {}))
     for flag, name, value, help_text in SWITCHES:
         parser.add_argument(flag, dest=name, action="store_const", const=value, default=None, help=help_text)
+    add_mlx_lm_flags(parser, {name: kind for _, name, kind, _ in FLAGS})
+    # Names users bring from elsewhere, that no closeness finds: said with the flag they mean.
+    parser.also_known_as = {"--lr": "--learning-rate", "--rank": "--lora-rank", "--warmup": "--warmup-steps",
+                            "--steps": "--max-steps", "--output": "--output-dir"}
+    # Every mistyped flag and every mistake of the settings file, in one message.
+    parser.more_problems = lambda parsed: settings_file_problems(parsed.config)
     resume = parser.add_mutually_exclusive_group()
     resume.add_argument("--auto-resume", action="store_true",
                         help="resume from the newest valid checkpoint without asking; start anew if there is none")
@@ -153,10 +160,16 @@ def settings_from_args(args: argparse.Namespace):
     """(Config, SettingsFile): the file's settings with the flags over them, validated."""
     from config import FLAT_NAMES, Config, SettingsFile, read_settings_file
 
-    settings = read_settings_file(args.config) if args.config else SettingsFile(values={})
-    values = settings.values
     flags = {name: flag for flag, name, _, _ in FLAGS + SWITCHES}
+    theirs, notes, refused = settings_from_mlx_lm_flags(args, flags)  # mlx_lm lora's flags, as ours
+    if refused:
+        raise UserError(f"command line: {'; '.join(refused)}")
+    settings = read_settings_file(args.config) if args.config else SettingsFile(values={})
+    settings.notes += notes
+    values = settings.values
     given = {name: getattr(args, name) for name in flags if getattr(args, name) is not None}
+    given.update({name: value for name, (value, _) in theirs.items()})
+    flags.update({name: flag for name, (_, flag) in theirs.items()})  # errors name the flag the user typed
     # A flag overrides that one setting of the file, wherever the file put it.
     for name, value in given.items():
         section, field_name = FLAT_NAMES[name]
@@ -177,6 +190,19 @@ def settings_from_args(args: argparse.Namespace):
         config.lora.alpha = settings.lora_scale * config.lora.rank
         config.validate(source, settings.names)
     return config, settings
+
+
+def settings_file_problems(path: str | None) -> list[str]:
+    """The mistakes of the settings file, for the message that names a mistyped flag too."""
+    from config import read_settings_file
+
+    if not path:
+        return []
+    try:
+        read_settings_file(path)
+    except UserError as exc:
+        return [str(exc)]
+    return []
 
 
 def choose_steps_or_epochs(values: dict, given: dict, names: dict) -> None:
@@ -441,6 +467,7 @@ def train(config, output_dir: Path, manager, start, inputs: dict, group, names: 
         group=group, probes=probes,
     )
     trainer.data_summary = data_summary
+    trainer.length_said = length_said(config, names)
 
     def restore() -> None:
         # A checkpoint whose content this run cannot use is skipped like a damaged one.
@@ -457,6 +484,20 @@ def train(config, output_dir: Path, manager, start, inputs: dict, group, names: 
         print(f"error: {exc}", file=sys.stderr)
         return 1
     return end.exit_code
+
+
+def length_said(config, names: dict | None) -> str:
+    """How long the run trains, in the words the user said it: `--epochs 2 (20 steps)`, `--iters 20`,
+    `iters: 20 (lora.yaml)`, or `--max-steps 20` (also when nothing was said: the default)."""
+    from config import setting_name
+
+    t = config.training
+    if t.epochs:
+        key, flag, value = ("training", "epochs"), "--epochs", f"{t.epochs} ({t.max_steps:,} steps)"
+    else:
+        key, flag, value = ("training", "max_steps"), "--max-steps", f"{t.max_steps}"
+    where, name = setting_name(key, names, ("command line", flag))
+    return f"{name} {value}" if where == "command line" else f"{name.strip(chr(39))}: {value} ({where})"
 
 
 def said_as(names: dict | None, key: tuple, flag: str) -> str:

@@ -162,6 +162,9 @@ class DistrustTrainer:
         self.loss_plan: LossPlan | None = None  # how the loss is computed (chunked_loss.py): see _loss_plan
         self.data_summary: dict | None = None  # what the data is, for a "data" line of metrics.jsonl
         self.wandb_run_id: str | None = None  # --report-to wandb: the W&B run, kept in checkpoints
+        # How the user said how long to train, for the line that says the run reached it: "--max-steps
+        # 20", or "--iters 20", "iters: 20 (lora.yaml)", "--epochs 2 (20 steps)" (train_qlora.length_said).
+        self.length_said: str | None = None
 
     def _new_early_stopping(self) -> EarlyStopping:
         t, es = self.config.training, self.config.early_stopping
@@ -660,7 +663,7 @@ class DistrustTrainer:
         if stop is not None:
             end = RunEnd(stop)
         elif finished:
-            end = RunEnd(f"finished: reached --max-steps {t.max_steps}")
+            end = RunEnd(f"finished: reached {self.length_said or f'--max-steps {t.max_steps}'}")
         elif (received := self._stop_signal(stops, figures)) is not None:
             end = RunEnd(f"interrupted by {signal.Signals(received).name} at step {s.step}", EXIT_CODES[received])
         if end is not None:

@@ -262,7 +262,7 @@ def test_epochs_set_the_steps_from_the_corpus_and_the_global_batch(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "steps: 2 epochs of 24 training samples, 6 batches of 4 each, 2 batches per step: 6 steps" in \
         result.stderr.splitlines()
-    assert train_lines(out)[-1]["step"] == 6 and "reached --max-steps 6" in result.stderr
+    assert train_lines(out)[-1]["step"] == 6 and "finished: reached --epochs 2 (6 steps)" in result.stderr
     # A run of 2 epochs continued to 3: the steps follow again, from the same corpus.
     more = run_in_process(*args, "--epochs", "3", "--auto-resume")
     assert more.returncode == 0, more.stderr

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import WORDS, write_jsonl
+from conftest import FAST, WORDS, assert_one_line_error, run_in_process, train_lines, write_corpus, write_jsonl
 
 
 def words(rng: random.Random, k: int) -> str:
@@ -112,3 +112,78 @@ def test_a_bad_tool_call_is_one_line(message, fragment, tmp_path):
     assert fragment in str(caught.value)
     with pytest.raises(UserError, match="'tools' must be a list"):
         parse_record(json.dumps({"tools": "lookup", "messages": [{"role": "assistant", "content": "x"}]}), "t", 1)
+
+
+# ------------------------------------------------------------------ mlx_lm lora's flags and keys
+
+def parse(*argv):
+    from train_qlora import build_parser, settings_from_args
+
+    return settings_from_args(build_parser().parse_args([str(arg) for arg in argv]))
+
+
+def test_mlx_lm_lora_flags_become_ours_and_the_start_says_what_each_became(tmp_path):
+    data = write_corpus(tmp_path / "data", train=8, val=0)
+    theirs = ["--train", "--data", data, "--iters", "2", "--adapter-path", tmp_path / "out", "--num-layers", "1",
+              "--mask-prompt", "--grad-accumulation-steps", "1", "--resume-adapter-file", ""]
+    ours = ["--data-dir", data, "--max-steps", "2", "--output-dir", tmp_path / "out", "--lora-layers", "1",
+            "--grad-accum", "1", "--init-adapters", ""]
+    config, settings = parse(*FAST, *theirs)
+    assert config.to_dict() == parse(*FAST, *ours)[0].to_dict()
+    result = run_in_process(*FAST, *theirs)
+    assert result.returncode == 0, result.stderr
+    for line in ("note: --iters 2 is --max-steps 2 here", f"note: --data {data} is --data-dir {data} here",
+                 "note: --num-layers 1 is --lora-layers 1 here", "note: --train: this command only trains",
+                 "note: --mask-prompt: nothing to change: system, user and tool turns and prompts are never learned"):
+        assert line in result.stderr, result.stderr
+    assert "finished: reached --iters 2" in result.stderr  # the run's end in the user's words too
+    assert [line["step"] for line in train_lines(tmp_path / "out")] == [1, 2]
+    # Their name and ours for one setting: one of them, said; no equivalent: refused, each with what to do.
+    assert_one_line_error(run_in_process(*FAST, "--iters", "2", "--max-steps", "3"),
+                          "--iters and --max-steps are the same setting: give one", only_line=True)
+    assert_one_line_error(run_in_process(*FAST, "--test", "--clear-cache-threshold", "1GB"),
+                          "--test: mlx_lm lora's, with no equivalent here (evaluate after training with "
+                          "src/evaluate.py", "; --clear-cache-threshold 1GB: mlx_lm lora's",
+                          only_line=True)
+    # A value of theirs that is wrong is named as they wrote it.
+    assert_one_line_error(run_in_process(*FAST, "--data-dir", data, "--iters", "0"),
+                          "command line: --iters must be at least 1 (got 0)")
+
+
+def test_every_mistyped_flag_and_every_bad_key_of_the_file_are_named_in_one_message(tmp_path):
+    config = tmp_path / "lora.yaml"
+    config.write_text("model: tiny\nitres: 5\nlora_parameters:\n  key: [self_attn.q_proj]\n  rnak: 4\n  scael: 2\n"
+                      "optimizer_config:\n  adamw:\n    weight_decy: 0.1\nlora:\n  dropuot: 0.1\n"
+                      "chat_feature: conversations\ntext_feature: text\n")
+    result = run_in_process("--config", config, "--learning-rat", "1e-4", "--max-stpes", "5", "--lr", "3")
+    assert result.returncode == 2 and len(result.stderr.splitlines()) == 1, result.stderr
+    for fragment in ("unrecognized arguments --learning-rat (did you mean --learning-rate?), --max-stpes (did you "
+                     "mean --max-steps?), --lr (did you mean --learning-rate?); and ",
+                     f"{config}: unknown settings 'itres' (did you mean 'iters'?), ",
+                     "'lora_parameters.key' (did you mean 'lora_parameters.keys'?)",
+                     "'lora_parameters.rnak' (did you mean 'lora_parameters.rank'?)",
+                     "'lora_parameters.scael' (did you mean 'lora_parameters.scale'?)",
+                     "'optimizer_config.adamw.weight_decy' (did you mean 'optimizer_config.adamw.weight_decay'?)",
+                     "'lora.dropuot' (did you mean 'lora.dropout'?)",
+                     "not supported here (an mlx_lm lora setting with no equivalent): chat_feature: conversations "
+                     "(records are read by the field 'messages' here"):
+        assert fragment in result.stderr, result.stderr
+    assert "text_feature" not in result.stderr  # mlx-lm's default name: the same here
+
+
+@pytest.mark.parametrize("text, fragment", [
+    ("lora_parameters:\n  key: [q_proj]\n", "unknown setting 'lora_parameters.key' (did you mean "
+                                            "'lora_parameters.keys'?)"),
+    ("optimizer_config:\n  adamw:\n    weight_decy: 0.1\n", "'optimizer_config.adamw.weight_decy' (did you mean "
+                                                             "'optimizer_config.adamw.weight_decay'?)"),
+    ("iters: 5\nlora_parameters:\n  rank: 4\n  rank: 8\n", ":5: 'rank' is given twice (lines 4 and 5): keep one"),
+    ("iters: 5\nseed: 1\niters: 6\n", ":4: 'iters' is given twice (lines 2 and 4): keep one"),
+])
+def test_a_nested_typo_gets_its_sections_name_and_a_key_given_twice_is_refused(text, fragment, tmp_path):
+    from errors import UserError
+
+    config = tmp_path / "lora.yaml"
+    config.write_text("model: tiny\n" + text)
+    with pytest.raises(UserError) as raised:
+        parse("--config", config)
+    assert str(raised.value).startswith(str(config)) and fragment in str(raised.value), raised.value
