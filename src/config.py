@@ -52,7 +52,8 @@ class TrainingConfig:
     batch_size: int = 8
     grad_accum: int = 1
     learning_rate: float = 1e-4
-    warmup_steps: int = 50
+    # Linear warmup steps before the cosine decay; AUTO_WARMUP (-1): fitted to the run (warmup()).
+    warmup_steps: int = -1
     max_seq_length: int = 1024
     max_grad_norm: float = 1.0
     weight_decay: float = 0.0
@@ -81,6 +82,17 @@ class TrainingConfig:
     # Passes over the training data; above 0 it sets max_steps from the corpus and the global
     # batch (batch_size x grad_accum) once the corpus is indexed (train_qlora.steps_for_epochs).
     epochs: int = 0
+    def warmup(self) -> int:
+        """The warmup steps of this run: as given, or fitted to the run's length (AUTO_WARMUP):
+        5% of its steps, at most 50, and none when that is under 2 (the warmup starts at rate 0: a
+        one-step warmup is a step spent at rate 0). A fixed 50 (the default before) never reached the
+        peak rate in a run of 50 steps or fewer, and spent a fifth of a 250-step one climbing to it;
+        mlx_lm lora has no warmup unless asked: so none under 40 steps here, and 50 from 1,000 on."""
+        if self.warmup_steps != AUTO_WARMUP:
+            return self.warmup_steps
+        fitted = min(AUTO_WARMUP_MAX, self.max_steps * AUTO_WARMUP_PERCENT // 100)
+        return fitted if fitted >= 2 else 0
+
     # Which assistant turns of a chat record are learned: "all" (every one; system, user and tool
     # turns are context), or "last" (only the final answer, as mlx_lm lora with mask_prompt).
     learn_assistant_turns: str = "all"
@@ -214,8 +226,8 @@ class Config:
             raise bad("max-seq-length", f"must be at least 2 (got {t.max_seq_length})")
         if t.loss_chunk_size < -1:
             raise bad("loss-chunk-size", f"must be -1 (automatic), 0 (off) or a number of tokens (got {t.loss_chunk_size})")
-        if t.warmup_steps < 0:
-            raise bad("warmup-steps", f"must be 0 or more (got {t.warmup_steps})")
+        if t.warmup_steps < AUTO_WARMUP:
+            raise bad("warmup-steps", f"must be 0 or more, or -1 (fitted to the run) (got {t.warmup_steps})")
         if not 0 <= t.seed < 2**32:
             raise bad("seed", f"must be in [0, 2**32) (got {t.seed})")
         if lo.layers == 0 or lo.layers < -1:
@@ -373,6 +385,7 @@ def differing_fields(saved: dict, current: dict, prefix: str = "") -> list[str]:
     return out
 
 
+AUTO_WARMUP, AUTO_WARMUP_PERCENT, AUTO_WARMUP_MAX = -1, 5, 50  # TrainingConfig.warmup()
 SECTION_TYPES = {f.name: f.default_factory for f in dataclasses.fields(Config)}
 VAL_FILES = ("val.jsonl", "valid.jsonl")  # the validation file: ours, else mlx-lm's name
 FINE_TUNE_TYPES = ("lora", "dora")

@@ -35,7 +35,9 @@ FLAGS = [
     ("--batch-size", "batch_size", int, "micro-batch size"),
     ("--grad-accum", "grad_accum", int, "micro-batches per optimizer step"),
     ("--learning-rate", "learning_rate", float, "peak learning rate"),
-    ("--warmup-steps", "warmup_steps", int, "linear warmup steps, then cosine decay to 0 at the last step"),
+    ("--warmup-steps", "warmup_steps", int, "linear warmup steps, then cosine decay to 0 at the last step; -1: "
+                                            "fitted to the run, 5%% of its steps, at most 50 (none under 40 "
+                                            "steps, as mlx_lm lora)"),
     ("--max-seq-length", "max_seq_length", int, "longer samples are truncated"),
     ("--learn-assistant-turns", "learn_assistant_turns", str, "the assistant turns of a chat record that are "
                                                               "learned: all, or last (only the final answer, as "
@@ -413,6 +415,8 @@ def train(config, output_dir: Path, manager, start, inputs: dict, group, names: 
     if t.epochs:
         t.max_steps, said = steps_for_epochs(t.epochs, len(index), t.batch_size, t.grad_accum, group.size)
         print(said, file=sys.stderr)
+    if t.warmup() >= t.max_steps:
+        print(warmup_too_long_line(t, names), file=sys.stderr)
     if index.truncated:
         print(f"note: {index.truncated} of {len(index)} samples are longer than --max-seq-length "
               f"{t.max_seq_length} and were truncated", file=sys.stderr)
@@ -498,6 +502,17 @@ def length_said(config, names: dict | None) -> str:
         key, flag, value = ("training", "max_steps"), "--max-steps", f"{t.max_steps}"
     where, name = setting_name(key, names, ("command line", flag))
     return f"{name} {value}" if where == "command line" else f"{name.strip(chr(39))}: {value} ({where})"
+
+
+def warmup_too_long_line(t, names: dict | None) -> str:
+    """Said when the warmup given is as long as the run: the rate never reaches its peak."""
+    from optimization import learning_rate_schedule
+
+    last = float(learning_rate_schedule(t.learning_rate, t.warmup(), t.max_steps)(t.max_steps - 1))
+    return (f"note: {said_as(names, ('training', 'warmup_steps'), '--warmup-steps')} {t.warmup_steps} is as long as "
+            f"the run ({t.max_steps} steps): the learning rate climbs to {last:.3g} at the last step and never "
+            f"reaches its peak {t.learning_rate:g}; give fewer warmup steps, or -1 to fit them to the run "
+            f"(5% of its steps, at most 50; none under 40 steps)")
 
 
 def said_as(names: dict | None, key: tuple, flag: str) -> str:

@@ -132,7 +132,7 @@ class DistrustTrainer:
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.objective = DistrustObjective(d.alpha, d.lambda_weight, d.mode,
                                            train_index.auth_weight, train_index.prov_entropy)
-        self.schedule = learning_rate_schedule(t.learning_rate, t.warmup_steps, t.max_steps)
+        self.schedule = learning_rate_schedule(t.learning_rate, t.warmup(), t.max_steps)
         self.optimizer = build_optimizer(t, self.schedule)
         # Materialize the optimizer state now: mx.compile captures the state
         # containers it is given at the first call, and an optimizer initializes
@@ -169,7 +169,7 @@ class DistrustTrainer:
     def _new_early_stopping(self) -> EarlyStopping:
         t, es = self.config.training, self.config.early_stopping
         return EarlyStopping(
-            patience=es.patience, min_delta=es.min_delta, warmup_steps=t.warmup_steps,
+            patience=es.patience, min_delta=es.min_delta, warmup_steps=t.warmup(),
             grad_spike_threshold=es.grad_spike_threshold, grad_spike_patience=es.grad_spike_patience,
             plateau_enabled=es.enabled, window=es.window,
         )

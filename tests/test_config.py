@@ -17,7 +17,7 @@ def parse(*argv):
 def test_the_defaults():
     c = parse("--model", "tiny")
     t = c.training
-    assert (t.max_steps, t.batch_size, t.grad_accum, t.learning_rate, t.warmup_steps, t.max_seq_length) == \
+    assert (t.max_steps, t.batch_size, t.grad_accum, t.learning_rate, t.warmup(), t.max_seq_length) == \
         (2000, 8, 1, 1e-4, 50, 1024)
     assert (c.lora.rank, c.lora.alpha, c.lora.layers, c.lora.dropout) == (16, 32.0, 16, 0.0)
     assert (c.distrust.alpha, c.distrust.lambda_weight, c.distrust.mode) == (2.7, 1.0, "weighted")

@@ -187,3 +187,30 @@ def test_a_nested_typo_gets_its_sections_name_and_a_key_given_twice_is_refused(t
     with pytest.raises(UserError) as raised:
         parse("--config", config)
     assert str(raised.value).startswith(str(config)) and fragment in str(raised.value), raised.value
+
+
+# ------------------------------------------------------------------ a warmup that fits the run
+
+def test_the_default_warmup_fits_the_run_and_one_as_long_as_the_run_is_said(tmp_path):
+    from config import Config
+
+    def fitted(steps: int) -> int:
+        return Config.from_dict({"model": "tiny", "max_steps": steps}).training.warmup()
+
+    assert [fitted(n) for n in (2, 20, 39, 40, 100, 999, 1000, 2000)] == [0, 0, 0, 2, 5, 49, 50, 50]
+    assert Config.from_dict({"model": "tiny", "max_steps": 20, "warmup_steps": 7}).training.warmup() == 7
+
+    data = write_corpus(tmp_path / "data", train=8, val=0)
+    at = FAST.index("--warmup-steps")
+    no_warmup = FAST[:at] + FAST[at + 2:]
+    args = [*no_warmup, "--data-dir", data, "--learning-rate", "1e-3", "--max-steps", "2"]
+    result = run_in_process(*args, "--output-dir", tmp_path / "default")
+    assert result.returncode == 0, result.stderr
+    # As mlx_lm lora: the first step at the peak rate (the fixed 50 of before gave 0.0, then 2e-05).
+    assert [line["lr"] for line in train_lines(tmp_path / "default")] == pytest.approx([1e-3, 5e-4])
+    assert "--warmup-steps" not in result.stderr
+
+    result = run_in_process(*args, "--warmup-steps", "50", "--output-dir", tmp_path / "long")
+    assert result.returncode == 0, result.stderr
+    assert ("note: --warmup-steps 50 is as long as the run (2 steps): the learning rate climbs to 2e-05 at the "
+            "last step and never reaches its peak 0.001; give fewer warmup steps, or -1") in result.stderr
