@@ -214,3 +214,27 @@ def test_the_default_warmup_fits_the_run_and_one_as_long_as_the_run_is_said(tmp_
     assert result.returncode == 0, result.stderr
     assert ("note: --warmup-steps 50 is as long as the run (2 steps): the learning rate climbs to 2e-05 at the "
             "last step and never reaches its peak 0.001; give fewer warmup steps, or -1") in result.stderr
+
+
+# ------------------------------------------------------------------ answers from a model with a chat template
+
+def test_a_model_with_a_chat_template_is_asked_through_it_and_an_empty_answer_says_what_to_try(tmp_path):
+    from conftest import run_script_in_process
+
+    # Every record is one word, then the end of the text: the model learns to end right after "the".
+    write_jsonl(tmp_path / "data" / "train.jsonl", [{"text": "the"}] * 8)
+    out = tmp_path / "run"
+    result = run_in_process(*FAST, "--data-dir", tmp_path / "data", "--output-dir", out, "--max-steps", "20",
+                            "--learning-rate", "1e-2", "--lambda-weight", "0", "--warmup-steps", "0")
+    assert result.returncode == 0, result.stderr
+
+    asked = run_script_in_process("generate", "--output-dir", out, "--prompt", "the", "--max-tokens", "4")
+    assert asked.returncode == 0, asked.stderr
+    assert ("prompt: chat template (the model has one, as mlx_lm generate uses it; the run trained on plain text "
+            "records: --prompt-format text continues the prompt as they were)") in asked.stderr
+
+    plain = run_script_in_process("generate", "--output-dir", out, "--prompt", "the", "--max-tokens", "4",
+                                  "--prompt-format", "text")
+    assert plain.returncode == 0 and plain.stdout == "\n", plain.stderr
+    assert ("note: the answer is empty: the model ended its answer at once (the end-of-sequence token came first); "
+            "try --prompt-format chat (an instruct model answers through its chat template") in plain.stderr
