@@ -421,9 +421,14 @@ def train(config, output_dir: Path, manager, start, inputs: dict, group, names: 
         print(f"note: {index.truncated} of {len(index)} samples are longer than --max-seq-length "
               f"{t.max_seq_length} and were truncated", file=sys.stderr)
     if index.no_target:
-        print(f"note: {len(index.no_target)} samples have nothing to learn after truncation and are left out "
-              f"(lines {', '.join(map(str, index.no_target[:5]))}{' ...' if len(index.no_target) > 5 else ''})",
+        answers = "last answer" if t.learn_assistant_turns == "last" else "answers"
+        print(f"note: {len(index.no_target)} records are left out: what they teach (a chat's {answers}, a "
+              f"completion) lies past --max-seq-length {t.max_seq_length} and truncation cut it off (lines "
+              f"{', '.join(map(str, index.no_target[:5]))}{' ...' if len(index.no_target) > 5 else ''})",
               file=sys.stderr)
+    learned = learned_share_line(index, t.learn_assistant_turns)
+    if learned:
+        print(learned, file=sys.stderr)
     data_summary = {"train_file": str(train_path), "train_samples": len(index),
                     "train_scored_at_load": index.scored_at_load, "train_scored_from_text": index.scored_from_text}
     if t.epochs:
@@ -502,6 +507,25 @@ def length_said(config, names: dict | None) -> str:
         key, flag, value = ("training", "max_steps"), "--max-steps", f"{t.max_steps}"
     where, name = setting_name(key, names, ("command line", flag))
     return f"{name} {value}" if where == "command line" else f"{name.strip(chr(39))}: {value} ({where})"
+
+
+LEARNED_SHARE_SAMPLES = 256  # the first samples the start of a run counts learned tokens over
+
+
+def learned_share_line(index, turns: str) -> str | None:
+    """What a run with chat or prompt + completion records learns, and how many tokens that is of
+    those it processes (counted over its first samples); None when every token is learned."""
+    samples = index.samples(range(min(len(index), LEARNED_SHARE_SAMPLES)))
+    processed = sum(len(sample.tokens) - 1 for sample in samples)
+    learned = sum(sample.learned_targets for sample in samples)
+    if learned >= processed:
+        return None  # text records only: learned whole
+    which = ("the last assistant turn of each chat (as mlx_lm lora --mask-prompt)" if turns == "last" else
+             "every assistant turn of each chat, those that call tools too (--learn-assistant-turns last: only "
+             "the final one)")
+    first = f"the first {len(samples):,} samples" if len(samples) < len(index) else f"the {len(samples):,} samples"
+    return (f"data: learned: {which}, and completions; system, user and tool turns and prompts are context: "
+            f"{learned:,} of the {processed:,} tokens of {first} ({100 * learned / processed:.0f}%)")
 
 
 def warmup_too_long_line(t, names: dict | None) -> str:

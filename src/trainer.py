@@ -90,10 +90,11 @@ class StepFigures:
     ce: float
     distrust: float
     grad_norm: float
-    tokens: int
+    tokens: int  # the learned ones: the targets the loss counts
     learning_rate: float
     seconds: float
     signal: int | None = None  # a stop signal any rank received (several processes)
+    processed: int = 0  # the tokens the step ran through the model, learned or context (padding not counted)
 
 
 @dataclass
@@ -101,7 +102,8 @@ class LoopState:
     """What the loop itself must carry across a resume (beside model and optimizer)."""
     step: int = 0
     position: DataPosition = field(default_factory=DataPosition)
-    tokens_seen: int = 0
+    tokens_seen: int = 0  # learned
+    tokens_processed: int = 0  # learned or context (0 before a resume from a checkpoint that did not count them)
     best_val_loss: float = math.inf
     best_val_step: int | None = None
     last_val_loss: float | None = None
@@ -257,6 +259,7 @@ class DistrustTrainer:
             step=step,
             position=position,
             tokens_seen=_bounded_int(loop["tokens_seen"], "tokens_seen", 0, 2**62),
+            tokens_processed=_bounded_int(loop.get("tokens_processed", 0), "tokens_processed", 0, 2**62),
             best_val_loss=math.inf if best_val_loss is None else _float_or_inf(best_val_loss, "best_val_loss"),
             best_val_step=None if best_val_step is None else _bounded_int(best_val_step, "best_val_step", 0, step),
             last_val_loss=None if trainer["val_loss"] is None else _float_or_inf(trainer["val_loss"], "val_loss"),
@@ -281,6 +284,7 @@ class DistrustTrainer:
             "loop": {
                 "position": s.position.to_dict(),
                 "tokens_seen": s.tokens_seen,
+                "tokens_processed": s.tokens_processed,
                 "best_val_loss": s.best_val_loss if s.best_val_step is not None else None,  # null: none yet
                 "best_val_step": s.best_val_step,
                 "train_seconds": s.train_seconds,
@@ -367,7 +371,7 @@ class DistrustTrainer:
         started = time.perf_counter()
         weighted_sum = ce_sum = grads = None
         start_position = self.state.position
-        tokens = 0
+        tokens = processed = 0
         auth, entropy = [], []
         for micro in range(t.grad_accum):
             try:
@@ -390,6 +394,7 @@ class DistrustTrainer:
             # against 265 MB).
             mx.async_eval(weighted_sum, ce_sum, grads)
             tokens += batch.tokens
+            processed += batch.processed
             # The whole global batch's samples (one process: its own real rows).
             auth.append(self.train_index.auth_weight[batch.batch_indices])
             entropy.append(self.train_index.prov_entropy[batch.batch_indices])
@@ -399,7 +404,8 @@ class DistrustTrainer:
         if self.group.distributed:
             # Sums over the ranks: loss sums, tokens, and which stop signals arrived anywhere.
             received = [float(stops is not None and stops.signal == sig) for sig in EXIT_CODES]
-            totals = mx.concatenate([mx.stack([weighted_sum, ce_sum]), mx.array([float(tokens), *received])])
+            totals = mx.concatenate([mx.stack([weighted_sum, ce_sum]),
+                                     mx.array([float(tokens), float(processed), *received])])
             grads, totals = self._compiled.reduce(grads, totals)
             weighted_sum, ce_sum = totals[0], totals[1]
             denominator = mx.maximum(totals[2], 1.0) / self.group.size  # mean tokens per rank
@@ -417,8 +423,8 @@ class DistrustTrainer:
             raise
         if self.group.distributed:
             counts = np.asarray(totals)
-            tokens = int(counts[2])
-            signal_received = next((sig for sig, count in zip(EXIT_CODES, counts[3:]) if count > 0), None)
+            tokens, processed = int(counts[2]), int(counts[3])
+            signal_received = next((sig for sig, count in zip(EXIT_CODES, counts[4:]) if count > 0), None)
         tokens_or_one = max(tokens, 1)
         weighted_ce = weighted_sum.item() / tokens_or_one
         plain_ce = ce_sum.item() / tokens_or_one
@@ -426,7 +432,7 @@ class DistrustTrainer:
         loss = self.objective.objective(weighted_ce, plain_ce, auth, entropy)
         figures = StepFigures(
             loss=loss, ce=plain_ce, distrust=loss - plain_ce, grad_norm=norm.item(), tokens=tokens,
-            learning_rate=learning_rate.item(), seconds=0.0, signal=signal_received,
+            learning_rate=learning_rate.item(), seconds=0.0, signal=signal_received, processed=processed,
         )
         # Checked before the update: a non-finite or exploding step is never
         # applied, so the last checkpoint holds the last good state.
@@ -608,7 +614,8 @@ class DistrustTrainer:
             finally:
                 self.progress.close()
         summary = {
-            "steps": s.step, "max_steps": t.max_steps, "tokens": s.tokens_seen, "seconds": s.train_seconds,
+            "steps": s.step, "max_steps": t.max_steps, "tokens": s.tokens_seen, "tokens_processed": s.tokens_processed,
+            "seconds": s.train_seconds,
             "best_val_loss": s.best_val_loss if s.best_val_step is not None else None,
             "best_val_step": s.best_val_step,
             "adapters": str(self.output_dir / "adapters.safetensors") if self.adapters_written else
@@ -640,15 +647,17 @@ class DistrustTrainer:
             return self._end_with_checkpoint(RunEnd(stop))
         s.step += 1
         s.tokens_seen += figures.tokens
+        s.tokens_processed += figures.processed
         s.train_seconds += figures.seconds
         s.last_loss = figures.loss
         self.early_stopping.record_loss(figures.loss)
         memory, peak = mx.get_active_memory(), mx.get_peak_memory()
         self.metrics.log(s.step, loss=figures.loss, ce=figures.ce, distrust=figures.distrust,
                          lr=figures.learning_rate, grad_norm=figures.grad_norm,
-                         tokens=figures.tokens, tokens_per_sec=figures.tokens / max(figures.seconds, 1e-9),
+                         tokens=figures.tokens, tokens_processed=figures.processed,
+                         tokens_per_sec=figures.processed / max(figures.seconds, 1e-9),
                          memory_mb=memory / 1e6, peak_memory_mb=peak / 1e6)
-        self.progress.update(s.step, figures.loss, figures.ce, figures.tokens, figures.seconds,
+        self.progress.update(s.step, figures.loss, figures.ce, figures.processed, figures.seconds,
                              peak, s.step - self.last_save_step)
 
         finished = s.step >= t.max_steps

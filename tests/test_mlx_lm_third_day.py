@@ -13,7 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import FAST, WORDS, assert_one_line_error, run_in_process, train_lines, write_corpus, write_jsonl
+from conftest import (FAST, WORDS, assert_one_line_error, read_metrics, run_in_process, train_lines, write_corpus,
+                      write_jsonl)
 
 
 def words(rng: random.Random, k: int) -> str:
@@ -238,3 +239,54 @@ def test_a_model_with_a_chat_template_is_asked_through_it_and_an_empty_answer_sa
     assert plain.returncode == 0 and plain.stdout == "\n", plain.stderr
     assert ("note: the answer is empty: the model ended its answer at once (the end-of-sequence token came first); "
             "try --prompt-format chat (an instruct model answers through its chat template") in plain.stderr
+
+
+# ------------------------------------------------------------------ what a chat run learns, said
+
+def chat(rng: random.Random, answer_words: int = 5) -> dict:
+    return {"messages": [
+        {"role": "system", "content": "Answer briefly."},
+        {"role": "user", "content": words(rng, 6)},
+        {"role": "assistant", "content": words(rng, 4)},
+        {"role": "user", "content": words(rng, 3)},
+        {"role": "assistant", "content": words(rng, answer_words)},
+    ]}
+
+
+def test_a_chat_run_says_what_it_learns_and_its_throughput_counts_every_token_it_processes(tmp_path):
+    rng = random.Random(5)
+    data = tmp_path / "data"
+    write_jsonl(data / "train.jsonl", [chat(rng) for _ in range(8)])
+    args = [*FAST, "--data-dir", data, "--max-steps", "2", "--max-seq-length", "256"]
+    ends = {}
+    for turns in ("all", "last"):
+        out = tmp_path / turns
+        result = run_in_process(*args, "--learn-assistant-turns", turns, "--output-dir", out)
+        assert result.returncode == 0, result.stderr
+        said = [line for line in result.stderr.splitlines() if line.startswith("data: learned: ")]
+        assert len(said) == 1, result.stderr
+        assert ("the last assistant turn of each chat" if turns == "last" else "every assistant turn of each chat, "
+                "those that call tools too") in said[0]
+        assert "system, user and tool turns and prompts are context: " in said[0] and "tokens of the 8 samples" in said[0]
+        lines = train_lines(out)
+        end = read_metrics(out)[-1]
+        assert end["tokens_processed"] == sum(line["tokens_processed"] for line in lines) > end["tokens"]
+        assert end["tokens"] == sum(line["tokens"] for line in lines)
+        summary = next(line for line in result.stderr.splitlines() if line.startswith("  tokens "))
+        assert summary.startswith(f"  tokens    {end['tokens_processed']:,} processed (") and \
+            summary.endswith(f"tok/s), {end['tokens']:,} of them learned"), summary
+        ends[turns] = end
+    # The same batches: the same tokens processed, whichever turns are learned.
+    assert ends["all"]["tokens_processed"] == ends["last"]["tokens_processed"]
+    assert ends["all"]["tokens"] > ends["last"]["tokens"]
+
+    # Answers cut off by truncation: said as such.
+    short = [{"messages": [{"role": "user", "content": words(rng, 3)}, {"role": "assistant", "content": words(rng, 2)}]}
+             for _ in range(3)]
+    long = {"messages": [{"role": "user", "content": words(rng, 40)}, {"role": "assistant", "content": words(rng, 3)}]}
+    write_jsonl(data / "train.jsonl", [*short, long])
+    result = run_in_process(*FAST, "--data-dir", data, "--max-steps", "1", "--max-seq-length", "40",
+                            "--learn-assistant-turns", "last", "--output-dir", tmp_path / "cut")
+    assert result.returncode == 0, result.stderr
+    assert ("note: 1 records are left out: what they teach (a chat's last answer, a completion) lies past "
+            "--max-seq-length 40 and truncation cut it off (lines 4)") in result.stderr

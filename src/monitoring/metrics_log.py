@@ -349,7 +349,7 @@ def _duration(seconds: float) -> str:
 
 def summary_text(**summary) -> str:
     """The end-of-run summary as a few lines. Known keys (all optional):
-    reason, steps, max_steps, tokens, seconds (in training steps, all sessions),
+    reason, steps, max_steps, tokens (learned), tokens_processed, seconds (in training steps, all sessions),
     session_seconds (this process from its first step to its end, as the progress line's
     elapsed), best_val_loss, best_val_step, adapters (where the adapters were written),
     peak_memory_mb, processes (mlx.launch: tokens are the whole group's, memory rank 0's).
@@ -364,8 +364,13 @@ def summary_text(**summary) -> str:
         max_steps = summary.pop("max_steps", None)
         lines.append(f"  steps     {steps}" + (f" / {max_steps}" if max_steps else ""))
     tokens = summary.pop("tokens", None)
+    processed = summary.pop("tokens_processed", None)
     seconds = summary.pop("seconds", None)
-    if tokens is not None:
+    if processed:  # the throughput counts every token run through the model; the learned ones beside it
+        rate = f" ({processed / seconds:,.0f} tok/s{group})" if seconds else ""
+        learned = f", {tokens:,} of them learned" if tokens is not None and tokens != processed else ""
+        lines.append(f"  tokens    {processed:,} processed{rate}{learned}")
+    elif tokens is not None:  # a run from before the processed tokens were counted
         rate = f" ({tokens / seconds:,.0f} tok/s{group})" if seconds else ""
         lines.append(f"  tokens    {tokens:,}{rate}")
     if seconds is not None:  # the steps alone, summed over every session of the run
