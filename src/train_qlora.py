@@ -23,6 +23,7 @@ from pathlib import Path
 
 from errors import OneLineArgumentParser, UserError, error_line, run_command
 from mlx_lm_flags import add_mlx_lm_flags, settings_from_mlx_lm_flags
+from monitoring.wandb_log import WANDB_INSTALL
 
 FLAGS = [
     # flag, config name, type, help (the default is added from config.py)
@@ -80,8 +81,8 @@ FLAGS = [
     ("--loss-chunk-size", "loss_chunk_size", int, "the output layer and the loss over chunks of this many tokens, "
                                                   "so the batch's logits never exist at once: -1 automatic (about "
                                                   "4M logits a chunk), 0 off; the same result within float rounding"),
-    ("--report-to", "report_to", str, "wandb: the metrics of metrics.jsonl to Weights & Biases too (pip install "
-                                      "'.[wandb]'; files in OUTPUT/wandb; WANDB_MODE=offline needs no network)"),
+    ("--report-to", "report_to", str, f"wandb: the metrics of metrics.jsonl to Weights & Biases too ({WANDB_INSTALL}; "
+                                      f"files in OUTPUT/wandb; WANDB_MODE=offline needs no network)"),
     ("--project-name", "project_name", str, "the W&B project (mlx-lm's project_name)"),
 ]
 SWITCHES = [

@@ -290,3 +290,30 @@ def test_a_chat_run_says_what_it_learns_and_its_throughput_counts_every_token_it
     assert result.returncode == 0, result.stderr
     assert ("note: 1 records are left out: what they teach (a chat's last answer, a completion) lies past "
             "--max-seq-length 40 and truncation cut it off (lines 4)") in result.stderr
+
+
+# ------------------------------------------------------------------ small things
+
+def test_epochs_end_as_epochs_peft_key_names_get_the_full_ones_and_the_wandb_hint_is_the_same_everywhere(
+        tmp_path, monkeypatch):
+    import sys
+
+    from train_qlora import build_parser
+
+    data = write_corpus(tmp_path / "data", train=8, val=0)
+    result = run_in_process(*FAST, "--data-dir", data, "--output-dir", tmp_path / "epochs", "--epochs", "1")
+    assert result.returncode == 0, result.stderr
+    assert "Run ended: finished: reached --epochs 1 (2 steps)" in result.stderr
+    assert "--max-steps" not in result.stderr
+
+    result = run_in_process(*FAST, "--data-dir", data, "--output-dir", tmp_path / "keys", "--max-steps", "1",
+                            "--lora-keys", "q_proj", "v_proj")
+    assert_one_line_error(result, "--lora-keys: 'q_proj', 'v_proj' are not linear layers of this model's blocks",
+                          "(did you mean self_attn.q_proj self_attn.v_proj?)")
+
+    hint = 'pip install ".[cpu,wandb]" (Linux CPU; ".[cuda,wandb]" with NVIDIA, ".[wandb]" on a Mac)'
+    assert hint in " ".join(build_parser().format_help().split())
+    assert '[cpu,wandb]' in (Path(__file__).parent.parent / "pyproject.toml").read_text()
+    monkeypatch.setitem(sys.modules, "wandb", None)  # how Python marks a module as not importable
+    result = run_in_process(*FAST, "--data-dir", data, "--output-dir", tmp_path / "w", "--report-to", "wandb")
+    assert_one_line_error(result, hint, only_line=True)

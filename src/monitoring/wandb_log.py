@@ -42,13 +42,18 @@ from errors import UserError, one_line
 RUN_ID = re.compile(r"[a-z0-9]{1,64}")  # what we write; anything else in a checkpoint is not ours
 
 
+# How to install W&B, the same words wherever it is said (--help, the error, the docs): the
+# project's extra beside the MLX backend's, as pyproject.toml's extras name them.
+WANDB_INSTALL = 'pip install ".[cpu,wandb]" (Linux CPU; ".[cuda,wandb]" with NVIDIA, ".[wandb]" on a Mac)'
+
+
 def check_wandb_installed() -> None:
     """One line, exit 2, before anything else happens, when the wandb package is missing."""
     try:
         import wandb  # noqa: F401
     except ImportError:
-        raise UserError("--report-to wandb: the wandb package is not installed here; install it with "
-                        "pip install '.[wandb]' (or pip install wandb)") from None
+        raise UserError(f"--report-to wandb: the wandb package is not installed here; install it with "
+                        f"{WANDB_INSTALL}") from None
 
 
 def new_run_id() -> str:
