@@ -496,12 +496,13 @@ class DistrustTrainer:
         entropy = self.val_index.prov_entropy[losses.positions]
         plain = report["overall"]["loss"]
         weighted = float((losses.ce * self.objective.weights(auth, entropy)).sum() / losses.tokens.sum())
-        result = {"val_loss": plain, "val_objective": self.objective.objective(weighted, plain, auth, entropy)}
-        for name, group in (("val_loss_low_auth", "primary"), ("val_loss_high_auth", "consensus")):
+        # Named for what they are (monitoring/metrics_log.py): val_ce compares with the training ce.
+        result = {"val_ce": plain, "val_objective": self.objective.objective(weighted, plain, auth, entropy)}
+        for name, group in (("val_ce_low_auth", "primary"), ("val_ce_high_auth", "consensus")):
             if group in report:
                 result[name] = report[group]["loss"]
         if report["gap"] is not None:
-            result["val_loss_gap"] = report["gap"]
+            result["val_ce_gap"] = report["gap"]
         return result
 
     # -- saving -----------------------------------------------------------------
@@ -616,7 +617,7 @@ class DistrustTrainer:
         summary = {
             "steps": s.step, "max_steps": t.max_steps, "tokens": s.tokens_seen, "tokens_processed": s.tokens_processed,
             "seconds": s.train_seconds,
-            "best_val_loss": s.best_val_loss if s.best_val_step is not None else None,
+            "best_val_ce": s.best_val_loss if s.best_val_step is not None else None,
             "best_val_step": s.best_val_step,
             "adapters": str(self.output_dir / "adapters.safetensors") if self.adapters_written else
             "none written (no checkpoint could be saved)",
@@ -643,7 +644,7 @@ class DistrustTrainer:
         figures, stop = self._optimizer_step(batches, stops)
         if stop is not None:
             # The update was not applied: the state is that of the last good step.
-            self.metrics.log(s.step + 1, loss=figures.loss, ce=figures.ce, grad_norm=figures.grad_norm)
+            self.metrics.log(s.step + 1, objective=figures.loss, ce=figures.ce, grad_norm=figures.grad_norm)
             return self._end_with_checkpoint(RunEnd(stop))
         s.step += 1
         s.tokens_seen += figures.tokens
@@ -652,7 +653,7 @@ class DistrustTrainer:
         s.last_loss = figures.loss
         self.early_stopping.record_loss(figures.loss)
         memory, peak = mx.get_active_memory(), mx.get_peak_memory()
-        self.metrics.log(s.step, loss=figures.loss, ce=figures.ce, distrust=figures.distrust,
+        self.metrics.log(s.step, objective=figures.loss, ce=figures.ce, distrust=figures.distrust,
                          lr=figures.learning_rate, grad_norm=figures.grad_norm,
                          tokens=figures.tokens, tokens_processed=figures.processed,
                          tokens_per_sec=figures.processed / max(figures.seconds, 1e-9),
@@ -730,11 +731,11 @@ class DistrustTrainer:
         self.metrics.log_validation(s.step, **result)
         parts = "  ".join(f"{k}={v:.4f}" for k, v in result.items())
         self.progress.write(f"step {s.step}: {parts}")
-        if "val_loss" not in result:  # probes only, no validation file: nothing to call best
+        if "val_ce" not in result:  # probes only, no validation file: nothing to call best
             return False
-        s.last_val_loss, s.last_val_step = result["val_loss"], s.step
-        if math.isfinite(result["val_loss"]) and result["val_loss"] < s.best_val_loss:
-            s.best_val_loss, s.best_val_step = result["val_loss"], s.step
+        s.last_val_loss, s.last_val_step = result["val_ce"], s.step
+        if math.isfinite(result["val_ce"]) and result["val_ce"] < s.best_val_loss:
+            s.best_val_loss, s.best_val_step = result["val_ce"], s.step
             return True
         return False
 

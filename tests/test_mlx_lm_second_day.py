@@ -230,7 +230,7 @@ def test_report_to_wandb_offline_logs_the_figures_of_metrics_jsonl_and_a_resume_
             expected.setdefault(line["step"], {}).update(
                 {tag_for(key): value for key, value in line.items() if key != "step" and value is not None})
     assert sorted(logged) == [1, 2, 3, 4, 5, 6] and logged == expected  # every figure, at its step
-    assert {"train/loss", "val/loss", "train/lr"} <= set(logged[4])
+    assert {"train/objective", "val/ce", "train/lr"} <= set(logged[4])
     state = json.loads((out / "checkpoints" / "step-00000006" / "trainer_state.json").read_text())
     assert state["trainer"]["wandb_run_id"] == run_id
 

@@ -317,3 +317,40 @@ def test_epochs_end_as_epochs_peft_key_names_get_the_full_ones_and_the_wandb_hin
     monkeypatch.setitem(sys.modules, "wandb", None)  # how Python marks a module as not importable
     result = run_in_process(*FAST, "--data-dir", data, "--output-dir", tmp_path / "w", "--report-to", "wandb")
     assert_one_line_error(result, hint, only_line=True)
+
+
+# ------------------------------------------------------------------ metric names that say what they are
+
+def test_the_figures_are_named_for_what_they_are_everywhere_and_old_runs_still_read(tmp_path):
+    from conftest import read_tensorboard
+
+    from monitoring.metrics_log import read_metrics as read_by_name
+    from monitoring.metrics_log import summary_text
+
+    data = write_corpus(tmp_path / "data", train=8, val=4)
+    out = tmp_path / "run"
+    result = run_in_process(*[arg for arg in FAST if arg != "--no-tensorboard"], "--data-dir", data,
+                            "--output-dir", out, "--max-steps", "2", "--eval-steps", "2")
+    assert result.returncode == 0, result.stderr
+    lines = read_metrics(out)
+    train = [line for line in lines if "ce" in line and "event" not in line][-1]
+    validation = next(line for line in lines if "val_ce" in line)
+    assert {"objective", "ce", "distrust"} <= set(train) and "loss" not in train
+    assert {"val_ce", "val_objective", "val_ce_low_auth", "val_ce_high_auth"} <= set(validation)
+    assert not any(key.startswith("val_loss") for key in validation)
+    assert lines[-1]["best_val_ce"] == validation["val_ce"]
+    tags = {value.tag for event in read_tensorboard(out / "logs") for value in event.summary.value}
+    assert {"train/objective", "train/ce", "val/ce", "val/objective"} <= tags
+    assert not {tag for tag in tags if tag.endswith("/loss")}
+    assert f"step 2: val_ce={validation['val_ce']:.4f}  val_objective=" in result.stderr
+    assert "compare val_ce)" in result.stderr and "best val  " in result.stderr
+    listed = run_in_process("--list-checkpoints", "--output-dir", out)
+    assert "objective" in listed.stdout and "val_ce" in listed.stdout
+
+    # A run written with the names of before reads as today's.
+    old = tmp_path / "old" / "metrics.jsonl"
+    write_jsonl(old, [{"step": 1, "loss": 3.5, "ce": 7.5}, {"step": 1, "val_loss": 7.4, "val_loss_gap": 0.3},
+                      {"event": "end", "reason": "finished", "best_val_loss": 7.4}])
+    assert read_by_name(old) == [{"step": 1, "objective": 3.5, "ce": 7.5}, {"step": 1, "val_ce": 7.4, "val_ce_gap": 0.3},
+                                 {"event": "end", "reason": "finished", "best_val_ce": 7.4}]
+    assert "best val  7.4000" in summary_text(reason="finished", best_val_loss=7.4, best_val_step=1)

@@ -351,7 +351,7 @@ def describe_checkpoints(manager: CheckpointManager) -> str:
     infos = manager.checkpoints()
     if not infos:
         return f"no checkpoints in {manager.directory}"
-    rows = [("checkpoint", "step", "loss", "val_loss", "valid", "size", "")]
+    rows = [("checkpoint", "step", "objective", "val_ce", "valid", "size", "")]
     for info in infos:
         marks = ", ".join(m for m, on in (("best", info.is_best), ("final", info.is_final)) if on)
         rows.append((

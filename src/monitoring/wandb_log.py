@@ -1,8 +1,8 @@
 """Weights & Biases (`--report-to wandb`): the figures of metrics.jsonl, as a W&B run too.
 
 What goes to W&B is what goes to TensorBoard: every number of each training and
-validation line of metrics.jsonl, at its step, under the same name ("train/loss",
-"val/loss": metrics_log.TAGS); the end line's numbers go to the run's summary. The
+validation line of metrics.jsonl, at its step, under the same name ("train/objective",
+"train/ce", "val/ce": metrics_log.TAGS); the end line's numbers go to the run's summary. The
 run is named after the output folder, its config is the run's Config, its project
 is --project-name (mlx-lm's `project_name`), else W&B's default.
 
