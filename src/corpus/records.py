@@ -155,8 +155,8 @@ def messages_problem(messages, tools=None) -> tuple[str, str] | None:
         return "bad tools", f"'tools' must be a list of tool definitions (objects), got {short_repr(tools)}"
     last = messages[-1]
     if last["role"] != "assistant" or not (last.get("tool_calls") or last["content"].strip()):
-        return "no text", ("the last message must be an 'assistant' message with content or 'tool_calls' "
-                           "(it is what is learned)")
+        return "no text", ("the last message must be a non-empty 'assistant' message, its content or "
+                           "'tool_calls' (it is what is learned)")
     return None
 
 
