@@ -36,9 +36,9 @@ def add_mlx_lm_flags(parser: argparse.ArgumentParser, kinds: dict) -> None:
         group.add_argument(flag(key), dest=DEST + key, action="store_const", const=True, default=None,
                            help=("refused: " if key == "test" else "no effect: ") + why)
     for key, kind in VALUE_KEYS.items():
-        why = MLX_LM_NO_EFFECT.get(key) or MLX_LM_ONLY_VALUE[key][1]
+        why = (MLX_LM_NO_EFFECT.get(key) or MLX_LM_ONLY_VALUE[key][1]).replace("test: true", "--test")
         group.add_argument(flag(key), dest=DEST + key, type=kind, default=None, metavar="N",
-                           help=("no effect: " if key in MLX_LM_NO_EFFECT else "only 0: ") + why.replace("test: true", "--test"))
+                           help=("no effect: " if key in MLX_LM_NO_EFFECT else "only 0: ") + why)
 
 
 def settings_from_mlx_lm_flags(args: argparse.Namespace, our_flags: dict) -> tuple[dict, list[str], list[str]]:
@@ -59,7 +59,8 @@ def settings_from_mlx_lm_flags(args: argparse.Namespace, our_flags: dict) -> tup
         if value is None:
             continue
         if key == "mask_prompt":
-            notes.append(f"--mask-prompt: nothing to change: {MASK_PROMPT_HERE.format(last='--learn-assistant-turns last')}")
+            always = MASK_PROMPT_HERE.format(last="--learn-assistant-turns last")
+            notes.append(f"--mask-prompt: nothing to change: {always}")
         elif key in MLX_LM_NO_EFFECT:
             notes.append(f"{flag(key)} has no effect here: {MLX_LM_NO_EFFECT[key].replace('test: true', '--test')}")
         else:
