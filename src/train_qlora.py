@@ -165,8 +165,9 @@ def settings_from_args(args: argparse.Namespace):
 
     flags = {name: flag for flag, name, _, _ in FLAGS + SWITCHES}
     theirs, notes, refused = settings_from_mlx_lm_flags(args, flags)  # mlx_lm lora's flags, as ours
-    if refused:
-        raise UserError(f"command line: {'; '.join(refused)}")
+    if refused:  # with the settings file's mistakes, if any: all in one message
+        more = "".join(f"; and {problem}" for problem in settings_file_problems(args.config))
+        raise UserError(f"command line: {'; '.join(refused)}{more}")
     settings = read_settings_file(args.config) if args.config else SettingsFile(values={})
     settings.notes += notes
     values = settings.values

@@ -170,6 +170,11 @@ def test_every_mistyped_flag_and_every_bad_key_of_the_file_are_named_in_one_mess
                      "(records are read by the field 'messages' here"):
         assert fragment in result.stderr, result.stderr
     assert "text_feature" not in result.stderr  # mlx-lm's default name: the same here
+    # Their flags with no equivalent, and the file's mistakes: one message too.
+    result = run_in_process("--config", config, "--test")
+    assert result.returncode == 2 and len(result.stderr.splitlines()) == 1, result.stderr
+    assert "command line: --test: mlx_lm lora's, with no equivalent here" in result.stderr
+    assert f"; and {config}: unknown settings 'itres'" in result.stderr
 
 
 @pytest.mark.parametrize("text, fragment", [
@@ -354,3 +359,27 @@ def test_the_figures_are_named_for_what_they_are_everywhere_and_old_runs_still_r
     assert read_by_name(old) == [{"step": 1, "objective": 3.5, "ce": 7.5}, {"step": 1, "val_ce": 7.4, "val_ce_gap": 0.3},
                                  {"event": "end", "reason": "finished", "best_val_ce": 7.4}]
     assert "best val  7.4000" in summary_text(reason="finished", best_val_loss=7.4, best_val_step=1)
+
+
+def test_a_checkpoint_of_before_with_the_fixed_warmup_resumes_where_the_fitted_warmup_is_the_same(tmp_path):
+    from checkpoints import CheckpointManager
+    from checkpoints.resume import ConfigMismatch, _load_checked
+    from train_qlora import build_parser, run_inputs, settings_from_args
+
+    data = write_corpus(tmp_path / "data", train=8, val=0)
+    out = tmp_path / "run"
+    before = [*FAST, "--data-dir", data, "--output-dir", out]
+    at = before.index("--warmup-steps")
+    before[at + 1] = "50"  # as a run saved it when 50 was the default
+    assert run_in_process(*before, "--max-steps", "2").returncode == 0
+    manager = CheckpointManager(out / "checkpoints")
+    latest = manager.latest_valid().path
+    today = before[:at] + before[at + 2:]  # no --warmup-steps: fitted to the run
+
+    def load(steps: str):
+        config = settings_from_args(build_parser().parse_args([*map(str, today), "--max-steps", steps]))[0]
+        return _load_checked(manager, latest, config, run_inputs(config))
+
+    assert load("1000").path == latest  # fitted: 50, the warmup it ran with
+    with pytest.raises(ConfigMismatch, match="warmup_steps: checkpoint 50, now -1"):
+        load("100")  # fitted: 5
