@@ -221,7 +221,9 @@ class Config:
         }
         for flag, value in positive_ints.items():
             if value < 1:
-                raise bad(flag, f"must be at least 1 (got {value})")
+                whole = " (mlx_lm lora's -1, the whole file, is not taken: give a number of batches)" \
+                    if flag == "val-batches" and value == -1 else ""
+                raise bad(flag, f"must be at least 1 (got {value}){whole}")
         if t.max_seq_length < 2:  # one input and one target at the least
             raise bad("max-seq-length", f"must be at least 2 (got {t.max_seq_length})")
         if t.loss_chunk_size < -1:

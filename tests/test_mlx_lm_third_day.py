@@ -146,6 +146,8 @@ def test_mlx_lm_lora_flags_become_ours_and_the_start_says_what_each_became(tmp_p
                           "--test: mlx_lm lora's, with no equivalent here (evaluate after training with "
                           "src/evaluate.py", "; --clear-cache-threshold 1GB: mlx_lm lora's",
                           only_line=True)
+    assert_one_line_error(run_in_process(*FAST, "--data-dir", data, "--val-batches", "-1"),
+                          "--val-batches must be at least 1 (got -1) (mlx_lm lora's -1, the whole file, is not taken")
     # A value of theirs that is wrong is named as they wrote it.
     assert_one_line_error(run_in_process(*FAST, "--data-dir", data, "--iters", "0"),
                           "command line: --iters must be at least 1 (got 0)")
