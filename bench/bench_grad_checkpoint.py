@@ -166,7 +166,8 @@ def ours(args, model: Path, data: Path, out: Path, checkpoint: bool, *extra, ste
     end = next(r for r in lines if r.get("event") == "end")
     return {"peak": end["peak_memory_mb"] * 1e6, "rss": result["rss"], "cpu": result["cpu"], "cmd": cmd,
             "log": result["log"],
-            "steps": [r["tokens"] / r["tokens_per_sec"] for r in step_lines], "losses": [r["loss"] for r in step_lines]}
+            "steps": [r["tokens_processed"] / r["tokens_per_sec"] for r in step_lines],
+            "losses": [r["objective"] for r in step_lines]}
 
 
 def theirs(args, model: Path, data: Path, out: Path, config: Path, checkpoint: bool) -> dict:

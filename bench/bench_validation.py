@@ -80,7 +80,7 @@ def memory(args, root: Path) -> None:
         result = run_watched(cmd, out, root / f"memory-{label}.log")
         val = data / "val.jsonl"
         records = sum(1 for line in open(val, "rb") if line.strip())
-        val_lines = [(t, r) for t, r in result["lines"] if "val_loss" in r]
+        val_lines = [(t, r) for t, r in result["lines"] if "val_ce" in r]
         train_times = {r["step"]: t for t, r in result["lines"] if is_train_line(r)}
         val_s = val_lines[-1][0] - train_times[val_lines[-1][1]["step"]]
         results[label] = result
@@ -129,7 +129,7 @@ def cost(args, root: Path) -> None:
           f"{loop_diff / batches * 1000:.1f} ms per batch = {loop_diff / batches / step_s:.2f} steps")
     lines = runs["with"]["lines"]
     train_times = {r["step"]: t for t, r in lines if is_train_line(r)}
-    per_validation = [(r["step"], t - train_times[r["step"]]) for t, r in lines if "val_loss" in r]
+    per_validation = [(r["step"], t - train_times[r["step"]]) for t, r in lines if "val_ce" in r]
     print("  from the times the lines appear, each validation (train line of its step -> its val line):")
     for step, seconds in per_validation:
         print(f"    step {step:<5} {seconds * 1000:8.1f} ms = {seconds / args.cost_val_batches * 1000:7.1f} ms per batch "

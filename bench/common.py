@@ -130,7 +130,7 @@ def scratch_dir(prefix: str, keep: bool):
 
 
 def is_train_line(record: dict) -> bool:
-    return "loss" in record and "step" in record and "event" not in record and "val_loss" not in record
+    return "objective" in record and "step" in record and "event" not in record and "val_ce" not in record
 
 
 def train_command(model: str, data: Path, out: Path, batch_size: int, max_seq_length: int, *extra) -> list[str]:

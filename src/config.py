@@ -55,7 +55,8 @@ class TrainingConfig:
     batch_size: int = 8
     grad_accum: int = 1
     learning_rate: float = 1e-4
-    warmup_steps: int = 50
+    # Linear warmup steps before the cosine decay; AUTO_WARMUP (-1): fitted to the run (warmup()).
+    warmup_steps: int = -1
     max_seq_length: int = 1024
     max_grad_norm: float = 1.0
     weight_decay: float = 0.0
@@ -84,6 +85,17 @@ class TrainingConfig:
     # Passes over the training data; above 0 it sets max_steps from the corpus and the global
     # batch (batch_size x grad_accum) once the corpus is indexed (train_qlora.steps_for_epochs).
     epochs: int = 0
+    def warmup(self) -> int:
+        """The warmup steps of this run: as given, or fitted to the run's length (AUTO_WARMUP):
+        5% of its steps, at most 50, and none when that is under 2 (the warmup starts at rate 0: a
+        one-step warmup is a step spent at rate 0). A fixed 50 (the default before) never reached the
+        peak rate in a run of 50 steps or fewer, and spent a fifth of a 250-step one climbing to it;
+        mlx_lm lora has no warmup unless asked: so none under 40 steps here, and 50 from 1,000 on."""
+        if self.warmup_steps != AUTO_WARMUP:
+            return self.warmup_steps
+        fitted = min(AUTO_WARMUP_MAX, self.max_steps * AUTO_WARMUP_PERCENT // 100)
+        return fitted if fitted >= 2 else 0
+
     # Which assistant turns of a chat record are learned: "all" (every one; system, user and tool
     # turns are context), or "last" (only the final answer, as mlx_lm lora with mask_prompt).
     learn_assistant_turns: str = "all"
@@ -178,7 +190,10 @@ class Config:
         except OSError as exc:
             raise UserError(f"{path}: cannot read config file ({exc.strerror})") from None
         try:
-            values = yaml.safe_load(text)
+            values = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader)
+        except DuplicateKey as exc:
+            raise UserError(f"{path}:{exc.line}: {exc.key!r} is given twice (lines {exc.first} and {exc.line}): "
+                            f"keep one") from None
         except yaml.YAMLError as exc:
             line = getattr(getattr(exc, "problem_mark", None), "line", None)
             where = f"{path}:{line + 1}" if line is not None else str(path)
@@ -211,13 +226,15 @@ class Config:
         }
         for flag, value in positive_ints.items():
             if value < 1:
-                raise bad(flag, f"must be at least 1 (got {value})")
+                whole = " (mlx_lm lora's -1, the whole file, is not taken: give a number of batches)" \
+                    if flag == "val-batches" and value == -1 else ""
+                raise bad(flag, f"must be at least 1 (got {value}){whole}")
         if t.max_seq_length < 2:  # one input and one target at the least
             raise bad("max-seq-length", f"must be at least 2 (got {t.max_seq_length})")
         if t.loss_chunk_size < -1:
             raise bad("loss-chunk-size", f"must be -1 (automatic), 0 (off) or a number of tokens (got {t.loss_chunk_size})")
-        if t.warmup_steps < 0:
-            raise bad("warmup-steps", f"must be 0 or more (got {t.warmup_steps})")
+        if t.warmup_steps < AUTO_WARMUP:
+            raise bad("warmup-steps", f"must be 0 or more, or -1 (fitted to the run) (got {t.warmup_steps})")
         if not 0 <= t.seed < 2**32:
             raise bad("seed", f"must be in [0, 2**32) (got {t.seed})")
         if lo.layers == 0 or lo.layers < -1:
@@ -343,6 +360,29 @@ class Config:
         return hashlib.sha256(blob).hexdigest()[:16]
 
 
+class DuplicateKey(yaml.YAMLError):
+    def __init__(self, key, first: int, line: int):
+        super().__init__(f"duplicate key {key!r}")
+        self.key, self.first, self.line = key, first, line
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, but a key given twice in one mapping is an error: PyYAML keeps the
+    last silently, and the user meant one of the two."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            try:
+                first = seen.setdefault(key, key_node.start_mark.line + 1)
+            except TypeError:  # an unhashable key: the constructor names it
+                continue
+            if first != key_node.start_mark.line + 1:
+                raise DuplicateKey(key, first, key_node.start_mark.line + 1)
+        return super().construct_mapping(node, deep)
+
+
 def differing_fields(saved: dict, current: dict, prefix: str = "") -> list[str]:
     """Names of the fingerprint fields whose values differ, with both values."""
     out = []
@@ -355,6 +395,7 @@ def differing_fields(saved: dict, current: dict, prefix: str = "") -> list[str]:
     return out
 
 
+AUTO_WARMUP, AUTO_WARMUP_PERCENT, AUTO_WARMUP_MAX = -1, 5, 50  # TrainingConfig.warmup()
 SECTION_TYPES = {f.name: f.default_factory for f in dataclasses.fields(Config)}
 VAL_FILES = ("val.jsonl", "valid.jsonl")  # the validation file: ours, else mlx-lm's name
 FINE_TUNE_TYPES = ("lora", "dora")
@@ -515,11 +556,13 @@ class SettingsFile:
 def read_settings_file(path: str | Path) -> SettingsFile:
     """A YAML settings file as settings: our names (flags with underscores, switches
     included, or nested sections) and the `mlx_lm lora` keys that mean the same
-    here. Every key that is not supported is named in one UserError."""
+    here. Every key that is unknown (with the name it was close to, from its own
+    section) or not supported is named in one UserError."""
     path = Path(path)
     raw = Config.read_yaml(path)
     result = SettingsFile(values={})
-    unsupported: list[str] = []
+    unknown: list[str] = []  # "'itres' (did you mean 'iters'?)": mistakes
+    unsupported: list[str] = []  # mlx_lm lora settings with no equivalent here, each with why
 
     def take(flat: str, value, written: str) -> None:
         """Our flat setting `flat` from the file's key `written` (for errors in the user's words)."""
@@ -544,6 +587,10 @@ def read_settings_file(path: str | Path) -> SettingsFile:
             wanted, why = MLX_LM_ONLY_VALUE[key]
             if value != wanted or type(value) is not type(wanted):
                 unsupported.append(f"{key}: {_yaml_text(value)} ({why})")
+        elif key in MLX_LM_FEATURES:
+            if value is not None and value != MLX_LM_FEATURES[key]:
+                unsupported.append(f"{key}: {_yaml_text(value)} (records are read by the field "
+                                   f"'{MLX_LM_FEATURES[key]}' here: rename the field in the data)")
         elif key in ("report_to", "project_name") and value is None:
             continue  # mlx-lm's "not given"
         elif key == "report_to":
@@ -554,13 +601,12 @@ def read_settings_file(path: str | Path) -> SettingsFile:
                 take("project_name", value, key)
         elif key == "mask_prompt":
             if value is False:
-                result.notes.append(f"{path}: mask_prompt: false is not followed: system, user and tool turns and "
-                                    f"prompts are never learned here (chat records learn every assistant turn, "
-                                    f"or the last with learn_assistant_turns: last; text records are learned whole)")
+                result.notes.append(f"{path}: mask_prompt: false is not followed: "
+                                    f"{MASK_PROMPT_HERE.format(last='learn_assistant_turns: last')}")
             elif value is not True:
                 unsupported.append(f"mask_prompt: {_yaml_text(value)} (true or false)")
         elif key == "lora_parameters":
-            _lora_parameters(value, result, take, unsupported, path)
+            _lora_parameters(value, result, take, unknown, path)
         elif key == "optimizer_config":
             pass  # read below, once the optimizer is known
         elif key == "use_dora":  # older mlx-lm configs
@@ -575,21 +621,40 @@ def read_settings_file(path: str | Path) -> SettingsFile:
         elif key == "optimizer" and value == "muon":
             unsupported.append(f"optimizer: muon (one of {', '.join(OPTIMIZERS)})")
         elif key in SECTION_TYPES and (isinstance(value, dict) or key not in FLAT_NAMES):
-            result.values[key] = value  # a section (Config.from_dict names a bad key in it)
+            result.values[key] = value  # a section (Config.from_dict checks its values)
             if isinstance(value, dict):
-                for name in value:
-                    result.names[(key, name)] = (str(path), f"'{key}.{name}'")
+                fields = [f.name for f in dataclasses.fields(SECTION_TYPES[key]())]
+                for name in list(value):
+                    if name not in fields:
+                        unknown.append(unknown_key(f"{key}.{name}", name, fields, f"{key}."))
+                        del value[name]
+                    else:
+                        result.names[(key, name)] = (str(path), f"'{key}.{name}'")
         elif key in FLAT_NAMES:
             take(key, value, key)  # ours
         else:
-            raise UserError(f"{path}: unknown setting '{key}'{_did_you_mean(key, YAML_KEYS)}")
+            unknown.append(unknown_key(key, key, YAML_KEYS))
     if "optimizer_config" in raw:
         chosen = raw.get("optimizer", TrainingConfig.optimizer)
-        _optimizer_config(raw["optimizer_config"], chosen, take, unsupported, path)
+        _optimizer_config(raw["optimizer_config"], chosen, take, unknown, unsupported, path)
+    problems = []
+    if unknown:
+        problems.append(f"unknown setting{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}")
     if unsupported:
-        raise UserError(f"{path}: not supported here (an mlx_lm lora setting with no equivalent): "
-                        f"{'; '.join(unsupported)}; remove or change {'it' if len(unsupported) == 1 else 'them'}")
+        problems.append(f"not supported here (an mlx_lm lora setting with no equivalent): {'; '.join(unsupported)}; "
+                        f"remove or change {'it' if len(unsupported) == 1 else 'them'}")
+    if problems:
+        raise UserError(f"{path}: {'; and '.join(problems)}")
     return result
+
+
+def unknown_key(written: str, name: str, known, prefix: str = "") -> str:
+    """"'written' (did you mean 'prefix+close'?)": a mistyped key, with the one it was close to
+    among the `known` names of its own section."""
+    import difflib
+
+    close = difflib.get_close_matches(name, list(known), n=1)
+    return f"'{written}'" + (f" (did you mean '{prefix}{close[0]}'?)" if close else "")
 
 
 def _yaml_text(value) -> str:
@@ -607,7 +672,7 @@ def _report_to(value, take, unsupported: list) -> None:
         take("report_to", "wandb", "report_to")
 
 
-def _lora_parameters(value, result: SettingsFile, take, unsupported: list, path: Path) -> None:
+def _lora_parameters(value, result: SettingsFile, take, unknown: list, path: Path) -> None:
     if not isinstance(value, dict):
         raise UserError(f"{path}: lora_parameters must be a mapping of rank, scale, dropout, keys")
     for name, item in value.items():
@@ -619,11 +684,13 @@ def _lora_parameters(value, result: SettingsFile, take, unsupported: list, path:
             if isinstance(item, bool) or not isinstance(item, (int, float)) or not (math.isfinite(item) and item > 0):
                 raise UserError(f"{path}: 'lora_parameters.scale' must be a positive number, got {short_repr(item)}")
             result.lora_scale = float(item)
-        else:
-            unsupported.append(f"lora_parameters.{name}")
+        else:  # mlx-lm's lora_parameters has these four and no other
+            hint = " (LoRA's alpha is scale x rank: give scale)" if name == "alpha" else ""
+            unknown.append(unknown_key(f"lora_parameters.{name}", name, MLX_LM_LORA_PARAMETERS, "lora_parameters.")
+                           + hint)
 
 
-def _optimizer_config(value, chosen, take, unsupported: list, path: Path) -> None:
+def _optimizer_config(value, chosen, take, unknown: list, unsupported: list, path: Path) -> None:
     """mlx-lm reads only the section of the optimizer it uses: so does this."""
     if not isinstance(value, dict):
         raise UserError(f"{path}: optimizer_config must be a mapping of optimizer name -> settings")
@@ -639,11 +706,32 @@ def _optimizer_config(value, chosen, take, unsupported: list, path: Path) -> Non
             take("adam_beta2", item[1], f"{written}[1]")
         elif name in MLX_LM_OPTIMIZER_KEYS:
             take(MLX_LM_OPTIMIZER_KEYS[name], item, written)
+        elif name in MLX_OPTIMIZER_ARGUMENTS.get(chosen, ()):
+            unsupported.append(written)  # an argument of mlx's optimizer that this toolkit does not set
         else:
-            unsupported.append(written)
+            unknown.append(unknown_key(written, name, MLX_OPTIMIZER_ARGUMENTS.get(chosen, MLX_LM_OPTIMIZER_KEYS),
+                                       f"optimizer_config.{chosen}."))
+
+
+# mlx-lm's lora_parameters, and the arguments of the mlx.optimizers classes that an
+# optimizer_config section may hold (those this toolkit does not set are refused as such).
+MLX_LM_LORA_PARAMETERS = ("rank", "scale", "dropout", "keys")
+MLX_OPTIMIZER_ARGUMENTS = {
+    "adamw": ("betas", "eps", "weight_decay", "bias_correction"),
+    "adam": ("betas", "eps", "bias_correction"),
+    "sgd": ("momentum", "weight_decay", "dampening", "nesterov"),
+    "adafactor": ("eps", "clip_threshold", "decay_rate", "beta_1", "weight_decay", "scale_parameter",
+                  "relative_step", "warmup_init"),
+}
+# mlx-lm's names of the record fields it reads (chat_feature: messages, ...): the same names here.
+MLX_LM_FEATURES = {"chat_feature": "messages", "text_feature": "text", "prompt_feature": "prompt",
+                   "completion_feature": "completion"}
+# What mlx-lm's mask_prompt asks is always so here ({last}: how the file or the command line says "only the last").
+MASK_PROMPT_HERE = ("system, user and tool turns and prompts are never learned here (chat records learn every "
+                    "assistant turn, or the last with {last}; text records are learned whole)")
 
 
 # Every top-level key a settings file may hold: what a mistyped one is compared with.
 YAML_KEYS = sorted({*FLAT_NAMES, *SECTION_TYPES, *NEGATED_SWITCHES, *START_CHOICES, *MLX_LM_KEYS, *MLX_LM_NO_EFFECT,
-                    *MLX_LM_ONLY_VALUE, "report_to", "project_name", "wandb", "mask_prompt", "lora_parameters",
-                    "optimizer_config", "use_dora"} - {"config"})
+                    *MLX_LM_ONLY_VALUE, *MLX_LM_FEATURES, "report_to", "project_name", "wandb", "mask_prompt",
+                    "lora_parameters", "optimizer_config", "use_dora"} - {"config"})

@@ -6,12 +6,12 @@ chosen checkpoint's adapters, streamed token by token to the terminal.
 
 The base is loaded as it was trained (base_model.trained_run.run_base_model: its quantized
 copy when it was quantized on load) and mlx-lm puts the adapters on and
-generates (mlx_lm.stream_generate). The prompt is given to the model the way
-the run's training data was: through the chat template as a user message
-when the model has one and the training records were chat (`messages`, or
-`prompt` + `completion`), as plain text otherwise; which one is said on
-stderr, and --prompt-format chat|text chooses. The text goes to stdout, the
-rest to stderr.
+generates (mlx_lm.stream_generate). The prompt goes through the model's chat
+template as a user message when it has one, as `mlx_lm generate` does (an
+instruct model asked in plain text often answers nothing), and as plain text
+otherwise; which one is said on stderr, with what the run trained on, and
+--prompt-format chat|text chooses. An empty answer says why and what to try.
+The text goes to stdout, the rest to stderr.
 
 Exit codes: 0 done; 2 bad usage or input (one line).
 """
@@ -51,7 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--temp", type=float, default=0.0, help="sampling temperature; 0 is greedy (default: 0)")
     parser.add_argument("--seed", type=int, default=0, help="random seed for sampling (default: 0)")
     parser.add_argument("--prompt-format", choices=("auto", "chat", "text"), default="auto",
-                        help="auto: the chat template if the model has one and the run trained on chat records")
+                        help="auto: the chat template if the model has one, as mlx_lm generate; text: the prompt "
+                             "continued as plain text, as text records were trained (default: auto)")
     return parser
 
 
@@ -104,11 +105,29 @@ def generate(args: argparse.Namespace, out=None) -> str:
         ended = "the end-of-sequence token" if last.finish_reason == "stop" else f"--max-tokens {args.max_tokens}"
         print(f"{last.generation_tokens} tokens ({last.generation_tps:.1f} tokens/s); ended by {ended}",
               file=sys.stderr)
-    return "".join(pieces)
+    text = "".join(pieces)
+    if not text.strip():
+        print(empty_answer_line(use_chat, tokenizer, last is None or last.finish_reason == "stop"), file=sys.stderr)
+    return text
+
+
+def empty_answer_line(use_chat: bool, tokenizer, ended_at_once: bool) -> str:
+    """Why the answer is empty, and what to try."""
+    why = ("the model ended its answer at once (the end-of-sequence token came first)" if ended_at_once
+           else "the model wrote only spaces or line breaks")
+    if not use_chat and getattr(tokenizer, "chat_template", None):
+        tries = "--prompt-format chat (an instruct model answers through its chat template, as mlx_lm generate asks it)"
+    elif use_chat:
+        tries = "--prompt-format text (the prompt continued as plain text, as the run's text records were learned)"
+    else:
+        tries = "a longer prompt"
+    return f"note: the answer is empty: {why}; try {tries}, a sampling --temp 0.7, or another --checkpoint"
 
 
 def prompt_format(choice: str, tokenizer, train_file: Path) -> tuple[bool, str]:
-    """(use the chat template?, why) for --prompt-format."""
+    """(use the chat template?, why) for --prompt-format: by default the chat template when the
+    model has one, as `mlx_lm generate` does (an instruct model asked in plain text often answers
+    nothing), the run's training data named beside it when it was plain text."""
     has_template = bool(getattr(tokenizer, "chat_template", None))
     if choice == "chat":
         if not has_template:
@@ -118,13 +137,10 @@ def prompt_format(choice: str, tokenizer, train_file: Path) -> tuple[bool, str]:
         return False, "--prompt-format text"
     if not has_template:
         return False, "the model has no chat template"
-    kind = training_data_kind(train_file)
-    if kind is None:
-        return False, (f"the run's training file {train_file} is not here to tell; "
-                       f"--prompt-format chat uses the template")
-    if kind == "chat":
-        return True, "the run trained on chat records"
-    return False, "the run trained on plain text records"
+    if training_data_kind(train_file) == "text":
+        return True, ("the model has one, as mlx_lm generate uses it; the run trained on plain text records: "
+                      "--prompt-format text continues the prompt as they were")
+    return True, "the model has one, as mlx_lm generate uses it"
 
 
 def training_data_kind(train_file: Path) -> str | None:

@@ -27,6 +27,8 @@ from pathlib import Path
 
 from run_safety.errors import OneLineArgumentParser, UserError, error_line
 from run_safety.command import run_command
+from command_line.mlx_lm_flags import add_mlx_lm_flags, settings_from_mlx_lm_flags
+from monitoring.wandb_log import WANDB_INSTALL
 
 FLAGS = [
     # flag, config name, type, help (the default is added from config.py)
@@ -40,7 +42,9 @@ FLAGS = [
     ("--batch-size", "batch_size", int, "micro-batch size"),
     ("--grad-accum", "grad_accum", int, "micro-batches per optimizer step"),
     ("--learning-rate", "learning_rate", float, "peak learning rate"),
-    ("--warmup-steps", "warmup_steps", int, "linear warmup steps, then cosine decay to 0 at the last step"),
+    ("--warmup-steps", "warmup_steps", int, "linear warmup steps, then cosine decay to 0 at the last step; -1: "
+                                            "fitted to the run, 5%% of its steps, at most 50 (none under 40 "
+                                            "steps, as mlx_lm lora)"),
     ("--max-seq-length", "max_seq_length", int, "longer samples are truncated"),
     ("--learn-assistant-turns", "learn_assistant_turns", str, "the assistant turns of a chat record that are "
                                                               "learned: all, or last (only the final answer, as "
@@ -87,8 +91,8 @@ FLAGS = [
     ("--loss-chunk-size", "loss_chunk_size", int, "the output layer and the loss over chunks of this many tokens, "
                                                   "so the batch's logits never exist at once: -1 automatic (about "
                                                   "4M logits a chunk), 0 off; the same result within float rounding"),
-    ("--report-to", "report_to", str, "wandb: the metrics of metrics.jsonl to Weights & Biases too (pip install "
-                                      "'.[wandb]'; files in OUTPUT/wandb; WANDB_MODE=offline needs no network)"),
+    ("--report-to", "report_to", str, f"wandb: the metrics of metrics.jsonl to Weights & Biases too ({WANDB_INSTALL}; "
+                                      f"files in OUTPUT/wandb; WANDB_MODE=offline needs no network)"),
     ("--project-name", "project_name", str, "the W&B project (mlx-lm's project_name)"),
 ]
 SWITCHES = [
@@ -133,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="QLoRA fine-tuning with the Empirical Distrust objective, made for long unattended runs.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--config", metavar="RUN.YAML",
+    parser.add_argument("-c", "--config", metavar="RUN.YAML",
                         help="YAML file of settings, flags override it: the flag names with underscores (switches "
                              "too: no_tensorboard: true), or an mlx_lm lora config (iters, num_layers, "
                              "lora_parameters, ...); see examples/")
@@ -143,6 +147,12 @@ def build_parser() -> argparse.ArgumentParser:
                             **({"nargs": "+", "metavar": "KEY"} if name == "lora_keys" else {}))
     for flag, name, value, help_text in SWITCHES:
         parser.add_argument(flag, dest=name, action="store_const", const=value, default=None, help=help_text)
+    add_mlx_lm_flags(parser, {name: kind for _, name, kind, _ in FLAGS})
+    # Names users bring from elsewhere, that no closeness finds: said with the flag they mean.
+    parser.also_known_as = {"--lr": "--learning-rate", "--rank": "--lora-rank", "--warmup": "--warmup-steps",
+                            "--steps": "--max-steps", "--output": "--output-dir"}
+    # Every mistyped flag and every mistake of the settings file, in one message.
+    parser.more_problems = lambda parsed: settings_file_problems(parsed.config)
     resume = parser.add_mutually_exclusive_group()
     resume.add_argument("--auto-resume", action="store_true",
                         help="resume from the newest valid checkpoint without asking; start anew if there is none")
@@ -163,10 +173,17 @@ def settings_from_args(args: argparse.Namespace):
     """(Config, SettingsFile): the file's settings with the flags over them, validated."""
     from config import FLAT_NAMES, Config, SettingsFile, read_settings_file
 
-    settings = read_settings_file(args.config) if args.config else SettingsFile(values={})
-    values = settings.values
     flags = {name: flag for flag, name, _, _ in FLAGS + SWITCHES}
+    theirs, notes, refused = settings_from_mlx_lm_flags(args, flags)  # mlx_lm lora's flags, as ours
+    if refused:  # with the settings file's mistakes, if any: all in one message
+        more = "".join(f"; and {problem}" for problem in settings_file_problems(args.config))
+        raise UserError(f"command line: {'; '.join(refused)}{more}")
+    settings = read_settings_file(args.config) if args.config else SettingsFile(values={})
+    settings.notes += notes
+    values = settings.values
     given = {name: getattr(args, name) for name in flags if getattr(args, name) is not None}
+    given.update({name: value for name, (value, _) in theirs.items()})
+    flags.update({name: flag for name, (_, flag) in theirs.items()})  # errors name the flag the user typed
     # A flag overrides that one setting of the file, wherever the file put it.
     for name, value in given.items():
         section, field_name = FLAT_NAMES[name]
@@ -187,6 +204,19 @@ def settings_from_args(args: argparse.Namespace):
         config.lora.alpha = settings.lora_scale * config.lora.rank
         config.validate(source, settings.names)
     return config, settings
+
+
+def settings_file_problems(path: str | None) -> list[str]:
+    """The mistakes of the settings file, for the message that names a mistyped flag too."""
+    from config import read_settings_file
+
+    if not path:
+        return []
+    try:
+        read_settings_file(path)
+    except UserError as exc:
+        return [str(exc)]
+    return []
 
 
 def choose_steps_or_epochs(values: dict, given: dict, names: dict) -> None:
@@ -401,13 +431,20 @@ def train(config, output_dir: Path, manager, start, inputs: dict, group, names: 
     if t.epochs:
         t.max_steps, said = steps_for_epochs(t.epochs, len(index), t.batch_size, t.grad_accum, group.size)
         print(said, file=sys.stderr)
+    if t.warmup() >= t.max_steps:
+        print(warmup_too_long_line(t, names), file=sys.stderr)
     if index.truncated:
         print(f"note: {index.truncated} of {len(index)} samples are longer than --max-seq-length "
               f"{t.max_seq_length} and were truncated", file=sys.stderr)
     if index.no_target:
-        print(f"note: {len(index.no_target)} samples have nothing to learn after truncation and are left out "
-              f"(lines {', '.join(map(str, index.no_target[:5]))}{' ...' if len(index.no_target) > 5 else ''})",
+        answers = "last answer" if t.learn_assistant_turns == "last" else "answers"
+        print(f"note: {len(index.no_target)} records are left out: what they teach (a chat's {answers}, a "
+              f"completion) lies past --max-seq-length {t.max_seq_length} and truncation cut it off (lines "
+              f"{', '.join(map(str, index.no_target[:5]))}{' ...' if len(index.no_target) > 5 else ''})",
               file=sys.stderr)
+    learned = learned_share_line(index, t.learn_assistant_turns)
+    if learned:
+        print(learned, file=sys.stderr)
     data_summary = {"train_file": str(train_path), "train_samples": len(index),
                     "train_scored_at_load": index.scored_at_load, "train_scored_from_text": index.scored_from_text}
     if t.epochs:
@@ -456,6 +493,7 @@ def train(config, output_dir: Path, manager, start, inputs: dict, group, names: 
     )
     trainer.data_summary = data_summary
     trainer.arithmetic = arithmetic
+    trainer.length_said = length_said(config, names)
 
     def restore() -> None:
         # A checkpoint whose content this run cannot use is skipped like a damaged one.
@@ -494,6 +532,50 @@ def compute_with(model, float_base: str, bits: str) -> dict:
     if on or sizes[0] and mx.default_device() == mx.cpu:  # on Metal and CUDA, the quantized form says nothing
         print(float_base_line(on, why, sizes, bits), file=sys.stderr)
     return {"float_base": on, **blas_identity()}
+
+
+def length_said(config, names: dict | None) -> str:
+    """How long the run trains, in the words the user said it: `--epochs 2 (20 steps)`, `--iters 20`,
+    `iters: 20 (lora.yaml)`, or `--max-steps 20` (also when nothing was said: the default)."""
+    from config import setting_name
+
+    t = config.training
+    if t.epochs:
+        key, flag, value = ("training", "epochs"), "--epochs", f"{t.epochs} ({t.max_steps:,} steps)"
+    else:
+        key, flag, value = ("training", "max_steps"), "--max-steps", f"{t.max_steps}"
+    where, name = setting_name(key, names, ("command line", flag))
+    return f"{name} {value}" if where == "command line" else f"{name.strip(chr(39))}: {value} ({where})"
+
+
+LEARNED_SHARE_SAMPLES = 256  # the first samples the start of a run counts learned tokens over
+
+
+def learned_share_line(index, turns: str) -> str | None:
+    """What a run with chat or prompt + completion records learns, and how many tokens that is of
+    those it processes (counted over its first samples); None when every token is learned."""
+    samples = index.samples(range(min(len(index), LEARNED_SHARE_SAMPLES)))
+    processed = sum(len(sample.tokens) - 1 for sample in samples)
+    learned = sum(sample.learned_targets for sample in samples)
+    if learned >= processed:
+        return None  # text records only: learned whole
+    which = ("the last assistant turn of each chat (as mlx_lm lora --mask-prompt)" if turns == "last" else
+             "every assistant turn of each chat, those that call tools too (--learn-assistant-turns last: only "
+             "the final one)")
+    first = f"the first {len(samples):,} samples" if len(samples) < len(index) else f"the {len(samples):,} samples"
+    return (f"data: learned: {which}, and completions; system, user and tool turns and prompts are context: "
+            f"{learned:,} of the {processed:,} tokens of {first} ({100 * learned / processed:.0f}%)")
+
+
+def warmup_too_long_line(t, names: dict | None) -> str:
+    """Said when the warmup given is as long as the run: the rate never reaches its peak."""
+    from training.optimization import learning_rate_schedule
+
+    last = float(learning_rate_schedule(t.learning_rate, t.warmup(), t.max_steps)(t.max_steps - 1))
+    return (f"note: {said_as(names, ('training', 'warmup_steps'), '--warmup-steps')} {t.warmup_steps} is as long as "
+            f"the run ({t.max_steps} steps): the learning rate climbs to {last:.3g} at the last step and never "
+            f"reaches its peak {t.learning_rate:g}; give fewer warmup steps, or -1 to fit them to the run "
+            f"(5% of its steps, at most 50; none under 40 steps)")
 
 
 def said_as(names: dict | None, key: tuple, flag: str) -> str:

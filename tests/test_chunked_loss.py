@@ -117,8 +117,8 @@ def test_a_run_in_chunks_learns_what_a_run_without_learns(corpus, tmp_path):
     assert chunked.returncode == 0 and whole.returncode == 0, chunked.stderr + whole.stderr
     a, b = train_lines(tmp_path / "chunked"), train_lines(tmp_path / "whole")
     assert [line["tokens"] for line in a] == [line["tokens"] for line in b]
-    assert np.allclose([line["loss"] for line in a], [line["loss"] for line in b], rtol=1e-5, atol=0)
-    val = [[line["val_loss"] for line in read_metrics(out) if "val_loss" in line] for out in
+    assert np.allclose([line["objective"] for line in a], [line["objective"] for line in b], rtol=1e-5, atol=0)
+    val = [[line["val_ce"] for line in read_metrics(out) if "val_ce" in line] for out in
            (tmp_path / "chunked", tmp_path / "whole")]
     assert len(val[0]) == 2 and np.allclose(val[0], val[1], rtol=1e-5, atol=0)
     difference = relative_difference(load_adapters(tmp_path / "chunked"), load_adapters(tmp_path / "whole"))
@@ -138,8 +138,8 @@ def test_chunks_with_grad_checkpoint_learn_what_chunks_without_it_learn(corpus, 
     checkpointed = run_cli(*args, "--grad-checkpoint", "--output-dir", tmp_path / "gc")  # it patches a class
     plain = run_in_process(*args, "--output-dir", tmp_path / "plain")
     assert checkpointed.returncode == 0 and plain.returncode == 0, checkpointed.stderr + plain.stderr
-    assert np.allclose([line["loss"] for line in train_lines(tmp_path / "gc")],
-                       [line["loss"] for line in train_lines(tmp_path / "plain")], rtol=1e-5, atol=0)
+    assert np.allclose([line["objective"] for line in train_lines(tmp_path / "gc")],
+                       [line["objective"] for line in train_lines(tmp_path / "plain")], rtol=1e-5, atol=0)
     assert relative_difference(load_adapters(tmp_path / "gc"), load_adapters(tmp_path / "plain")) < RUN_TOLERANCE
 
 
@@ -159,8 +159,8 @@ def test_a_run_in_chunks_killed_and_resumed_ends_bit_identical(corpus, tmp_path)
     resumed = run_in_process(*args, "--output-dir", out, "--auto-resume")
     assert resumed.returncode == 0, resumed.stderr
     assert "resumed from" in resumed.stderr
-    assert [(line["step"], line["loss"]) for line in train_lines(out)] == \
-        [(line["step"], line["loss"]) for line in train_lines(tmp_path / "reference")]
+    assert [(line["step"], line["objective"]) for line in train_lines(out)] == \
+        [(line["step"], line["objective"]) for line in train_lines(tmp_path / "reference")]
     assert adapters_equal(load_adapters(out), load_adapters(tmp_path / "reference"))
 
 

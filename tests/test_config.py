@@ -17,7 +17,7 @@ def parse(*argv):
 def test_the_defaults():
     c = parse("--model", "tiny")
     t = c.training
-    assert (t.max_steps, t.batch_size, t.grad_accum, t.learning_rate, t.warmup_steps, t.max_seq_length) == \
+    assert (t.max_steps, t.batch_size, t.grad_accum, t.learning_rate, t.warmup(), t.max_seq_length) == \
         (2000, 8, 1, 1e-4, 50, 1024)
     assert (c.lora.rank, c.lora.alpha, c.lora.layers, c.lora.dropout) == (16, 32.0, 16, 0.0)
     assert (c.distrust.alpha, c.distrust.lambda_weight, c.distrust.mode) == (2.7, 1.0, "weighted")
@@ -147,7 +147,6 @@ def test_an_mlx_lm_lora_yaml_maps_the_keys_both_have(tmp_path):
     ("model: tiny\nlr_schedule:\n  name: cosine_decay\n", ["lr_schedule", "linear warmup"]),
     ("model: tiny\ntest: true\n", ["test: true", "src/evaluate.py"]),
     ("model: tiny\nfine_tune_type: full\n", ["fine_tune_type: full"]),
-    ("model: tiny\nlora_parameters:\n  rank: 8\n  scale: 20\n  alpha: 16\n", ["lora_parameters.alpha"]),
     ("model: tiny\noptimizer: adamw\noptimizer_config:\n  adamw:\n    bias_correction: true\n",
      ["optimizer_config.adamw.bias_correction"]),
     ("model: tiny\nreport_to: wandb,swanlab\nval_batches: -1\n", ["report_to: wandb,swanlab", "val_batches: -1"]),

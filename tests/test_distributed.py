@@ -99,8 +99,8 @@ def test_two_processes_learn_what_one_process_learns_with_the_same_global_batch(
     difference = relative_difference(load_adapters(two_processes), load_adapters(one_process))
     assert 0 < difference < RELATIVE_TOLERANCE  # not bit-identical (another summation order), but close
     two, one = read_metrics(two_processes), read_metrics(one_process)
-    val_two = [line["val_loss"] for line in two if "val_loss" in line]
-    val_one = [line["val_loss"] for line in one if "val_loss" in line]
+    val_two = [line["val_ce"] for line in two if "val_ce" in line]
+    val_one = [line["val_ce"] for line in one if "val_ce" in line]
     assert len(val_two) == 3 and np.allclose(val_two, val_one, rtol=1e-5)
     # Tokens are the whole group's: the same count as one process's.
     assert [line["tokens"] for line in two if "grad_norm" in line] == \

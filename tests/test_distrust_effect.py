@@ -49,12 +49,12 @@ def demo_runs(tmp_path_factory) -> dict:
 
 
 def last_validation(out) -> dict:
-    return [line for line in read_metrics(out) if "val_loss" in line][-1]
+    return [line for line in read_metrics(out) if "val_ce" in line][-1]
 
 
 def test_lambda_one_lowers_primary_loss_relative_to_consensus(demo_runs):
-    gap = {lam: last_validation(out)["val_loss_gap"] for lam, (out, _) in demo_runs.items()}
-    low_high = {lam: (last_validation(out)["val_loss_low_auth"], last_validation(out)["val_loss_high_auth"])
+    gap = {lam: last_validation(out)["val_ce_gap"] for lam, (out, _) in demo_runs.items()}
+    low_high = {lam: (last_validation(out)["val_ce_low_auth"], last_validation(out)["val_ce_high_auth"])
                 for lam, (out, _) in demo_runs.items()}
     for lam, (low, high) in low_high.items():
         assert gap[lam] == pytest.approx(low - high)
@@ -138,8 +138,8 @@ def test_evaluate_compares_base_and_adapted(demo_runs):
     assert figures["gap_moved"] < 0
     # the adapted figures are the trainer's own validation of the same batches (one evaluation function)
     validation = last_validation(out)
-    assert figures["adapted"]["overall"]["loss"] == pytest.approx(validation["val_loss"], abs=1e-4)
-    assert figures["adapted"]["gap"] == pytest.approx(validation["val_loss_gap"], abs=1e-4)
+    assert figures["adapted"]["overall"]["loss"] == pytest.approx(validation["val_ce"], abs=1e-4)
+    assert figures["adapted"]["gap"] == pytest.approx(validation["val_ce_gap"], abs=1e-4)
     gap_line = next(line for line in result.stdout.splitlines() if line.startswith("gap primary - consensus"))
     assert "moved" in gap_line and "primary (auth < 0.5)" in result.stdout
     # the demo's data folder holds probes.jsonl and general.jsonl: both measured too

@@ -1,8 +1,8 @@
 """generate.py: text from the model a run trained, streamed.
 
 It generates what mlx-lm generates from `mlx_lm.load(base, adapter_path=RUN)`
-with the same prompt tokens: plain text for a run trained on text records,
-through the chat template for a run trained on chat records, saying which.
+with the same prompt tokens: through the chat template when the model has one (as
+mlx_lm generate), as plain text with --prompt-format text, saying which.
 Bad input is one line on stderr and exit 2.
 
 The first test runs generate.py in a process of its own, as a user does; the
@@ -54,15 +54,16 @@ def text_run(tmp_path_factory):
 
 def test_generates_the_trained_model_text_streaming_plain_text(text_run):
     _, _, out = text_run
-    result = run_generate("--output-dir", out, "--prompt", PROMPT, "--max-tokens", "12")
+    result = run_generate("--output-dir", out, "--prompt", PROMPT, "--max-tokens", "12", "--prompt-format", "text")
     assert result.returncode == 0, result.stderr
-    assert "prompt: plain text (the run trained on plain text records)" in result.stderr
+    assert "prompt: plain text (--prompt-format text)" in result.stderr
     expected = mlx_lm_text(out, lambda tokenizer: tokenizer.encode(PROMPT), 12)
     assert expected.strip() and result.stdout == expected + "\n"
 
     # An older checkpoint: its own adapters.
     first = out / "checkpoints" / "step-00000005"
-    result = run_generate("--output-dir", out, "--prompt", PROMPT, "--max-tokens", "12", "--checkpoint", first)
+    result = run_generate("--output-dir", out, "--prompt", PROMPT, "--max-tokens", "12", "--checkpoint", first,
+                          "--prompt-format", "text")
     assert result.returncode == 0, result.stderr
     assert "(step 5)" in result.stderr
     assert result.stdout == mlx_lm_text(out, lambda tokenizer: tokenizer.encode(PROMPT), 12, adapters=first) + "\n"
@@ -80,7 +81,7 @@ def test_a_run_trained_on_chat_records_is_prompted_through_the_chat_template(tmp
 
     result = generate_in_process("--output-dir", out, "--prompt", PROMPT, "--max-tokens", "8")
     assert result.returncode == 0, result.stderr
-    assert "prompt: chat template (the run trained on chat records)" in result.stderr
+    assert "prompt: chat template (the model has one, as mlx_lm generate uses it)" in result.stderr
 
     def chat(tokenizer):
         return tokenizer.apply_chat_template([{"role": "user", "content": PROMPT}], add_generation_prompt=True,

@@ -412,8 +412,8 @@ def test_a_run_on_a_gguf_trains_the_built_folder_and_resumes_bit_for_bit_after_t
     assert adapter_config["base_model"]["source"] == str(path)  # the run's base is the file itself
     model, tokenizer = load(str(built), adapter_path=str(reference))  # the trained model, as mlx-lm loads it
     last = [line for line in json.loads("[" + ",".join((reference / "metrics.jsonl").read_text().split("\n")[:-1])
-                                        + "]") if "val_loss" in line][-1]
-    assert validation_loss(model, tokenizer, corpus / "val.jsonl") == pytest.approx(last["val_loss"], rel=1e-6)
+                                        + "]") if "val_ce" in line][-1]
+    assert validation_loss(model, tokenizer, corpus / "val.jsonl") == pytest.approx(last["val_ce"], rel=1e-6)
 
     # Killed after step 3's checkpoint; the cache wiped meanwhile: the resume rebuilds the same
     # folder from the file and ends with the uninterrupted run's adapters, bit for bit.

@@ -100,9 +100,9 @@ def test_a_run_with_and_without_the_pre_flight_ends_bit_identical(corpus, tmp_pa
     assert checked.returncode == 0 and unchecked.returncode == 0, checked.stderr + unchecked.stderr
     assert "memory: the longest batch" in checked.stderr and "memory:" not in unchecked.stderr
     assert adapters_equal(load_adapters(tmp_path / "checked"), load_adapters(tmp_path / "unchecked"))
-    assert [(line["loss"], line["grad_norm"]) for line in train_lines(tmp_path / "checked")] == \
-        [(line["loss"], line["grad_norm"]) for line in train_lines(tmp_path / "unchecked")]
-    val = [[line["val_loss"] for line in read_metrics(out) if "val_loss" in line]
+    assert [(line["objective"], line["grad_norm"]) for line in train_lines(tmp_path / "checked")] == \
+        [(line["objective"], line["grad_norm"]) for line in train_lines(tmp_path / "unchecked")]
+    val = [[line["val_ce"] for line in read_metrics(out) if "val_ce" in line]
            for out in (tmp_path / "checked", tmp_path / "unchecked")]
     assert val[0] == val[1] and len(val[0]) == 2
 

@@ -128,40 +128,40 @@ def test_a_fresh_run_moves_an_old_log_aside(tmp_path):
 
 def test_tensorboard_event_files_hold_the_grouped_tags(tmp_path):
     log = MetricsLog(tmp_path)
-    log.log(1, loss=2.5, ce=2.4, distrust=0.1, lr=1e-4, grad_norm=3.0,
+    log.log(1, objective=2.5, ce=2.4, distrust=0.1, lr=1e-4, grad_norm=3.0,
             tokens_per_sec=1234.0, memory_mb=900.0, custom=7, note="text", flag=True)
-    log.log_validation(1, val_loss=2.2, val_loss_low_auth=2.0,
-                       val_loss_high_auth=2.4, val_objective=2.3, val_loss_gap=-0.4)
+    log.log_validation(1, val_ce=2.2, val_ce_low_auth=2.0,
+                       val_ce_high_auth=2.4, val_objective=2.3, val_ce_gap=-0.4)
     log.close()
 
     logged = scalars(read_tensorboard(tmp_path / "logs"))
     tags = {tag for tag, _, _ in logged}
     assert tags == {
-        "train/loss", "train/ce", "train/distrust", "train/lr", "train/grad_norm",
+        "train/objective", "train/ce", "train/distrust", "train/lr", "train/grad_norm",
         "train/tokens_per_sec", "train/memory_mb", "misc/custom",
-        "val/loss", "val/loss_low_auth", "val/loss_high_auth", "val/objective",
-        "val/loss_gap_primary_minus_consensus",
+        "val/ce", "val/ce_low_auth", "val/ce_high_auth", "val/objective",
+        "val/ce_gap_primary_minus_consensus",
     }
-    assert ("train/loss", 1, 2.5) in logged
-    assert any(tag == "val/loss" and step == 1 and abs(v - 2.2) < 1e-6 for tag, step, v in logged)
+    assert ("train/objective", 1, 2.5) in logged
+    assert any(tag == "val/ce" and step == 1 and abs(v - 2.2) < 1e-6 for tag, step, v in logged)
 
 
 def test_tensorboard_resume_purges_after_the_resume_step(tmp_path):
     log = MetricsLog(tmp_path)
     for step in range(1, 7):
-        log.log(step, loss=float(step))
+        log.log(step, objective=float(step))
     log.close()
     resumed = MetricsLog(tmp_path, resume_step=3)
     for step in range(4, 7):
-        resumed.log(step, loss=10.0 * step)
+        resumed.log(step, objective=10.0 * step)
     resumed.close()
 
     events = read_tensorboard(tmp_path / "logs")
     assert len(list((tmp_path / "logs").glob("events.out.tfevents.*"))) == 2
-    assert ("train/loss", 5, 5.0) in scalars(events)  # the first run's file is intact
+    assert ("train/objective", 5, 5.0) in scalars(events)  # the first run's file is intact
     assert as_tensorboard_shows(events) == [
-        ("train/loss", 1, 1.0), ("train/loss", 2, 2.0), ("train/loss", 3, 3.0),
-        ("train/loss", 4, 40.0), ("train/loss", 5, 50.0), ("train/loss", 6, 60.0),
+        ("train/objective", 1, 1.0), ("train/objective", 2, 2.0), ("train/objective", 3, 3.0),
+        ("train/objective", 4, 40.0), ("train/objective", 5, 50.0), ("train/objective", 6, 60.0),
     ]
 
 
@@ -182,3 +182,17 @@ def test_summary_text_without_validation():
     for missing in (None, math.nan, "nan"):
         text = summary_text(reason="stopped", steps=3, best_val_loss=missing)
         assert "best val  none" in text
+
+
+def test_lines_keep_loss_and_val_loss_beside_todays_names_and_tensorboard_has_each_once(tmp_path):
+    """metrics.jsonl's lasting keys (step, loss, val_loss) stay for every reader that relies on them:
+    loss is the objective, val_loss the validation's plain cross-entropy; TensorBoard has no duplicate."""
+    log = MetricsLog(tmp_path)
+    log.log(1, objective=3.5, ce=7.5, lr=1e-4)
+    log.log_validation(1, ce=7.25, objective=3.25)
+    log.close()
+    train, val = read_lines(tmp_path / "metrics.jsonl")
+    assert (train["step"], train["loss"], train["objective"], train["ce"]) == (1, 3.5, 3.5, 7.5)
+    assert (val["val_loss"], val["val_ce"], val["val_objective"]) == (7.25, 7.25, 3.25)
+    tags = sorted(tag for tag, _, _ in scalars(read_tensorboard(tmp_path / "logs")))
+    assert tags == ["train/ce", "train/lr", "train/objective", "val/ce", "val/objective"], tags

@@ -78,7 +78,7 @@ def test_an_mlx_lm_data_folder_trains_with_the_scores_prepare_data_gives(mlx_dat
     ]
     assert (f"data: validation on {mlx_data / 'valid.jsonl'} (mlx-lm's name; there is no val.jsonl): 12 records "
             f"checked, the first 8 used (--val-batches 2 x --batch-size 4)") in lines
-    assert [line["step"] for line in read_metrics(out) if "val_loss" in line] == [5]
+    assert [line["step"] for line in read_metrics(out) if "val_ce" in line] == [5]
     data_event = next(line for line in read_metrics(out) if line.get("event") == "data")
     assert data_event["train_scored_at_load"] == 48 and data_event["val_scored_at_load"] == 12
 
@@ -166,8 +166,8 @@ def test_an_mlx_lm_lora_yaml_gives_the_same_run_as_the_flags(mlx_data, tmp_path)
     from_flags = run_cli(*SAME_AS_FLAGS, *REST, "--data-dir", mlx_data, "--output-dir", tmp_path / "from-flags")
     assert from_flags.returncode == 0, from_flags.stderr
     assert adapters_equal(load_adapters(tmp_path / "from-yaml"), load_adapters(tmp_path / "from-flags"))
-    assert [(line["step"], line["loss"], line["grad_norm"]) for line in train_lines(tmp_path / "from-yaml")] == \
-        [(line["step"], line["loss"], line["grad_norm"]) for line in train_lines(tmp_path / "from-flags")]
+    assert [(line["step"], line["objective"], line["grad_norm"]) for line in train_lines(tmp_path / "from-yaml")] == \
+        [(line["step"], line["objective"], line["grad_norm"]) for line in train_lines(tmp_path / "from-flags")]
     saved = json.loads((tmp_path / "from-yaml" / "checkpoints" / "step-00000006" / "config.json").read_text())
     assert saved["config"]["lora"] == {"rank": 4, "alpha": 8.0, "layers": -1, "dropout": 0.0, "fine_tune_type": "lora",
                                        "keys": []}
@@ -240,8 +240,8 @@ def test_each_option_trains_and_resumes_bit_for_bit_after_a_kill(options, tmp_pa
     resumed = run_cli(*BASE, *options, "--data-dir", data, "--output-dir", out, "--auto-resume")
     assert resumed.returncode == 0, resumed.stderr
     assert "resumed from" in resumed.stderr and "at step 4" in resumed.stderr
-    assert [(l["step"], l["loss"], l["grad_norm"]) for l in train_lines(out)] == \
-        [(l["step"], l["loss"], l["grad_norm"]) for l in train_lines(reference)]
+    assert [(l["step"], l["objective"], l["grad_norm"]) for l in train_lines(out)] == \
+        [(l["step"], l["objective"], l["grad_norm"]) for l in train_lines(reference)]
     assert adapters_equal(load_adapters(out), load_adapters(reference))
     assert adapters_equal(final_optimizer(out), final_optimizer(reference))
     written = json.loads((out / "adapter_config.json").read_text())

@@ -92,9 +92,9 @@ def test_the_base_a_run_names_gives_the_trained_model(tmp_path, base_kind):
     model, tokenizer = load(adapter_config["model"], adapter_path=str(out))
 
     # The trainer's own figure, at the step of these adapters.
-    last = [line for line in read_metrics(out) if "val_loss" in line][-1]
+    last = [line for line in read_metrics(out) if "val_ce" in line][-1]
     assert last["step"] == STEPS
-    assert validation_loss(model, tokenizer, corpus / "val.jsonl") == pytest.approx(last["val_loss"], rel=1e-6)
+    assert validation_loss(model, tokenizer, corpus / "val.jsonl") == pytest.approx(last["val_ce"], rel=1e-6)
 
     # The trainer's model as training has always built it: the base loaded and,
     # when not quantized, quantized in memory; the same adapters put on.

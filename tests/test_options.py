@@ -90,7 +90,7 @@ def test_resume_from_an_older_checkpoint_sets_the_newer_aside_and_ends_as_never_
     assert sorted(p.name for p in aside.iterdir()) == ["step-00000008", "step-00000012"]
     assert "resumed from" in result.stderr and "at step 4" in result.stderr
     assert adapters_equal(load_adapters(out), load_adapters(reference))
-    assert [line["loss"] for line in train_lines(out)] == [line["loss"] for line in train_lines(reference)]
+    assert [line["objective"] for line in train_lines(out)] == [line["objective"] for line in train_lines(reference)]
 
 
 def test_one_run_per_output_dir(data, tmp_path):

@@ -283,7 +283,7 @@ def test_a_flipped_bit_in_the_index_cache_is_found_and_the_index_rebuilt(data, r
     result = run_in_process(*ARGS, "--data-dir", data, "--output-dir", out, "--auto-resume")
     assert result.returncode == 0, result.stderr
     assert "fails its checksum" in result.stderr and "rebuilding" in result.stderr
-    assert [line["loss"] for line in train_lines(out)] == [line["loss"] for line in train_lines(reference)]
+    assert [line["objective"] for line in train_lines(out)] == [line["objective"] for line in train_lines(reference)]
     assert adapters_equal(load_adapters(out), load_adapters(reference))
 
 

@@ -233,12 +233,12 @@ def test_the_flags_override_the_data_folder_and_without_files_the_keys_are_null(
 
 def test_each_validation_logs_the_probe_figures(run_with_probes):
     data, run, result = run_with_probes
-    validations = [line for line in read_metrics(run) if "val_loss" in line]
+    validations = [line for line in read_metrics(run) if "val_ce" in line]
     assert [line["step"] for line in validations] == [2, 4]
     for line in validations:
         assert 0 <= line["val_probe_primary_share"] <= 1 and math.isfinite(line["val_probe_margin"])
     assert f"data: 3 probes from {data / 'probes.jsonl'}" in result.stderr
-    printed = [line for line in result.stderr.splitlines() if line.startswith("step 4: val_loss=")]
+    printed = [line for line in result.stderr.splitlines() if line.startswith("step 4: val_ce=")]
     assert len(printed) == 1 and "val_probe_primary_share=" in printed[0] and "val_probe_margin=" in printed[0]
     event = next(line for line in read_metrics(run) if line.get("event") == "data")
     assert event["probes"] == 3
@@ -257,5 +257,5 @@ def test_probes_without_a_validation_file_are_still_scored_and_another_probe_fil
     assert "resumed from" in resumed.stderr
     validations = [line for line in read_metrics(out) if "val_probe_margin" in line]
     assert [line["step"] for line in validations] == [2, 4]
-    assert all("val_loss" not in line for line in validations)
-    assert read_metrics(out)[-1]["best_val_loss"] is None
+    assert all("val_ce" not in line for line in validations)
+    assert read_metrics(out)[-1]["best_val_ce"] is None

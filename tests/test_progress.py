@@ -33,7 +33,7 @@ def test_the_line_names_each_figure_with_its_unit():
     for step in range(2, 6):
         line.update(step, 5.0 + step, 4.0 + step / 10, 300, 1.5, 43_781_844 + 1_000_000 * (step - 3), step)
     assert parts(line) == [
-        "train ce 4.350 (mean of last 4 steps, compare val_loss)",  # (4.2 + 4.3 + 4.4 + 4.5) / 4
+        "train ce 4.350 (mean of last 4 steps, compare val_ce)",  # (4.2 + 4.3 + 4.4 + 4.5) / 4
         "objective 8.500",
         "200 tok/s",  # 1200 tokens in 6 s
         "ETA 24m",  # 995 steps x 1.5 s = 1492.5 s
@@ -49,7 +49,7 @@ def test_window_means_skip_nan_and_keep_only_the_last_window():
     # the window holds steps 2-4; step 1 fell out; NaN is left out
     assert line.smoothed_objective == pytest.approx(2.0)
     assert line.smoothed_ce == pytest.approx(1.5)
-    assert parts(line)[:2] == ["train ce 1.500 (mean of last 3 steps, compare val_loss)", "objective 2.000"]
+    assert parts(line)[:2] == ["train ce 1.500 (mean of last 3 steps, compare val_ce)", "objective 2.000"]
     line.close()
 
 
@@ -58,7 +58,7 @@ def test_means_are_nan_when_nothing_is_finite():
     assert math.isnan(line.smoothed_ce) and math.isnan(line.smoothed_objective)
     line.update(1, math.nan, math.inf, 10, 1.0, 0, 0)
     assert math.isnan(line.smoothed_ce) and math.isnan(line.smoothed_objective)
-    assert parts(line)[:2] == ["train ce nan (mean of last 1 step, compare val_loss)", "objective nan"]
+    assert parts(line)[:2] == ["train ce nan (mean of last 1 step, compare val_ce)", "objective nan"]
     line.close()
 
 
@@ -161,7 +161,7 @@ def test_non_terminal_output_is_plain_lines_and_not_flooded():
     assert "validation: val_loss 1.234" in lines
     last = lines[-1]
     assert re.fullmatch(r" 75%\|[#0-9]+ *\| step 1500/2000 \[\d\d:\d\d elapsed, (.*)\]", last), last
-    assert last.endswith(", train ce 1.500 (mean of last 50 steps, compare val_loss) | objective 2.000 | "
+    assert last.endswith(", train ce 1.500 (mean of last 50 steps, compare val_ce) | objective 2.000 | "
                          "200 tok/s | ETA 4m | last checkpoint 0 steps ago | memory 1.00 GB (+0.0 MB since step 5)]")
 
 
@@ -174,7 +174,7 @@ def test_terminal_output_redraws_in_place_and_write_prints_above():
     text = out.getvalue()
     draws = [draw for draw in text.split("\r") if "step 3/10" in draw]
     assert draws, text
-    assert "train ce 1.500 (mean of last 3 steps, compare val_loss) | objective 2.000 | 200 tok/s" in draws[-1]
+    assert "train ce 1.500 (mean of last 3 steps, compare val_ce) | objective 2.000 | 200 tok/s" in draws[-1]
     assert "checkpoint saved\n" in text
     # tqdm's own remaining-time estimate is not drawn beside ours
     assert "<" not in text.replace("\r", "")

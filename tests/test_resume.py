@@ -31,7 +31,7 @@ from conftest import (FAST, REPO, TRAIN_SCRIPT, adapters_equal, default_stop_sig
 STEPS = 20
 # A checkpoint every step: kills land inside saves, and there is always one to damage.
 ARGS = [*FAST, "--checkpoint-interval", "1", "--max-steps", str(STEPS)]
-COMPARED = ("step", "loss", "ce", "grad_norm", "tokens")
+COMPARED = ("step", "objective", "ce", "grad_norm", "tokens")
 
 
 # ----------------------------------------------------------------- helpers
@@ -100,7 +100,7 @@ def compared(out: Path) -> list[tuple]:
 
 
 def val_lines(out: Path) -> list[dict]:
-    return [line for line in read_metrics(out) if "val_loss" in line]
+    return [line for line in read_metrics(out) if "val_ce" in line]
 
 
 def assert_same_as_reference(out: Path, reference: Path) -> None:

@@ -88,7 +88,7 @@ def end_line(out: Path) -> dict:
 
 
 def figures(out: Path) -> list[tuple]:
-    return [(line["step"], line["loss"], line.get("ce"), line.get("grad_norm")) for line in train_lines(out)]
+    return [(line["step"], line["objective"], line.get("ce"), line.get("grad_norm")) for line in train_lines(out)]
 
 
 @pytest.fixture(scope="module")
@@ -165,7 +165,7 @@ def test_a_plateau_with_a_huge_min_delta_stops_at_the_second_check(plateau_run):
     assert pointer(out, "final") == f"step-{PLATEAU_STOP:08d}"
     # Without a val file the run goes on without validation and says so.
     assert "no " in result.stderr and "val.jsonl" in result.stderr and "without validation" in result.stderr
-    assert not [line for line in read_metrics(out) if "val_loss" in line]
+    assert not [line for line in read_metrics(out) if "val_ce" in line]
     assert not (out / "checkpoints" / "best").exists()
 
 
@@ -181,8 +181,8 @@ def test_a_non_finite_loss_stops_before_the_update(data, tmp_path):
     assert reason in result.stderr
     lines = train_lines(out)
     bad = lines[-1]
-    assert bad["loss"] is None or not math.isfinite(bad["loss"])  # NaN is written as null
-    assert all(line["loss"] is not None and math.isfinite(line["loss"]) for line in lines[:-1])
+    assert bad["objective"] is None or not math.isfinite(bad["objective"])  # NaN is written as null
+    assert all(line["objective"] is not None and math.isfinite(line["objective"]) for line in lines[:-1])
     assert len(lines) < 30
     # Every checkpoint holds finite adapters; the top-level ones are the final checkpoint's.
     checkpoints = sorted((out / "checkpoints").glob("step-*"))
@@ -200,16 +200,16 @@ def test_a_non_finite_loss_stops_before_the_update(data, tmp_path):
 
 def test_validation_lines_come_at_the_eval_steps_and_the_end_and_best_names_the_minimum(data, validated_run):
     out, _ = validated_run
-    vals = [line for line in read_metrics(out) if "val_loss" in line]
+    vals = [line for line in read_metrics(out) if "val_ce" in line]
     assert [line["step"] for line in vals] == [5, 10, 12]
     # The val batches (the first batch_size * val_batches samples) hold both kinds of source.
     auth = [json.loads(line)["auth_weight"] for line in (data / "val.jsonl").read_text().splitlines()[:8]]
     assert min(auth) < 0.5 <= max(auth)
     for line in vals:
-        for key in ("val_loss", "val_loss_low_auth", "val_loss_high_auth"):
+        for key in ("val_ce", "val_ce_low_auth", "val_ce_high_auth"):
             assert isinstance(line[key], float) and math.isfinite(line[key]), (key, line)
-        assert "loss" not in line  # validation lines are not training lines
-    best = min(vals, key=lambda line: line["val_loss"])
+        assert "objective" not in line  # validation lines are not training lines
+    best = min(vals, key=lambda line: line["val_ce"])
     assert pointer(out, "best") == f"step-{best['step']:08d}"
     assert (out / "checkpoints" / pointer(out, "best") / "manifest.json").is_file()
     assert end_line(out)["best_val_step"] == best["step"]
@@ -217,9 +217,9 @@ def test_validation_lines_come_at_the_eval_steps_and_the_end_and_best_names_the_
 
 def test_a_val_set_of_one_kind_reports_only_that_split(spike_run):
     out, _ = spike_run
-    vals = [line for line in read_metrics(out) if "val_loss" in line]
+    vals = [line for line in read_metrics(out) if "val_ce" in line]
     assert [line["step"] for line in vals] == [5]
-    assert "val_loss_low_auth" in vals[0] and "val_loss_high_auth" not in vals[0]
+    assert "val_ce_low_auth" in vals[0] and "val_ce_high_auth" not in vals[0]
 
 
 def expected_learning_rate(t: int, peak: float, warmup: int, total: int) -> float:
@@ -301,14 +301,14 @@ def test_tensorboard_event_files_hold_the_training_and_validation_scalars(valida
     for event in read_tensorboard(logs):
         for value in event.summary.value:
             by_tag.setdefault(value.tag, {})[event.step] = value.simple_value
-    for tag in ("train/loss", "train/lr", "train/grad_norm", "train/ce"):
+    for tag in ("train/objective", "train/lr", "train/grad_norm", "train/ce"):
         assert sorted(by_tag.get(tag, {})) == list(range(1, 13)), (tag, sorted(by_tag))
-    for tag in ("val/loss", "val/loss_low_auth", "val/loss_high_auth"):
+    for tag in ("val/ce", "val/ce_low_auth", "val/ce_high_auth"):
         assert sorted(by_tag.get(tag, {})) == [5, 10, 12], (tag, sorted(by_tag))
     # The same numbers as metrics.jsonl (TensorBoard stores float32).
     for line in train_lines(out):
-        assert by_tag["train/loss"][line["step"]] == pytest.approx(line["loss"], rel=1e-6)
+        assert by_tag["train/objective"][line["step"]] == pytest.approx(line["objective"], rel=1e-6)
         assert by_tag["train/grad_norm"][line["step"]] == pytest.approx(line["grad_norm"], rel=1e-6)
     for line in read_metrics(out):
-        if "val_loss" in line:
-            assert by_tag["val/loss"][line["step"]] == pytest.approx(line["val_loss"], rel=1e-6)
+        if "val_ce" in line:
+            assert by_tag["val/ce"][line["step"]] == pytest.approx(line["val_ce"], rel=1e-6)

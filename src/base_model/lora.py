@@ -15,6 +15,17 @@ from base_model.builds import BaseModel, first_line
 from base_model.weights import block_linear_layers, names_mismatch, shapes_mismatch
 
 
+def full_key_names(unknown: list, known: list) -> str:
+    """'; did you mean self_attn.q_proj?' for the short names PEFT's target_modules use (q_proj),
+    each matched to the one layer of the block whose name ends with it; nothing when none is."""
+    meant = []
+    for key in unknown:
+        ends = [name for name in known if name.endswith("." + key.split(".")[-1])]
+        if len(ends) == 1:
+            meant.append(ends[0])
+    return f" (did you mean {' '.join(meant)}?)" if meant else ""
+
+
 def attach_lora(model: nn.Module, rank: int, alpha: float, layers: int, dropout: float, seed: int, *,
                 fine_tune_type: str = "lora", keys: list | None = None,
                 keys_named: str = "--lora-keys") -> tuple[int, str | None]:
@@ -35,7 +46,7 @@ def attach_lora(model: nn.Module, rank: int, alpha: float, layers: int, dropout:
         if unknown:
             what = "is not a linear layer" if len(unknown) == 1 else "are not linear layers"
             raise UserError(f"{keys_named}: {', '.join(map(repr, unknown))} {what} of this model's blocks; "
-                            f"they are: {' '.join(known)}")
+                            f"they are: {' '.join(known)}{full_key_names(unknown, known)}")
     total = len(model.layers)
     note = None
     if layers == -1:

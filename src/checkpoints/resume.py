@@ -312,7 +312,7 @@ def _refuse_if_only_invalid(manager: CheckpointManager) -> None:
 
 def _load_checked(manager: CheckpointManager, path: Path, config, inputs: dict,
                   corrupt_is_error: bool = True) -> ResumePoint:
-    from config import Config
+    from config import AUTO_WARMUP, Config
 
     try:
         state = manager.load(path)
@@ -326,7 +326,10 @@ def _load_checked(manager: CheckpointManager, path: Path, config, inputs: dict,
         if not corrupt_is_error and isinstance(exc, CheckpointCorruptError):
             raise
         raise UserError(str(exc)) from None
-    differences = differing_fields(saved.fingerprint_fields(), config.fingerprint_fields())
+    current = config.fingerprint_fields()
+    if config.training.warmup_steps == AUTO_WARMUP and saved.training.warmup_steps == config.training.warmup():
+        current["warmup_steps"] = saved.training.warmup_steps  # a checkpoint of before: that warmup, as a number
+    differences = differing_fields(saved.fingerprint_fields(), current)
     from_inputs, unrecorded, notes = input_differences(state.trainer.get("inputs", {}), inputs)
     if differences or from_inputs:
         what = "the config differs in fields that change the result" if differences else \
@@ -350,7 +353,7 @@ def describe_checkpoints(manager: CheckpointManager) -> str:
     infos = manager.checkpoints()
     if not infos:
         return f"no checkpoints in {manager.directory}"
-    rows = [("checkpoint", "step", "loss", "val_loss", "valid", "size", "")]
+    rows = [("checkpoint", "step", "objective", "val_ce", "valid", "size", "")]
     for info in infos:
         marks = ", ".join(m for m, on in (("best", info.is_best), ("final", info.is_final)) if on)
         rows.append((

@@ -56,6 +56,7 @@ class Batch:
     prov_entropy: np.ndarray  # float32 [B]
     # The samples of the whole global batch this share belongs to (one process: its own real rows).
     batch_indices: np.ndarray | None = None
+    processed: int = 0  # the input tokens of its samples (padding not counted), learned or context
 
     @property
     def real_rows(self) -> np.ndarray:
@@ -98,7 +99,7 @@ def collate(index: CorpusIndex, positions: np.ndarray, batch_size: int, pad_id: 
         indices[row] = position
         auth[row] = index.auth_weight[position]
         entropy[row] = index.prov_entropy[position]
-    return Batch(inputs, targets, mask, indices, auth, entropy)
+    return Batch(inputs, targets, mask, indices, auth, entropy, processed=sum(len(s.tokens) - 1 for s in samples))
 
 
 def padded_rows(samples: list[EncodedSample], rows: int, max_positions: int,

@@ -34,45 +34,50 @@ Span = tuple[int, int]  # [start, end) token positions whose tokens are learned
 _noted_unfound = False
 
 
-def chat_tokens(tokenizer, messages: list, turns: str) -> tuple[list[int], list[Span]]:
-    """(token ids of the rendered chat, the spans learned) for `turns` "all" or "last"."""
-    tokens = render(tokenizer, messages, add_generation_prompt=False)
+def chat_tokens(tokenizer, messages: list, turns: str, tools: list | None = None) -> tuple[list[int], list[Span]]:
+    """(token ids of the rendered chat, the spans learned) for `turns` "all" or "last".
+    `tools`: the record's tool definitions, which the template renders (mlx-lm's ChatDataset
+    passes them the same way); an assistant turn that calls tools is an answer like any other."""
+    tokens = render(tokenizer, messages, add_generation_prompt=False, tools=tools)
     if turns == "last":
-        return tokens, [last_answer_span(tokenizer, messages, tokens)]
+        return tokens, [last_answer_span(tokenizer, messages, tokens, tools)]
     answers = [i for i, message in enumerate(messages) if message["role"] == "assistant"]
-    spans = _spans_by_prefixes(tokenizer, messages, answers, tokens)
+    spans = _spans_by_prefixes(tokenizer, messages, answers, tokens, tools)
     if spans is None:
-        spans = _spans_by_text(tokenizer, messages, answers, tokens)
+        spans = _spans_by_text(tokenizer, messages, answers, tokens, tools)
     if spans is None:
         _note_unfound()
-        spans = [last_answer_span(tokenizer, messages, tokens)]
+        spans = [last_answer_span(tokenizer, messages, tokens, tools)]
     return tokens, spans
 
 
-def last_answer_span(tokenizer, messages: list, tokens: list[int]) -> Span:
+def last_answer_span(tokenizer, messages: list, tokens: list[int], tools: list | None = None) -> Span:
     """mlx-lm's mask_prompt: everything after the rendering of the messages before the last
     one, with the generation prompt."""
-    prompt = render(tokenizer, messages[:-1], add_generation_prompt=True)
+    prompt = render(tokenizer, messages[:-1], add_generation_prompt=True, tools=tools)
     return len(prompt), len(tokens)
 
 
-def render(tokenizer, messages: list, add_generation_prompt: bool) -> list[int]:
+def render(tokenizer, messages: list, add_generation_prompt: bool, tools: list | None = None) -> list[int]:
+    """The chat template's token ids for `messages` (and `tools`, as mlx-lm's ChatDataset passes them)."""
     if not messages:
         return []
-    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=True)
+    ids = tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=add_generation_prompt,
+                                        tokenize=True)
     if isinstance(ids, dict):  # newer transformers may return a BatchEncoding
         ids = ids["input_ids"]
     return list(ids)
 
 
-def _spans_by_prefixes(tokenizer, messages: list, answers: list[int], tokens: list[int]) -> list[Span] | None:
+def _spans_by_prefixes(tokenizer, messages: list, answers: list[int], tokens: list[int],
+                       tools: list | None) -> list[Span] | None:
     """The spans from prefix lengths, or None when some prefix does not render as a prefix
     of the whole (or does not render at all: a template may refuse a cut conversation)."""
     spans = []
     for i in answers:
         try:
-            before = render(tokenizer, messages[:i], add_generation_prompt=True)
-            through = tokens if i == len(messages) - 1 else render(tokenizer, messages[:i + 1], False)
+            before = render(tokenizer, messages[:i], add_generation_prompt=True, tools=tools)
+            through = tokens if i == len(messages) - 1 else render(tokenizer, messages[:i + 1], False, tools)
         except Exception:  # jinja2's TemplateError and whatever a template raises
             return None
         if not (_is_prefix(before, tokens) and _is_prefix(through, tokens)) or len(through) < len(before):
@@ -85,12 +90,14 @@ def _is_prefix(part: list[int], whole: list[int]) -> bool:
     return len(part) <= len(whole) and whole[:len(part)] == part
 
 
-def _spans_by_text(tokenizer, messages: list, answers: list[int], tokens: list[int]) -> list[Span] | None:
+def _spans_by_text(tokenizer, messages: list, answers: list[int], tokens: list[int],
+                   tools: list | None) -> list[Span] | None:
     """The spans from where each answer's text lies in the rendered conversation, or None
-    when the tokenizer gives no offsets or an answer is not written verbatim."""
+    when the tokenizer gives no offsets or an answer is not written verbatim (a turn that
+    only calls tools has no text to look for)."""
     fast = getattr(tokenizer, "_tokenizer", tokenizer)  # mlx-lm's wrapper holds the HF tokenizer
     try:
-        text = fast.apply_chat_template(messages, add_generation_prompt=False, tokenize=False)
+        text = fast.apply_chat_template(messages, tools=tools, add_generation_prompt=False, tokenize=False)
         encoded = fast(text, add_special_tokens=False, return_offsets_mapping=True)
     except (NotImplementedError, TypeError, ValueError):  # a slow tokenizer has no offsets
         return None
@@ -100,7 +107,7 @@ def _spans_by_text(tokenizer, messages: list, answers: list[int], tokens: list[i
     special = set(getattr(fast, "all_special_ids", [])) | set(getattr(fast, "added_tokens_decoder", {}))
     spans, cursor, token = [], 0, 0
     for i in answers:
-        content = messages[i]["content"]
+        content = messages[i].get("content")
         start = text.find(content, cursor) if content else -1
         if start < 0:
             return None

@@ -141,7 +141,10 @@ class CorpusIndex:
         if not columns["offsets"]:
             if not no_target:  # not one record: empty, or blank lines only
                 raise UserError(f"{path}: no records ({'the file is empty' if file_size == 0 else 'blank lines only'})")
-            raise UserError(f"{path}: no usable sample (every record was empty after truncation to {max_tokens} tokens)")
+            answers = "last answer" if turns == "last" else "answers"
+            raise UserError(f"{path}: no usable sample: in every record what is learned (a chat's {answers}, a "
+                            f"completion) lies past the first {max_tokens - 1} tokens, and truncation to "
+                            f"--max-seq-length {max_tokens - 1} cut it off; raise --max-seq-length")
         arrays = {name: np.frombuffer(values, dtype=COLUMN_TYPES[name]).copy() for name, values in columns.items()}
         names = list(type_codes)
         index = cls(path=path, max_tokens=max_tokens, tokenizer=tokenizer, truncated=truncated,

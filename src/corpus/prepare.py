@@ -200,7 +200,7 @@ def content_of(fields: dict) -> dict:
     """The content fields of a record in the form the training reader will use
     (messages, else prompt + completion, else text), checked. BadRecord if none."""
     if "messages" in fields:
-        return {"messages": _checked_messages(fields["messages"])}
+        return {"messages": _checked_messages(fields["messages"], fields.get("tools"))}
     if "prompt" in fields or "completion" in fields:
         prompt, completion = fields.get("prompt"), fields.get("completion")
         if not isinstance(prompt, str) or not isinstance(completion, str):
@@ -218,8 +218,8 @@ def content_of(fields: dict) -> dict:
     return {"text": text}
 
 
-def _checked_messages(messages) -> list:
-    problem = messages_problem(messages)
+def _checked_messages(messages, tools) -> list:
+    problem = messages_problem(messages, tools)
     if problem:
         raise BadRecord(*problem)
     return messages

@@ -54,7 +54,7 @@ def parse_record(line: bytes | str, path: str, line_number: int) -> dict:
             raise UserError(f"{where}: {problem[1]}")
 
     if "messages" in record:
-        problem = messages_problem(record["messages"])
+        problem = messages_problem(record["messages"], record.get("tools"))
         if problem:
             raise UserError(f"{where}: {problem[1]}")
     elif "prompt" in record or "completion" in record:
@@ -128,20 +128,35 @@ def short_repr(value) -> str:
     return text if len(text) <= 40 else text[:37] + "..."
 
 
-def messages_problem(messages) -> tuple[str, str] | None:
-    """(kind, what is wrong) with chat `messages`, or None: the one check that the
-    training reader and the data preparation both apply."""
+def messages_problem(messages, tools=None) -> tuple[str, str] | None:
+    """(kind, what is wrong) with chat `messages` (and the record's `tools`, if any), or None:
+    the one check that the training reader and the data preparation both apply.
+
+    Chats are taken as mlx-lm takes them (OpenAI's format): an assistant turn may call tools
+    (`tool_calls`, its `content` then null or absent), and the record's `tools` go to the chat
+    template with the messages; every other field of a message goes to the template as it is."""
     if not isinstance(messages, list) or not messages:
         return "bad messages", "'messages' must be a non-empty list of {role, content}"
     for i, message in enumerate(messages):
-        if not isinstance(message, dict) or not isinstance(message.get("content"), str):
+        if not isinstance(message, dict):
             return "bad messages", f"messages[{i}] must be an object with a string 'content'"
         if message.get("role") not in CHAT_ROLES:
             role = repr(message.get("role"))
             role = role if len(role) <= 40 else role[:37] + "..."
             return "bad messages", f"messages[{i}] has role {role}; expected one of {', '.join(CHAT_ROLES)}"
-    if messages[-1]["role"] != "assistant" or not messages[-1]["content"].strip():
-        return "no text", "the last message must be a non-empty 'assistant' message (it is what is learned)"
+        calls = message.get("tool_calls")
+        if calls is not None and (message["role"] != "assistant" or not isinstance(calls, list) or not calls):
+            return "bad messages", (f"messages[{i}]: 'tool_calls' must be a non-empty list, in an assistant "
+                                    f"message, got {short_repr(calls)} in a {message['role']!r} one")
+        if not isinstance(message.get("content"), str) and not (calls and message.get("content") is None):
+            return "bad messages", (f"messages[{i}] must be an object with a string 'content' (null or absent "
+                                    f"only in an assistant message with 'tool_calls')")
+    if tools is not None and not (isinstance(tools, list) and all(isinstance(tool, dict) for tool in tools)):
+        return "bad tools", f"'tools' must be a list of tool definitions (objects), got {short_repr(tools)}"
+    last = messages[-1]
+    if last["role"] != "assistant" or not (last.get("tool_calls") or last["content"].strip()):
+        return "no text", ("the last message must be a non-empty 'assistant' message, its content or "
+                           "'tool_calls' (it is what is learned)")
     return None
 
 
@@ -150,18 +165,18 @@ def encode_record(record: dict, tokenizer, max_tokens: int, turns: str = "all") 
     spans the loss counts.
 
     Text records are learned whole. For prompt/completion records the completion is
-    learned; for chat records every assistant turn (`turns` "all"; system, user and tool
-    turns are context) or only the last (`turns` "last", as mlx-lm's mask_prompt): see
+    learned; for chat records every assistant turn, those that call tools too (`turns` "all";
+    system, user and tool turns are context) or only the last (`turns` "last", as mlx-lm's mask_prompt): see
     corpus/chat_turns.py. Prompts are never learned: predicting the user's words is not
     what the user wants.
     """
     if "messages" in record:
-        tokens, learned = chat_tokens(tokenizer, record["messages"], turns)
+        tokens, learned = chat_tokens(tokenizer, record["messages"], turns, record.get("tools"))
         return _sample(tokens, learned, tokenizer.eos_token_id, max_tokens)
     if "completion" in record:
         messages = [{"role": "user", "content": record["prompt"]}]
         if getattr(tokenizer, "chat_template", None):
-            prompt = render(tokenizer, messages, add_generation_prompt=True)
+            prompt = render(tokenizer, messages, add_generation_prompt=True, tools=record.get("tools"))
         else:
             prompt = list(tokenizer.encode(record["prompt"]))
         tokens = prompt + list(tokenizer.encode(record["completion"], add_special_tokens=False))

@@ -3,8 +3,8 @@
 `output_dir/metrics.jsonl` holds one JSON object per line, flushed as it is
 written, so a crash loses at most the line being written:
 
-    {"step": 10, "loss": 2.31, "lr": 0.0001, ...}        log()
-    {"step": 250, "val_loss": 2.05, ...}                 log_validation()
+    {"step": 10, "objective": 2.31, "ce": 2.2, "lr": 0.0001, ...}  log()
+    {"step": 250, "val_ce": 2.05, "val_objective": ...}           log_validation()
     {"event": "end", "reason": "...", ...}               end(), the last line
 
 A number that is not finite (the loss of the step that stopped a run, whose
@@ -16,7 +16,7 @@ W&B run under the same tags, the end line's to its summary.
 
 TensorBoard scalars go to `output_dir/logs` through tensorboardX's event
 writer, in the caller's thread (see TensorBoardWriter for why). Known keys
-get grouped tags from TAGS ("loss" -> "train/loss", "val_loss" -> "val/loss");
+get grouped tags from TAGS ("objective" -> "train/objective", "val_ce" -> "val/ce");
 any other numeric key is logged as "misc/<key>", so nothing passed in is lost
 and the known groups stay uncluttered. Non-numeric values (strings) go to the
 JSON line only.
@@ -52,29 +52,64 @@ from run_safety.json_files import finite_or_none, json_text
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "logs"
 
+# Each figure named for what it is, the same in metrics.jsonl, TensorBoard, W&B and on the console:
+# "objective" is what training minimizes (the cross-entropy weighted by the Empirical Distrust
+# objective), "ce" the plain cross-entropy; the validation's are "val_ce" and "val_objective", so
+# train/ce against val/ce compares one measure.
 TAGS = {
     # training lines (log)
-    "loss": "train/loss",
+    "objective": "train/objective",
     "ce": "train/ce",
     "distrust": "train/distrust",
     "lr": "train/lr",
     "learning_rate": "train/lr",
     "grad_norm": "train/grad_norm",
     "tokens_per_sec": "train/tokens_per_sec",
+    "tokens_processed": "train/tokens_processed",
     "memory_mb": "train/memory_mb",
     "peak_memory_mb": "train/peak_memory_mb",
     # validation lines (log_validation)
-    "val_loss": "val/loss",
-    "val_loss_low_auth": "val/loss_low_auth",
-    "val_loss_high_auth": "val/loss_high_auth",
+    "val_ce": "val/ce",
+    "val_ce_low_auth": "val/ce_low_auth",
+    "val_ce_high_auth": "val/ce_high_auth",
     "val_objective": "val/objective",
-    "val_loss_gap": "val/loss_gap_primary_minus_consensus",
+    "val_ce_gap": "val/ce_gap_primary_minus_consensus",
     "val_probe_primary_share": "val/probe_primary_share",
     "val_probe_margin": "val/probe_margin_primary_minus_consensus",
 }
+# The names of runs written before (metrics.jsonl keys): read as today's (read_metrics).
+OLD_NAMES = {"loss": "objective", "val_loss": "val_ce", "val_loss_low_auth": "val_ce_low_auth",
+             "val_loss_high_auth": "val_ce_high_auth", "val_loss_gap": "val_ce_gap", "best_val_loss": "best_val_ce"}
+
+
+# Kept in each JSON line beside today's names, under the names every reader of metrics.jsonl has
+# relied on since the first version (scripts, dashboards, mlx-lm habits): "loss" is the objective
+# training minimizes and "val_loss" the validation's plain cross-entropy, as they always were.
+# JSON lines only: TensorBoard and W&B carry each figure once, under today's tag.
+STABLE_KEYS = {"objective": "loss", "val_ce": "val_loss"}
+
+
+def with_stable_keys(record: dict) -> dict:
+    return {**record, **{STABLE_KEYS[key]: value for key, value in record.items() if key in STABLE_KEYS}}
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    """The lines of a metrics.jsonl, each figure under today's name, whichever names the run
+    wrote (a run resumed across the renaming holds both); a line torn by a crash is left out."""
+    lines = []
+    with open(path, encoding="utf-8") as handle:
+        for text in handle:
+            try:
+                line = json.loads(text)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(line, dict):
+                lines.append({OLD_NAMES.get(key, key): value for key, value in line.items()})
+    return lines
 
 
 def tag_for(key: str) -> str:
+    key = OLD_NAMES.get(key, key)
     return TAGS.get(key, f"misc/{key}")
 
 
@@ -255,16 +290,16 @@ class MetricsLog:
                                         f"({_reason(exc)}; {free_space(self.output_dir)}); they are incomplete for "
                                         f"this run, training goes on")
     def log(self, step: int, **scalars) -> None:
-        """One training line: log(step, loss=..., lr=..., grad_norm=...)."""
-        self._write_line({"step": step, **scalars})
+        """One training line: log(step, objective=..., ce=..., lr=..., grad_norm=...)."""
+        self._write_line(with_stable_keys({"step": step, **scalars}))
         self._write_scalars(step, scalars)
 
     def log_validation(self, step: int, **scalars) -> None:
         """One validation line. Keys get a "val_" prefix if they lack one, so
-        log_validation(s, loss=x) and log_validation(s, val_loss=x) both
-        write val_loss."""
+        log_validation(s, ce=x) and log_validation(s, val_ce=x) both
+        write val_ce."""
         scalars = {key if key.startswith("val_") else f"val_{key}": v for key, v in scalars.items()}
-        self._write_line({"step": step, **scalars})
+        self._write_line(with_stable_keys({"step": step, **scalars}))
         self._write_scalars(step, scalars)
 
     def event(self, step: int, name: str, **fields) -> None:
@@ -349,9 +384,9 @@ def _duration(seconds: float) -> str:
 
 def summary_text(**summary) -> str:
     """The end-of-run summary as a few lines. Known keys (all optional):
-    reason, steps, max_steps, tokens, seconds (in training steps, all sessions),
+    reason, steps, max_steps, tokens (learned), tokens_processed, seconds (in training steps, all sessions),
     session_seconds (this process from its first step to its end, as the progress line's
-    elapsed), best_val_loss, best_val_step, adapters (where the adapters were written),
+    elapsed), best_val_ce (best_val_loss in runs of before), best_val_step, adapters (where the adapters were written),
     peak_memory_mb, processes (mlx.launch: tokens are the whole group's, memory rank 0's).
     Others are listed as they are."""
     summary = dict(summary)
@@ -364,8 +399,13 @@ def summary_text(**summary) -> str:
         max_steps = summary.pop("max_steps", None)
         lines.append(f"  steps     {steps}" + (f" / {max_steps}" if max_steps else ""))
     tokens = summary.pop("tokens", None)
+    processed = summary.pop("tokens_processed", None)
     seconds = summary.pop("seconds", None)
-    if tokens is not None:
+    if processed:  # the throughput counts every token run through the model; the learned ones beside it
+        rate = f" ({processed / seconds:,.0f} tok/s{group})" if seconds else ""
+        learned = f", {tokens:,} of them learned" if tokens is not None and tokens != processed else ""
+        lines.append(f"  tokens    {processed:,} processed{rate}{learned}")
+    elif tokens is not None:  # a run from before the processed tokens were counted
         rate = f" ({tokens / seconds:,.0f} tok/s{group})" if seconds else ""
         lines.append(f"  tokens    {tokens:,}{rate}")
     if seconds is not None:  # the steps alone, summed over every session of the run
@@ -374,13 +414,15 @@ def summary_text(**summary) -> str:
     if session is not None:  # this process, start to end: the clock of the progress line's "elapsed"
         lines.append(f"  elapsed   {_duration(session)} this session, as the progress line counts it (validation, "
                      f"checkpoints and compiling too)")
-    if "best_val_loss" in summary:
-        best, best_step = summary.pop("best_val_loss"), summary.pop("best_val_step", None)
+    if "best_val_loss" in summary:  # a run of before
+        summary["best_val_ce"] = summary.pop("best_val_loss")
+    if "best_val_ce" in summary:
+        best, best_step = summary.pop("best_val_ce"), summary.pop("best_val_step", None)
         if not _is_number(best) or not math.isfinite(best):  # None, NaN, "nan"
             lines.append("  best val  none")
         else:
             at = f" at step {best_step}" if best_step is not None else ""
-            lines.append(f"  best val  {best:.4f}{at}")
+            lines.append(f"  best val  {best:.4f}{at} (val_ce)")
     if "adapters" in summary:
         lines.append(f"  adapters  {summary.pop('adapters')}")
     if "peak_memory_mb" in summary:

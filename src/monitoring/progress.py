@@ -2,12 +2,12 @@
 
 After each optimizer step it reads, for example:
 
-     61%|######1   | step 183/300 [00:50 elapsed, train ce 5.508 (mean of last 50 steps, compare val_loss) |
+     61%|######1   | step 183/300 [00:50 elapsed, train ce 5.508 (mean of last 50 steps, compare val_ce) |
      objective 4.659 | 2,827 tok/s | ETA 29s | last checkpoint 83 steps ago | memory 39.9 MB (+0.0 MB since step 101)]
 
     train ce        the plain cross-entropy per token, averaged over the last
                     `window` steps (NaN steps left out): the same measure as
-                    the validation's val_loss, so the two compare
+                    the validation's val_ce, so the two compare
     objective       the loss being minimized (cross-entropy weighted by the
                     distrust scores), averaged over the same steps; it equals
                     train ce at --lambda-weight 0
@@ -187,7 +187,7 @@ class ProgressLine:
         """The figures of the line, each with its label and unit."""
         n = len(self.ces)
         parts = [
-            f"train ce {self.smoothed_ce:.3f} (mean of last {n} step{'s' if n != 1 else ''}, compare val_loss)",
+            f"train ce {self.smoothed_ce:.3f} (mean of last {n} step{'s' if n != 1 else ''}, compare val_ce)",
             f"objective {self.smoothed_objective:.3f}",
             (f"{self.tokens_per_second:,.0f} tok/s" if math.isfinite(self.tokens_per_second) else "? tok/s")
             + (f" ({self.processes} processes)" if self.processes > 1 else ""),

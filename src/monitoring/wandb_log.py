@@ -1,8 +1,8 @@
 """Weights & Biases (`--report-to wandb`): the figures of metrics.jsonl, as a W&B run too.
 
 What goes to W&B is what goes to TensorBoard: every number of each training and
-validation line of metrics.jsonl, at its step, under the same name ("train/loss",
-"val/loss": metrics_log.TAGS); the end line's numbers go to the run's summary. The
+validation line of metrics.jsonl, at its step, under the same name ("train/objective",
+"train/ce", "val/ce": metrics_log.TAGS); the end line's numbers go to the run's summary. The
 run is named after the output folder, its config is the run's Config, its project
 is --project-name (mlx-lm's `project_name`), else W&B's default.
 
@@ -42,13 +42,18 @@ from run_safety.errors import UserError, one_line
 RUN_ID = re.compile(r"[a-z0-9]{1,64}")  # what we write; anything else in a checkpoint is not ours
 
 
+# How to install W&B, the same words wherever it is said (--help, the error, the docs): the
+# project's extra beside the MLX backend's, as pyproject.toml's extras name them.
+WANDB_INSTALL = 'pip install ".[cpu,wandb]" (Linux CPU; ".[cuda,wandb]" with NVIDIA, ".[wandb]" on a Mac)'
+
+
 def check_wandb_installed() -> None:
     """One line, exit 2, before anything else happens, when the wandb package is missing."""
     try:
         import wandb  # noqa: F401
     except ImportError:
-        raise UserError("--report-to wandb: the wandb package is not installed here; install it with "
-                        "pip install '.[wandb]' (or pip install wandb)") from None
+        raise UserError(f"--report-to wandb: the wandb package is not installed here; install it with "
+                        f"{WANDB_INSTALL}") from None
 
 
 def new_run_id() -> str:

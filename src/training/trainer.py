@@ -91,10 +91,11 @@ class StepFigures:
     ce: float
     distrust: float
     grad_norm: float
-    tokens: int
+    tokens: int  # the learned ones: the targets the loss counts
     learning_rate: float
     seconds: float
     signal: int | None = None  # a stop signal any rank received (several processes)
+    processed: int = 0  # the tokens the step ran through the model, learned or context (padding not counted)
 
 
 @dataclass
@@ -102,7 +103,8 @@ class LoopState:
     """What the loop itself must carry across a resume (beside model and optimizer)."""
     step: int = 0
     position: DataPosition = field(default_factory=DataPosition)
-    tokens_seen: int = 0
+    tokens_seen: int = 0  # learned
+    tokens_processed: int = 0  # learned or context (0 before a resume from a checkpoint that did not count them)
     best_val_loss: float = math.inf
     best_val_step: int | None = None
     last_val_loss: float | None = None
@@ -133,7 +135,7 @@ class DistrustTrainer:
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.objective = DistrustObjective(d.alpha, d.lambda_weight, d.mode,
                                            train_index.auth_weight, train_index.prov_entropy)
-        self.schedule = learning_rate_schedule(t.learning_rate, t.warmup_steps, t.max_steps)
+        self.schedule = learning_rate_schedule(t.learning_rate, t.warmup(), t.max_steps)
         self.optimizer = build_optimizer(t, self.schedule)
         # Materialize the optimizer state now: mx.compile captures the state
         # containers it is given at the first call, and an optimizer initializes
@@ -166,11 +168,14 @@ class DistrustTrainer:
         # How the products are computed (train_qlora.compute_with): the CPU's BLAS and its threads, the
         # base's float copy. Kept in checkpoints: a resume that computes otherwise is not bit for bit.
         self.arithmetic: dict = {}
+        # How the user said how long to train, for the line that says the run reached it: "--max-steps
+        # 20", or "--iters 20", "iters: 20 (lora.yaml)", "--epochs 2 (20 steps)" (train_qlora.length_said).
+        self.length_said: str | None = None
 
     def _new_early_stopping(self) -> EarlyStopping:
         t, es = self.config.training, self.config.early_stopping
         return EarlyStopping(
-            patience=es.patience, min_delta=es.min_delta, warmup_steps=t.warmup_steps,
+            patience=es.patience, min_delta=es.min_delta, warmup_steps=t.warmup(),
             grad_spike_threshold=es.grad_spike_threshold, grad_spike_patience=es.grad_spike_patience,
             plateau_enabled=es.enabled, window=es.window,
         )
@@ -266,6 +271,7 @@ class DistrustTrainer:
             step=step,
             position=position,
             tokens_seen=_bounded_int(loop["tokens_seen"], "tokens_seen", 0, 2**62),
+            tokens_processed=_bounded_int(loop.get("tokens_processed", 0), "tokens_processed", 0, 2**62),
             best_val_loss=math.inf if best_val_loss is None else _float_or_inf(best_val_loss, "best_val_loss"),
             best_val_step=None if best_val_step is None else _bounded_int(best_val_step, "best_val_step", 0, step),
             last_val_loss=None if trainer["val_loss"] is None else _float_or_inf(trainer["val_loss"], "val_loss"),
@@ -290,6 +296,7 @@ class DistrustTrainer:
             "loop": {
                 "position": s.position.to_dict(),
                 "tokens_seen": s.tokens_seen,
+                "tokens_processed": s.tokens_processed,
                 "best_val_loss": s.best_val_loss if s.best_val_step is not None else None,  # null: none yet
                 "best_val_step": s.best_val_step,
                 "train_seconds": s.train_seconds,
@@ -377,7 +384,7 @@ class DistrustTrainer:
         started = time.perf_counter()
         weighted_sum = ce_sum = grads = None
         start_position = self.state.position
-        tokens = 0
+        tokens = processed = 0
         auth, entropy = [], []
         for micro in range(t.grad_accum):
             try:
@@ -400,6 +407,7 @@ class DistrustTrainer:
             # against 265 MB).
             mx.async_eval(weighted_sum, ce_sum, grads)
             tokens += batch.tokens
+            processed += batch.processed
             # The whole global batch's samples (one process: its own real rows).
             auth.append(self.train_index.auth_weight[batch.batch_indices])
             entropy.append(self.train_index.prov_entropy[batch.batch_indices])
@@ -409,7 +417,8 @@ class DistrustTrainer:
         if self.group.distributed:
             # Sums over the ranks: loss sums, tokens, and which stop signals arrived anywhere.
             received = [float(stops is not None and stops.signal == sig) for sig in EXIT_CODES]
-            totals = mx.concatenate([mx.stack([weighted_sum, ce_sum]), mx.array([float(tokens), *received])])
+            totals = mx.concatenate([mx.stack([weighted_sum, ce_sum]),
+                                     mx.array([float(tokens), float(processed), *received])])
             grads, totals = self._compiled.reduce(grads, totals)
             weighted_sum, ce_sum = totals[0], totals[1]
             denominator = mx.maximum(totals[2], 1.0) / self.group.size  # mean tokens per rank
@@ -427,8 +436,8 @@ class DistrustTrainer:
             raise
         if self.group.distributed:
             counts = np.asarray(totals)
-            tokens = int(counts[2])
-            signal_received = next((sig for sig, count in zip(EXIT_CODES, counts[3:]) if count > 0), None)
+            tokens, processed = int(counts[2]), int(counts[3])
+            signal_received = next((sig for sig, count in zip(EXIT_CODES, counts[4:]) if count > 0), None)
         tokens_or_one = max(tokens, 1)
         weighted_ce = weighted_sum.item() / tokens_or_one
         plain_ce = ce_sum.item() / tokens_or_one
@@ -436,7 +445,7 @@ class DistrustTrainer:
         loss = self.objective.objective(weighted_ce, plain_ce, auth, entropy)
         figures = StepFigures(
             loss=loss, ce=plain_ce, distrust=loss - plain_ce, grad_norm=norm.item(), tokens=tokens,
-            learning_rate=learning_rate.item(), seconds=0.0, signal=signal_received,
+            learning_rate=learning_rate.item(), seconds=0.0, signal=signal_received, processed=processed,
         )
         # Checked before the update: a non-finite or exploding step is never
         # applied, so the last checkpoint holds the last good state.
@@ -500,12 +509,13 @@ class DistrustTrainer:
         entropy = self.val_index.prov_entropy[losses.positions]
         plain = report["overall"]["loss"]
         weighted = float((losses.ce * self.objective.weights(auth, entropy)).sum() / losses.tokens.sum())
-        result = {"val_loss": plain, "val_objective": self.objective.objective(weighted, plain, auth, entropy)}
-        for name, group in (("val_loss_low_auth", "primary"), ("val_loss_high_auth", "consensus")):
+        # Named for what they are (monitoring/metrics_log.py): val_ce compares with the training ce.
+        result = {"val_ce": plain, "val_objective": self.objective.objective(weighted, plain, auth, entropy)}
+        for name, group in (("val_ce_low_auth", "primary"), ("val_ce_high_auth", "consensus")):
             if group in report:
                 result[name] = report[group]["loss"]
         if report["gap"] is not None:
-            result["val_loss_gap"] = report["gap"]
+            result["val_ce_gap"] = report["gap"]
         return result
 
     # -- saving -----------------------------------------------------------------
@@ -618,8 +628,9 @@ class DistrustTrainer:
             finally:
                 self.progress.close()
         summary = {
-            "steps": s.step, "max_steps": t.max_steps, "tokens": s.tokens_seen, "seconds": s.train_seconds,
-            "best_val_loss": s.best_val_loss if s.best_val_step is not None else None,
+            "steps": s.step, "max_steps": t.max_steps, "tokens": s.tokens_seen, "tokens_processed": s.tokens_processed,
+            "seconds": s.train_seconds,
+            "best_val_ce": s.best_val_loss if s.best_val_step is not None else None,
             "best_val_step": s.best_val_step,
             "adapters": str(self.output_dir / "adapters.safetensors") if self.adapters_written else
             "none written (no checkpoint could be saved)",
@@ -646,19 +657,21 @@ class DistrustTrainer:
         figures, stop = self._optimizer_step(batches, stops)
         if stop is not None:
             # The update was not applied: the state is that of the last good step.
-            self.metrics.log(s.step + 1, loss=figures.loss, ce=figures.ce, grad_norm=figures.grad_norm)
+            self.metrics.log(s.step + 1, objective=figures.loss, ce=figures.ce, grad_norm=figures.grad_norm)
             return self._end_with_checkpoint(RunEnd(stop))
         s.step += 1
         s.tokens_seen += figures.tokens
+        s.tokens_processed += figures.processed
         s.train_seconds += figures.seconds
         s.last_loss = figures.loss
         self.early_stopping.record_loss(figures.loss)
         memory, peak = mx.get_active_memory(), mx.get_peak_memory()
-        self.metrics.log(s.step, loss=figures.loss, ce=figures.ce, distrust=figures.distrust,
+        self.metrics.log(s.step, objective=figures.loss, ce=figures.ce, distrust=figures.distrust,
                          lr=figures.learning_rate, grad_norm=figures.grad_norm,
-                         tokens=figures.tokens, tokens_per_sec=figures.tokens / max(figures.seconds, 1e-9),
+                         tokens=figures.tokens, tokens_processed=figures.processed,
+                         tokens_per_sec=figures.processed / max(figures.seconds, 1e-9),
                          memory_mb=memory / 1e6, peak_memory_mb=peak / 1e6)
-        self.progress.update(s.step, figures.loss, figures.ce, figures.tokens, figures.seconds,
+        self.progress.update(s.step, figures.loss, figures.ce, figures.processed, figures.seconds,
                              peak, s.step - self.last_save_step)
 
         finished = s.step >= t.max_steps
@@ -673,7 +686,7 @@ class DistrustTrainer:
         if stop is not None:
             end = RunEnd(stop)
         elif finished:
-            end = RunEnd(f"finished: reached --max-steps {t.max_steps}")
+            end = RunEnd(f"finished: reached {self.length_said or f'--max-steps {t.max_steps}'}")
         elif (received := self._stop_signal(stops, figures)) is not None:
             end = RunEnd(f"interrupted by {signal.Signals(received).name} at step {s.step}", EXIT_CODES[received])
         if end is not None:
@@ -731,11 +744,11 @@ class DistrustTrainer:
         self.metrics.log_validation(s.step, **result)
         parts = "  ".join(f"{k}={v:.4f}" for k, v in result.items())
         self.progress.write(f"step {s.step}: {parts}")
-        if "val_loss" not in result:  # probes only, no validation file: nothing to call best
+        if "val_ce" not in result:  # probes only, no validation file: nothing to call best
             return False
-        s.last_val_loss, s.last_val_step = result["val_loss"], s.step
-        if math.isfinite(result["val_loss"]) and result["val_loss"] < s.best_val_loss:
-            s.best_val_loss, s.best_val_step = result["val_loss"], s.step
+        s.last_val_loss, s.last_val_step = result["val_ce"], s.step
+        if math.isfinite(result["val_ce"]) and result["val_ce"] < s.best_val_loss:
+            s.best_val_loss, s.best_val_step = result["val_ce"], s.step
             return True
         return False
 

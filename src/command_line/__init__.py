@@ -1,0 +1,1 @@
+"""What the command lines share about flags: mlx_lm lora's own flags, read under their own names."""
