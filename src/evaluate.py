@@ -49,6 +49,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script from anywhere
 
 from errors import OneLineArgumentParser, UserError, run_command  # noqa: E402
+from stop_signals import occupy_closed_standard_streams  # noqa: E402
 
 DATA_FILES = ("test.jsonl", "val.jsonl", "valid.jsonl")  # the first that exists is evaluated
 
@@ -78,6 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    occupy_closed_standard_streams()  # a launcher's `>&-`: a place where nothing is shown
     args = build_parser().parse_args(argv)
 
     def work() -> None:

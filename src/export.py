@@ -56,6 +56,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script from anywhere
 
 from errors import OneLineArgumentParser, UserError, run_command  # noqa: E402
+from stop_signals import occupy_closed_standard_streams  # noqa: E402
 from gguf_export import GGUF_TYPES  # noqa: E402
 
 EXPORT_RECORD_FILE = "distrust_qlora_export.json"
@@ -88,6 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    occupy_closed_standard_streams()  # a launcher's `>&-`: a place where nothing is shown
     args = build_parser().parse_args(argv)
     if args.gguf_type is not None:
         args.gguf = True

@@ -31,6 +31,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script from anywhere
 
 from errors import OneLineArgumentParser, UserError, run_command  # noqa: E402
+from stop_signals import occupy_closed_standard_streams  # noqa: E402
 
 DATA_SAMPLE_LINES = 1000  # the records looked at to tell chat training data from plain text
 
@@ -51,6 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    occupy_closed_standard_streams()  # a launcher's `>&-`: a place where nothing is shown
     args = build_parser().parse_args(argv)
 
     def work() -> None:
