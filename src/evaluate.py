@@ -242,9 +242,13 @@ def _positive(value: int | None, flag: str) -> int | None:
 
 
 def find_data_file(data_dir: Path) -> Path:
+    from input_files import refuse_if_not_regular
+
     if not data_dir.is_dir():
         raise UserError(f"{data_dir}: no such data folder (give one with --data-dir)")
     for name in DATA_FILES:
+        # One that is there but cannot be read is said, not passed over for the next.
+        refuse_if_not_regular(data_dir / name, "the data file to evaluate")
         if (data_dir / name).is_file():
             return data_dir / name
     raise UserError(f"{data_dir}: no {', '.join(DATA_FILES[:-1])} or {DATA_FILES[-1]} to evaluate on")

@@ -127,15 +127,17 @@ def prompt_format(choice: str, tokenizer, train_file: Path) -> tuple[bool, str]:
 def training_data_kind(train_file: Path) -> str | None:
     """"chat" when most of the first records are `messages` or `prompt` + `completion`
     (both were encoded with the chat template), "text" otherwise; None if unreadable."""
+    from durable import open_regular_file
+
     chat = text = 0
     try:
-        with open(train_file, encoding="utf-8", errors="replace") as handle:
+        with open_regular_file(train_file, follow_links=True) as handle:  # a FIFO there would block
             for line in handle:
                 if not line.strip():
                     continue
                 try:
                     record = json.loads(line)
-                except json.JSONDecodeError:
+                except ValueError:  # not JSON, or not UTF-8
                     continue
                 if isinstance(record, dict):
                     if "messages" in record or "completion" in record:
