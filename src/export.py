@@ -263,11 +263,14 @@ def written_fault(exc: BaseException, save_path: Path) -> Exception | None:
     """One line for a fused model that could not be written (a full disk: exit 1; a place that
     cannot be written: exit 2); None for anything else."""
     from durable import free_space
-    from machine import MachineFault, write_fault
+    from machine import MachineFault, unsaid_write_fault, write_fault
     from modeling import first_line
 
     if isinstance(exc, BrokenPipeError):
         return None
+    if (reason := unsaid_write_fault(exc)) is not None:  # the tokenizer's save, the GGUF's tensor data
+        return MachineFault(f"could not write the fused model to {save_path} ({reason}; "
+                            f"{free_space(save_path.parent)}); nothing was left there")
     if isinstance(exc, OSError) and exc.errno is not None:
         return write_fault(exc, f"could not write the fused model to {save_path} ({exc.strerror}; "
                                 f"{free_space(save_path.parent)}); nothing was left there")
