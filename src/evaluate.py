@@ -63,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="folder with test.jsonl, val.jsonl or valid.jsonl (default: the run's --data-dir)")
     parser.add_argument("--checkpoint", default="latest", metavar="latest|best|final|PATH",
                         help="which checkpoint's adapters (default: latest)")
+    parser.add_argument("--allow-changed-base", action="store_true",
+                        help="go on with a base whose files changed since the run trained on it (refused otherwise: "
+                             "the adapters were trained on the earlier one)")
     parser.add_argument("--batch-size", type=int, help="samples per batch (default: the run's)")
     parser.add_argument("--max-batches", type=int,
                         help="evaluate at most this many batches of the data file, and of the general text "
@@ -102,7 +105,7 @@ def evaluate_run(args: argparse.Namespace) -> dict:
                                    read_probes, score_probes)
 
     run = args.output_dir
-    trained = open_run(run, args.checkpoint, "evaluate")
+    trained = open_run(run, args.checkpoint, "evaluate", args.allow_changed_base)
     config = trained.config
     t = config.training
     batch_size = _positive(args.batch_size, "--batch-size") or t.batch_size

@@ -74,6 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="the folder to write (must not exist, or --force)")
     parser.add_argument("--checkpoint", default="latest", metavar="latest|best|final|PATH",
                         help="which checkpoint's adapters (default: latest)")
+    parser.add_argument("--allow-changed-base", action="store_true",
+                        help="go on with a base whose files changed since the run trained on it (refused otherwise: "
+                             "the adapters were trained on the earlier one)")
     how = parser.add_mutually_exclusive_group()
     how.add_argument("--dequantize", action="store_true",
                      help="every layer unquantized (default: only the layers with adapters)")
@@ -102,7 +105,7 @@ def export_run(args: argparse.Namespace) -> str:
     from modeling import local_model_dir, open_run, read_model_config
 
     started = time.perf_counter()
-    trained = open_run(args.output_dir, args.checkpoint, "export")
+    trained = open_run(args.output_dir, args.checkpoint, "export", args.allow_changed_base)
     save_path = args.save_path.expanduser()
     base_dir = local_model_dir(trained.base.path)
     if save_path.parent.is_dir():

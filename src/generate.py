@@ -43,6 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--prompt", required=True, help="the text to continue, or the user's message in chat format")
     parser.add_argument("--checkpoint", default="latest", metavar="latest|best|final|PATH",
                         help="which checkpoint's adapters (default: latest)")
+    parser.add_argument("--allow-changed-base", action="store_true",
+                        help="go on with a base whose files changed since the run trained on it (refused otherwise: "
+                             "the adapters were trained on the earlier one)")
     parser.add_argument("--max-tokens", type=int, default=100, help="tokens to generate at most (default: 100)")
     parser.add_argument("--temp", type=float, default=0.0, help="sampling temperature; 0 is greedy (default: 0)")
     parser.add_argument("--seed", type=int, default=0, help="random seed for sampling (default: 0)")
@@ -78,7 +81,7 @@ def generate(args: argparse.Namespace, out=None) -> str:
         raise UserError(f"--seed must be in [0, 2**32), as for training, got {args.seed}")
     if not args.prompt.strip():
         raise UserError("--prompt is empty")
-    trained = open_run(args.output_dir, args.checkpoint, "generate from")
+    trained = open_run(args.output_dir, args.checkpoint, "generate from", args.allow_changed_base)
     model, tokenizer, _ = load_trained_model(trained)
     use_chat, why = prompt_format(args.prompt_format, tokenizer, trained.config.train_file)
     if use_chat:

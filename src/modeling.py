@@ -235,7 +235,9 @@ def quantized_copy_dir(local: Path, quantization: dict) -> Path:
     keeping its sizes and times, while the base moved or copied finds it again."""
     from file_identity import base_identity
 
-    files = base_identity(str(local))["files"]
+    # By bytes, as before JSON files also recorded their parsed content: a copy already built keeps its name.
+    files = {name: {"size": sums["size"], "sha256": sums["sha256"]}
+             for name, sums in base_identity(str(local))["files"].items()}
     blob = json.dumps([QUANTIZED_FORMAT, files, quantization], sort_keys=True)
     key = hashlib.sha256(blob.encode()).hexdigest()[:12]
     # The base's name, cut so that the copy's name and its scratch folder's stay within NAME_MAX.
@@ -340,10 +342,12 @@ class TrainedRun:
     adapters: dict  # the checkpoint's adapter arrays, as verified against its manifest
 
 
-def open_run(run: Path, checkpoint: str, purpose: str) -> TrainedRun:
+def open_run(run: Path, checkpoint: str, purpose: str, allow_changed_base: bool = False) -> TrainedRun:
     """The run's chosen checkpoint (`latest`, `best`, `final` or a path), checked
     against its manifest, and its base as trained; UserError, one line, otherwise.
-    `purpose` completes "no adapters to ..." (export, generate from)."""
+    `purpose` completes "no adapters to ..." (export, generate from). A base whose
+    files changed since the checkpoint was saved is refused as the resume refuses it,
+    unless `allow_changed_base` (then a note says what changed)."""
     from checkpoints import CheckpointCorruptError, CheckpointManager
     from config import Config
 
@@ -364,9 +368,29 @@ def open_run(run: Path, checkpoint: str, purpose: str) -> TrainedRun:
             if checkpoint not in ("latest", "best", "final") or info.path.is_dir() or attempt + 1 == RESOLVE_ATTEMPTS:
                 raise UserError(str(exc)) from None
     config = Config.from_saved(state.config, source=f"{info.path}/config.json")
+    base = run_base_model(state.adapter_config, config)
+    check_base_unchanged(state.trainer.get("inputs"), base, state.adapter_config, allow_changed_base)
     return TrainedRun(run=run, checkpoint=info.path, step=state.step, config=config,
-                      adapter_config=state.adapter_config, base=run_base_model(state.adapter_config, config),
-                      adapters=state.adapters)
+                      adapter_config=state.adapter_config, base=base, adapters=state.adapters)
+
+
+def check_base_unchanged(saved_inputs, base: BaseModel, adapter_config: dict, allow_changed: bool) -> None:
+    """UserError when the base as given to the run (`base.source`) no longer has the files the
+    checkpoint recorded: the adapters would be fused into, or run on, another model. Not asked
+    where the base loaded is the quantized copy the run itself trained on, still there: that
+    copy is the model as trained, whatever became of its source since."""
+    from file_identity import base_changed
+
+    if base.path != base.source and base.path == adapter_config.get("model"):
+        return
+    changed = base_changed(saved_inputs, base.source)
+    if changed is None:
+        return
+    said = f"base model {base.source} changed since the run trained on it ({changed})"
+    if not allow_changed:
+        raise UserError(f"{said}: the adapters were trained on the earlier one; restore it, or give "
+                        f"--allow-changed-base to use it as it is now")
+    print(f"note: {said}; used as it is now (--allow-changed-base)", file=sys.stderr)
 
 
 def load_trained_model(trained: TrainedRun):
