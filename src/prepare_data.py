@@ -5,10 +5,16 @@
 
 Exit 0 on success; 2 with one line on stderr for bad usage or data; 1 with one
 line for a fault of the machine (a full disk: nothing is left in the output
-folder). The work lives in corpus/prepare.py and corpus/scoring.py.
+folder); 130 after Ctrl+C, one line, the output folder as it was. The work
+lives in corpus/prepare.py and corpus/scoring.py.
 """
 
 from __future__ import annotations
+
+from early_interrupt import interrupt_quietly_while_starting  # first: Ctrl+C while starting is one line
+
+if __name__ == "__main__":
+    interrupt_quietly_while_starting()
 
 import argparse
 import sys
@@ -17,6 +23,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script from anywhere
 
 from corpus.prepare import format_report, prepare  # noqa: E402
+from early_interrupt import started_up  # noqa: E402
 from errors import OneLineArgumentParser, UserError, error_line, reader_gone  # noqa: E402
 from machine import fault_line  # noqa: E402
 from stop_signals import occupy_closed_standard_streams  # noqa: E402
@@ -42,6 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     occupy_closed_standard_streams()  # a launcher's `>&-`: a place where nothing is shown
     args = build_parser().parse_args(argv)
+    started_up()  # from here a Ctrl+C is a KeyboardInterrupt, said in one line below
     try:
         result = prepare(args.input, args.output, val_fraction=args.val_fraction, seed=args.seed,
                          rescore=args.rescore, strict=args.strict, force=args.force,
@@ -49,6 +57,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         print(error_line(exc), file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # prepare() has removed what it had written
+        print("\ninterrupted; nothing was written, the output folder is as it was", file=sys.stderr)
+        return 130
     except BrokenPipeError:  # --explain | head
         return reader_gone()
     except Exception as exc:

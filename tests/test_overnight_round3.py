@@ -359,3 +359,23 @@ def test_a_disk_filling_while_a_gguf_import_writes_its_tokenizer_is_one_line(dat
         errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
         assert len(errors) == 1 and "cannot build" in errors[0] and "os error 28" in errors[0], result.stderr
         assert not [path for path in cache.rglob("*") if ".build-" in path.name or "tmp" in path.name]
+
+
+def test_ctrl_c_during_prepare_data_is_one_line_and_the_output_folder_as_it_was(tmp_path):
+    output = tmp_path / "data"
+    result = run_script_in_process("prepare_data", "--input", write_jsonl(tmp_path / "small.jsonl", records(20)),
+                                   "--output", output)
+    assert result.returncode == 0, result.stderr
+    before = {path.name: path.read_bytes() for path in output.iterdir()}
+    raw = write_jsonl(tmp_path / "raw.jsonl", records(20000))
+    process = subprocess.Popen([sys.executable, str(REPO / "src" / "prepare_data.py"), "--input", str(raw),
+                                "--output", str(output), "--force"], cwd=REPO, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True, preexec_fn=default_stop_signals)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not any(name.startswith(".staging") for name in os.listdir(output)):
+        time.sleep(0.005)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130, stderr
+    assert stderr.strip().splitlines() == ["interrupted; nothing was written, the output folder is as it was"]
+    assert {path.name: path.read_bytes() for path in output.iterdir()} == before

@@ -401,8 +401,9 @@ def _temp_file(folder: Path, name: str):
 
 
 def remove_leftovers(folder: Path) -> None:
-    """The staging files and temporaries of runs into `folder` that were killed (their writer gone):
-    a staging file holds a copy of every record read, hundreds of MB for a big corpus."""
+    """The staging files and temporaries of runs into `folder` that were killed (their writer gone),
+    and this process's own: a staging file holds a copy of every record read, hundreds of MB for a
+    big corpus. Those of another run still going are left alone."""
     for entry in os.scandir(folder):
         if TEMPORARY_NAME.fullmatch(entry.name) and left_by_a_dead_process(entry.name):
             remove_leftover(Path(entry.path), "leftover of a prepare_data run that was killed")
@@ -491,21 +492,20 @@ def prepare(input_path: str | os.PathLike, output_dir: str | os.PathLike, *, val
     except OSError as exc:
         raise write_failure(exc, output_dir) or exc from None
     remove_leftovers(output_dir)
-    temps: list[Path] = []
     try:
         staging, staging_path = _temp_file(output_dir, "staging")
-        temps.append(staging_path)
         with staging:
             staged = _read_and_stage(files, staging, result, rescore=rescore, strict=strict,
                                      keep_wheres=explain is not None)
         if not len(staged):
             raise UserError(_no_usable_record_message(input_path, result))
         is_val = _decide(staged, result, val_fraction, seed)
-        _write_outputs(staging_path, staged, is_val, result, output_dir, temps, explain)
+        _write_outputs(staging_path, staged, is_val, result, output_dir, explain)
     except BaseException as exc:
         failed = write_failure(exc, output_dir)  # before the clean-up: the free space it names is the failure's
-        for temp in temps:
-            temp.unlink(missing_ok=True)
+        # By name, not by a list kept as they are made: a Ctrl+C between a file's creation and its
+        # entry in a list would leave it.
+        remove_leftovers(output_dir)
         if created_dir:
             try:
                 output_dir.rmdir()  # only if we made it and it is still empty
@@ -592,11 +592,9 @@ def _summary(values: np.ndarray) -> tuple[float, float, float, float]:
 
 
 def _write_outputs(staging_path: Path, staged: _Staged, destination: np.ndarray, result: PrepareResult,
-                   output_dir: Path, temps: list[Path], explain: Callable[[str], None] | None) -> None:
+                   output_dir: Path, explain: Callable[[str], None] | None) -> None:
     train, train_temp = _temp_file(output_dir, TRAIN_FILE)
-    temps.append(train_temp)
     val, val_temp = _temp_file(output_dir, VAL_FILE)
-    temps.append(val_temp)
     scored_here = staged.scored_here
     with open(staging_path, "rb") as staging, train, val:
         for index, line in enumerate(staging):
