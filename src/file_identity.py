@@ -67,7 +67,9 @@ def file_sha256(path: str | Path, cache: Path | None = None) -> dict:
     try:
         key = stat_key(os.stat(real))
     except OSError as exc:
-        raise UserError(f"{path}: cannot read ({exc.strerror})") from None
+        from input_files import why_unreadable
+
+        raise UserError(why_unreadable(Path(path), "the file", exc)) from None
     entry = _known.get(real)
     if not _trusted(entry, key):
         entry = _read_entry(cache, real)

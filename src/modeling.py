@@ -104,6 +104,9 @@ def resolve_model(name: str) -> str:
 
         return resolve_gguf_file(path, name)
     if path.exists():
+        from input_files import refuse_if_not_regular
+
+        refuse_if_not_regular(path / "config.json", "the model's config.json")  # a link into a blob gone, say
         if not (path / "config.json").is_file():
             raise UserError(f"{name}: not an mlx-lm model directory (no config.json)")
         return str(path.resolve())
@@ -312,9 +315,13 @@ def run_base_model(adapter_config: dict, config) -> BaseModel:
                             f"to a machine that has it)")
     # The quantized copy the run names, still here, is exactly what it trained
     # on, even where the base's files were touched since (which changes the key).
+    # A copy edited in the cache since it was written is not that: it is built again from its source
+    # (whose own identity open_run then checks), as a training start builds it again.
     named, quantization = adapter_config.get("model"), record.get("quantized_on_load")
     if quantization and isinstance(named, str) and _is_quantized_copy_of(Path(named), record.get("source")):
-        return BaseModel(source=recorded, path=named, quantization=quantization)
+        remove_if_changed(Path(named))
+        if _is_quantized_copy_of(Path(named), record.get("source")):
+            return BaseModel(source=recorded, path=named, quantization=quantization)
     return prepare_base(recorded, config.model.quantize_bits, config.model.trust_remote_code)
 
 

@@ -379,3 +379,44 @@ def test_ctrl_c_during_prepare_data_is_one_line_and_the_output_folder_as_it_was(
     assert process.returncode == 130, stderr
     assert stderr.strip().splitlines() == ["interrupted; nothing was written, the output folder is as it was"]
     assert {path.name: path.read_bytes() for path in output.iterdir()} == before
+
+
+# ------------------------------------------------------------ found trying further faults of these kinds
+
+
+@pytest.mark.parametrize("name", ["config.json", "tokenizer.json"])
+def test_a_base_file_that_is_a_dangling_link_names_the_link_and_its_target(data, tmp_path, name):
+    """A base in the Hugging Face cache layout (its files links into blobs/) whose blob is gone."""
+    import modeling
+
+    base = tmp_path / "base"
+    shutil.copytree(modeling.ensure_tiny_model(), base)
+    (base / name).unlink()
+    (base / name).symlink_to(tmp_path / "blobs" / "gone")
+    result = run_in_process(*ARGS, "--model", base, "--max-steps", "1", "--data-dir", data,
+                            "--output-dir", tmp_path / "out")
+    assert_one_line_error(result, str(base / name), str(tmp_path / "blobs" / "gone"), "does not exist")
+
+
+def test_export_builds_again_a_quantized_copy_edited_in_the_cache_instead_of_fusing_into_it(data, tmp_path,
+                                                                                            monkeypatch):
+    """The run trained on the base's 4-bit copy in the model cache; that copy was edited since (a disk
+    error, a tool): the export is the trained model all the same, as a training start would build it."""
+    import modeling
+
+    monkeypatch.setenv("DISTRUST_QLORA_CACHE", str(tmp_path / "cache"))
+    base = tmp_path / "base"
+    shutil.copytree(modeling.ensure_tiny_model(), base)
+    out = tmp_path / "run"
+    result = run_in_process(*ARGS, "--model", base, "--max-steps", "3", "--data-dir", data, "--output-dir", out)
+    assert result.returncode == 0, result.stderr
+    result = run_script_in_process("export", "--output-dir", out, "--save-path", tmp_path / "before")
+    assert result.returncode == 0, result.stderr
+    copy = Path(json.loads((out / "adapter_config.json").read_text())["model"])
+    assert copy.is_relative_to(tmp_path / "cache")
+    flip_last_byte(copy / "model.safetensors")
+    result = run_script_in_process("export", "--output-dir", out, "--save-path", tmp_path / "after")
+    assert result.returncode == 0, result.stderr
+    assert "building it again" in result.stderr
+    assert (tmp_path / "after" / "model.safetensors").read_bytes() == \
+        (tmp_path / "before" / "model.safetensors").read_bytes()
