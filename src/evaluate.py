@@ -245,10 +245,10 @@ def _positive(value: int | None, flag: str) -> int | None:
 
 
 def find_data_file(data_dir: Path) -> Path:
-    from input_files import refuse_if_not_regular
+    from input_files import dangling_link_above, refuse_if_not_regular
 
     if not data_dir.is_dir():
-        raise UserError(f"{data_dir}: no such data folder (give one with --data-dir)")
+        raise UserError(f"{data_dir}: no such data folder (give one with --data-dir){dangling_link_above(data_dir)}")
     for name in DATA_FILES:
         # One that is there but cannot be read is said, not passed over for the next.
         refuse_if_not_regular(data_dir / name, "the data file to evaluate")

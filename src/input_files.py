@@ -47,9 +47,18 @@ def why_unreadable(path: Path, what: str, exc: OSError) -> str:
         return (f"{path}: {what} is a link to {os.readlink(path)}, which does not exist (on a disk not mounted, "
                 f"or moved?): mount or restore it, or remove the link")
     if isinstance(exc, FileNotFoundError):
-        return f"{path}: {what.removeprefix('the ')} not found"
+        return f"{path}: {what.removeprefix('the ')} not found{dangling_link_above(path)}"
     if exc.errno == errno.EINVAL or isinstance(exc, IsADirectoryError):
         return (f"{path}: {what} is not a regular file (a FIFO, a device or a folder: it cannot be read as "
                 f"data); put the file itself there")
     return f"{path}: cannot read {what} ({exc.strerror or exc})"
 
+
+
+def dangling_link_above(path: Path) -> str:
+    """' (FOLDER is a link to TARGET, which does not exist)' when a folder on the way to `path` is a
+    link whose target is gone (a data folder on a disk not mounted); "" otherwise."""
+    for folder in [Path(path), *Path(path).parents]:
+        if os.path.islink(folder) and not os.path.exists(folder):
+            return f" ({folder} is a link to {os.readlink(folder)}, which does not exist: a disk not mounted?)"
+    return ""

@@ -110,9 +110,14 @@ def resolve_model(name: str) -> str:
         if not (path / "config.json").is_file():
             raise UserError(f"{name}: not an mlx-lm model directory (no config.json)")
         return str(path.resolve())
-    looks_like_path = name.startswith((".", "/", "~")) or name.count("/") != 1
+    from input_files import dangling_link_above
+
+    # ORG/NAME is an HF id, unless ORG is a link here whose target is gone (a disk of models not mounted).
+    dangling = dangling_link_above(path)
+    looks_like_path = name.startswith((".", "/", "~")) or name.count("/") != 1 or dangling
     if looks_like_path:
-        raise UserError(f"{name}: model not found (neither a local directory nor an HF id like 'mlx-community/NAME')")
+        raise UserError(f"{name}: model not found (neither a local directory nor an HF id like 'mlx-community/NAME')"
+                        f"{dangling}")
     return name
 
 

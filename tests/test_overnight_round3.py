@@ -420,3 +420,24 @@ def test_export_builds_again_a_quantized_copy_edited_in_the_cache_instead_of_fus
     assert "building it again" in result.stderr
     assert (tmp_path / "after" / "model.safetensors").read_bytes() == \
         (tmp_path / "before" / "model.safetensors").read_bytes()
+
+
+def test_a_data_or_model_folder_that_is_a_dangling_link_is_named_with_its_target(tiny_run, tmp_path):
+    """The data folder, or a folder of models, on a disk that is not mounted: each command says which
+    link points where, not only "not found" (and ORG/NAME under such a link is no HF id to download)."""
+    root, _, out = tiny_run
+    gone = tmp_path / "unmounted"
+    (tmp_path / "data").symlink_to(gone / "data")
+    (tmp_path / "models").symlink_to(gone / "models")
+    said = f"is a link to {gone}"
+    train = run_in_process(*ARGS, "--max-steps", "1", "--data-dir", tmp_path / "data", "--output-dir",
+                           tmp_path / "out")
+    assert_one_line_error(train, str(tmp_path / "data"), said)
+    model = run_script_in_process("train_qlora", *ARGS, "--model", "models/qwen", "--max-steps", "1", "--data-dir",
+                                  root / "data", "--output-dir", tmp_path / "out", cwd=tmp_path)
+    assert_one_line_error(model, "models/qwen: model not found", said)
+    evaluate = run_script_in_process("evaluate", "--output-dir", out, "--data-dir", tmp_path / "data")
+    assert_one_line_error(evaluate, str(tmp_path / "data"), said)
+    prepare = run_script_in_process("prepare_data", "--input", tmp_path / "data" / "raw.jsonl",
+                                    "--output", tmp_path / "prepared")
+    assert_one_line_error(prepare, str(tmp_path / "data"), said)

@@ -15,7 +15,7 @@ from corpus.prepare import check_load_time_metadata
 from corpus.records import has_scores, parse_record
 from corpus.scoring import current_year
 from errors import UserError
-from input_files import open_input_file, refuse_if_not_regular
+from input_files import dangling_link_above, open_input_file, refuse_if_not_regular
 from monitoring.evaluation import file_in
 from monitoring.probes import PROBE_FILE, read_probes
 
@@ -29,7 +29,8 @@ def check_data_files(config) -> tuple[Path | None, list]:
     the run tokenizes them once the model has loaded, without reading the file again."""
     train = config.train_file
     if not os.path.lexists(train):
-        raise UserError(f"{train}: training file not found (--data-dir {config.paths.data_dir} must hold train.jsonl)")
+        raise UserError(f"{train}: training file not found (--data-dir {config.paths.data_dir} must hold train.jsonl)"
+                        f"{dangling_link_above(train)}")
     first_records(train, "training")
     data = Path(config.paths.data_dir)
     for name in VAL_FILES:  # val.jsonl on a disk not mounted is not "no validation file"

@@ -108,7 +108,9 @@ def list_input_files(input_path: Path) -> tuple[list[Path], list[Path]]:
     if input_path.is_file():
         return [input_path], []  # a file named on purpose is read as JSONL unless it ends in .txt
     if not input_path.exists():
-        raise UserError(f"{input_path}: no such file or folder")
+        from input_files import dangling_link_above
+
+        raise UserError(f"{input_path}: no such file or folder{dangling_link_above(input_path)}")
     if not input_path.is_dir():
         raise UserError(f"{input_path}: not a file or folder")
     wanted, ignored = [], []
