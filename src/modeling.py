@@ -748,6 +748,10 @@ def cache_fault(exc: BaseException, target: Path, what: str) -> Exception:
     blocking = next((p for p in [target.parent, *target.parent.parents] if p.exists() and not p.is_dir()), None)
     if blocking is not None:  # mkdir's "File exists" says nothing useful here
         reason = f"{blocking} is a file, not a folder"
+    from input_files import dangling_link_above
+
+    if dangling := dangling_link_above(target.parent):  # the cache on a disk not mounted: "File exists" too
+        reason = dangling.strip(" ()")
     where = f"{target.parent}{'' if 'DISTRUST_QLORA_CACHE' in os.environ else ' (the default cache)'}"
     message = (f"cannot build {what} in {where}: {reason} ({free_space(target.parent)}); free some space or set "
                f"DISTRUST_QLORA_CACHE to a writable folder with room")

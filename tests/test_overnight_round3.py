@@ -422,7 +422,7 @@ def test_export_builds_again_a_quantized_copy_edited_in_the_cache_instead_of_fus
         (tmp_path / "before" / "model.safetensors").read_bytes()
 
 
-def test_a_data_or_model_folder_that_is_a_dangling_link_is_named_with_its_target(tiny_run, tmp_path):
+def test_a_data_or_model_folder_that_is_a_dangling_link_is_named_with_its_target(tiny_run, tmp_path, monkeypatch):
     """The data folder, or a folder of models, on a disk that is not mounted: each command says which
     link points where, not only "not found" (and ORG/NAME under such a link is no HF id to download)."""
     root, _, out = tiny_run
@@ -441,3 +441,7 @@ def test_a_data_or_model_folder_that_is_a_dangling_link_is_named_with_its_target
     prepare = run_script_in_process("prepare_data", "--input", tmp_path / "data" / "raw.jsonl",
                                     "--output", tmp_path / "prepared")
     assert_one_line_error(prepare, str(tmp_path / "data"), said)
+    (tmp_path / "cache").symlink_to(gone / "cache")  # the model cache, the same
+    monkeypatch.setenv("DISTRUST_QLORA_CACHE", str(tmp_path / "cache"))
+    cache = run_in_process(*ARGS, "--max-steps", "1", "--data-dir", root / "data", "--output-dir", tmp_path / "out")
+    assert_one_line_error(cache, str(tmp_path / "cache"), said)
