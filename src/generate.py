@@ -93,13 +93,23 @@ def generate(args: argparse.Namespace, out=None) -> str:
 
     mx.random.seed(args.seed)
     pieces, last = [], None
-    for last in stream_generate(model, tokenizer, mx.array(prompt), max_tokens=args.max_tokens,
-                                sampler=make_sampler(args.temp)):
-        pieces.append(last.text)
-        out.write(last.text)
+    try:
+        for last in stream_generate(model, tokenizer, mx.array(prompt), max_tokens=args.max_tokens,
+                                    sampler=make_sampler(args.temp)):
+            pieces.append(last.text)
+            out.write(last.text)
+            out.flush()
+        out.write("\n")
         out.flush()
-    out.write("\n")
-    out.flush()
+    except OSError as exc:
+        if isinstance(exc, BrokenPipeError) or exc.errno is None:
+            raise  # the reader gone (generate | head): errors.run_command stops quietly
+        from machine import write_fault
+
+        # > FILE on a full disk: say that it is the text that could not be written
+        name = getattr(out, "name", None)
+        shown = "standard output" if name in (None, 1, "<stdout>") else name
+        raise write_fault(exc, f"could not write the generated text to {shown} ({exc.strerror})") from None
     if last is not None:
         ended = "the end-of-sequence token" if last.finish_reason == "stop" else f"--max-tokens {args.max_tokens}"
         print(f"{last.generation_tokens} tokens ({last.generation_tps:.1f} tokens/s); ended by {ended}",

@@ -445,3 +445,17 @@ def test_a_data_or_model_folder_that_is_a_dangling_link_is_named_with_its_target
     monkeypatch.setenv("DISTRUST_QLORA_CACHE", str(tmp_path / "cache"))
     cache = run_in_process(*ARGS, "--max-steps", "1", "--data-dir", root / "data", "--output-dir", tmp_path / "out")
     assert_one_line_error(cache, str(tmp_path / "cache"), said)
+
+
+def test_generate_into_a_file_on_a_full_disk_says_the_text_could_not_be_written(tiny_run, tmp_path):
+    _, _, out = tiny_run
+    with mounted_tmpfs(tmp_path / "disk", "4k") as disk:
+        (disk / "ballast").write_bytes(b"\0" * 4096)
+        with open(disk / "text", "w") as text:
+            done = subprocess.run([sys.executable, str(REPO / "src" / "generate.py"), "--output-dir", str(out),
+                                   "--prompt", "the field log", "--max-tokens", "40"], cwd=REPO, stdout=text,
+                                  stderr=subprocess.PIPE, text=True, timeout=120)
+    assert done.returncode == 1, done.stderr
+    assert "Traceback" not in done.stderr
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert errors == ["error: could not write the generated text to standard output (No space left on device)"]
