@@ -129,6 +129,11 @@ class TolerantStream:
         except OSError as exc:
             self._let_go(exc)
 
+    @property
+    def wrapped(self):
+        """The stream itself: for output that must not be lost quietly (a listing asked for)."""
+        return self._stream
+
     def _let_go(self, exc: OSError) -> None:
         detach_from_terminal()
         if exc.errno == errno.EPIPE:  # nobody reads this pipe any more, nor will

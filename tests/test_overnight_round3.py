@@ -459,3 +459,16 @@ def test_generate_into_a_file_on_a_full_disk_says_the_text_could_not_be_written(
     assert "Traceback" not in done.stderr
     errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
     assert errors == ["error: could not write the generated text to standard output (No space left on device)"]
+
+
+def test_a_listing_of_checkpoints_that_cannot_be_written_is_not_lost_with_exit_0(tiny_run, tmp_path):
+    """--list-checkpoints > FILE on a full disk: the listing is what was asked for (the run's own
+    output goes on quietly when its terminal is gone; a listing must not)."""
+    _, _, out = tiny_run
+    with mounted_tmpfs(tmp_path / "disk", "4k") as disk:
+        (disk / "ballast").write_bytes(b"\0" * 4096)
+        with open(disk / "listing", "w") as listing:
+            done = subprocess.run([sys.executable, str(TRAIN_SCRIPT), "--output-dir", str(out), "--list-checkpoints"],
+                                  cwd=REPO, stdout=listing, stderr=subprocess.PIPE, text=True, timeout=120)
+    assert done.returncode == 1, done.stderr
+    assert "Traceback" not in done.stderr and "No space left on device" in done.stderr, done.stderr
