@@ -182,11 +182,12 @@ class Config:
     @staticmethod
     def read_yaml(path: str | Path) -> dict:
         """The YAML file as it is: a mapping (empty for an empty file)."""
+        from run_safety.input_files import open_input_file
+
         path = Path(path)
         try:
-            text = path.read_text(encoding="utf-8")
-        except FileNotFoundError:
-            raise UserError(f"{path}: config file not found") from None
+            with open_input_file(path, "config file", "r") as handle:  # a FIFO would block
+                text = handle.read()
         except OSError as exc:
             raise UserError(f"{path}: cannot read config file ({exc.strerror})") from None
         try:

@@ -54,6 +54,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script from
 
 from run_safety.errors import OneLineArgumentParser, UserError  # noqa: E402
 from run_safety.command import run_command  # noqa: E402
+from run_safety.stop_signals import occupy_closed_standard_streams  # noqa: E402
 
 DATA_FILES = ("test.jsonl", "val.jsonl", "valid.jsonl")  # the first that exists is evaluated
 
@@ -67,6 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="folder with test.jsonl, val.jsonl or valid.jsonl (default: the run's --data-dir)")
     parser.add_argument("--checkpoint", default="latest", metavar="latest|best|final|PATH",
                         help="which checkpoint's adapters (default: latest)")
+    parser.add_argument("--allow-changed-base", action="store_true",
+                        help="go on with a base whose files changed since the run trained on it (refused otherwise: "
+                             "the adapters were trained on the earlier one)")
     parser.add_argument("--batch-size", type=int, help="samples per batch (default: the run's)")
     parser.add_argument("--max-batches", type=int,
                         help="evaluate at most this many batches of the data file, and of the general text "
@@ -83,6 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    occupy_closed_standard_streams()  # a launcher's `>&-`: a place where nothing is shown
     args = build_parser().parse_args(argv)
 
     def work() -> None:
@@ -107,7 +112,7 @@ def evaluate_run(args: argparse.Namespace) -> dict:
                                    read_probes, score_probes)
 
     run = args.output_dir
-    trained = open_run(run, args.checkpoint, "evaluate")
+    trained = open_run(run, args.checkpoint, "evaluate", args.allow_changed_base)
     config = trained.config
     t = config.training
     batch_size = _positive(args.batch_size, "--batch-size") or t.batch_size
@@ -247,9 +252,13 @@ def _positive(value: int | None, flag: str) -> int | None:
 
 
 def find_data_file(data_dir: Path) -> Path:
+    from run_safety.input_files import dangling_link_above, refuse_if_not_regular
+
     if not data_dir.is_dir():
-        raise UserError(f"{data_dir}: no such data folder (give one with --data-dir)")
+        raise UserError(f"{data_dir}: no such data folder (give one with --data-dir){dangling_link_above(data_dir)}")
     for name in DATA_FILES:
+        # One that is there but cannot be read is said, not passed over for the next.
+        refuse_if_not_regular(data_dir / name, "the data file to evaluate")
         if (data_dir / name).is_file():
             return data_dir / name
     raise UserError(f"{data_dir}: no {', '.join(DATA_FILES[:-1])} or {DATA_FILES[-1]} to evaluate on")

@@ -62,6 +62,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script from
 from run_safety.errors import OneLineArgumentParser, UserError  # noqa: E402
 from run_safety.command import run_command  # noqa: E402
 from run_safety.sizes import size_text  # noqa: E402
+from run_safety.stop_signals import occupy_closed_standard_streams  # noqa: E402
 from base_model.gguf_out import GGUF_TYPES  # noqa: E402
 
 EXPORT_RECORD_FILE = "distrust_qlora_export.json"
@@ -79,6 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="the folder to write (must not exist, or --force)")
     parser.add_argument("--checkpoint", default="latest", metavar="latest|best|final|PATH",
                         help="which checkpoint's adapters (default: latest)")
+    parser.add_argument("--allow-changed-base", action="store_true",
+                        help="go on with a base whose files changed since the run trained on it (refused otherwise: "
+                             "the adapters were trained on the earlier one)")
     how = parser.add_mutually_exclusive_group()
     how.add_argument("--dequantize", action="store_true",
                      help="every layer unquantized (default: only the layers with adapters)")
@@ -94,6 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    occupy_closed_standard_streams()  # a launcher's `>&-`: a place where nothing is shown
     args = build_parser().parse_args(argv)
     if args.gguf_type is not None:
         args.gguf = True
@@ -107,7 +112,7 @@ def export_run(args: argparse.Namespace) -> str:
     from base_model.trained_run import open_run
 
     started = time.perf_counter()
-    trained = open_run(args.output_dir, args.checkpoint, "export")
+    trained = open_run(args.output_dir, args.checkpoint, "export", args.allow_changed_base)
     save_path = args.save_path.expanduser()
     base_dir = local_model_dir(trained.base.path)
     if save_path.parent.is_dir():
@@ -269,11 +274,14 @@ def written_fault(exc: BaseException, save_path: Path) -> Exception | None:
     """One line for a fused model that could not be written (a full disk: exit 1; a place that
     cannot be written: exit 2); None for anything else."""
     from run_safety.durable import free_space
-    from run_safety.machine import MachineFault, write_fault
+    from run_safety.machine import MachineFault, unsaid_write_fault, write_fault
     from base_model.builds import first_line
 
     if isinstance(exc, BrokenPipeError):
         return None
+    if (reason := unsaid_write_fault(exc)) is not None:  # the tokenizer's save, the GGUF's tensor data
+        return MachineFault(f"could not write the fused model to {save_path} ({reason}; "
+                            f"{free_space(save_path.parent)}); nothing was left there")
     if isinstance(exc, OSError) and exc.errno is not None:
         return write_fault(exc, f"could not write the fused model to {save_path} ({exc.strerror}; "
                                 f"{free_space(save_path.parent)}); nothing was left there")

@@ -36,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script from
 
 from run_safety.errors import OneLineArgumentParser, UserError  # noqa: E402
 from run_safety.command import run_command  # noqa: E402
+from run_safety.stop_signals import occupy_closed_standard_streams  # noqa: E402
 
 DATA_SAMPLE_LINES = 1000  # the records looked at to tell chat training data from plain text
 
@@ -47,6 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--prompt", required=True, help="the text to continue, or the user's message in chat format")
     parser.add_argument("--checkpoint", default="latest", metavar="latest|best|final|PATH",
                         help="which checkpoint's adapters (default: latest)")
+    parser.add_argument("--allow-changed-base", action="store_true",
+                        help="go on with a base whose files changed since the run trained on it (refused otherwise: "
+                             "the adapters were trained on the earlier one)")
     parser.add_argument("--max-tokens", type=int, default=100, help="tokens to generate at most (default: 100)")
     parser.add_argument("--temp", type=float, default=0.0, help="sampling temperature; 0 is greedy (default: 0)")
     parser.add_argument("--seed", type=int, default=0, help="random seed for sampling (default: 0)")
@@ -57,6 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    occupy_closed_standard_streams()  # a launcher's `>&-`: a place where nothing is shown
     args = build_parser().parse_args(argv)
 
     def work() -> None:
@@ -82,7 +87,7 @@ def generate(args: argparse.Namespace, out=None) -> str:
         raise UserError(f"--seed must be in [0, 2**32), as for training, got {args.seed}")
     if not args.prompt.strip():
         raise UserError("--prompt is empty")
-    trained = open_run(args.output_dir, args.checkpoint, "generate from")
+    trained = open_run(args.output_dir, args.checkpoint, "generate from", args.allow_changed_base)
     model, tokenizer, _ = load_trained_model(trained)
     use_chat, why = prompt_format(args.prompt_format, tokenizer, trained.config.train_file)
     if use_chat:
@@ -94,13 +99,23 @@ def generate(args: argparse.Namespace, out=None) -> str:
 
     mx.random.seed(args.seed)
     pieces, last = [], None
-    for last in stream_generate(model, tokenizer, mx.array(prompt), max_tokens=args.max_tokens,
-                                sampler=make_sampler(args.temp)):
-        pieces.append(last.text)
-        out.write(last.text)
+    try:
+        for last in stream_generate(model, tokenizer, mx.array(prompt), max_tokens=args.max_tokens,
+                                    sampler=make_sampler(args.temp)):
+            pieces.append(last.text)
+            out.write(last.text)
+            out.flush()
+        out.write("\n")
         out.flush()
-    out.write("\n")
-    out.flush()
+    except OSError as exc:
+        if isinstance(exc, BrokenPipeError) or exc.errno is None:
+            raise  # the reader gone (generate | head): errors.run_command stops quietly
+        from run_safety.machine import write_fault
+
+        # > FILE on a full disk: say that it is the text that could not be written
+        name = getattr(out, "name", None)
+        shown = "standard output" if name in (None, 1, "<stdout>") else name
+        raise write_fault(exc, f"could not write the generated text to {shown} ({exc.strerror})") from None
     if last is not None:
         ended = "the end-of-sequence token" if last.finish_reason == "stop" else f"--max-tokens {args.max_tokens}"
         print(f"{last.generation_tokens} tokens ({last.generation_tps:.1f} tokens/s); ended by {ended}",
@@ -146,15 +161,17 @@ def prompt_format(choice: str, tokenizer, train_file: Path) -> tuple[bool, str]:
 def training_data_kind(train_file: Path) -> str | None:
     """"chat" when most of the first records are `messages` or `prompt` + `completion`
     (both were encoded with the chat template), "text" otherwise; None if unreadable."""
+    from run_safety.durable import open_regular_file
+
     chat = text = 0
     try:
-        with open(train_file, encoding="utf-8", errors="replace") as handle:
+        with open_regular_file(train_file, follow_links=True) as handle:  # a FIFO there would block
             for line in handle:
                 if not line.strip():
                     continue
                 try:
                     record = json.loads(line)
-                except json.JSONDecodeError:
+                except ValueError:  # not JSON, or not UTF-8
                     continue
                 if isinstance(record, dict):
                     if "messages" in record or "completion" in record:

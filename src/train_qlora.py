@@ -306,7 +306,7 @@ def run(args: argparse.Namespace, group=None) -> int:
     group = group or ProcessGroup()
     if args.list_checkpoints and args.output_dir and not args.model:
         # Listing needs only where to look: no model, no other setting.
-        print(describe_checkpoints(CheckpointManager(Path(args.output_dir) / "checkpoints")))
+        print_listing(describe_checkpoints(CheckpointManager(Path(args.output_dir) / "checkpoints")))
         return 0
     config, settings = settings_from_args(args)
     apply_start_choices(args, settings.start, args.config)
@@ -319,7 +319,7 @@ def run(args: argparse.Namespace, group=None) -> int:
     output_dir = config.output_dir
     manager = CheckpointManager(output_dir / "checkpoints", keep=config.training.keep_checkpoints)
     if args.list_checkpoints:
-        print(describe_checkpoints(manager))
+        print_listing(describe_checkpoints(manager))
         return 0
 
     group.on_writer(lambda: check_batch_divides(config.training.batch_size, group.size))
@@ -347,6 +347,13 @@ def run(args: argparse.Namespace, group=None) -> int:
         later: list = []
         start = group.on_writer(lambda: choose_start(manager, config, args, inputs, later=later))
         return train(config, output_dir, manager, start, inputs, group, settings.names, later, probes)
+
+
+def print_listing(text: str) -> None:
+    """The listing is what --list-checkpoints is for: printed past the run's tolerant stdout (made
+    for a terminal that goes away mid-run), so that a listing that cannot be written (> FILE on a
+    full disk) is one line and exit 1, not lost with exit 0."""
+    print(text, file=getattr(sys.stdout, "wrapped", sys.stdout), flush=True)
 
 
 def check_batch_divides(batch_size: int, processes: int) -> None:

@@ -125,7 +125,11 @@ def build_model_dir_once(target: Path, build, what: str) -> Path:
             # Ours not renamed, because another process's build came first: take that one.
             if not (scratch.exists() and (target / "config.json").is_file()):
                 raise
-    except (OSError, RuntimeError) as exc:
+    except Exception as exc:
+        from run_safety.machine import unsaid_write_fault
+
+        if not isinstance(exc, (OSError, RuntimeError)) and unsaid_write_fault(exc) is None:
+            raise
         raise cache_fault(exc, target, what) from None
     finally:
         if os.path.lexists(scratch):
@@ -149,15 +153,20 @@ def remove_dead_builds(folder: Path) -> None:
 def cache_fault(exc: BaseException, target: Path, what: str) -> Exception:
     """One line for a build that could not be written: UserError where the folder is the
     problem, machine.MachineFault where the disk is."""
-    from run_safety.machine import MachineFault, write_fault
+    from run_safety.machine import MachineFault, unsaid_write_fault, write_fault
 
-    if not isinstance(exc, OSError) and "write" not in str(exc).lower():
+    unsaid = unsaid_write_fault(exc)  # the tokenizer's save, numpy's short write: no errno
+    if unsaid is None and not isinstance(exc, OSError) and "write" not in str(exc).lower():
         return exc  # not a failed write: a bug, with its traceback
-    reason = exc.strerror or str(exc) if isinstance(exc, OSError) else first_line(exc)
+    reason = unsaid or (exc.strerror or str(exc) if isinstance(exc, OSError) else first_line(exc))
     blocking = next((p for p in [target.parent, *target.parent.parents] if p.exists() and not p.is_dir()), None)
     if blocking is not None:  # mkdir's "File exists" says nothing useful here
         reason = f"{blocking} is a file, not a folder"
+    from run_safety.input_files import dangling_link_above
+
+    if dangling := dangling_link_above(target.parent):  # the cache on a disk not mounted: "File exists" too
+        reason = dangling.strip(" ()")
     where = f"{target.parent}{'' if 'DISTRUST_QLORA_CACHE' in os.environ else ' (the default cache)'}"
     message = (f"cannot build {what} in {where}: {reason} ({free_space(target.parent)}); free some space or set "
                f"DISTRUST_QLORA_CACHE to a writable folder with room")
-    return write_fault(exc, message) if isinstance(exc, OSError) else MachineFault(message)
+    return write_fault(exc, message) if isinstance(exc, OSError) and unsaid is None else MachineFault(message)

@@ -39,12 +39,20 @@ def resolve_model(name: str) -> str:
 
         return resolve_gguf_file(path, name)
     if path.exists():
+        from run_safety.input_files import refuse_if_not_regular
+
+        refuse_if_not_regular(path / "config.json", "the model's config.json")  # a link into a blob gone, say
         if not (path / "config.json").is_file():
             raise UserError(f"{name}: not an mlx-lm model directory (no config.json)")
         return str(path.resolve())
-    looks_like_path = name.startswith((".", "/", "~")) or name.count("/") != 1
+    from run_safety.input_files import dangling_link_above
+
+    # ORG/NAME is an HF id, unless ORG is a link here whose target is gone (a disk of models not mounted).
+    dangling = dangling_link_above(path)
+    looks_like_path = name.startswith((".", "/", "~")) or name.count("/") != 1 or dangling
     if looks_like_path:
-        raise UserError(f"{name}: model not found (neither a local directory nor an HF id like 'mlx-community/NAME')")
+        raise UserError(f"{name}: model not found (neither a local directory nor an HF id like 'mlx-community/NAME')"
+                        f"{dangling}")
     return name
 
 
@@ -142,7 +150,9 @@ def quantized_copy_dir(local: Path, quantization: dict) -> Path:
     keeping its sizes and times, while the base moved or copied finds it again."""
     from run_safety.file_identity import base_identity
 
-    files = base_identity(str(local))["files"]
+    # By bytes, as before JSON files also recorded their parsed content: a copy already built keeps its name.
+    files = {name: {"size": sums["size"], "sha256": sums["sha256"]}
+             for name, sums in base_identity(str(local))["files"].items()}
     blob = json.dumps([QUANTIZED_FORMAT, files, quantization], sort_keys=True)
     key = hashlib.sha256(blob.encode()).hexdigest()[:12]
     # The base's name, cut so that the copy's name and its scratch folder's stay within NAME_MAX.

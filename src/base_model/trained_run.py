@@ -4,13 +4,14 @@ generate and evaluate."""
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 from mlx.utils import tree_flatten
 
 from run_safety.errors import UserError
-from base_model.builds import BASE_RECORD_FILE, BaseModel
+from base_model.builds import BASE_RECORD_FILE, BaseModel, local_model_dir, remove_if_changed
 from base_model.loading import load_with_mlx_lm, prepare_base, resolve_model
 from base_model.weights import names_mismatch, shapes_mismatch
 
@@ -38,8 +39,12 @@ def run_base_model(adapter_config: dict, config) -> BaseModel:
     # The quantized copy the run names, still here, is exactly what it trained
     # on, even where the base's files were touched since (which changes the key).
     named, quantization = adapter_config.get("model"), record.get("quantized_on_load")
+    # A copy edited in the cache since it was written is not that: it is built again from its source
+    # (whose own identity open_run then checks), as a training start builds it again.
     if quantization and isinstance(named, str) and _is_quantized_copy_of(Path(named), record.get("source")):
-        return BaseModel(source=recorded, path=named, quantization=quantization)
+        remove_if_changed(Path(named))
+        if _is_quantized_copy_of(Path(named), record.get("source")):
+            return BaseModel(source=recorded, path=named, quantization=quantization)
     return prepare_base(recorded, config.model.quantize_bits, config.model.trust_remote_code)
 
 
@@ -67,10 +72,12 @@ class TrainedRun:
     adapters: dict  # the checkpoint's adapter arrays, as verified against its manifest
 
 
-def open_run(run: Path, checkpoint: str, purpose: str) -> TrainedRun:
+def open_run(run: Path, checkpoint: str, purpose: str, allow_changed_base: bool = False) -> TrainedRun:
     """The run's chosen checkpoint (`latest`, `best`, `final` or a path), checked
     against its manifest, and its base as trained; UserError, one line, otherwise.
-    `purpose` completes "no adapters to ..." (export, generate from)."""
+    `purpose` completes "no adapters to ..." (export, generate from). A base whose
+    files changed since the checkpoint was saved is refused as the resume refuses it,
+    unless `allow_changed_base` (then a note says what changed)."""
     from checkpoints import CheckpointCorruptError, CheckpointManager
     from config import Config
 
@@ -91,9 +98,34 @@ def open_run(run: Path, checkpoint: str, purpose: str) -> TrainedRun:
             if checkpoint not in ("latest", "best", "final") or info.path.is_dir() or attempt + 1 == RESOLVE_ATTEMPTS:
                 raise UserError(str(exc)) from None
     config = Config.from_saved(state.config, source=f"{info.path}/config.json")
+    base = run_base_model(state.adapter_config, config)
+    check_base_unchanged(state.trainer.get("inputs"), base, state.adapter_config, allow_changed_base)
     return TrainedRun(run=run, checkpoint=info.path, step=state.step, config=config,
-                      adapter_config=state.adapter_config, base=run_base_model(state.adapter_config, config),
-                      adapters=state.adapters)
+                      adapter_config=state.adapter_config, base=base, adapters=state.adapters)
+
+
+def check_base_unchanged(saved_inputs, base: BaseModel, adapter_config: dict, allow_changed: bool) -> None:
+    """UserError when the base as given to the run (`base.source`) no longer has the files the
+    checkpoint recorded: the adapters would be fused into, or run on, another model. Not asked
+    where the base loaded is the quantized copy the run itself trained on, still there: that
+    copy is the model as trained, whatever became of its source since."""
+    from run_safety.file_identity import base_changed
+
+    if base.path != base.source and base.path == adapter_config.get("model"):
+        return
+    try:
+        local = local_model_dir(base.source)
+    except UserError as exc:
+        changed = str(exc)
+    else:
+        changed = base_changed(saved_inputs, local)
+    if changed is None:
+        return
+    said = f"base model {base.source} changed since the run trained on it ({changed})"
+    if not allow_changed:
+        raise UserError(f"{said}: the adapters were trained on the earlier one; restore it, or give "
+                        f"--allow-changed-base to use it as it is now")
+    print(f"note: {said}; used as it is now (--allow-changed-base)", file=sys.stderr)
 
 
 def load_trained_model(trained: TrainedRun):

@@ -25,6 +25,7 @@ from corpus.records import EncodedSample, encode_records, has_scores, parse_reco
 from corpus.scoring import current_year
 from run_safety.durable import open_regular_file, replace_file
 from run_safety.file_identity import stat_key
+from run_safety.input_files import open_input_file
 from run_safety.json_files import json_text
 from run_safety.errors import UserError
 
@@ -209,10 +210,7 @@ def checked_records(path: str | Path, tokenizer):
     bad line, or a chat record for a tokenizer without a chat template."""
     path = Path(path)
     template = bool(getattr(tokenizer, "chat_template", None))
-    try:
-        handle = open(path, "rb")
-    except OSError as exc:
-        raise UserError(f"{path}: cannot read ({exc.strerror})") from None
+    handle = open_input_file(path, "the data file")
     offset = 0
     with handle:
         for line_number, line in enumerate(handle, start=1):

@@ -6,12 +6,16 @@ whole file is checked again as it is indexed (corpus/index.py), with the tokeniz
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
+
+from config import VAL_FILES
 
 from corpus.prepare import check_load_time_metadata
 from corpus.records import has_scores, parse_record
 from corpus.scoring import current_year
 from run_safety.errors import UserError
+from run_safety.input_files import dangling_link_above, open_input_file, refuse_if_not_regular
 from monitoring.evaluation import file_in
 from monitoring.probes import PROBE_FILE, read_probes
 
@@ -24,14 +28,17 @@ def check_data_files(config) -> tuple[Path | None, list]:
     a bad line in the data folder's probes.jsonl. Returns (that probe file, its probes as read):
     the run tokenizes them once the model has loaded, without reading the file again."""
     train = config.train_file
-    if not train.is_file():
-        where = "not a regular file" if train.exists() else "not found"
-        raise UserError(f"{train}: training file {where} (--data-dir {config.paths.data_dir} must hold train.jsonl)")
+    if not os.path.lexists(train):
+        raise UserError(f"{train}: training file not found (--data-dir {config.paths.data_dir} must hold train.jsonl)"
+                        f"{dangling_link_above(train)}")
     first_records(train, "training")
+    data = Path(config.paths.data_dir)
+    for name in VAL_FILES:  # val.jsonl on a disk not mounted is not "no validation file"
+        refuse_if_not_regular(data / name, "the validation file")
     val = config.val_file
     if val.is_file():
         first_records(val, "validation")
-    probes = file_in(Path(config.paths.data_dir), PROBE_FILE)
+    probes = file_in(data, PROBE_FILE)
     # A few lines: the whole file, all but the length check (that needs the tokenizer).
     return probes, read_probes(probes) if probes else []
 
@@ -42,7 +49,7 @@ def first_records(path: Path, what: str, count: int = FIRST_RECORDS) -> int:
     this_year = current_year()
     records = lines = 0
     try:
-        with open(path, "rb") as handle:
+        with open_input_file(path, f"the {what} file") as handle:
             for lines, line in enumerate(handle, start=1):
                 if not line.strip():
                     continue

@@ -9,6 +9,9 @@ line to a staging file beside the output, keeping only two 64-bit text hashes,
 the source type and the scores per record; duplicates and the split are then
 decided on those arrays; pass 2 copies the kept lines into `train.jsonl` and
 `val.jsonl`, each written to a temporary file, fsynced and renamed into place.
+The staging file and the temporaries end in their writer's pid
+(`.staging.XXXXXXXX.tmp-PID`): those of a run that was killed are removed by
+the next run once their writer is gone, as the model builds' scratch is.
 
 A bad record is skipped with a warning `FILE:LINE: problem`; with `strict` the
 first one raises UserError with that line. Nothing already in the output folder
@@ -34,7 +37,7 @@ import numpy as np
 from corpus import scoring
 from corpus.records import SCORE_FIELDS, messages_problem, scores_problem, short_repr
 from training.distrust import distrust_scores
-from run_safety.durable import flush_dir, flush_fd
+from run_safety.durable import flush_dir, flush_fd, free_space, left_by_a_dead_process, open_regular_file, remove_leftover
 from run_safety.errors import UserError
 from run_safety.json_files import json_text
 
@@ -47,6 +50,8 @@ WARNINGS_KEPT = 200  # warnings kept verbatim; the rest are only counted by reas
 TRAIN_FILE, VAL_FILE = "train.jsonl", "val.jsonl"
 EXPLAIN_ALPHA = 2.7  # --explain shows each record's distrust score d at the default alpha
 INFERRED_MARK = "source_type_inferred"  # written beside a source_type the scorer inferred from the text
+# The staging file and the temporaries of train.jsonl and val.jsonl: .<name>.<random>.tmp-<writer's pid>.
+TEMPORARY_NAME = re.compile(r"\.(?:staging|train\.jsonl|val\.jsonl)\.[a-z0-9_]+\.tmp-\d+")
 
 
 @dataclass(frozen=True)
@@ -103,7 +108,9 @@ def list_input_files(input_path: Path) -> tuple[list[Path], list[Path]]:
     if input_path.is_file():
         return [input_path], []  # a file named on purpose is read as JSONL unless it ends in .txt
     if not input_path.exists():
-        raise UserError(f"{input_path}: no such file or folder")
+        from run_safety.input_files import dangling_link_above
+
+        raise UserError(f"{input_path}: no such file or folder{dangling_link_above(input_path)}")
     if not input_path.is_dir():
         raise UserError(f"{input_path}: not a file or folder")
     wanted, ignored = [], []
@@ -123,7 +130,7 @@ def _reject_constant(name: str):
 def read_raw_records(path: Path) -> Iterator[RawRecord | Skip]:
     """Each record of one file, or a Skip saying why a line (or the file) could not be used."""
     try:
-        handle = open(path, "rb")
+        handle = open_regular_file(path, follow_links=True)  # a FIFO (or a link to one) would block
     except OSError as exc:
         yield Skip(str(path), "unreadable file", f"cannot read file ({exc.strerror or exc})")
         return
@@ -386,13 +393,33 @@ def split_mask(strata: np.ndarray, kept: np.ndarray, type_names: list[str],
 
 
 def _temp_file(folder: Path, name: str):
-    fd, temp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder)
+    fd, temp = tempfile.mkstemp(prefix=f".{name}.", suffix=f".tmp-{os.getpid()}", dir=folder)
     # mkstemp makes the file private (0600); the output is an ordinary file
     # the user's umask should decide about, as for any file they write.
     umask = os.umask(0)
     os.umask(umask)
     os.fchmod(fd, 0o666 & ~umask)
     return os.fdopen(fd, "wb"), Path(temp)
+
+
+def remove_leftovers(folder: Path) -> None:
+    """The staging files and temporaries of runs into `folder` that were killed (their writer gone),
+    and this process's own: a staging file holds a copy of every record read, hundreds of MB for a
+    big corpus. Those of another run still going are left alone."""
+    for entry in os.scandir(folder):
+        if TEMPORARY_NAME.fullmatch(entry.name) and left_by_a_dead_process(entry.name):
+            remove_leftover(Path(entry.path), "leftover of a prepare_data run that was killed")
+
+
+def write_failure(exc: BaseException, output_dir: Path) -> Exception | None:
+    """One line for outputs that could not be written (a full disk: exit 1; a folder that cannot be
+    written: exit 2); None for anything else (a reader of --explain gone is no write failure here)."""
+    from run_safety.machine import write_fault
+
+    if not isinstance(exc, OSError) or isinstance(exc, BrokenPipeError) or exc.errno is None:
+        return None
+    return write_fault(exc, f"could not write {output_dir} ({exc.strerror}; {free_space(output_dir)}); nothing "
+                            f"was left there and the input is untouched")
 
 
 def _finish(handle, temp: Path, final: Path) -> None:
@@ -462,26 +489,32 @@ def prepare(input_path: str | os.PathLike, output_dir: str | os.PathLike, *, val
     result = PrepareResult(train_path=train_path, val_path=val_path,
                            ignored_files=[str(p) for p in ignored])
     created_dir = not output_dir.exists()
-    output_dir.mkdir(parents=True, exist_ok=True)
-    temps: list[Path] = []
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise write_failure(exc, output_dir) or exc from None
+    remove_leftovers(output_dir)
     try:
         staging, staging_path = _temp_file(output_dir, "staging")
-        temps.append(staging_path)
         with staging:
             staged = _read_and_stage(files, staging, result, rescore=rescore, strict=strict,
                                      keep_wheres=explain is not None)
         if not len(staged):
             raise UserError(_no_usable_record_message(input_path, result))
         is_val = _decide(staged, result, val_fraction, seed)
-        _write_outputs(staging_path, staged, is_val, result, output_dir, temps, explain)
-    except BaseException:
-        for temp in temps:
-            temp.unlink(missing_ok=True)
+        _write_outputs(staging_path, staged, is_val, result, output_dir, explain)
+    except BaseException as exc:
+        failed = write_failure(exc, output_dir)  # before the clean-up: the free space it names is the failure's
+        # By name, not by a list kept as they are made: a Ctrl+C between a file's creation and its
+        # entry in a list would leave it.
+        remove_leftovers(output_dir)
         if created_dir:
             try:
                 output_dir.rmdir()  # only if we made it and it is still empty
             except OSError:
                 pass
+        if failed is not None:
+            raise failed from None
         raise
     staging_path.unlink(missing_ok=True)
     return result
@@ -561,11 +594,9 @@ def _summary(values: np.ndarray) -> tuple[float, float, float, float]:
 
 
 def _write_outputs(staging_path: Path, staged: _Staged, destination: np.ndarray, result: PrepareResult,
-                   output_dir: Path, temps: list[Path], explain: Callable[[str], None] | None) -> None:
+                   output_dir: Path, explain: Callable[[str], None] | None) -> None:
     train, train_temp = _temp_file(output_dir, TRAIN_FILE)
-    temps.append(train_temp)
     val, val_temp = _temp_file(output_dir, VAL_FILE)
-    temps.append(val_temp)
     scored_here = staged.scored_here
     with open(staging_path, "rb") as staging, train, val:
         for index, line in enumerate(staging):

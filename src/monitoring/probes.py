@@ -39,6 +39,7 @@ import numpy as np
 from corpus.batching import Batch, padded_length, padded_rows
 from corpus.records import EncodedSample, load_json_line, short_repr
 from run_safety.errors import UserError
+from run_safety.input_files import open_input_file
 from monitoring.evaluation import sample_losses
 
 PROBE_FILE = "probes.jsonl"  # in a data folder: scored at each validation, and by evaluate.py
@@ -68,9 +69,8 @@ def read_probes(path: Path) -> list[Probe]:
     completions different; at least one probe. UserError naming FILE:LINE and the problem."""
     path = Path(path)
     try:
-        content = path.read_bytes()  # a probe file is a few hundred lines at most
-    except FileNotFoundError:
-        raise UserError(f"{path}: probe file not found") from None
+        with open_input_file(path, "the probe file") as handle:
+            content = handle.read()  # a probe file is a few hundred lines at most
     except OSError as exc:
         raise UserError(f"{path}: cannot read the probe file ({exc.strerror or exc})") from None
     probes = []

@@ -129,15 +129,17 @@ def open_for_append(path: Path):
     return os.fdopen(fd, "a", encoding="utf-8")
 
 
-def open_regular_file(path: Path, mode: str = "rb"):
-    """Open for reading a regular file only: not a link, a FIFO (which would block) or a device."""
-    fd = os.open(path, os.O_RDONLY | NO_FOLLOW | getattr(os, "O_NONBLOCK", 0) | CLOSE_ON_EXEC)
+def open_regular_file(path: Path, mode: str = "rb", *, follow_links: bool = False):
+    """Open for reading a regular file only: not a FIFO (which would block), a device or a folder;
+    not a link either, unless `follow_links` (then the file it points to must be a regular one)."""
+    no_follow = 0 if follow_links else NO_FOLLOW
+    fd = os.open(path, os.O_RDONLY | no_follow | getattr(os, "O_NONBLOCK", 0) | CLOSE_ON_EXEC)
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise OSError(errno.EINVAL, "not a regular file", str(path))
         if hasattr(os, "set_blocking"):
             os.set_blocking(fd, True)
-        return os.fdopen(fd, mode)
+        return os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"}))
     except BaseException:
         os.close(fd)
         raise

@@ -1,7 +1,11 @@
 """What a run reads, by content: the SHA-256 of the base model's files and of the data files.
 
 A checkpoint records them (train_qlora.run_inputs); a resume from a base or a corpus whose
-content differs is refused with the difference listed, like a changed setting.
+content differs is refused with the difference listed, like a changed setting; export,
+generate and evaluate refuse a base changed since training the same way (base_changed).
+A JSON file of the base (config.json, tokenizer.json) also records the SHA-256 of its
+parsed content, and is the same file when that is: re-indented or its keys reordered,
+it loads as the same model. Weights and other files are compared by their bytes.
 
 Hashing a 7B base (4 to 15 GB) at every start would cost more than the check is worth, so
 each file's sum is kept in the model cache (`<cache>/file-hashes/`, one small JSON per
@@ -43,6 +47,7 @@ MODEL_FILE_PATTERNS = ("*.json", "model*.safetensors", "*.py", "tokenizer.model"
 NEWER_INPUTS = ("base", "train_content", "val_content")  # what checkpoints of older versions lack
 
 _known: dict[str, dict] = {}  # this process's sums: real path -> cache entry
+_known_json: dict[str, tuple] = {}  # this process's parsed-content sums: real path -> (stat key, sum)
 
 
 def stat_key(info: os.stat_result) -> list[int]:
@@ -63,7 +68,9 @@ def file_sha256(path: str | Path, cache: Path | None = None) -> dict:
     try:
         key = stat_key(os.stat(real))
     except OSError as exc:
-        raise UserError(f"{path}: cannot read ({exc.strerror})") from None
+        from run_safety.input_files import why_unreadable
+
+        raise UserError(why_unreadable(Path(path), "the file", exc)) from None
     entry = _known.get(real)
     if not _trusted(entry, key):
         entry = _read_entry(cache, real)
@@ -188,9 +195,47 @@ def base_identity(local: str | Path, cache: Path | None = None) -> dict:
 
 
 def folder_sums(folder: Path, leave_out: tuple[str, ...] = (), cache: Path | None = None) -> dict:
-    """{name: {"size", "sha256"}} of a model folder's files (model_files), some left out."""
+    """{name: {"size", "sha256"}} of a model folder's files (model_files), some left out; a JSON
+    file's also with "json", the sum of its parsed content (json_sha256)."""
     cache = hash_cache() if cache is None else cache
-    return {path.name: file_sha256(path, cache) for path in model_files(folder) if path.name not in leave_out}
+    sums = {}
+    for path in model_files(folder):
+        if path.name not in leave_out:
+            sums[path.name] = file_sha256(path, cache)
+            if path.name.endswith(".json"):
+                sums[path.name]["json"] = json_sha256(path)
+    return sums
+
+
+def json_sha256(path: Path) -> str | None:
+    """SHA-256 of a JSON file's parsed content, written canonically (keys sorted, no spaces): the
+    same for a file only re-indented or with its keys reordered. None when it is not JSON."""
+    real = os.path.realpath(path)
+    try:
+        key = stat_key(os.stat(real))
+        if _known_json.get(real, (None,))[0] == key:
+            return _known_json[real][1]
+        with open_regular_file(real) as handle:
+            content = json.loads(handle.read())
+    except (OSError, ValueError):
+        return None
+    digest = hashlib.sha256(json.dumps(content, sort_keys=True, separators=(",", ":"),
+                                       ensure_ascii=False).encode("utf-8", "surrogatepass")).hexdigest()
+    _known_json[real] = (key, digest)
+    return digest
+
+
+def base_changed(saved_inputs, source: str) -> str | None:
+    """What differs between the base a checkpoint recorded (its inputs' "base") and the files of
+    `source` now ("changed: model.safetensors"); None when they agree or nothing was recorded."""
+    saved = saved_inputs.get("base") if isinstance(saved_inputs, dict) else None
+    if not isinstance(saved, dict) or not isinstance(saved.get("files"), dict):
+        return None  # a checkpoint of an older version: its base was not recorded
+    try:
+        now = base_identity(source)
+    except UserError as exc:
+        return str(exc)
+    return file_differences(saved["files"], now["files"])
 
 
 def written_sums(folder: Path) -> dict:
@@ -246,6 +291,14 @@ def content_key(record) -> tuple | None:
     return (record.get("size"), record.get("sha256")) if isinstance(record, dict) else None
 
 
+def _same_file(before, now) -> bool:
+    """The same bytes; or, for a JSON file whose parsed content both records hold, the same content."""
+    if content_key(before) == content_key(now):
+        return True
+    parsed = [record.get("json") if isinstance(record, dict) else None for record in (before, now)]
+    return parsed[0] is not None and parsed[0] == parsed[1]
+
+
 def size_change(before: dict, now: dict) -> str:
     if before.get("size") == now.get("size"):
         return f"same size, {now.get('size'):,} bytes, other content"
@@ -254,7 +307,7 @@ def size_change(before: dict, now: dict) -> str:
 
 def file_differences(before: dict, now: dict) -> str | None:
     """'changed: a, b; added: c; gone: d' between two {name: {"size", "sha256"}}, None when equal."""
-    changed = [name for name in sorted(set(before) & set(now)) if content_key(before[name]) != content_key(now[name])]
+    changed = [name for name in sorted(set(before) & set(now)) if not _same_file(before[name], now[name])]
     parts = [f"{label} {_names(names)}" for label, names in (
         ("changed:", changed), ("added:", sorted(set(now) - set(before))), ("gone:", sorted(set(before) - set(now))))
         if names]

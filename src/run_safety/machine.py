@@ -202,6 +202,25 @@ def check_writable_folder(folder: Path, what: str) -> None:
 
 
 
+# How libraries say a write failed without an errno: the Rust tokenizers library raises a bare
+# Exception ending in "(os error 28)"; numpy's tofile (the GGUF writer's) an OSError with no errno,
+# "65536 requested and 20048 written", when the disk fills mid-write.
+RUST_OS_ERROR = re.compile(r"\(os error (\d+)\)\s*$")
+SHORT_WRITE = re.compile(r"^(\d+) requested and (\d+) written$")
+
+
+def unsaid_write_fault(exc: BaseException) -> str | None:
+    """Why a library's write failed, where it raised no OSError with an errno (RUST_OS_ERROR,
+    SHORT_WRITE) and the reason is a fault of the machine: the disk full, an I/O error. None otherwise."""
+    text = one_line(str(exc))
+    if isinstance(exc, OSError) and exc.errno is None and SHORT_WRITE.match(text):
+        return f"a short write, {text}: the disk full, or an I/O error"
+    rust = RUST_OS_ERROR.search(text)
+    if rust and not isinstance(exc, OSError) and int(rust[1]) in MACHINE_ERRNOS:
+        return text
+    return None
+
+
 def fault_line(exc: BaseException) -> str | None:
     """The one line for an exception that is a fault of the machine; None for anything else
     (a bug keeps its traceback)."""
@@ -214,6 +233,8 @@ def fault_line(exc: BaseException) -> str | None:
     if isinstance(exc, OSError) and exc.errno in MACHINE_ERRNOS:
         where = f"{exc.filename}: " if exc.filename else ""
         return f"error: {where}{exc.strerror or exc} (a fault of the machine, not of the input); {after_a_fault()}"
+    if (reason := unsaid_write_fault(exc)) is not None:
+        return f"error: {reason} (a fault of the machine, not of the input); {after_a_fault()}"
     if isinstance(exc, RuntimeError):
         text = one_line(str(exc))
         broken = re.search(r"Could not load C\+\+ shared library (\S+\.so): (.*)", text)

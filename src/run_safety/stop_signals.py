@@ -8,7 +8,19 @@ last committed one is intact and a half-written one is cleaned at the next start
 After SIGHUP the terminal is gone and writing to it fails (EIO): standard
 output and error that were that terminal are pointed at /dev/null first, so
 the run can finish its step and save. Output redirected to a file (nohup,
-`> log`) is left as it is.
+`> log`) is left as it is; a pipe whose reader is gone (`| tee log` killed with
+its session) is pointed at /dev/null too.
+
+A signal handler never writes through the buffered stream: the signal may have
+interrupted a write on it (a stalled terminal or pipe: the run blocked in that
+write), and a second write would raise "reentrant call". It writes to the
+descriptor, and only when that can take the line at once; the run's summary and
+the metrics' end line say the rest.
+
+A launcher may start the run with stdin, stdout or stderr closed (`>&-`, `2>&-`,
+some daemons): /dev/null is put at that descriptor first (occupy_closed_standard_streams),
+so that a closed stream is a place where nothing is shown, and no file the run
+opens takes the number 2 that C libraries write their messages to.
 
 A signal that was ignored when the run started stays ignored: `nohup` ignores
 SIGHUP so that the run outlives its terminal, and a shell without job control
@@ -18,7 +30,9 @@ the script does not reach them. Catching those would undo what the user asked.
 
 from __future__ import annotations
 
+import errno
 import os
+import select
 import signal
 import sys
 
@@ -79,10 +93,25 @@ def detach_from_terminal() -> None:
     os.close(null)
 
 
+def point_at_null(fd: int) -> None:
+    """/dev/null at descriptor `fd` (what was there is let go)."""
+    try:
+        null = os.open(os.devnull, os.O_RDONLY if fd == 0 else os.O_WRONLY)
+    except OSError:
+        return
+    if null != fd:
+        try:
+            os.dup2(null, fd)
+        except OSError:
+            pass
+        os.close(null)
+
+
 class TolerantStream:
-    """stdout or stderr that survives its terminal going away: a write that fails
-    (EIO once the terminal has hung up, before SIGHUP is even handled) points the
-    stream at /dev/null and the run goes on, instead of dying with a traceback."""
+    """stdout or stderr that survives its terminal or its reader going away: a write that
+    fails (EIO once the terminal has hung up, before SIGHUP is even handled; EPIPE once
+    the pipe's reader is gone) points the stream at /dev/null and the run goes on, instead
+    of dying with a traceback."""
 
     def __init__(self, stream):
         self._stream = stream
@@ -90,21 +119,58 @@ class TolerantStream:
     def write(self, text: str) -> int:
         try:
             return self._stream.write(text)
-        except OSError:
-            detach_from_terminal()
+        except OSError as exc:
+            self._let_go(exc)
             return len(text)
 
     def flush(self) -> None:
         try:
             self._stream.flush()
-        except OSError:
-            detach_from_terminal()
+        except OSError as exc:
+            self._let_go(exc)
+
+    @property
+    def wrapped(self):
+        """The stream itself: for output that must not be lost quietly (a listing asked for)."""
+        return self._stream
+
+    def _let_go(self, exc: OSError) -> None:
+        detach_from_terminal()
+        if exc.errno == errno.EPIPE:  # nobody reads this pipe any more, nor will
+            try:
+                point_at_null(self._stream.fileno())
+            except (OSError, ValueError):
+                pass
 
     def __getattr__(self, name):
         return getattr(self._stream, name)
 
 
+STANDARD_STREAMS = (("stdin", 0, "r"), ("stdout", 1, "w"), ("stderr", 2, "w"))
+
+
+def occupy_closed_standard_streams() -> None:
+    """/dev/null at each of descriptors 0, 1 and 2 that the launcher left closed, and a Python
+    stream on it where Python had none (it sets sys.stdout to None then, and a print fails).
+    First thing in a command: until then the first file the process opens would get the number."""
+    for name, fd, mode in STANDARD_STREAMS:
+        try:
+            os.fstat(fd)
+            continue
+        except OSError:
+            point_at_null(fd)
+        if getattr(sys, name) is None:
+            try:
+                stream = open(fd, mode, buffering=1 if fd else -1, closefd=False, encoding="utf-8",
+                              errors="backslashreplace" if fd == 2 else "strict")
+            except OSError:
+                continue
+            setattr(sys, name, stream)
+            setattr(sys, f"__{name}__", stream)
+
+
 def guard_standard_streams() -> None:
+    occupy_closed_standard_streams()
     if not isinstance(sys.stdout, TolerantStream):
         sys.stdout = TolerantStream(sys.stdout)
     if not isinstance(sys.stderr, TolerantStream):
@@ -112,8 +178,12 @@ def guard_standard_streams() -> None:
 
 
 def _say(message: str) -> None:
+    """A line from a signal handler: to stderr's descriptor, never through its buffered stream
+    (the handler may have interrupted a write on it), and never blocking (a stalled pipe or
+    terminal: the line is dropped; the summary and the metrics' end line say it)."""
     try:
-        sys.stderr.write(message)
-        sys.stderr.flush()
-    except (OSError, ValueError):
-        pass  # no terminal to tell: the metrics' end line says it
+        fd = sys.stderr.fileno()
+        if select.select([], [fd], [], 0)[1]:
+            os.write(fd, message.encode("utf-8", "backslashreplace"))
+    except (OSError, ValueError, AttributeError):
+        pass
