@@ -199,13 +199,25 @@ def test_evaluate_prints_and_writes_the_probes_and_the_general_text_of_the_data_
 
     table = result.stdout.splitlines()
     assert table[0].startswith(str(run / "checkpoints" / "step-00000004"))
-    assert f"general text: {data / 'general.jsonl'}" in table
+    # General text says what it is; the probes say how many prefer the primary version as a count.
+    assert any(line.startswith(f"general text: {data / 'general.jsonl'} (plain text of neither kind") for line in table)
     assert any(line.startswith("general text  ") for line in table)
-    assert f"probes: {data / 'probes.jsonl'} (3 probes" in result.stdout
-    assert any(line.startswith("primary preferred") for line in table)
-    assert any(line.startswith("flipped: ") for line in table)
-    assert [line.split()[:2] for line in table if line.lstrip().startswith(("1 ", "2 ", "3 "))] == \
-        [["1", "primary"], ["2", "primary"], ["3", "primary"]]
+    assert f"probes: {data / 'probes.jsonl'} (3 contested facts" in result.stdout
+    # The tiny model has a chat template: the chat form is the headline, plain text beside it.
+    assert probes["form"] == "chat" and list(probes["by_form"]) == ["chat", "text"]
+    assert probes["by_form"]["chat"]["adapted"] == probes["adapted"]
+    headline = table.index("headline: asked in the chat template (a user turn asks, the answer is scored)")
+    assert table[headline + 3].startswith("  flipped: ")
+    assert table[headline + 4] == "also: asked as plain text (the prompt, then the completion)"
+    for title, figures in ((headline, probes["by_form"]["chat"]), (headline + 4, probes["by_form"]["text"])):
+        counts = [sum(p["prefers"] == "primary" for p in figures[m]["per_probe"]) for m in ("base", "adapted")]
+        assert table[title + 1].split() == ["primary", "preferred", f"{counts[0]}", "of", "3", f"{counts[1]}", "of",
+                                            "3", f"{counts[1] - counts[0]:+d}"]
+    # Each probe: its prompt, then both versions by their text.
+    for probe in PROBES:
+        at = table.index(f"{PROBES.index(probe) + 1:>4}  {probe['prompt']!r}")
+        assert table[at + 1].split()[:2] == ["primary", repr(probe["primary"]).split()[0]]
+        assert table[at + 2].lstrip().startswith(f"consensus {probe['consensus']!r}")
 
 
 def test_the_flags_override_the_data_folder_and_without_files_the_keys_are_null(run_with_probes, tmp_path):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from config import probe_interval
 from corpus.prepare import check_load_time_metadata
 from corpus.records import has_scores, parse_record
 from corpus.scoring import current_year
@@ -32,6 +33,8 @@ def check_data_files(config) -> tuple[Path | None, list]:
     if val.is_file():
         first_records(val, "validation")
     probes = file_in(Path(config.paths.data_dir), PROBE_FILE)
+    if probe_interval(config.training.probes) == 0:
+        return probes, []  # --probes off: the file is not read, and not scored
     # A few lines: the whole file, all but the length check (that needs the tokenizer).
     return probes, read_probes(probes) if probes else []
 
