@@ -143,7 +143,10 @@ def test_evaluate_compares_base_and_adapted(demo_runs):
     gap_line = next(line for line in result.stdout.splitlines() if line.startswith("gap primary - consensus"))
     assert "moved" in gap_line and "primary (auth < 0.5)" in result.stdout
     # the demo's data folder holds probes.jsonl and general.jsonl: both measured too
-    assert figures["probes"]["count"] == 24 and figures["general"]["adapted"]["samples"] == 40
+    assert figures["probes"]["count"] == 36 and figures["general"]["adapted"]["samples"] == 40
+    # in two sets: values shaped to the demo model's tokenizer, and ordinary words
+    assert {name: one["count"] for name, one in figures["probes"]["adapted"]["by_set"].items()} == \
+        {"matched": 24, "natural": 12}
 
 
 def test_evaluate_works_for_a_lambda_zero_run_and_the_runs_compare(demo_runs):
