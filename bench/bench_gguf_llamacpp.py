@@ -50,6 +50,9 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 SRC = REPO / "src"
 sys.path.insert(0, str(SRC))
+from cpu_blas import load_optimized_blas  # noqa: E402 - before MLX: its CPU products through an optimized BLAS
+
+load_optimized_blas()
 
 PROMPTS = ["The measurement was taken at dawn and", "An official statement summarised the",
            "In 1887 they measured the copper"]

@@ -17,6 +17,10 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 SRC = REPO / "src"
+sys.path.insert(0, str(SRC))
+from cpu_blas import load_optimized_blas  # noqa: E402 - before MLX: its CPU products through an optimized BLAS
+
+load_optimized_blas()
 TRAIN = SRC / "train_qlora.py"
 POLL_S = 0.010
 

@@ -32,6 +32,9 @@ class ModelConfig:
     model: str = ""
     quantize_bits: int = 4
     trust_remote_code: bool = False
+    # How the frozen quantized layers of the base compute (float_base.py): "auto" (float32 copies
+    # of their dequantized weights where the backend is the CPU and the copy fits), "on", "off".
+    float_base: str = "auto"
 
 
 @dataclass
@@ -199,6 +202,8 @@ class Config:
             raise bad("model", "is required (an HF id, a local mlx-lm model dir, or 'tiny')")
         if self.model.quantize_bits not in (0, 2, 3, 4, 5, 6, 8):
             raise bad("quantize-bits", f"must be one of 0, 2, 3, 4, 5, 6, 8 (got {self.model.quantize_bits})")
+        if self.model.float_base not in FLOAT_BASE_CHOICES:
+            raise bad("float-base", f"must be one of {', '.join(FLOAT_BASE_CHOICES)} (got {self.model.float_base!r})")
         t, lo, d, es = self.training, self.lora, self.distrust, self.early_stopping
         positive_ints = {
             "max-steps": t.max_steps, "batch-size": t.batch_size, "grad-accum": t.grad_accum,
@@ -310,7 +315,10 @@ class Config:
         decay, betas, momentum), which change the result just as much. Max
         steps, intervals, patience, paths, --grad-checkpoint and
         --loss-chunk-size (memory, not what is learned: the same result within
-        float rounding) and --no-memory-check are not: they may change. What the data, the model and
+        float rounding), --float-base (how the quantized base computes: float32 copies of its layers
+        or the quantized kernels, the same function up to rounding; a checkpoint records which, and a
+        resume that computes the other way says it is not bit for bit) and --no-memory-check are not:
+        they may change. What the data, the model and
         the starting adapters *are* (not what they are called) is compared
         beside these, from the run's inputs (see train_qlora.run_inputs).
         New fields get the default that old runs had, so their checkpoints
@@ -356,6 +364,7 @@ SECTION_TYPES = {f.name: f.default_factory for f in dataclasses.fields(Config)}
 VAL_FILES = ("val.jsonl", "valid.jsonl")  # the validation file: ours, else mlx-lm's name
 FINE_TUNE_TYPES = ("lora", "dora")
 LEARNED_TURNS = ("all", "last")  # TrainingConfig.learn_assistant_turns
+FLOAT_BASE_CHOICES = ("auto", "on", "off")  # ModelConfig.float_base
 REPORT_TO = ("", "wandb")  # PathsConfig.report_to
 # Settings whose default changed: a checkpoint written before they existed ran with the old value
 # (Config.from_saved). Before learn_assistant_turns, only the last answer of a chat was learned.
@@ -376,6 +385,7 @@ FLAT_NAMES = {
     "model": ("model", "model"),
     "quantize_bits": ("model", "quantize_bits"),
     "trust_remote_code": ("model", "trust_remote_code"),
+    "float_base": ("model", "float_base"),
     "lora_rank": ("lora", "rank"),
     "lora_alpha": ("lora", "alpha"),
     "lora_layers": ("lora", "layers"),
@@ -444,6 +454,8 @@ def _set_field(config: Config, section: str, name: str, value: Any, source: str,
     if name not in fields:
         raise UserError(f"{source}: unknown setting '{section}.{name}'{_did_you_mean(name, fields)}")
     default = getattr(part, name)
+    if (section, name) == ("model", "float_base") and isinstance(value, bool):
+        value = "on" if value else "off"  # YAML 1.1 reads on and off as true and false
     where, shown = setting_name((section, name), names, (source, f"'{section}.{name}'"))
     setattr(part, name, _coerce(value, type(default), shown, where))
 

@@ -41,6 +41,10 @@ from early_interrupt import interrupt_quietly_while_starting  # first: Ctrl+C wh
 if __name__ == "__main__":
     interrupt_quietly_while_starting()
 
+from cpu_blas import load_optimized_blas  # noqa: E402 - before MLX: its CPU products through an optimized BLAS
+
+load_optimized_blas()
+
 import argparse
 import math
 import sys

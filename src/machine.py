@@ -52,7 +52,10 @@ class MachineFault(Exception):
 def check_start() -> None:
     """What every command checks first: the working directory exists, and mlx-lm can be
     imported under this process's open-files limit."""
+    from cpu_blas import check_blas
+
     check_working_directory()
+    check_blas()  # a DISTRUST_QLORA_BLAS that cannot be loaded: one line, exit 2
     import_mlx_lm_within_open_files_limit()
 
 

@@ -15,6 +15,10 @@ from early_interrupt import interrupt_quietly_while_starting  # first: Ctrl+C wh
 if __name__ == "__main__":
     interrupt_quietly_while_starting()
 
+from cpu_blas import load_optimized_blas  # noqa: E402 - before MLX: its CPU products through an optimized BLAS
+
+load_optimized_blas()
+
 import argparse
 import contextlib
 import json
@@ -58,6 +62,10 @@ FLAGS = [
     ("--init-adapters", "init_adapters", str, "start a new run from these adapters: a run or mlx-lm adapter "
                                               "folder, or an adapters .safetensors file (shapes must match)"),
     ("--quantize-bits", "quantize_bits", int, "quantize a non-quantized base on load; 0 keeps it"),
+    ("--float-base", "float_base", str, "auto, on or off: the frozen quantized layers of the base compute with "
+                                        "float32 copies of their dequantized weights (auto: on MLX's CPU backend "
+                                        "where the copy fits; much faster there; the adapters stay adapters of "
+                                        "the quantized base)"),
     ("--alpha", "alpha", float, "Empirical Distrust alpha"),
     ("--lambda-weight", "lambda_weight", float, "Empirical Distrust lambda; 0 = plain cross-entropy"),
     ("--distrust-mode", "distrust_mode", str, "weighted (the score weights each sample) or reference (as published)"),
@@ -377,6 +385,7 @@ def train(config, output_dir: Path, manager, start, inputs: dict, group, names: 
     where = f" ({', '.join(lo.keys)})" if lo.keys else ""
     print(f"model: {loaded.path} ({quant}); {kind} on {num_layers} blocks{where}; trainable parameters "
           f"{trainable:,} of {total:,} ({100 * trainable / total:.3f}%)", file=sys.stderr)
+    arithmetic = compute_with(loaded.model, config.model.float_base, bits_text(layer_bits(loaded.model).values()))
 
     index = CorpusIndex.build(train_path, loaded.tokenizer, t.max_seq_length + 1, in_memory=not config.paths.streaming,
                               cache_dir=output_dir / "cache" if group.is_writer else None,
@@ -446,6 +455,7 @@ def train(config, output_dir: Path, manager, start, inputs: dict, group, names: 
         group=group, probes=probes,
     )
     trainer.data_summary = data_summary
+    trainer.arithmetic = arithmetic
 
     def restore() -> None:
         # A checkpoint whose content this run cannot use is skipped like a damaged one.
@@ -462,6 +472,28 @@ def train(config, output_dir: Path, manager, start, inputs: dict, group, names: 
         print(f"error: {exc}", file=sys.stderr)
         return 1
     return end.exit_code
+
+
+def compute_with(model, float_base: str, bits: str) -> dict:
+    """How the run's products are computed, said in the start lines: the BLAS of MLX's CPU
+    backend (cpu_blas.py), and the base in its quantized form or with float32 copies of its
+    quantized layers (float_base.py, --float-base), made here. Returns what a checkpoint
+    records of it (DistrustTrainer.arithmetic)."""
+    from cpu_blas import blas_identity, blas_line
+    from float_base import choose, copy_sizes, float_base_line, use_float_base
+
+    line = blas_line()
+    if line:
+        print(line, file=sys.stderr)
+    on, why = choose(float_base, model)
+    sizes = copy_sizes(model)
+    if on:
+        use_float_base(model)
+    import mlx.core as mx
+
+    if on or sizes[0] and mx.default_device() == mx.cpu:  # on Metal and CUDA, the quantized form says nothing
+        print(float_base_line(on, why, sizes, bits), file=sys.stderr)
+    return {"float_base": on, **blas_identity()}
 
 
 def said_as(names: dict | None, key: tuple, flag: str) -> str:

@@ -165,6 +165,9 @@ class DistrustTrainer:
         self.loss_plan: LossPlan | None = None  # how the loss is computed (chunked_loss.py): see _loss_plan
         self.data_summary: dict | None = None  # what the data is, for a "data" line of metrics.jsonl
         self.wandb_run_id: str | None = None  # --report-to wandb: the W&B run, kept in checkpoints
+        # How the products are computed (train_qlora.compute_with): the CPU's BLAS and its threads, the
+        # base's float copy. Kept in checkpoints: a resume that computes otherwise is not bit for bit.
+        self.arithmetic: dict = {}
 
     def _new_early_stopping(self) -> EarlyStopping:
         t, es = self.config.training, self.config.early_stopping
@@ -210,6 +213,14 @@ class DistrustTrainer:
             self.log(f"note: checkpoint {source} was written by a run of {saved_processes} process(es), this one "
                      f"has {self.group.size}: training continues with the same global batch (--batch-size "
                      f"{self.config.training.batch_size}); the result equals the uninterrupted run's up to float "
+                     f"rounding, not bit for bit")
+        saved_arithmetic = saved.trainer.get("arithmetic")
+        saved_arithmetic = saved_arithmetic if isinstance(saved_arithmetic, dict) else {}  # none before it was kept
+        changed = [f"{key} {saved_arithmetic[key]} -> {self.arithmetic.get(key)}" for key in sorted(saved_arithmetic)
+                   if key in self.arithmetic and saved_arithmetic[key] != self.arithmetic[key]]
+        if changed:
+            self.log(f"note: checkpoint {source} was written by a run that computed otherwise ({'; '.join(changed)}): "
+                     f"training continues as the same run; the result equals the uninterrupted run's up to float "
                      f"rounding, not bit for bit")
         mx.eval(self.model.parameters(), self.optimizer.state)
 
@@ -286,6 +297,7 @@ class DistrustTrainer:
                 "train_seconds": s.train_seconds,
             },
             "processes": self.group.size,  # world size: a resume with another continues (see restore)
+            "arithmetic": self.arithmetic,  # likewise (see restore)
             "wandb_run_id": self.wandb_run_id,
             "early_stopping": self.early_stopping.state_dict(),
             "progress": self.progress.state_dict(),

@@ -25,6 +25,11 @@ import warnings
 from pathlib import Path
 
 import pytest
+from cpu_blas import load_optimized_blas
+
+# The test process multiplies as the commands do (an optimized BLAS where one is installed):
+# loaded before any test module imports MLX.
+load_optimized_blas()
 
 REPO = Path(__file__).resolve().parent.parent
 TRAIN_SCRIPT = REPO / "src" / "train_qlora.py"
