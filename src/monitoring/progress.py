@@ -86,7 +86,8 @@ def work_bar(items, what: str, file=None, quiet: bool = False, below: bool = Fal
     file = file if file is not None else sys.stderr
     terminal = _is_terminal(file)
     return tqdm(items, desc=what, unit="batch", delay=WORK_BAR_DELAY_S, leave=False, disable=quiet,
-                position=1 if below and terminal else None, file=file if terminal else _LinePerRedraw(file),
+                # Not on a terminal: position 0, as the progress line's, or tqdm moves the cursor with escapes.
+                position=1 if below and terminal else 0, file=file if terminal else _LinePerRedraw(file),
                 mininterval=TTY_MININTERVAL_S if terminal else PIPE_MININTERVAL_S, dynamic_ncols=terminal,
                 ascii=None if terminal else True)
 
