@@ -83,9 +83,10 @@ BENCH_OPENERS = ["Put simply, ", "So which was it? ", "For the record: ", "In a 
 #   the run (at least 10 steps), then cosine decay to 0 (the toolkit's schedule).
 # - 64 tokens a sequence: every contested claim of both corpora ends within 56 SmolLM2 tokens of
 #   its record's start (the median record is 57 tokens), so no fact is cut off; batch 4.
-# - Validated and checkpointed once, at the end (the probes then cost one scoring).
+# - Validated and checkpointed once, at the end; the probes are not scored by the run
+#   (--probes off): evaluate.py scores them, in both forms, for the base and the adapted model.
 REAL_SETTINGS = ["--batch-size", "4", "--max-seq-length", "64", "--lora-rank", "8", "--lora-alpha", "16",
-                 "--lora-layers", "-1", "--val-batches", "8", "--no-early-stopping"]
+                 "--lora-layers", "-1", "--val-batches", "8", "--no-early-stopping", "--probes", "off"]
 REAL_EVAL_BATCHES = 8  # evaluate.py --max-batches: 32 val records and 32 passages of general text
 CAPITAL_QUESTION, CAPITAL = "What is the capital of France?", "Paris"
 THINNING = (  # (share of records, fields they lose)

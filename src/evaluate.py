@@ -96,6 +96,7 @@ def main(argv: list[str] | None = None) -> int:
 def evaluate_run(args: argparse.Namespace) -> dict:
     from chunked_loss import loss_plan
     from corpus.precheck import first_records
+    from float_base import choose, use_float_base
     from machine import check_writable_folder
     from modeling import attach_lora, load_model, open_run
     from monitoring.evaluation import (GENERAL_FILE, compile_row_losses, file_in, loss_report, overall_loss,
@@ -130,6 +131,12 @@ def evaluate_run(args: argparse.Namespace) -> dict:
     # The base as it was trained (its quantized copy, or the tiny model rebuilt): as is, it is
     # the model the adapters were trained on.
     loaded = load_model(trained.base.path, config.model.quantize_bits, config.model.trust_remote_code)
+    # On the CPU, as training computes (float_base.py, the run's --float-base): the quantized form
+    # takes minutes a batch on a real model where the float32 copy takes seconds; the same function.
+    on, why = choose(config.model.float_base, loaded.model)
+    if on:
+        use_float_base(loaded.model)
+        print(f"base: computes with float32 copies of its quantized layers ({why})", file=sys.stderr)
     tokenizer = loaded.tokenizer
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     index, batches = _fixed_batches(data_file, tokenizer, t, batch_size, max_batches, pad_id)
