@@ -496,13 +496,14 @@ class DistrustTrainer:
         batches = self._probe_batches()
         tokens = probe_tokens(batches)
         steps = tokens / (2 * t.batch_size * t.grad_accum * t.max_seq_length)
-        between = t.eval_steps * self.probe_every
-        if steps >= PROBE_COST_NOTE * min(between, t.max_steps):
+        between = min(t.eval_steps * self.probe_every, t.max_steps)  # training steps between two scorings
+        if steps >= PROBE_COST_NOTE * between:
             every = "every validation" if self.probe_every == 1 else f"every {self.probe_every} validations"
-            self.progress.write(f"note: scoring the {len(self.probes)} probes ({headline_form(self.probes)} form) runs "
-                     f"{tokens:,} tokens through the model, about {steps:.1f} training steps' worth, at {every} "
-                     f"(--eval-steps {t.eval_steps}), against {between} steps of training; --probes 'every N' "
-                     f"scores every Nth validation only, --probes off never")
+            self.progress.write(
+                f"note: scoring the {len(self.probes)} probes ({headline_form(self.probes)} form) runs {tokens:,} "
+                f"tokens through the model, about {steps:.1f} training steps' worth, at {every} (--eval-steps "
+                f"{t.eval_steps}) and at the end, against {between} steps of training between two scorings; "
+                f"--probes 'every N' scores every Nth validation only, --probes off never")
 
     def _probe_batches(self) -> list[Batch]:
         if self.probe_batches is None:

@@ -317,7 +317,7 @@ def test_probes_every_n_validations_and_the_last_and_off_reads_no_probe_file(tmp
     every = run_in_process(*RUN, "--max-steps", "5", "--eval-steps", "1", "--probes", "every", "2",
                            "--data-dir", data, "--output-dir", tmp_path / "every")
     assert every.returncode == 0, every.stderr
-    assert "scored at every 2th validation and the last (--probes every 2), chat form" in every.stderr
+    assert "scored at every 2 validations and at the last (--probes every 2), chat form" in every.stderr
     validations = [line for line in read_metrics(tmp_path / "every") if "val_loss" in line]
     assert [line["step"] for line in validations] == [1, 2, 3, 4, 5]
     assert [line["step"] for line in validations if "val_probe_margin" in line] == [2, 4, 5]

@@ -7,8 +7,8 @@ A probe file is JSONL, one contested fact a line:
 `primary` is what the primary source says (the 1921 field log), `consensus` what the
 consensus says (the heritage register). An optional `set` names a group of probes (the
 demo's "matched" and "natural"): the figures are then given for each set too. Other keys
-(a note, a source) are allowed and ignored; blank lines are skipped. The question a probe answers: after training, which
-version does the model say?
+(a note, a source) are allowed and ignored; blank lines are skipped. The question a probe
+answers: after training, which version does the model say?
 
 Each completion is scored by its log-probability given the prompt: the sum over its
 tokens of log p(token | prompt and the completion's tokens before it), from one forward
@@ -128,8 +128,9 @@ def _checked_probe(line: bytes, where: str, number: int) -> Probe:
 
 
 def encode_probes(probes: list[Probe], path: Path, tokenizer, context: int | None) -> list[Probe]:
-    """Token ids of each probe, in each form the model takes (`forms`). The text form's prompt is encoded as a training record's text is
-    (corpus/records.py), with the tokenizer's BOS if it adds one: the model only ever saw
+    """Token ids of each probe, in each form the model takes (`forms`). The text form's prompt
+    is encoded as a training record's text is (corpus/records.py), with the tokenizer's BOS if
+    it adds one: the model only ever saw
     text that starts so, and without it the first tokens would be scored out of context.
     Each completion is encoded on its own, without special tokens, and appended: it
     continues the prompt, and so both completions are scored after the very same prompt
@@ -192,7 +193,7 @@ def start_line(probes: list[Probe], path: Path, when: str) -> str:
     form = headline_form(probes)
     also = " (the model has a chat template; evaluate.py scores both forms)" if form == "chat" else ""
     every = "each validation" if when.split() == ["every", "1"] else \
-        f"every {when.split()[1]}th validation and the last (--probes {when})"
+        f"every {when.split()[1]} validations and at the last (--probes {when})"
     return (f"data: {len(probes)} probe{'s' if len(probes) != 1 else ''} from {path}, scored at {every}, "
             f"{form} form{also} (val_probe_primary_share, val_probe_margin)")
 
