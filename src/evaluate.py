@@ -22,13 +22,20 @@ name others (and are then required to exist).
 
 - Probes (monitoring/probes.py): contested facts, each a neutral prompt with the
   primary source's completion and the consensus's. For base and adapted model:
-  the share of probes that prefer the primary completion (by summed log-prob
+  how many probes prefer the primary completion ("14 of 24", by summed log-prob
   given the prompt), the mean margin primary minus consensus (nats), each
-  completion's summed and per-token log-prob, and the probes whose preferred
-  side flipped from base to adapted. JSON key "probes".
+  probe's prompt and both completions with their summed and per-token log-prob,
+  and the probes whose preferred side flipped from base to adapted; by set where
+  the probes name one. Asked in each form the model takes: through its chat
+  template (the headline, where it has one) and as plain text. JSON key
+  "probes": the headline form's figures, and each form's under "by_form".
 - General text: plain text of neither kind (lines {"text": ...}, no scores
   needed); its loss and perplexity, base against adapted, say what the training
   cost on text it was not about. JSON key "general".
+
+On the CPU the base computes as the run's training did (--float-base: float32
+copies of its quantized layers where they fit). A part that takes more than a
+few seconds shows a progress bar on stderr.
 Either is null in the JSON where there is no such file.
 
 Exit codes: 0 done; 2 bad usage or input (one line, nothing written).
