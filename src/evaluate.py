@@ -138,12 +138,6 @@ def evaluate_run(args: argparse.Namespace) -> dict:
     # The base as it was trained (its quantized copy, or the tiny model rebuilt): as is, it is
     # the model the adapters were trained on.
     loaded = load_model(trained.base.path, config.model.quantize_bits, config.model.trust_remote_code)
-    # On the CPU, as training computes (float_base.py, the run's --float-base): the quantized form
-    # takes minutes a batch on a real model where the float32 copy takes seconds; the same function.
-    on, why = choose(config.model.float_base, loaded.model)
-    if on:
-        use_float_base(loaded.model)
-        print(f"base: computes with float32 copies of its quantized layers ({why})", file=sys.stderr)
     tokenizer = loaded.tokenizer
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     index, batches = _fixed_batches(data_file, tokenizer, t, batch_size, max_batches, pad_id)
@@ -156,6 +150,12 @@ def evaluate_run(args: argparse.Namespace) -> dict:
     if general_file:
         _, general_batches = _fixed_batches(general_file, tokenizer, t, batch_size, max_batches, pad_id)
 
+    # The inputs checked: on the CPU, compute as training did (float_base.py, the run's --float-base):
+    # the quantized form takes a minute a batch on a real model where the float32 copy takes seconds.
+    on, why = choose(config.model.float_base, loaded.model)
+    if on:
+        use_float_base(loaded.model)
+        print(f"base: computes with float32 copies of its quantized layers ({why})", file=sys.stderr)
     plan = loss_plan(loaded.model, t.loss_chunk_size)  # the run's: the logits a chunk of tokens at a time
 
     def measure(which: str) -> dict:
