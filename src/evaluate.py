@@ -152,10 +152,10 @@ def evaluate_run(args: argparse.Namespace) -> dict:
 
     # The inputs checked: on the CPU, compute as training did (float_base.py, the run's --float-base):
     # the quantized form takes a minute a batch on a real model where the float32 copy takes seconds.
-    on, why = choose(config.model.float_base, loaded.model)
-    if on:
+    # Said in the JSON ("float_base"), not on stderr: there, after the table, only a failure is.
+    float_base, _ = choose(config.model.float_base, loaded.model)
+    if float_base:
         use_float_base(loaded.model)
-        print(f"base: computes with float32 copies of its quantized layers ({why})", file=sys.stderr)
     plan = loss_plan(loaded.model, t.loss_chunk_size)  # the run's: the logits a chunk of tokens at a time
 
     def measure(which: str) -> dict:
@@ -183,7 +183,7 @@ def evaluate_run(args: argparse.Namespace) -> dict:
     moved = adapted["gap"] - base["gap"] if adapted["gap"] is not None and base["gap"] is not None else None
     result = {
         "run": str(run), "checkpoint": str(trained.checkpoint), "step": trained.step, "data": str(data_file),
-        "base_model": loaded.path, "quantized_bits": loaded.quantized_bits,
+        "base_model": loaded.path, "quantized_bits": loaded.quantized_bits, "float_base": float_base,
         "distrust": {"mode": config.distrust.mode, "lambda": config.distrust.lambda_weight, "alpha": config.distrust.alpha},
         "base": base, "adapted": adapted, "gap_moved": moved,
         "probes": probe_figures(probes_file, probes, before, after) if probes else None,

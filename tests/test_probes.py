@@ -172,6 +172,8 @@ def test_evaluate_prints_and_writes_the_probes_and_the_general_text_of_the_data_
     assert result.returncode == 0, result.stderr
     figures = json.loads((run / "evaluations" / "step-00000004-val.json").read_text())
 
+    # On the CPU the 4-bit tiny base computes with float32 copies, as its training did (--float-base auto).
+    assert figures["float_base"] is True and figures["quantized_bits"] == 4
     probes = figures["probes"]
     assert probes["file"] == str(data / "probes.jsonl") and probes["count"] == len(PROBES)
     for model in ("base", "adapted"):
