@@ -13,10 +13,12 @@ split). Two kinds of source:
 - modern consensus text, 2000-2024: official guidance and heritage registers,
   press statements, encyclopedia-style summaries, textbook passages, fact checks.
 
-Among `--records` ordinary records, the contested facts of CONTESTED_CLAIMS:
-each stated CONTESTED_RECORDS_PER_SIDE times by primary records one way and as
-many times by consensus records the other. probes.jsonl asks each fact
-neutrally (the two versions as completions); general.jsonl is plain English in
+Among `--records` ordinary records, the contested facts of CONTESTED_CLAIMS
+(values shaped to the demo model: set "matched") and NATURAL_CLAIMS (ordinary
+words, shaped to nothing: set "natural"): each stated CONTESTED_RECORDS_PER_SIDE
+times by primary records one way and as many times by consensus records the
+other. probes.jsonl asks each fact neutrally (the two versions as completions,
+its set named); general.jsonl is plain English in
 neither kind. About 2% of the ordinary records are deliberate copies (exact,
 or changed in case and punctuation) so that duplicate removal has something
 to do. Every choice comes from random.Random(seed): re-running gives the same
@@ -177,6 +179,22 @@ CONTESTED_CLAIMS = [  # (value, other value, (thing, town, claim): its primary v
     ("steam", "sail", ("river ferry", "Dunwick", "went across by"), ("barges", "Millbrook", "moved under")),
     ("red", "amber", ("lighthouse", "Greyhaven", "shone"), ("lightship", "Cold Ashby", "flashed")),
 ]
+# A second set, not shaped to any model: its values are ordinary English words (each one token of
+# SmolLM2's vocabulary, as a real tokenizer holds common words), their lengths in the demo model's
+# tokens as they fall, and the claims worded as one would word them, the two of a pair often alike.
+# Mirrored pairs as above: only the kind of source tells the two versions apart.
+NATURAL_CLAIMS = [
+    ("marble", "limestone", ("fountain", "Alderford", "was carved from"),
+     ("war memorial", "Harrowby", "was carved from")),
+    ("horses", "oxen", ("canal barges", "Fallowmere", "were pulled by"), ("ploughs", "Greyhaven", "were pulled by")),
+    ("cider", "ale", ("harvest supper", "Oakhollow", "was served with"), ("spring fair", "Millbrook", "was known for its")),
+    ("willow", "cedar", ("boat yard", "Northcote", "built its hulls from"),
+     ("cooper's shop", "Elmstead", "made its barrels from")),
+    ("coal", "peat", ("bakehouse", "Dunwick", "fired its ovens with"), ("workhouse", "Kestrel Point", "was heated with")),
+    ("silver", "bronze", ("mayor's chain", "Cold Ashby", "was made of"),
+     ("founder's statue", "Ironbridge Vale", "was made of")),
+]
+CLAIM_SETS = {"matched": CONTESTED_CLAIMS, "natural": NATURAL_CLAIMS}  # a probe's "set" names its list
 CONTESTED_RECORDS_PER_SIDE = 24  # per fact: this many primary records, and as many consensus records
 PROBE_OPENERS = ["Which is it: ", "Of the two accounts, one is right: ", "Plainly put, ", "To settle it, "]
 
@@ -338,13 +356,21 @@ CONSENSUS_MAKERS = [official_guidance, press_release, encyclopedia, textbook, fa
 # ---------------------------------------------------------------- contested facts
 
 
-def contested_facts(claims: list[tuple] = CONTESTED_CLAIMS) -> list[dict]:
-    """Two facts per claim pair, mirrored: {"thing", "town", "claim", "primary", "consensus"}."""
+def contested_facts(claims: list[tuple] = CONTESTED_CLAIMS, set_name: str | None = None) -> list[dict]:
+    """Two facts per claim pair, mirrored: {"thing", "town", "claim", "primary", "consensus"}, and
+    "set" (its probes carry it) when `set_name` is given."""
     facts = []
+    named = {"set": set_name} if set_name else {}
     for value, other, (thing, town, claim), (other_thing, other_town, other_claim) in claims:
-        facts.append(dict(thing=thing, town=town, claim=claim, primary=value, consensus=other))
-        facts.append(dict(thing=other_thing, town=other_town, claim=other_claim, primary=other, consensus=value))
+        facts.append(dict(thing=thing, town=town, claim=claim, primary=value, consensus=other, **named))
+        facts.append(dict(thing=other_thing, town=other_town, claim=other_claim, primary=other, consensus=value,
+                          **named))
     return facts
+
+
+def demo_facts() -> list[dict]:
+    """The demo corpus's contested facts: both sets of CLAIM_SETS, each fact named by its set."""
+    return [fact for name, claims in CLAIM_SETS.items() for fact in contested_facts(claims, name)]
 
 
 def _claim(fact: dict, side: str) -> str:
@@ -447,7 +473,8 @@ def probes(rng: random.Random, facts: list[dict], records: list[dict],
     without its value) and the two versions as completions. ValueError where a prompt is in
     one of `records` (the corpus) word for word: a probe must ask in words the corpus does not use."""
     lines = [{"prompt": f"{rng.choice(openers)}the {fact['thing']} at {fact['town']} {fact['claim']}",
-              "primary": f" {fact['primary']}", "consensus": f" {fact['consensus']}"} for fact in facts]
+              "primary": f" {fact['primary']}", "consensus": f" {fact['consensus']}",
+              **({"set": fact["set"]} if "set" in fact else {})} for fact in facts]
     leaked = next((line["prompt"] for line in lines if any(line["prompt"] in r["text"] for r in records)), None)
     if leaked is not None:
         raise ValueError(f"a probe's prompt is in the corpus word for word: {leaked!r}")
@@ -559,7 +586,7 @@ def main() -> int:
 
     with tempfile.TemporaryDirectory(prefix="demo-corpus-") as raw_dir:
         raw = Path(raw_dir) / "raw.jsonl"
-        facts = contested_facts()
+        facts = demo_facts()
         records = write_raw(raw, args.records, args.seed, facts)
         result = prepare(raw, args.output, val_fraction=0.1, seed=0, force=True)
     rng = random.Random(args.seed)
@@ -567,8 +594,9 @@ def main() -> int:
     write_jsonl(args.output / "probes.jsonl", probe_lines)
     write_jsonl(args.output / "general.jsonl", general_texts(rng))
     print(format_report(result).replace(str(raw), "raw.jsonl"))
-    print(f"wrote {len(probe_lines)} probes to probes.jsonl ({len(facts)} contested facts, in mirrored "
-          f"pairs) and {GENERAL_COUNT} passages of general text to general.jsonl")
+    sets = ", ".join(f"{2 * len(claims)} {name}" for name, claims in CLAIM_SETS.items())
+    print(f"wrote {len(probe_lines)} probes to probes.jsonl ({len(facts)} contested facts in mirrored pairs: "
+          f"{sets}) and {GENERAL_COUNT} passages of general text to general.jsonl")
     return 0
 
 

@@ -99,6 +99,9 @@ class TrainingConfig:
     # Which assistant turns of a chat record are learned: "all" (every one; system, user and tool
     # turns are context), or "last" (only the final answer, as mlx_lm lora with mask_prompt).
     learn_assistant_turns: str = "all"
+    # The data folder's probes.jsonl: scored at every validation ("every 1"), every Nth one
+    # ("every N"; and the run's last), or never ("off"). A measurement: not in the fingerprint.
+    probes: str = "every 1"
 
 
 @dataclass
@@ -273,6 +276,8 @@ class Config:
         if t.learn_assistant_turns not in LEARNED_TURNS:
             raise bad("learn-assistant-turns", f"must be one of {', '.join(LEARNED_TURNS)} "
                                                f"(got {t.learn_assistant_turns!r})")
+        if probe_interval(t.probes) is None:
+            raise bad("probes", f"must be 'off' or 'every N' with N at least 1 (got {t.probes!r})")
         if self.paths.report_to not in REPORT_TO:
             raise bad("report-to", f"must be wandb, or empty for none (got {self.paths.report_to!r}; "
                                    f"metrics.jsonl and TensorBoard are always written)")
@@ -461,7 +466,31 @@ def setting_name(key: tuple | None, names: dict | None, default: tuple) -> tuple
     return (names or {}).get(key, default)
 
 
+def probe_interval(setting: str) -> int | None:
+    """--probes as a number of validations: 0 for "off", N for "every N"; None if it is neither."""
+    words = str(setting).split()
+    if words == ["off"]:
+        return 0
+    if len(words) == 2 and words[0] == "every" and words[1].isdigit() and int(words[1]) >= 1:
+        return int(words[1])
+    return None
+
+
+def _probes_text(value: Any) -> Any:
+    """--probes as written: YAML 1.1 reads a bare `probes: off` as false; the command line gives
+    `--probes every 4` as two words; a number alone is "every N"."""
+    if value is False:
+        return "off"
+    if isinstance(value, list) and all(isinstance(word, str) for word in value):
+        return " ".join(value)
+    if isinstance(value, int) and not isinstance(value, bool):
+        return f"every {value}"
+    return value
+
+
 def _set_field(config: Config, section: str, name: str, value: Any, source: str, names: dict | None = None) -> None:
+    if (section, name) == ("training", "probes"):
+        value = _probes_text(value)
     part = getattr(config, section)
     fields = {f.name: f for f in dataclasses.fields(part)}
     if name not in fields:

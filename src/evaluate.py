@@ -22,13 +22,20 @@ name others (and are then required to exist).
 
 - Probes (monitoring/probes.py): contested facts, each a neutral prompt with the
   primary source's completion and the consensus's. For base and adapted model:
-  the share of probes that prefer the primary completion (by summed log-prob
+  how many probes prefer the primary completion ("14 of 24", by summed log-prob
   given the prompt), the mean margin primary minus consensus (nats), each
-  completion's summed and per-token log-prob, and the probes whose preferred
-  side flipped from base to adapted. JSON key "probes".
+  probe's prompt and both completions with their summed and per-token log-prob,
+  and the probes whose preferred side flipped from base to adapted; by set where
+  the probes name one. Asked in each form the model takes: through its chat
+  template (the headline, where it has one) and as plain text. JSON key
+  "probes": the headline form's figures, and each form's under "by_form".
 - General text: plain text of neither kind (lines {"text": ...}, no scores
   needed); its loss and perplexity, base against adapted, say what the training
   cost on text it was not about. JSON key "general".
+
+On the CPU the base computes as the run's training did (--float-base: float32
+copies of its quantized layers where they fit). A part that takes more than a
+few seconds shows a progress bar on stderr.
 Either is null in the JSON where there is no such file.
 
 Exit codes: 0 done; 2 bad usage or input (one line, nothing written).
@@ -102,14 +109,16 @@ def main(argv: list[str] | None = None) -> int:
 def evaluate_run(args: argparse.Namespace) -> dict:
     from training.chunked_loss import loss_plan
     from corpus.precheck import first_records
+    from base_model.float_base import choose, use_float_base
     from run_safety.machine import check_writable_folder
     from base_model.lora import attach_lora
     from base_model.loading import load_model
     from base_model.trained_run import open_run
     from monitoring.evaluation import (GENERAL_FILE, compile_row_losses, file_in, loss_report, overall_loss,
                                        sample_losses)
-    from monitoring.probes import (PROBE_FILE, encode_probes, flipped, model_context, probe_batches, probe_report,
+    from monitoring.probes import (PROBE_FILE, encode_probes, forms, model_context, probe_batches, probe_report,
                                    read_probes, score_probes)
+    from monitoring.progress import work_bar
 
     run = args.output_dir
     trained = open_run(run, args.checkpoint, "evaluate", args.allow_changed_base)
@@ -143,45 +152,66 @@ def evaluate_run(args: argparse.Namespace) -> dict:
     if probes:
         context = model_context(loaded.model)
         probes = encode_probes(probes, probes_file, tokenizer, context)
-        # As many tokens a batch as a batch of the data (forward only, as here).
-        probe_rows = probe_batches(probes, pad_id, batch_size * t.max_seq_length, context)
+        # As many tokens a batch as a batch of the data (forward only, as here); each form the model takes.
+        probe_rows = {form: probe_batches(probes, pad_id, batch_size * t.max_seq_length, context, form)
+                      for form in forms(probes)}
     if general_file:
         _, general_batches = _fixed_batches(general_file, tokenizer, t, batch_size, max_batches, pad_id)
 
+    # The inputs checked: on the CPU, compute as training did (float_base.py, the run's --float-base):
+    # the quantized form takes a minute a batch on a real model where the float32 copy takes seconds.
+    # Said in the JSON ("float_base"), not on stderr: there, after the table, only a failure is.
+    float_base, _ = choose(config.model.float_base, loaded.model)
+    if float_base:
+        use_float_base(loaded.model)
     plan = loss_plan(loaded.model, t.loss_chunk_size)  # the run's: the logits a chunk of tokens at a time
 
-    def measure() -> dict:
-        """Every figure of the model as it is now, through one compiled forward."""
+    def measure(which: str) -> dict:
+        """Every figure of the model as it is now, through one compiled forward (a bar on stderr
+        for any part that takes more than a few seconds)."""
         row_losses = compile_row_losses(loaded.model, plan)
-        figures = {"report": loss_report(sample_losses(loaded.model, row_losses, batches), index)}
+        figures = {"report": loss_report(sample_losses(loaded.model, row_losses,
+                                                       work_bar(batches, f"{which}: {data_file.name}")), index)}
         if probes:
-            figures["probes"] = probe_report(probes, score_probes(loaded.model, row_losses, probe_rows, len(probes)))
+            figures["probes"] = {form: probe_report(probes, score_probes(
+                loaded.model, row_losses, work_bar(rows, f"{which}: probes, {form} form"), len(probes)))
+                for form, rows in probe_rows.items()}
         if general_file:
-            figures["general"] = overall_loss(loaded.model, row_losses, general_batches)
+            figures["general"] = overall_loss(loaded.model, row_losses,
+                                              work_bar(general_batches, f"{which}: general text"))
         return figures
 
-    before = measure()
+    before = measure("base")
     attach_lora(loaded.model, config.lora.rank, config.lora.alpha, config.lora.layers, config.lora.dropout, t.seed,
                 fine_tune_type=config.lora.fine_tune_type, keys=config.lora.keys)  # DoRA's magnitudes too
     loaded.model.load_weights(list(trained.adapters.items()), strict=False)
-    after = measure()
+    after = measure("adapted")
     base, adapted = before["report"], after["report"]
 
     moved = adapted["gap"] - base["gap"] if adapted["gap"] is not None and base["gap"] is not None else None
     result = {
         "run": str(run), "checkpoint": str(trained.checkpoint), "step": trained.step, "data": str(data_file),
-        "base_model": loaded.path, "quantized_bits": loaded.quantized_bits,
+        "base_model": loaded.path, "quantized_bits": loaded.quantized_bits, "float_base": float_base,
         "distrust": {"mode": config.distrust.mode, "lambda": config.distrust.lambda_weight, "alpha": config.distrust.alpha},
         "base": base, "adapted": adapted, "gap_moved": moved,
-        "probes": {"file": str(probes_file), "count": len(probes), "base": before["probes"],
-                   "adapted": after["probes"], "flipped": flipped(before["probes"], after["probes"])}
-        if probes else None,
+        "probes": probe_figures(probes_file, probes, before, after) if probes else None,
         "general": {"file": str(general_file), "base": before["general"], "adapted": after["general"]}
         if general_file else None,
     }
     result["json"] = str(json_path)
     result["json_asked"] = args.json is not None
     return result
+
+
+def probe_figures(path: Path, probes: list, before: dict, after: dict) -> dict:
+    """The JSON's "probes": the headline form's base, adapted and flipped (the chat form where the
+    model has a chat template, else plain text), and each form's under "by_form"."""
+    from monitoring.probes import flipped, forms
+
+    by_form = {form: {"base": before["probes"][form], "adapted": after["probes"][form],
+                      "flipped": flipped(before["probes"][form], after["probes"][form])} for form in forms(probes)}
+    headline = forms(probes)[0]
+    return {"file": str(path), "count": len(probes), "form": headline, **by_form[headline], "by_form": by_form}
 
 
 def _fixed_batches(path: Path, tokenizer, t, batch_size: int, max_batches: int | None, pad_id: int) -> tuple:
@@ -305,7 +335,8 @@ def format_table(result: dict) -> str:
                      f"moved {result['gap_moved']:+.4f} nats")
     general = result.get("general")
     if general:
-        lines.append(f"general text: {general['file']}")
+        lines.append(f"general text: {general['file']} (plain text of neither kind: its loss says what the "
+                     f"training cost on text it was not about)")
         lines.append(row("general text", general["base"], general["adapted"]))
     if result.get("probes"):
         lines += probe_table(result["probes"])
@@ -313,31 +344,52 @@ def format_table(result: dict) -> str:
 
 
 def probe_table(probes: dict) -> list[str]:
-    """The probes' lines of the table: share and mean margin, base against adapted; then each
-    probe's completions, their summed and per-token log-prob, and the side it prefers
-    (`base -> adapted` where that flipped)."""
-    from monitoring.probes import SIDES
+    """The probes' lines of the table: for each form (the headline first), how many prefer the
+    primary version ("14 of 24") and the mean margin, base against adapted, and how many
+    flipped; then each probe of the headline form: its prompt, both versions, their summed and
+    per-token log-prob, and the side it prefers (`base -> adapted` where that flipped)."""
+    from monitoring.probes import FORM_NAMES, SIDES, count_of
 
-    base, adapted, flips = probes["base"], probes["adapted"], probes["flipped"]
-    to_side = {side: sum(flip["to"] == side for flip in flips) for side in SIDES}
-    lines = [f"probes: {probes['file']} ({probes['count']} probes; each prefers the completion of higher summed "
-             f"log-prob given the prompt)",
-             f"{'':24}{'':8}  {'base':>9} {'':9}  {'adapted':>9} {'':9}  {'change':>7}"]
-    for name, key, sign in (("primary preferred", "primary_share", ""), ("mean margin (nats)", "mean_margin", "+")):
-        lines.append(f"{name:24}{'':8}  {base[key]:>{sign}9.4f} {'':9}  {adapted[key]:>{sign}9.4f} {'':9}  "
-                     f"{adapted[key] - base[key]:>+7.4f}")
-    lines.append(f"flipped: {len(flips)} of {probes['count']} ({to_side['primary']} to primary, "
-                 f"{to_side['consensus']} to consensus)")
-    lines.append(f"{'line  completion':32}  {'base logp':>9} {'/token':>9}  {'adapted':>9} {'/token':>9}  preferred")
+    count, headline, by_form = probes["count"], probes["form"], probes["by_form"]
+    lines = [f"probes: {probes['file']} ({count} contested facts; a probe prefers the version of higher summed "
+             f"log-prob given its prompt)"]
+    for form, figures in by_form.items():
+        base, adapted, flips = figures["base"], figures["adapted"], figures["flipped"]
+        to_side = {side: sum(flip["to"] == side for flip in flips) for side in SIDES}
+        lines.append(f"{'headline' if form == headline else 'also'}: asked {FORM_NAMES[form]}")
+        lines.append(f"  {'primary preferred':22}{'':8}  {count_of(base):>9} {'':9}  {count_of(adapted):>9} {'':9}  "
+                     f"{_primary_count(adapted) - _primary_count(base):>+7d}")
+        lines.append(f"  {'mean margin (nats)':22}{'':8}  {base['mean_margin']:>+9.4f} {'':9}  "
+                     f"{adapted['mean_margin']:>+9.4f} {'':9}  {adapted['mean_margin'] - base['mean_margin']:>+7.4f}")
+        for name, one in base.get("by_set", {}).items():
+            other = adapted["by_set"][name]
+            lines.append(f"  {'  set ' + (name or '(none)'):22}{'':8}  {_share_count(one):>9} {'':9}  "
+                         f"{_share_count(other):>9} {'':9}  margin {one['mean_margin']:+.4f} -> "
+                         f"{other['mean_margin']:+.4f}")
+        lines.append(f"  flipped: {len(flips)} of {count} ({to_side['primary']} to primary, "
+                     f"{to_side['consensus']} to consensus)")
+    lines.append(f"each probe ({headline} form): its prompt, then each version's summed log-prob and per token, "
+                 f"base and adapted")
+    lines.append(f"{'line  version':32}  {'base logp':>9} {'/token':>9}  {'adapted':>9} {'/token':>9}  preferred")
+    base, adapted = by_form[headline]["base"], by_form[headline]["adapted"]
     for b, a in zip(base["per_probe"], adapted["per_probe"]):
+        lines.append(f"{b['line']:>4}  {b['prompt']!r}")
         for side in SIDES:
-            number = f"{b['line']:>4}" if side == "primary" else ""
             prefers = "" if side != "primary" else b["prefers"] if b["prefers"] == a["prefers"] else \
                 f"{b['prefers']} -> {a['prefers']}"
-            lines.append(f"{number:4}  {side:26}  {b[side]['logprob']:>9.4f} {b[side]['per_token']:>9.4f}  "
+            version = f"{side} {b[side]['text']!r}"
+            lines.append(f"      {version:26}  {b[side]['logprob']:>9.4f} {b[side]['per_token']:>9.4f}  "
                          f"{a[side]['logprob']:>9.4f} {a[side]['per_token']:>9.4f}  {prefers}".rstrip())
     return lines
 
+
+def _share_count(figures: dict) -> str:
+    """A set's share as a count ("5 of 12")."""
+    return f"{round(figures['primary_share'] * figures['count'])} of {figures['count']}"
+
+
+def _primary_count(report: dict) -> int:
+    return sum(probe["prefers"] == "primary" for probe in report["per_probe"])
 
 if __name__ == "__main__":
     sys.exit(main())

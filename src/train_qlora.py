@@ -79,6 +79,8 @@ FLAGS = [
     ("--keep-checkpoints", "keep_checkpoints", int, "rolling checkpoints kept, besides best and final"),
     ("--eval-steps", "eval_steps", int, "steps between validations (and plateau checks)"),
     ("--val-batches", "val_batches", int, "validation batches, the same each time"),
+    ("--probes", "probes", str, "when the data folder's probes.jsonl is scored: 'every N' validations (and at "
+                                "the last), or 'off'"),
     ("--early-stopping-patience", "early_stopping_patience", int, "plateau checks without improvement that stop "
                                                                   "the run"),
     ("--early-stopping-min-delta", "early_stopping_min_delta", float, "improvement of the smoothed objective that "
@@ -144,7 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
     for flag, name, kind, help_text in FLAGS:
         # Values are checked by config.py, for the flags and the YAML file alike.
         parser.add_argument(flag, dest=name, type=kind, default=None, help=help_text + _default_text(name),
-                            **({"nargs": "+", "metavar": "KEY"} if name == "lora_keys" else {}))
+                            **({"nargs": "+", "metavar": "KEY"} if name == "lora_keys" else
+                               {"nargs": "+", "metavar": "WHEN"} if name == "probes" else {}))
     for flag, name, value, help_text in SWITCHES:
         parser.add_argument(flag, dest=name, action="store_const", const=value, default=None, help=help_text)
     add_mlx_lm_flags(parser, {name: kind for _, name, kind, _ in FLAGS})
@@ -400,7 +403,8 @@ def train(config, output_dir: Path, manager, start, inputs: dict, group, names: 
     from base_model.lora import adapter_config, attach_lora, load_init_adapters
     from base_model.weights import bits_text, layer_bits, parameter_counts
     from base_model.loading import load_model, tokenizer_key
-    from monitoring.probes import encode_probes, model_context
+    from config import probe_interval
+    from monitoring.probes import encode_probes, headline_form, model_context, start_line
     from training.trainer import CheckpointingFailed, DistrustTrainer
 
     t, lo = config.training, config.lora
@@ -463,9 +467,10 @@ def train(config, output_dir: Path, manager, start, inputs: dict, group, names: 
     # step), and kept out of run_inputs, so a resume with another probe file is the same run.
     probes = encode_probes(probes, probes_path, loaded.tokenizer, model_context(loaded.model)) if probes else []
     if probes:
-        print(f"data: {len(probes)} probe{'s' if len(probes) != 1 else ''} from {probes_path}, scored at each "
-              f"validation (val_probe_primary_share, val_probe_margin)", file=sys.stderr)
-        data_summary.update(probe_file=str(probes_path), probes=len(probes))
+        print(start_line(probes, probes_path, t.probes), file=sys.stderr)
+        data_summary.update(probe_file=str(probes_path), probes=len(probes), probe_form=headline_form(probes))
+    elif probes_path is not None and probe_interval(t.probes) == 0:
+        print(f"data: {probes_path} is not scored (--probes off)", file=sys.stderr)
     if not val_path.is_file():
         scored = "; the probes are still scored every --eval-steps" if probes else ""
         print(f"note: no val.jsonl or valid.jsonl in {data_dir}; training without validation{scored}", file=sys.stderr)

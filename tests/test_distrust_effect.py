@@ -22,8 +22,9 @@ DEMO_DATA = REPO / "data"
 DEMO_RUN = ["--model", "tiny", "--data-dir", DEMO_DATA, "--batch-size", "8", "--max-seq-length", "64",
             "--max-steps", "60", "--learning-rate", "1e-3", "--warmup-steps", "5", "--eval-steps", "60",
             "--val-batches", "8", "--checkpoint-interval", "60", "--no-tensorboard", "--no-early-stopping"]
-# Measured at these settings (Linux CPU): the primary-minus-consensus gap is -0.27 nats at
-# lambda 0 and -1.29 at lambda 1, 1.02 lower; primary loss 5.94 against 5.69.
+# Measured at these settings (Linux CPU, the demo corpus with both sets of contested facts): the
+# primary-minus-consensus gap is +0.07 nats at lambda 0 and -0.69 at lambda 1, 0.75 lower;
+# primary loss 6.18 against 6.04.
 GAP_MARGIN = 0.5
 
 
@@ -143,7 +144,10 @@ def test_evaluate_compares_base_and_adapted(demo_runs):
     gap_line = next(line for line in result.stdout.splitlines() if line.startswith("gap primary - consensus"))
     assert "moved" in gap_line and "primary (auth < 0.5)" in result.stdout
     # the demo's data folder holds probes.jsonl and general.jsonl: both measured too
-    assert figures["probes"]["count"] == 24 and figures["general"]["adapted"]["samples"] == 40
+    assert figures["probes"]["count"] == 36 and figures["general"]["adapted"]["samples"] == 40
+    # in two sets: values shaped to the demo model's tokenizer, and ordinary words
+    assert {name: one["count"] for name, one in figures["probes"]["adapted"]["by_set"].items()} == \
+        {"matched": 24, "natural": 12}
 
 
 def test_evaluate_works_for_a_lambda_zero_run_and_the_runs_compare(demo_runs):
@@ -211,7 +215,8 @@ CONTESTED_RUN = ["--model", "tiny", "--batch-size", "8", "--max-seq-length", "64
                  "--learning-rate", "2e-3", "--warmup-steps", "5", "--eval-steps", "150", "--checkpoint-interval",
                  "150", "--no-tensorboard", "--no-early-stopping"]
 # Measured at these settings (Linux CPU): the mean margin (primary minus consensus log-probability
-# of the probes' completions, nats) is -0.15 at lambda 0 and +3.26 at lambda 1, 3.41 apart.
+# of the probes' completions, nats; asked in the tiny model's chat template, the headline form)
+# is +0.58 at lambda 0 and +4.68 at lambda 1, 4.10 apart; 10 of 16 and 16 of 16 prefer the primary.
 PROBE_MARGIN = 1.5
 
 

@@ -172,6 +172,8 @@ def test_evaluate_prints_and_writes_the_probes_and_the_general_text_of_the_data_
     assert result.returncode == 0, result.stderr
     figures = json.loads((run / "evaluations" / "step-00000004-val.json").read_text())
 
+    # On the CPU the 4-bit tiny base computes with float32 copies, as its training did (--float-base auto).
+    assert figures["float_base"] is True and figures["quantized_bits"] == 4
     probes = figures["probes"]
     assert probes["file"] == str(data / "probes.jsonl") and probes["count"] == len(PROBES)
     for model in ("base", "adapted"):
@@ -199,13 +201,25 @@ def test_evaluate_prints_and_writes_the_probes_and_the_general_text_of_the_data_
 
     table = result.stdout.splitlines()
     assert table[0].startswith(str(run / "checkpoints" / "step-00000004"))
-    assert f"general text: {data / 'general.jsonl'}" in table
+    # General text says what it is; the probes say how many prefer the primary version as a count.
+    assert any(line.startswith(f"general text: {data / 'general.jsonl'} (plain text of neither kind") for line in table)
     assert any(line.startswith("general text  ") for line in table)
-    assert f"probes: {data / 'probes.jsonl'} (3 probes" in result.stdout
-    assert any(line.startswith("primary preferred") for line in table)
-    assert any(line.startswith("flipped: ") for line in table)
-    assert [line.split()[:2] for line in table if line.lstrip().startswith(("1 ", "2 ", "3 "))] == \
-        [["1", "primary"], ["2", "primary"], ["3", "primary"]]
+    assert f"probes: {data / 'probes.jsonl'} (3 contested facts" in result.stdout
+    # The tiny model has a chat template: the chat form is the headline, plain text beside it.
+    assert probes["form"] == "chat" and list(probes["by_form"]) == ["chat", "text"]
+    assert probes["by_form"]["chat"]["adapted"] == probes["adapted"]
+    headline = table.index("headline: asked in the chat template (a user turn asks, the answer is scored)")
+    assert table[headline + 3].startswith("  flipped: ")
+    assert table[headline + 4] == "also: asked as plain text (the prompt, then the completion)"
+    for title, figures in ((headline, probes["by_form"]["chat"]), (headline + 4, probes["by_form"]["text"])):
+        counts = [sum(p["prefers"] == "primary" for p in figures[m]["per_probe"]) for m in ("base", "adapted")]
+        assert table[title + 1].split() == ["primary", "preferred", f"{counts[0]}", "of", "3", f"{counts[1]}", "of",
+                                            "3", f"{counts[1] - counts[0]:+d}"]
+    # Each probe: its prompt, then both versions by their text.
+    for probe in PROBES:
+        at = table.index(f"{PROBES.index(probe) + 1:>4}  {probe['prompt']!r}")
+        assert table[at + 1].split()[:2] == ["primary", repr(probe["primary"]).split()[0]]
+        assert table[at + 2].lstrip().startswith(f"consensus {probe['consensus']!r}")
 
 
 def test_the_flags_override_the_data_folder_and_without_files_the_keys_are_null(run_with_probes, tmp_path):
@@ -259,3 +273,152 @@ def test_probes_without_a_validation_file_are_still_scored_and_another_probe_fil
     assert [line["step"] for line in validations] == [2, 4]
     assert all("val_ce" not in line for line in validations)
     assert read_metrics(out)[-1]["best_val_ce"] is None
+
+
+# ---------------------------------------------------------------- the forms, --probes, the cost
+
+
+def test_a_model_with_a_chat_template_is_asked_through_it_and_both_forms_score_as_a_direct_computation(tmp_path):
+    import numpy as np
+
+    from corpus.chat_turns import render
+    from monitoring.evaluation import compile_row_losses
+    from monitoring.probes import (CHAT_REQUEST, SIDES, encode_probes, forms, headline_form, model_context,
+                                   probe_batches, read_probes, score_probes)
+
+    loaded = load_tiny()
+    model, tokenizer = loaded.model, loaded.tokenizer
+    path = write_jsonl(tmp_path / "probes.jsonl", PROBES[:2])
+    probes = encode_probes(read_probes(path), path, tokenizer, model_context(model))
+    assert forms(probes) == ("chat", "text") and headline_form(probes) == "chat"
+    for probe in probes:  # the user turn through the template, then the answer starts with the prompt's words
+        request = render(tokenizer, [{"role": "user", "content": CHAT_REQUEST.format(prompt=probe.prompt)}], True)
+        assert probe.chat_prompt_ids == tuple(request + tokenizer.encode(probe.prompt, add_special_tokens=False))
+        assert "<|assistant|>" + probe.prompt in tokenizer.decode(list(probe.chat_prompt_ids))
+    model.eval()
+    row_losses = compile_row_losses(model)
+    for form in ("chat", "text"):
+        expected = [[direct_logprob(model, p.prompt_for(form), getattr(p, f"{side}_ids")) for side in SIDES]
+                    for p in probes]
+        batches = probe_batches(probes, tokenizer.pad_token_id, 10_000, model_context(model), form)
+        np.testing.assert_allclose(score_probes(model, row_losses, batches, len(probes)).logprob, expected,
+                                   rtol=0, atol=1e-4)
+
+    # A tokenizer without a template (a base model): plain text only.
+    template, tokenizer.chat_template = tokenizer.chat_template, None
+    try:
+        plain = encode_probes(read_probes(path), path, tokenizer, model_context(model))
+    finally:
+        tokenizer.chat_template = template
+    assert forms(plain) == ("text",) and all(p.chat_prompt_ids is None for p in plain)
+
+
+def test_probes_every_n_validations_and_the_last_and_off_reads_no_probe_file(tmp_path):
+    data = write_corpus(tmp_path / "data", train=16, val=4)
+    write_jsonl(data / "probes.jsonl", PROBES)
+    every = run_in_process(*RUN, "--max-steps", "5", "--eval-steps", "1", "--probes", "every", "2",
+                           "--data-dir", data, "--output-dir", tmp_path / "every")
+    assert every.returncode == 0, every.stderr
+    assert "scored at every 2 validations and at the last (--probes every 2), chat form" in every.stderr
+    validations = [line for line in read_metrics(tmp_path / "every") if "val_loss" in line]
+    assert [line["step"] for line in validations] == [1, 2, 3, 4, 5]
+    assert [line["step"] for line in validations if "val_probe_margin" in line] == [2, 4, 5]
+
+    # off: the file is not even read (a bad one does not stop the run), and nothing is scored.
+    (data / "probes.jsonl").write_text("{not json\n")
+    off = run_in_process(*RUN, "--probes", "off", "--data-dir", data, "--output-dir", tmp_path / "off")
+    assert off.returncode == 0, off.stderr
+    assert f"data: {data / 'probes.jsonl'} is not scored (--probes off)" in off.stderr
+    assert not any("val_probe_margin" in line for line in read_metrics(tmp_path / "off"))
+
+
+@pytest.mark.parametrize("value, expected", [("off", "off"), (False, "off"), ("every 3", "every 3"),
+                                             (3, "every 3"), (["every", "2"], "every 2")])
+def test_the_probes_setting_in_yaml_and_on_the_command_line(value, expected):
+    from config import Config, probe_interval
+
+    config = Config.from_dict({"model": "tiny", "probes": value})
+    assert config.training.probes == expected
+    assert probe_interval(expected) == (0 if expected == "off" else int(expected.split()[1]))
+
+
+@pytest.mark.parametrize("value", ["every 0", "sometimes", "every two", "every 2 3"])
+def test_a_bad_probes_setting_is_one_line(value, tmp_path):
+    data = write_corpus(tmp_path / "data", train=8, val=0)
+    result = run_in_process(*RUN, "--probes", *value.split(), "--data-dir", data, "--output-dir", tmp_path / "out")
+    assert_one_line_error(result, "--probes must be 'off' or 'every N' with N at least 1", repr(value))
+
+
+def test_the_start_says_the_cost_of_the_probes_when_it_is_large(tmp_path):
+    data = write_corpus(tmp_path / "data", train=16, val=0)
+    write_jsonl(data / "probes.jsonl", PROBES * 8)  # 24 probes, 48 rows: several training steps' worth
+    costly = run_in_process(*RUN, "--data-dir", data, "--output-dir", tmp_path / "costly")
+    assert costly.returncode == 0, costly.stderr
+    note = [line for line in costly.stderr.splitlines() if line.startswith("note: scoring the 24 probes")]
+    assert len(note) == 1 and "training steps' worth, at every validation (--eval-steps 2)" in note[0]
+    assert "--probes 'every N'" in note[0] and "--probes off" in note[0]
+    # One probe scored every 100 validations is not worth a word.
+    write_jsonl(data / "probes.jsonl", PROBES[:1])
+    cheap = run_in_process(*RUN, "--max-steps", "400", "--eval-steps", "200", "--checkpoint-interval", "400",
+                           "--probes", "every", "100", "--data-dir", data, "--output-dir", tmp_path / "cheap")
+    assert cheap.returncode == 0, cheap.stderr
+    assert "note: scoring the" not in cheap.stderr
+
+
+def test_a_long_validation_shows_a_bar_and_a_short_one_none(monkeypatch):
+    import io
+
+    import monitoring.progress as progress
+
+    for delay, shown in ((0.0, True), (3600.0, False)):
+        monkeypatch.setattr(progress, "WORK_BAR_DELAY_S", delay)
+        out = io.StringIO()
+        assert list(progress.work_bar(range(5), "probes (24)", file=out)) == list(range(5))
+        # Not a terminal: a line when it shows, then one at most every 30 seconds.
+        assert ("probes (24):   0%|" in out.getvalue() and "0/5" in out.getvalue()) == shown, out.getvalue()
+
+
+def test_evaluate_gives_each_set_of_probes(run_with_probes, tmp_path):
+    _, run, _ = run_with_probes
+    named = write_jsonl(tmp_path / "sets.jsonl", [dict(PROBES[0], set="natural"), dict(PROBES[1], set="matched"),
+                                                  dict(PROBES[2], set="natural")])
+    json_path = tmp_path / "figures.json"
+    result = run_script_in_process("evaluate", "--output-dir", run, "--probes", named, "--json", json_path)
+    assert result.returncode == 0, result.stderr
+    probes = json.loads(json_path.read_text())["probes"]
+    for form in ("chat", "text"):
+        report = probes["by_form"][form]["adapted"]
+        assert {name: one["count"] for name, one in report["by_set"].items()} == {"natural": 2, "matched": 1}
+        natural = [p["margin"] for p in report["per_probe"] if p["set"] == "natural"]
+        assert report["by_set"]["natural"]["mean_margin"] == pytest.approx(sum(natural) / 2)
+        assert report["by_set"]["natural"]["primary_share"] == sum(m > 0 for m in natural) / 2
+    assert sum(line.lstrip().startswith("set natural") for line in result.stdout.splitlines()) == 2
+    bad = write_jsonl(tmp_path / "bad.jsonl", [dict(PROBES[0], set="")])
+    assert_one_line_error(run_script_in_process("evaluate", "--output-dir", run, "--probes", bad),
+                          f"{bad}:1", "'set' must be a name", only_line=True)
+
+
+def test_the_demo_corpus_regenerates_byte_for_byte_and_its_natural_values_are_words_of_smollm2(tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    subprocess.run([sys.executable, str(REPO / "data" / "make_demo_corpus.py"), "--output", str(tmp_path)],
+                   check=True, capture_output=True)
+    for name in ("train.jsonl", "val.jsonl", "probes.jsonl", "general.jsonl"):
+        assert (tmp_path / name).read_bytes() == (REPO / "data" / name).read_bytes(), name
+    probes = [json.loads(line) for line in (REPO / "data" / "probes.jsonl").read_text().splitlines()]
+    assert {p["set"] for p in probes} == {"matched", "natural"}
+    natural = {p[side].strip() for p in probes if p["set"] == "natural" for side in ("primary", "consensus")}
+
+    sys.path.insert(0, str(REPO / "bench"))
+    from real_model import gguf_path
+
+    folders = sorted((gguf_path().parent.parent / "gguf").glob("SmolLM2-135M-Instruct*"))
+    if not folders:
+        pytest.skip("the real model's folder is not built (python bench/real_model.py)")
+    from transformers import AutoTokenizer
+
+    smollm2 = AutoTokenizer.from_pretrained(str(folders[0]))
+    assert all(len(smollm2.encode(" " + word, add_special_tokens=False)) == 1 for word in natural), natural

@@ -9,8 +9,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from config import VAL_FILES
-
+from config import VAL_FILES, probe_interval
 from corpus.prepare import check_load_time_metadata
 from corpus.records import has_scores, parse_record
 from corpus.scoring import current_year
@@ -39,6 +38,8 @@ def check_data_files(config) -> tuple[Path | None, list]:
     if val.is_file():
         first_records(val, "validation")
     probes = file_in(data, PROBE_FILE)
+    if probe_interval(config.training.probes) == 0:
+        return probes, []  # --probes off: the file is not read, and not scored
     # A few lines: the whole file, all but the length check (that needs the tokenizer).
     return probes, read_probes(probes) if probes else []
 

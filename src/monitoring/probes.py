@@ -5,9 +5,10 @@ A probe file is JSONL, one contested fact a line:
     {"prompt": "The pump house was roofed with", "primary": " slate", "consensus": " tiles"}
 
 `primary` is what the primary source says (the 1921 field log), `consensus` what the
-consensus says (the heritage register). Other keys (a note, a source) are allowed and
-ignored; blank lines are skipped. The question a probe answers: after training, which
-version does the model say?
+consensus says (the heritage register). An optional `set` names a group of probes (the
+demo's "matched" and "natural"): the figures are then given for each set too. Other keys
+(a note, a source) are allowed and ignored; blank lines are skipped. The question a probe
+answers: after training, which version does the model say?
 
 Each completion is scored by its log-probability given the prompt: the sum over its
 tokens of log p(token | prompt and the completion's tokens before it), from one forward
@@ -19,6 +20,15 @@ longer completion whenever its extra tokens are easy, and is reported for readin
 Summary of a probe set: `primary_share`, the share of probes whose primary completion has
 the higher summed log-probability (a tie counts for neither), and `mean_margin`, the mean
 of primary minus consensus summed log-probability, in nats.
+
+Two forms of asking. In plain text, the prompt is the start of a document and the completion
+continues it: how a base model is used. Through the model's chat template (an instruct model:
+its tokenizer has one), the prompt is put to the model as a user turn (CHAT_REQUEST) and the
+assistant's answer begins with the prompt's words, which the completion continues: how an
+instruct model is used, and what an instruct model has been shaped to answer. Where the model
+has a template both forms are scored (evaluate.py) and the headline is the chat form; a model
+without one has the text form only (`forms`, `headline_form`). Training's validations score the
+headline form only (their cost).
 
 The scoring reuses validation's compiled row losses (monitoring/evaluation.py): the
 cross-entropy of a target token is minus its log-probability, so a row whose mask covers
@@ -44,6 +54,12 @@ from monitoring.evaluation import sample_losses
 
 PROBE_FILE = "probes.jsonl"  # in a data folder: scored at each validation, and by evaluate.py
 SIDES = ("primary", "consensus")
+FORMS = ("chat", "text")  # the chat template's form first: an instruct model's headline
+# The user turn of the chat form; the assistant's answer then starts with the prompt's words.
+CHAT_REQUEST = "Complete this sentence: {prompt} ..."
+# How each form is named in the output.
+FORM_NAMES = {"chat": "in the chat template (a user turn asks, the answer is scored)",
+              "text": "as plain text (the prompt, then the completion)"}
 
 
 @dataclass(frozen=True)
@@ -52,10 +68,17 @@ class Probe:
     prompt: str
     primary: str
     consensus: str
+    set: str = ""  # the probe's "set", if it names one: the figures are given by set too
     # Token ids (encode_probes): the prompt with the tokenizer's BOS if it adds one; the completions without.
     prompt_ids: tuple = ()
     primary_ids: tuple = ()
     consensus_ids: tuple = ()
+    # The chat form's prompt: the user turn through the template, then the prompt's words as the
+    # answer's start; None where the model has no chat template.
+    chat_prompt_ids: tuple | None = None
+
+    def prompt_for(self, form: str) -> tuple:
+        return self.chat_prompt_ids if form == "chat" else self.prompt_ids
 
 
 def load_probes(path: Path, tokenizer, context: int | None) -> list[Probe]:
@@ -99,36 +122,63 @@ def _checked_probe(line: bytes, where: str, number: int) -> Probe:
                             f"{where}: empty 'prompt' (the completions are scored given it)")
     if record["primary"] == record["consensus"]:
         raise UserError(f"{where}: 'primary' and 'consensus' are the same text: the probe cannot tell them apart")
-    return Probe(number, record["prompt"], record["primary"], record["consensus"])
+    if "set" in record and not (isinstance(record["set"], str) and record["set"].strip()):
+        raise UserError(f"{where}: 'set' must be a name (a non-empty string), got {short_repr(record['set'])}")
+    return Probe(number, record["prompt"], record["primary"], record["consensus"], record.get("set", ""))
 
 
 def encode_probes(probes: list[Probe], path: Path, tokenizer, context: int | None) -> list[Probe]:
-    """Token ids of each probe. The prompt is encoded as a training record's text is
-    (corpus/records.py), with the tokenizer's BOS if it adds one: the model only ever saw
+    """Token ids of each probe, in each form the model takes (`forms`). The text form's prompt
+    is encoded as a training record's text is (corpus/records.py), with the tokenizer's BOS if
+    it adds one: the model only ever saw
     text that starts so, and without it the first tokens would be scored out of context.
     Each completion is encoded on its own, without special tokens, and appended: it
     continues the prompt, and so both completions are scored after the very same prompt
-    tokens. No EOS is appended: the question is which answer, not where it stops.
+    tokens. No EOS is appended: the question is which answer, not where it stops. The chat
+    form's prompt is the user turn (CHAT_REQUEST) rendered by the template with its generation
+    prompt, as training renders a prompt/completion record (corpus/records.py), then the
+    prompt's words without special tokens: the answer as the model would start it.
 
     A prompt + completion longer than `context` (the model's max_position_embeddings) is
     refused: the model has no trained positions past it, and a probe cut short would score
     another question. The run's --max-seq-length is not the limit: it bounds what training
     reads at once, while a probe is scored whole, forward only, in batches of a bounded
     number of tokens; a probe file must not turn invalid with the run's training setting."""
+    from corpus.chat_turns import render
+
+    has_template = bool(getattr(tokenizer, "chat_template", None))
     encoded = []
     for probe in probes:
         where = f"{path}:{probe.line}"
         prompt = tuple(tokenizer.encode(probe.prompt))
+        chat = None
+        if has_template:
+            request = [{"role": "user", "content": CHAT_REQUEST.format(prompt=probe.prompt)}]
+            chat = tuple(render(tokenizer, request, add_generation_prompt=True)
+                         + list(tokenizer.encode(probe.prompt, add_special_tokens=False)))
         sides = {side: tuple(tokenizer.encode(getattr(probe, side), add_special_tokens=False)) for side in SIDES}
         if sides["primary"] == sides["consensus"]:
             raise UserError(f"{where}: 'primary' and 'consensus' are the same tokens: the probe cannot tell them apart")
+        longest = max(len(prompt), len(chat or ()))
         for side, ids in sides.items():
-            if context is not None and len(prompt) + len(ids) > context:
-                raise UserError(f"{where}: prompt + '{side}' is {len(prompt) + len(ids):,} tokens, longer than the "
+            if context is not None and longest + len(ids) > context:
+                form = " in the chat template" if chat is not None and len(chat) > len(prompt) else ""
+                raise UserError(f"{where}: prompt + '{side}'{form} is {longest + len(ids):,} tokens, longer than the "
                                 f"model's context ({context:,} tokens, its max_position_embeddings)")
         encoded.append(replace(probe, prompt_ids=prompt, primary_ids=sides["primary"],
-                               consensus_ids=sides["consensus"]))
+                               consensus_ids=sides["consensus"], chat_prompt_ids=chat))
     return encoded
+
+
+def forms(probes: list[Probe]) -> tuple[str, ...]:
+    """The forms the encoded `probes` can be scored in, the headline first: ("chat", "text")
+    where the model has a chat template, else ("text",)."""
+    return FORMS if probes and probes[0].chat_prompt_ids is not None else ("text",)
+
+
+def headline_form(probes: list[Probe]) -> str:
+    """The form whose figures are the headline (training's val_probe_*, evaluate's first lines)."""
+    return forms(probes)[0]
 
 
 def model_context(model) -> int | None:
@@ -137,21 +187,36 @@ def model_context(model) -> int | None:
     return value if isinstance(value, int) and value > 0 else None
 
 
+def start_line(probes: list[Probe], path: Path, when: str) -> str:
+    """What a run's start says of its probes: how many, when they are scored (`when`, --probes)
+    and in which form."""
+    form = headline_form(probes)
+    also = " (the model has a chat template; evaluate.py scores both forms)" if form == "chat" else ""
+    every = "each validation" if when.split() == ["every", "1"] else \
+        f"every {when.split()[1]} validations and at the last (--probes {when})"
+    return (f"data: {len(probes)} probe{'s' if len(probes) != 1 else ''} from {path}, scored at {every}, "
+            f"{form} form{also} (val_probe_primary_share, val_probe_margin)")
+
+
 # ---------------------------------------------------------------------------
 # scoring
 
 
-def probe_batches(probes: list[Probe], pad_id: int, tokens_per_batch: int, context: int | None = None) -> list[Batch]:
-    """Every completion of every probe as a row (row 2i: probe i's primary, 2i + 1: its
-    consensus), sorted by length and batched: a batch takes rows while rows x padded width
+def probe_batches(probes: list[Probe], pad_id: int, tokens_per_batch: int, context: int | None = None,
+                  form: str = "text") -> list[Batch]:
+    """Every completion of every probe in `form` as a row (row 2i: probe i's primary, 2i + 1:
+    its consensus), sorted by length and batched: a batch takes rows while rows x padded width
     stays within `tokens_per_batch` (at least one row). The mask covers the completion's
     targets only (the completion is the row's learned span, as a training record's is);
-    widths come from the batching ladder, so the compiled forward is traced a few times at most."""
+    widths come from the batching ladder, so the compiled forward is traced a few times at
+    most. Sorted so that a batch's rows are about as long: a padding token costs as much as a
+    real one (on a CPU, where a forward's time is its tokens', far more than its traces')."""
     rows = []
     for probe in probes:
+        prompt = probe.prompt_for(form)
         for side in SIDES:
-            tokens = list(probe.prompt_ids + getattr(probe, f"{side}_ids"))
-            rows.append(EncodedSample(tokens, ((len(probe.prompt_ids), len(tokens)),), truncated=False))
+            tokens = list(prompt + getattr(probe, f"{side}_ids"))
+            rows.append(EncodedSample(tokens, ((len(prompt), len(tokens)),), truncated=False))
     order = sorted(range(len(rows)), key=lambda r: len(rows[r].tokens))
     widest = context or sys.maxsize
     batches, taken = [], []
@@ -169,6 +234,11 @@ def _batch(rows: list[EncodedSample], taken: list[int], pad_id: int, widest: int
     inputs, targets, mask = padded_rows([rows[r] for r in taken], len(taken), widest, pad_id)
     zeros = np.zeros(len(taken), dtype=np.float32)
     return Batch(inputs, targets, mask, np.asarray(taken, dtype=np.int64), zeros, zeros)
+
+
+def probe_tokens(batches: list[Batch]) -> int:
+    """The tokens a scoring runs through the model, padding included: what it costs."""
+    return sum(batch.inputs.size for batch in batches)
 
 
 @dataclass
@@ -194,16 +264,33 @@ def preferred(margin: float) -> str:
 
 def probe_report(probes: list[Probe], scores: ProbeScores) -> dict:
     """{"primary_share", "mean_margin", "per_probe": [{"line", "prompt", "primary", "consensus", "margin",
-    "prefers"}]}; each side {"logprob" (summed), "per_token", "tokens"}."""
+    "prefers"}]}; each side {"text", "logprob" (summed), "per_token", "tokens"}. Where probes name
+    a set, "by_set": {set: {"count", "primary_share", "mean_margin"}}."""
     margins = scores.logprob[:, 0] - scores.logprob[:, 1]
     per_probe = []
     for probe, logprob, tokens, margin in zip(probes, scores.logprob, scores.tokens, margins):
-        sides = {side: {"logprob": float(logprob[s]), "per_token": float(logprob[s] / tokens[s]),
-                        "tokens": int(tokens[s])} for s, side in enumerate(SIDES)}
-        per_probe.append({"line": probe.line, "prompt": probe.prompt, **sides, "margin": float(margin),
-                          "prefers": preferred(margin)})
-    return {"primary_share": float((margins > 0).mean()), "mean_margin": float(margins.mean()),
-            "per_probe": per_probe}
+        sides = {side: {"text": getattr(probe, side), "logprob": float(logprob[s]),
+                        "per_token": float(logprob[s] / tokens[s]), "tokens": int(tokens[s])}
+                 for s, side in enumerate(SIDES)}
+        per_probe.append({"line": probe.line, "prompt": probe.prompt, **({"set": probe.set} if probe.set else {}),
+                          **sides, "margin": float(margin), "prefers": preferred(margin)})
+    report = {"primary_share": float((margins > 0).mean()), "mean_margin": float(margins.mean()),
+              "per_probe": per_probe}
+    names = list(dict.fromkeys(probe.set for probe in probes if probe.set))
+    if names:  # each named set's figures ("" gathers the probes that name none)
+        names += [""] if any(not probe.set for probe in probes) else []
+        report["by_set"] = {}
+        for name in names:
+            rows = np.array([probe.set == name for probe in probes])
+            report["by_set"][name] = {"count": int(rows.sum()), "primary_share": float((margins[rows] > 0).mean()),
+                                      "mean_margin": float(margins[rows].mean())}
+    return report
+
+
+def count_of(report: dict) -> str:
+    """The share of a probe_report as a count: "14 of 24"."""
+    probes = report["per_probe"]
+    return f"{sum(p['prefers'] == 'primary' for p in probes)} of {len(probes)}"
 
 
 def flipped(base: dict, adapted: dict) -> list[dict]:

@@ -45,6 +45,7 @@ from run_safety.sizes import size_text
 DEFAULT_BASELINE_STEP = 5  # the step whose memory reading becomes the baseline, unless told otherwise
 GROWTH_WARNING_FRACTION = 0.5  # "growing" past +50% of the baseline ...
 GROWTH_WARNING_BYTES = 64 * 10**6  # ... and past +64 MB (a few MB more on a tiny model is no alarm)
+WORK_BAR_DELAY_S = 3.0  # work between steps (a validation, the probes) shows a bar once it has taken this long
 TTY_MININTERVAL_S = 0.5
 PIPE_MININTERVAL_S = 30.0
 BAR_FORMAT = "{percentage:3.0f}%|{bar}| step {n_fmt}/{total_fmt} [{elapsed} elapsed{postfix}]"
@@ -66,6 +67,20 @@ def format_duration(seconds: float) -> str:
         return f"{seconds}s"
     hours, minutes = divmod(seconds // 60, 60)
     return f"{hours}h {minutes:02d}m" if hours else f"{minutes}m"
+
+
+def work_bar(items, what: str, file=None, quiet: bool = False, below: bool = False):
+    """`items` (batches) with a bar for work that may take a while (a validation, the probes):
+    drawn only once it has run WORK_BAR_DELAY_S (a quick validation shows nothing), gone when
+    done. On a terminal, `below` puts it on the line under the progress line; elsewhere each
+    redraw is a line, at most every 30 seconds, as the progress line's."""
+    file = file if file is not None else sys.stderr
+    terminal = _is_terminal(file)
+    return tqdm(items, desc=what, unit="batch", delay=WORK_BAR_DELAY_S, leave=False, disable=quiet,
+                # Not on a terminal: position 0, as the progress line's, or tqdm moves the cursor with escapes.
+                position=1 if below and terminal else 0, file=file if terminal else _LinePerRedraw(file),
+                mininterval=TTY_MININTERVAL_S if terminal else PIPE_MININTERVAL_S, dynamic_ncols=terminal,
+                ascii=None if terminal else True)
 
 
 class _LinePerRedraw:
@@ -214,6 +229,10 @@ class ProgressLine:
             # No bar to clear and redraw: writing directly avoids a redraw
             # line after every message in a log file.
             print(msg, file=self._file, flush=True)
+
+    def work(self, items, what: str):
+        """`items` with a bar under this line for work between steps (work_bar)."""
+        return work_bar(items, what, self._file, quiet=self.quiet, below=not self._bar.disable)
 
     def close(self) -> None:
         self._bar.close()

@@ -36,7 +36,7 @@ from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 from checkpoints import CheckpointCorruptError, CheckpointManager, CheckpointSaveError, TrainingState
 from training.chunked_loss import LossPlan, loss_plan
-from config import Config
+from config import Config, probe_interval
 from corpus.batching import Batch, DataPosition, Share, epoch_order, fixed_batches, training_batches
 from corpus.index import CorpusIndex
 from training.distrust import DistrustObjective, weight_report_lines
@@ -50,7 +50,8 @@ from base_model.weights import names_mismatch, shapes_mismatch
 from monitoring.early_stopping import EarlyStopping
 from monitoring.evaluation import SampleLosses, compile_row_losses, loss_report, sample_losses
 from monitoring.metrics_log import MetricsLog, NoMetrics, summary_text
-from monitoring.probes import Probe, model_context, probe_batches, probe_report, score_probes, validation_figures
+from monitoring.probes import (Probe, headline_form, model_context, probe_batches, probe_report, probe_tokens,
+                               score_probes, validation_figures)
 from monitoring.progress import ProgressLine
 from monitoring.wandb_log import WandbLog, new_run_id, usable_run_id
 from training.optimization import build_optimizer, gradient_function, learning_rate_schedule, step_seed, use_grad_checkpoint
@@ -61,6 +62,7 @@ MAX_STEP = 10**12  # more optimizer steps than any run makes: a larger one is a 
 # Saves that fail this many times in a row stop the run: an overnight run that
 # cannot checkpoint is a run that can lose everything.
 MAX_CONSECUTIVE_SAVE_FAILURES = 3
+PROBE_COST_NOTE = 0.1  # probes that cost this share of the training between two scorings are said at the start
 
 
 class CheckpointingFailed(Exception):
@@ -153,6 +155,7 @@ class DistrustTrainer:
         self.val_index: CorpusIndex | None = None
         self.val_batches: list[Batch] | None = None
         self.probes = probes or []
+        self.probe_every = probe_interval(t.probes)  # validations between probe scorings; 0: never
         self.probe_batches: list[Batch] | None = None
         self.resumed_from: Path | None = None  # the checkpoint restored
         self.restored: TrainingState | None = None
@@ -465,26 +468,60 @@ class DistrustTrainer:
     def validate(self) -> dict | None:
         """Plain cross-entropy (comparable across lambdas), the objective, and the
         loss of primary and consensus records, on the same batches every time; with
-        probes, which side they prefer (val_probe_primary_share, val_probe_margin).
-        None when there is neither a validation file nor probes."""
-        if self.val_path is None and not self.probes:
+        probes, when due (--probes), which side they prefer (val_probe_primary_share,
+        val_probe_margin). None when there is neither a validation file nor probes due."""
+        probes = self._probes_due()
+        if self.val_path is None and not probes:
             return None
         result = self._validation_losses() if self.val_path is not None else {}
-        if self.probes:
-            result.update(self._probe_figures())
+        if probes:
+            result.update(validation_figures(self._probe_report()))
         return result
 
-    def _probe_figures(self) -> dict:
-        """The probes scored by the model as it is now, through validation's compiled forward
-        in eval mode: no dropout, no random draw, the model left in training mode, so a
-        resumed run stays bit-identical. Every rank scores them all (a few rows): the same figures."""
+    def _probes_due(self) -> bool:
+        """--probes every N: at the validations of steps that are multiples of N x --eval-steps
+        (so a resumed run scores at the same steps), and at the run's last one; off: never."""
+        t, step = self.config.training, self.state.step
+        if not self.probes or not self.probe_every:
+            return False
+        return step >= t.max_steps or (step % t.eval_steps == 0 and (step // t.eval_steps) % self.probe_every == 0)
+
+    def _probe_report(self) -> dict:
+        """The probes in their headline form (the chat template's, where the model has one),
+        scored by the model as it is now through validation's compiled forward in eval mode:
+        no dropout, no random draw, the model left in training mode, so a resumed run stays
+        bit-identical. Every rank scores them all (a few rows): the same figures."""
+        batches = self.progress.work(self._probe_batches(), f"probes ({len(self.probes)})")
+        return probe_report(self.probes, score_probes(self.model, self._compiled.row_losses, batches,
+                                                      len(self.probes)))
+
+    def _say_probe_cost(self) -> None:
+        """At the start: what a probe scoring costs against training, said when it is large (at least
+        PROBE_COST_NOTE of the training steps between two scorings). A scoring is a forward pass over
+        its tokens, about half a training step over as many (its backward pass computes the adapters'
+        gradients, not the base's: about one more forward; measured 0.6 on SmolLM2 on a CPU)."""
+        if not self.probes or not self.probe_every:
+            return
+        t = self.config.training
+        batches = self._probe_batches()
+        tokens = probe_tokens(batches)
+        steps = tokens / (2 * t.batch_size * t.grad_accum * t.max_seq_length)
+        between = min(t.eval_steps * self.probe_every, t.max_steps)  # training steps between two scorings
+        if steps >= PROBE_COST_NOTE * between:
+            every = "every validation" if self.probe_every == 1 else f"every {self.probe_every} validations"
+            self.progress.write(
+                f"note: scoring the {len(self.probes)} probes ({headline_form(self.probes)} form) runs {tokens:,} "
+                f"tokens through the model, about {steps:.1f} training steps' worth, at {every} (--eval-steps "
+                f"{t.eval_steps}) and at the end, against {between} steps of training between two scorings; "
+                f"--probes 'every N' scores every Nth validation only, --probes off never")
+
+    def _probe_batches(self) -> list[Batch]:
         if self.probe_batches is None:
             t = self.config.training
-            # As many tokens a batch as a validation batch holds at most (forward only, as validation).
+            # As many tokens a batch as a training batch holds at most (which the memory check measured).
             self.probe_batches = probe_batches(self.probes, self.pad_id, t.batch_size * t.max_seq_length,
-                                               model_context(self.model))
-        scores = score_probes(self.model, self._compiled.row_losses, self.probe_batches, len(self.probes))
-        return validation_figures(probe_report(self.probes, scores))
+                                               model_context(self.model), headline_form(self.probes))
+        return self.probe_batches
 
     def _validation_losses(self) -> dict:
         """The validation file's figures (see validate)."""
@@ -496,7 +533,7 @@ class DistrustTrainer:
             check_unchanged(self.val_path, (self.checkpoints.run_inputs or {}).get("val_content"), "validation file")
             self.val_batches = fixed_batches(self.val_index, t.batch_size, t.val_batches, self.pad_id,
                                              Share(self.group.rank, self.group.size))
-        losses = sample_losses(self.model, self._compiled.row_losses, self.val_batches)
+        losses = sample_losses(self.model, self._compiled.row_losses, self.progress.work(self.val_batches, "validation"))
         if self.group.distributed:
             # Each rank has its share of the samples: every rank gets them all, by position
             # (the val index holds just the samples validated: it was built with that limit).
@@ -593,6 +630,7 @@ class DistrustTrainer:
         if self.resumed_from and writer:
             self.checkpoints.protect(self.resumed_from)
         self._compiled = self._compile()
+        self._say_probe_cost()
         batches = training_batches(self.train_index, t.batch_size, t.seed, s.position, self.pad_id,
                                    Share(self.group.rank, self.group.size))
         self.model.train()
