@@ -241,6 +241,9 @@ def main() -> int:
                         help="evaluate.py --max-batches for the real runs (default: %(default)s)")
     parser.add_argument("--real-train-args", default="",
                         help="more train_qlora.py flags for the real model's runs, in one string")
+    parser.add_argument("--real-corpora", nargs="+", choices=("demo", "bench"), default=["demo", "bench"],
+                        help="the corpora of the real runs (default: both; the demo corpus holds both sets of "
+                             "contested facts, the bench's its own)")
     parser.add_argument("--keep", action="store_true", help="keep the scratch folder")
     args = parser.parse_args()
 
@@ -293,6 +296,8 @@ def real_runs(scratch: Path, real: Path, bench_data: Path, args) -> None:
     print(f"\nreal model: {real.name}, {steps} steps of 4 x 64 tokens, lr {lr:g}, warmup {warmup}, LoRA rank 8 "
           f"alpha 16 on all blocks; train_qlora.py {' '.join(extra)}", flush=True)
     for name, data in (("demo", REPO / "data"), ("bench", bench_data)):
+        if name not in args.real_corpora:
+            continue
         started = time.perf_counter()
         results = measure(scratch, data, str(real), steps, lr, args.lambdas, *extra, name=f"real-{name}",
                           warmup=warmup, max_batches=args.real_eval_batches)
