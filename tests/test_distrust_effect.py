@@ -210,13 +210,14 @@ def test_evaluate_says_when_the_base_model_is_gone(small_run, tmp_path):
 # ---------------------------------------------------------------- contested facts
 
 # Four mirrored pairs of the demo's contested facts, 8 primary and 8 consensus records each and
-# nothing else; 150 steps of 8 at 64 tokens; the probes scored at the last validation.
-CONTESTED_RUN = ["--model", "tiny", "--batch-size", "8", "--max-seq-length", "64", "--max-steps", "150",
-                 "--learning-rate", "2e-3", "--warmup-steps", "5", "--eval-steps", "150", "--checkpoint-interval",
-                 "150", "--no-tensorboard", "--no-early-stopping"]
+# nothing else; 90 steps of 8 at 64 tokens; the probes scored at the last validation.
+CONTESTED_RUN = ["--model", "tiny", "--batch-size", "8", "--max-seq-length", "64", "--max-steps", "90",
+                 "--learning-rate", "2e-3", "--warmup-steps", "5", "--eval-steps", "90", "--checkpoint-interval",
+                 "90", "--no-tensorboard", "--no-early-stopping"]
 # Measured at these settings (Linux CPU): the mean margin (primary minus consensus log-probability
 # of the probes' completions, nats; asked in the tiny model's chat template, the headline form)
-# is +0.58 at lambda 0 and +4.68 at lambda 1, 4.10 apart; 10 of 16 and 16 of 16 prefer the primary.
+# is +0.17 at lambda 0 and +3.37 at lambda 1, 3.19 apart; 8 of 16 and 16 of 16 prefer the primary
+# (at 150 steps: +0.58 and +4.68; at 60, -0.64 and +1.87).
 PROBE_MARGIN = 1.5
 
 

@@ -359,7 +359,7 @@ def test_the_start_says_the_cost_of_the_probes_when_it_is_large(tmp_path):
     assert "--probes 'every N'" in note[0] and "--probes off" in note[0]
     # One probe scored every 100 validations is not worth a word.
     write_jsonl(data / "probes.jsonl", PROBES[:1])
-    cheap = run_in_process(*RUN, "--max-steps", "400", "--eval-steps", "200", "--checkpoint-interval", "400",
+    cheap = run_in_process(*RUN, "--max-steps", "40", "--eval-steps", "20", "--checkpoint-interval", "40",
                            "--probes", "every", "100", "--data-dir", data, "--output-dir", tmp_path / "cheap")
     assert cheap.returncode == 0, cheap.stderr
     assert "note: scoring the" not in cheap.stderr
