@@ -24,14 +24,19 @@ The models:
 Llama of the same family 64 wide in place of the 1B one, 3 steps of 2 x 16 tokens): what the
 suite runs (tests/test_bench_gpu.py), so that the script works the day a GPU is lent.
 
-On the device machine nothing can be downloaded: bring MLX's CUDA wheel and its dependencies as
-files. Here (the same Python minor version as there):
+On the device machine nothing can be downloaded: bring MLX's CUDA wheel as files. Here (the same
+Python minor version as there):
 
-    pip download "mlx[cuda]==0.32.4" "mlx-lm==0.32.2" --only-binary :all: -d wheels/
-    split -b 40M wheels/mlx_cuda-*.whl wheels/mlx_cuda.whl.part-    # files too big to travel whole
+    pip download "mlx==0.32.4" "mlx-cuda-12==0.32.4" "mlx-lm==0.32.2" --no-deps \
+        --only-binary :all: --platform manylinux_2_35_x86_64 -d wheels/
+    split -b 40M wheels/mlx_cuda_12-*.whl wheels/mlx_cuda_12-0.32.4-....whl.part-   # its own name
 
-and there: `python bench/bench_gpu.py --wheels wheels/`, which joins the parts, installs the
-wheels with pip --no-index into this Python, and runs the benchmark in fresh processes.
+and there: `python bench/bench_gpu.py --wheels wheels/`, which joins the parts (NAME.whl.part-aa,
+-ab, ... back into NAME.whl), installs every wheel of the folder with pip --no-index --no-deps
+into this Python (mlx-lm's own dependencies are the project's, already installed), and runs the
+benchmark in a fresh process. mlx-cuda-12 also asks for NVIDIA's CUDA libraries as wheels
+(nvidia-cublas-cu12, nvidia-cudnn-cu12 9, ...: hundreds of MB); --no-deps leaves them out and
+MLX loads the machine's own CUDA libraries; where it cannot, bring those wheels in the folder too.
 """
 
 from __future__ import annotations
@@ -66,7 +71,7 @@ def install_wheels(folder: Path) -> None:
     """Join split wheels (NAME.whl.part-aa, -ab, ... written by `split`) and pip install every
     wheel of `folder` with no index: the device machine reaches no package registry."""
     parts: dict[str, list[Path]] = {}
-    for part in sorted(folder.glob("*.whl.part-*")):
+    for part in sorted(folder.glob("*.whl.part-*")):  # split's suffixes sort in its order
         parts.setdefault(part.name.split(".whl.part-")[0], []).append(part)
     for wheel, pieces in parts.items():
         with open(folder / f"{wheel}.whl", "wb") as out:
@@ -75,7 +80,7 @@ def install_wheels(folder: Path) -> None:
     wheels = sorted(str(w) for w in folder.glob("*.whl"))
     if not wheels:
         sys.exit(f"--wheels {folder}: no wheels there")
-    command = [sys.executable, "-m", "pip", "install", "--no-index", "--find-links", str(folder), *wheels]
+    command = [sys.executable, "-m", "pip", "install", "--no-index", "--no-deps", *wheels]
     print(" ".join(command), flush=True)
     subprocess.run(command, check=True)
 

@@ -414,9 +414,10 @@ def run_factors(args, ours_model: Path, theirs_model: Path, data: Path, lora_yam
 
     if blas_line() is None or "bundled" in (blas_line() or ""):
         print(f"note: no optimized BLAS loaded here ({blas_line()}): the OpenBLAS rows multiply like the bundled ones")
-    runs = {label: [] for _, label, _, _ in FACTORS}
+    chosen = [FACTORS[n - 1] for n in args.variants]
+    runs = {label: [] for _, label, _, _ in chosen}
     for i in range(args.repeats):
-        order = FACTORS[i % len(FACTORS):] + FACTORS[:i % len(FACTORS)]
+        order = chosen[i % len(chosen):] + chosen[:i % len(chosen)]
         for side, label, extra_env, flags in order:
             env = {k: v for k, v in os.environ.items() if k != "DISTRUST_QLORA_BLAS"}
             env.update(extra_env, TRANSFORMERS_VERBOSITY="error")
@@ -517,12 +518,21 @@ def main() -> int:
     parser.add_argument("--factors", action="store_true",
                         help="where the speed comes from: ours with MLX's bundled BLAS and with OpenBLAS, each with "
                              "the 4-bit base and its float copy, and mlx_lm lora with each BLAS (one table)")
+    parser.add_argument("--variants", default="1,2,3,4,5,6",
+                        help="--factors: which rows, by number: " + "; ".join(
+                            f"{n} {label}" for n, (_, label, _, _) in enumerate(FACTORS, 1)))
     parser.add_argument("--full-batches", action="store_true",
                         help="the demo texts joined into records longer than --max-seq-length, so that every batch "
                              "of both sides is full (the default with --size real)")
     parser.add_argument("--plain", action="store_true", help="bare commands, no phase timers")
     parser.add_argument("--keep", action="store_true", help="keep the run folders and logs")
     args = parser.parse_args()
+    try:
+        args.variants = sorted({int(n) for n in args.variants.split(",")})
+    except ValueError:
+        args.variants = []
+    if not args.variants or not set(args.variants) <= set(range(1, len(FACTORS) + 1)):
+        parser.error(f"--variants: numbers from 1 to {len(FACTORS)}, comma-separated")
     args.steps = args.steps or {"tiny": 200, "medium": 50, "real": 4}[args.size]
     args.report_every = max(1, args.steps // 10)
     while args.steps % args.report_every:
