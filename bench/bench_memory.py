@@ -3,7 +3,7 @@
     python bench/bench_memory.py [--model DIR] [--layers 4] [--hidden 512] [--vocab 128256]
                                  [--seq 64] [--batch-size 2] [--steps 3] [--rounds 3]
                                  [--loss-steps 20] [--loss-seq 16] [--loss-chunk 4] [--skip-training]
-                                 [--skip-loss] [--keep]
+                                 [--skip-loss] [--keep] [--sizes 2x128,2x512,4x2048] [--size-steps 2]
 
 A model where the logits dominate: 4 blocks 512 wide (8 heads of 64, MLP 1024)
 with a 128,256-word vocabulary (Llama 3's), its embedding tied to the output
@@ -39,6 +39,16 @@ Three parts, in one run:
    tokens a chunk) against the same run with --loss-chunk-size 0: the largest
    relative difference of a step's loss, and of the final adapters.
 
+--sizes runs part 4 instead of parts 1 to 3:
+
+4. For each batch size (ROWSxTOKENS): in this process, the MLX memory the chunked loss and its
+   gradient with respect to the hidden states take at most beyond their inputs (the loss's own
+   share of a step: it should not grow with the batch); then ours (its defaults: automatic
+   chunks, --float-base auto) and `mlx_lm lora`, --size-steps steps each, same data and
+   settings as part 2: MLX peaks and their ratio. Where mlx_lm's whole-batch loss (about four
+   float32 copies of the batch's logits) would need more than half the memory available, it is
+   not run and its logits alone, a lower bound of its peak, stand in (said so).
+
 Measured on this 2-core x86_64 Linux CPU (mlx 0.32.4 CPU, mlx_lm 0.32.2), the
 defaults, load average 2 to 3 (`--rounds 8 --skip-training` for part 1,
 `--steps 6 --skip-loss` for part 2, the defaults for part 3):
@@ -51,6 +61,18 @@ defaults, load average 2 to 3 (`--rounds 8 --skip-training` for part 1,
      13.9 s (1.015x of ours unchunked); with --grad-checkpoint 15.4, 16.1,
      15.1 s (0.96x). Process CPU seconds: 1.018x and 0.993x of unchunked.
   3. 20 of 20 step losses identical, the adapters identical.
+
+Part 4, `--layers 2 --hidden 128 --sizes 2x128,2x512,2x1024,4x2048` (2 steps a run; ours with
+its float copy, as --float-base auto chose; load average 9 to 10), chunks of 32 tokens throughout:
+
+       batch   loss alone    ours   mlx_lm lora   ours/mlx_lm
+     2 x 128        82 MB  156 MB        541 MB         0.29x
+     2 x 512        83 MB  183 MB      2,151 MB         0.08x
+    2 x 1024        83 MB  234 MB      4,312 MB         0.05x
+    4 x 2048        86 MB  863 MB   >= 4,203 MB      <= 0.21x  (mlx_lm not run: ~16.8 GB)
+
+Before the gate between chunks (chunked_loss.GATE_OPERATIONS) the loss alone took 247 MB
+(15 chunk-sized buffers) at every size from 2 x 128 on.
 
 With `--model` SmolLM2-135M's GGUF (49,152 words, 30 blocks), part 1 at 2
 rounds: MLX peak 374 MB against 460 MB (0.81x: the blocks weigh more there),
