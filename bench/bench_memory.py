@@ -71,8 +71,8 @@ its float copy, as --float-base auto chose; load average 9 to 10), chunks of 32 
     2 x 1024        83 MB  234 MB      4,312 MB         0.05x
     4 x 2048        86 MB  863 MB   >= 4,203 MB      <= 0.21x  (mlx_lm not run: ~16.8 GB)
 
-Before the gate between chunks (chunked_loss.GATE_OPERATIONS) the loss alone took 247 MB
-(15 chunk-sized buffers) at every size from 2 x 128 on.
+Before the gate between chunks (chunked_loss.GATE_OPERATIONS), in chunks of 32 tokens, the
+loss alone took 247 MB (15 chunk-sized buffers) at every size measured, 128 to 1,024 tokens.
 
 With `--model` SmolLM2-135M's GGUF (49,152 words, 30 blocks), part 1 at 2
 rounds: MLX peak 374 MB against 460 MB (0.81x: the blocks weigh more there),
