@@ -29,7 +29,7 @@ Python minor version as there):
 
     pip download "mlx==0.32.4" "mlx-cuda-12==0.32.4" "mlx-lm==0.32.2" --no-deps \
         --only-binary :all: --platform manylinux_2_35_x86_64 -d wheels/
-    split -b 40M wheels/mlx_cuda_12-*.whl wheels/mlx_cuda_12-0.32.4-....whl.part-   # its own name
+    f=$(ls wheels/mlx_cuda_12-*.whl); split -b 40M "$f" "$f.part-" && rm "$f"   # too big to travel whole
 
 and there: `python bench/bench_gpu.py --wheels wheels/`, which joins the parts (NAME.whl.part-aa,
 -ab, ... back into NAME.whl), installs every wheel of the folder with pip --no-index --no-deps
@@ -176,9 +176,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--models: {', '.join(unknown) or 'none given'}: choose among {', '.join(SETTINGS)}")
     if args.wheels:
         install_wheels(args.wheels)
-        rest = list(argv if argv is not None else sys.argv[1:])
-        at = rest.index("--wheels")  # the benchmark itself in a fresh process, which imports what was installed
-        return subprocess.run([sys.executable, __file__, *rest[:at], *rest[at + 2:]]).returncode
+        given = list(argv if argv is not None else sys.argv[1:])
+        rest = [a for i, a in enumerate(given) if not a.startswith("--wheels") and
+                not (i and given[i - 1] == "--wheels")]
+        # The benchmark itself in a fresh process, which imports what was just installed.
+        return subprocess.run([sys.executable, __file__, *rest]).returncode
 
     sys.path.insert(0, str(SRC))
     import mlx.core as mx
