@@ -455,8 +455,10 @@ def print_factors(runs: dict, args, title: str = "where the speed comes from",
     MLX peak; then, for each (column, label) of `against`, tokens a second as a ratio to that
     label's (default: today's ours, mlx_lm lora with its bundled BLAS and with OpenBLAS), and
     the MLX peak as a ratio to the last one's."""
-    if against is None:
-        against = (("x today", FACTORS[0][1]), ("x mlx_lm", FACTORS[4][1]), ("x mlx_lm+OpenBLAS", FACTORS[5][1]))
+    if against is None:  # those of the rows that were run
+        against = tuple((column, label) for column, label in (
+            ("x today", FACTORS[0][1]), ("x mlx_lm", FACTORS[4][1]), ("x mlx_lm+OpenBLAS", FACTORS[5][1]))
+            if label in runs)
     best = {}
     for label, results in runs.items():
         good = [r for r in results if r["rc"] == 0 and r.get("steady")]
@@ -492,10 +494,12 @@ def print_factors(runs: dict, args, title: str = "where the speed comes from",
     for label, results in runs.items():
         print(f"  {label}: s/step {seconds(r.get('steady') for r in results)}; first step(s) "
               f"{seconds(r.get('first') for r in results)} s")
-    said = next((r.get("log", "") for label, r in best.items() if label.startswith("ours") or ": ours" in label), "")
+    ours_rows = [label for label in best if label.startswith("ours") or ": ours" in label]
+    shown = next((label for label in ours_rows if "(default)" in label), ours_rows[0] if ours_rows else None)
+    said = best[shown].get("log", "") if shown else ""
     for line in said.splitlines():
         if line.startswith(("blas:", "base:")):
-            print(f"  ours says: {line}")
+            print(f"  {shown} says: {line}")
 
 
 def main() -> int:
