@@ -18,6 +18,21 @@ timings with the first --report-every steps (compilation) left out, tokens a ste
 second, MLX peak; tokens a second as ratios to ours as it ran before (bundled BLAS, 4-bit
 base: "today") and to mlx_lm lora with either BLAS.
 
+Measured (2-core x86_64, mlx 0.32.4 CPU, mlx_lm 0.32.2, OpenBLAS 0.3.21 at 2 threads; the
+machine shared, load average in brackets; `--size real --factors --steps 3 --val-batches 1`):
+
+  --batch-size 2 --max-seq-length 64, all six rows, 1 run each [9-11]: s/step 65.5 today,
+    60.2 bundled + float copy, 58.3 OpenBLAS + 4-bit, 9.30 ours (OpenBLAS + float copy),
+    84.3 mlx_lm, 55.2 mlx_lm + OpenBLAS: ours 7.0x today, 9.2x mlx_lm, 6.0x mlx_lm + OpenBLAS;
+    MLX peak 782 MiB (float copy) against 394 (4-bit) and mlx_lm's 461.
+  --variants 1,4,5 --batch-size 2 --max-seq-length 64 --repeats 2 [3-8]: 23.0 / 1.675 / 18.2
+    s a step (best of 2): ours 13.7x today, 11.0x mlx_lm.
+  --variants 1,4,5 --batch-size 4 --max-seq-length 64 [6]: 33.0 / 3.88 / 38.2 s a step: ours
+    8.5x today, 10.0x mlx_lm; MLX peak 994 MiB against 605 (today) and 739 (mlx_lm).
+  The float copy without OpenBLAS, or OpenBLAS without the float copy, gains nothing (1.1x):
+  4-bit products do not use BLAS, and the float ones are as slow as them with the reference
+  BLAS; together they do. The slow rows' steps swing with the load by up to 1.5x.
+
 Both sides train the same 4-bit model (a copy quantized once with
 `mlx_lm.convert`, group size 64, float32 scales; ours sees it is quantized and
 does not quantize again), on the same texts (data/train.jsonl, data/val.jsonl;
