@@ -99,6 +99,11 @@ def blas_line() -> str | None:
     return f"blas: {_describe(place, library)}, {os.environ.get(THREADS_VARIABLE, '?')} threads ({THREADS_VARIABLE})"
 
 
+def multiplies_slowly() -> bool:
+    """Whether this process's float products go through MLX's bundled reference BLAS."""
+    return _state["applies"] and _state["library"] is None
+
+
 def blas_identity() -> dict:
     """What the products' bits depend on, for a checkpoint to compare on resume: the library
     and the thread count (None where MLX's bundled BLAS or no CPU BLAS is used)."""

@@ -64,10 +64,16 @@ def choose(setting: str, model: nn.Module) -> tuple[bool, str]:
         return True, "--float-base on"
     if mx.default_device() != mx.cpu:
         return False, "not on the CPU (4-bit kernels are fast on the GPU)"
+    import os
+
+    from errors import UserError
     from memory_check import memory_limit, size_text
 
     float_bytes, _ = copy_sizes(model)
-    limit, source = memory_limit()
+    try:
+        limit, source = memory_limit()
+    except UserError:  # a DISTRUST_QLORA_MEMORY_LIMIT that is no size, under --no-memory-check (refused with it)
+        limit, source = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "physical memory"
     needed = mx.get_active_memory() + float_bytes
     if needed > FIT_SHARE * limit:
         return False, (f"the float32 copy ({size_text(float_bytes)}) would leave less than half of the "

@@ -50,8 +50,9 @@ class MachineFault(Exception):
 
 
 def check_start() -> None:
-    """What every command checks first: the working directory exists, and mlx-lm can be
-    imported under this process's open-files limit."""
+    """What every command checks first: the working directory exists, the BLAS that
+    DISTRUST_QLORA_BLAS names could be loaded (cpu_blas.py), and mlx-lm can be imported
+    under this process's open-files limit."""
     from cpu_blas import check_blas
 
     check_working_directory()

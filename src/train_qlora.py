@@ -474,6 +474,8 @@ def compute_with(model, float_base: str, bits: str) -> dict:
     backend (cpu_blas.py), and the base in its quantized form or with float32 copies of its
     quantized layers (float_base.py, --float-base), made here. Returns what a checkpoint
     records of it (DistrustTrainer.arithmetic)."""
+    import mlx.core as mx
+
     from cpu_blas import blas_identity, blas_line
     from float_base import choose, copy_sizes, float_base_line, use_float_base
 
@@ -484,8 +486,6 @@ def compute_with(model, float_base: str, bits: str) -> dict:
     sizes = copy_sizes(model)
     if on:
         use_float_base(model)
-    import mlx.core as mx
-
     if on or sizes[0] and mx.default_device() == mx.cpu:  # on Metal and CUDA, the quantized form says nothing
         print(float_base_line(on, why, sizes, bits), file=sys.stderr)
     return {"float_base": on, **blas_identity()}
