@@ -29,6 +29,8 @@ machine shared, load average in brackets; `--size real --factors --steps 3 --val
     s a step (best of 2): ours 13.7x today, 11.0x mlx_lm.
   --variants 1,4,5 --batch-size 4 --max-seq-length 64 [6]: 33.0 / 3.88 / 38.2 s a step: ours
     8.5x today, 10.0x mlx_lm; MLX peak 994 MiB against 605 (today) and 739 (mlx_lm).
+  the same with --repeats 2 [3-6]: 31.8 / 2.03 / 30.7 s a step (best of 2; 125.9 tok/s against
+    8.0 and 8.2): ours 15.7x today, 15.3x mlx_lm.
   The float copy without OpenBLAS, or OpenBLAS without the float copy, gains nothing (1.1x):
   4-bit products do not use BLAS, and the float ones are as slow as them with the reference
   BLAS; together they do. The slow rows' steps swing with the load by up to 1.5x.
