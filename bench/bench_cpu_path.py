@@ -15,8 +15,9 @@ train.jsonl, batch 4 x 64 tokens, LoRA rank 16 on every block. Two parts, in one
    OpenBLAS + float copy run are loaded by mlx_lm.load on the 4-bit base they name, and that
    model's logits are compared with the float copy's (the adapters are the quantized base's).
 
-A 4-bit step of 4 x 64 tokens takes about a minute on two cores: the default 3 steps keep the
-whole run to some minutes. Ratios, not times, are what to compare on a shared machine.
+A 4-bit step of 4 x 64 tokens takes 30-110 s on two shared cores: with the default 3 steps the
+whole run takes 10-20 minutes there. The runs follow one another, so a machine whose load
+changes meanwhile moves the ratios: compare several runs.
 """
 
 from __future__ import annotations

@@ -81,9 +81,9 @@ from functools import partial
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import MEDIUM_CONFIG, REPO, SRC, random_model, run_child, scratch_dir  # noqa: E402
+from common import BLAS_PRELUDE, MEDIUM_CONFIG, REPO, SRC, random_model, run_child, scratch_dir  # noqa: E402
 
-THEIRS_WRAPPER = r"""
+THEIRS_WRAPPER = BLAS_PRELUDE + r"""
 import json, sys, time
 import mlx.core as mx
 import mlx_lm.lora

@@ -3,7 +3,7 @@
     python bench/bench_memory.py [--model DIR] [--layers 4] [--hidden 512] [--vocab 128256]
                                  [--seq 64] [--batch-size 2] [--steps 3] [--rounds 3]
                                  [--loss-steps 20] [--loss-seq 16] [--loss-chunk 4] [--skip-training]
-                                 [--skip-loss] [--keep]
+                                 [--skip-loss] [--keep] [--sizes 2x128,2x512,4x2048] [--size-steps 2]
 
 A model where the logits dominate: 4 blocks 512 wide (8 heads of 64, MLP 1024)
 with a 128,256-word vocabulary (Llama 3's), its embedding tied to the output
@@ -39,6 +39,16 @@ Three parts, in one run:
    tokens a chunk) against the same run with --loss-chunk-size 0: the largest
    relative difference of a step's loss, and of the final adapters.
 
+--sizes runs part 4 instead of parts 1 to 3:
+
+4. For each batch size (ROWSxTOKENS): in this process, the MLX memory the chunked loss and its
+   gradient with respect to the hidden states take at most beyond their inputs (the loss's own
+   share of a step: it should not grow with the batch); then ours (its defaults: automatic
+   chunks, --float-base auto) and `mlx_lm lora`, --size-steps steps each, same data and
+   settings as part 2: MLX peaks and their ratio. Where mlx_lm's whole-batch loss (about four
+   float32 copies of the batch's logits) would need more than half the memory available, it is
+   not run and its logits alone, a lower bound of its peak, stand in (said so).
+
 Measured on this 2-core x86_64 Linux CPU (mlx 0.32.4 CPU, mlx_lm 0.32.2), the
 defaults, load average 2 to 3 (`--rounds 8 --skip-training` for part 1,
 `--steps 6 --skip-loss` for part 2, the defaults for part 3):
@@ -52,6 +62,18 @@ defaults, load average 2 to 3 (`--rounds 8 --skip-training` for part 1,
      15.1 s (0.96x). Process CPU seconds: 1.018x and 0.993x of unchunked.
   3. 20 of 20 step losses identical, the adapters identical.
 
+Part 4, `--layers 2 --hidden 128 --sizes 2x128,2x512,2x1024,4x2048` (2 steps a run; ours with
+its float copy, as --float-base auto chose; load average 9 to 10), chunks of 32 tokens throughout:
+
+       batch   loss alone    ours   mlx_lm lora   ours/mlx_lm
+     2 x 128        82 MB  156 MB        541 MB         0.29x
+     2 x 512        83 MB  183 MB      2,151 MB         0.08x
+    2 x 1024        83 MB  234 MB      4,312 MB         0.05x
+    4 x 2048        86 MB  863 MB   >= 4,203 MB      <= 0.21x  (mlx_lm not run: ~16.8 GB)
+
+Before the gate between chunks (chunked_loss.GATE_OPERATIONS), in chunks of 32 tokens, the
+loss alone took 247 MB (15 chunk-sized buffers) at every size measured, 128 to 1,024 tokens.
+
 With `--model` SmolLM2-135M's GGUF (49,152 words, 30 blocks), part 1 at 2
 rounds: MLX peak 374 MB against 460 MB (0.81x: the blocks weigh more there),
 0.95x the time, equal to the bit.
@@ -60,6 +82,7 @@ rounds: MLX peak 374 MB against 460 MB (0.81x: the blocks weigh more there),
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import platform
 import statistics
@@ -72,6 +95,9 @@ from bench_grad_checkpoint import long_records, shared_inputs, steady, theirs, w
 from bench_grad_checkpoint import ours as ours_run  # noqa: E402
 from common import SRC, random_model, scratch_dir  # noqa: E402
 
+# The whole batch's loss allocates about this many float32 copies of its logits at once (the
+# logits, their softmax, the gradient's two terms): 4.0 measured for part 1's "whole" at 512 tokens.
+MLX_LM_LOGIT_COPIES = 4
 LARGE_VOCABULARY = {"num_hidden_layers": 4, "hidden_size": 512, "intermediate_size": 1024, "num_attention_heads": 8,
                     "num_key_value_heads": 8, "head_dim": 64, "vocab_size": 128256, "max_position_embeddings": 8192}
 
@@ -253,6 +279,120 @@ def print_loss(chunked: dict, whole: dict, args) -> None:
     print(f"   losses chunked: {', '.join(f'{x:.6f}' for x in a)}")
 
 
+# ---------------------------------------------------------------------------
+# 4. several batch sizes
+
+
+def batch_sizes(text: str) -> list[tuple[int, int]]:
+    """`2x128,2x512,4x2048` -> [(2, 128), (2, 512), (4, 2048)]."""
+    try:
+        sizes = [tuple(int(n) for n in part.lower().split("x")) for part in text.split(",")]
+    except ValueError:
+        sizes = []
+    if not sizes or any(len(size) != 2 or min(size) < 1 for size in sizes):
+        raise SystemExit(f"--sizes {text!r}: give batch sizes as ROWSxTOKENS, comma-separated, e.g. 2x128,2x512")
+    return sizes
+
+
+def loss_alone(model_path: Path, sizes: list[tuple[int, int]], width: int) -> dict:
+    """In this process, for each batch size: the MLX memory the chunked loss and its gradient
+    with respect to the hidden states allocate at most beyond their inputs (the compiled pass,
+    as in a step), on the model's own output layer as a run on this machine computes it
+    (--float-base's automatic choice), and the tokens of a chunk."""
+    import mlx.core as mx
+
+    from chunked_loss import AUTO, loss_plan, weighted_sum_in_chunks
+    from float_base import choose, use_float_base
+    from modeling import load_model
+
+    model = load_model(str(model_path), 4).model
+    model.freeze()
+    on, _ = choose("auto", model)
+    if on:
+        use_float_base(model)
+    plan = loss_plan(model, AUTO)
+    result = {}
+    for rows, length in sizes:
+        chunk = plan.chunk_for(rows * length)
+        mx.random.seed(0)
+        hidden = mx.random.normal((rows, length, width)) * 0.5
+        targets = mx.random.randint(0, plan.vocabulary, (rows, length))
+        mask, weights = mx.ones((rows, length)), mx.linspace(0.5, 2.0, rows)
+        mx.eval(hidden, targets, mask, weights)
+
+        def weighted(h):
+            return weighted_sum_in_chunks(plan.head, h, targets, mask, weights, chunk)[0]
+
+        step = mx.compile(mx.value_and_grad(weighted))
+        mx.synchronize()
+        mx.reset_peak_memory()
+        before = mx.get_active_memory()
+        mx.eval(step(hidden))
+        result[rows, length] = {"peak": mx.get_peak_memory() - before, "chunk": chunk,
+                                "chunk_logits": 4 * chunk * plan.vocabulary, "float_base": on}
+        print(f"loss alone at {rows} x {length}: {result[rows, length]['peak'] / 1e6:,.0f} MB", flush=True)
+    return result
+
+
+def available_memory() -> int | None:
+    """MemAvailable of /proc/meminfo, in bytes (None elsewhere)."""
+    try:
+        with open("/proc/meminfo", encoding="utf-8") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def size_runs(args, model: Path, work: Path, sizes: list[tuple[int, int]], vocabulary: int) -> dict:
+    """For each batch size, ours and `mlx_lm lora` (--size-steps steps each, same data and
+    settings as part 2). mlx_lm holds the whole batch's logits, their softmax and the gradient's
+    terms (about MLX_LM_LOGIT_COPIES float32 copies): where that would take more than half of
+    the memory available now, it is not run, and its logits alone (a lower bound of its peak)
+    stand in, said so."""
+    config = work / "lora.yaml"
+    config.write_text('{"lora_parameters": {"rank": 8, "scale": 2.0, "dropout": 0.0}}')  # as part 2's
+    results = {}
+    for rows, length in sizes:
+        data = write_data(work / f"data-{length}", length)
+        sized = copy.copy(args)
+        sized.batch_size, sized.seq, sized.steps = rows, length, args.size_steps
+        ours_result = ours(sized, model, data, work / f"ours-{rows}x{length}", False)
+        logits = 4 * rows * length * vocabulary
+        free = available_memory()
+        if free is not None and MLX_LM_LOGIT_COPIES * logits > free / 2:
+            theirs_result = {"peak": logits, "bound": True, "needs": MLX_LM_LOGIT_COPIES * logits, "free": free}
+        else:
+            theirs_result = theirs(sized, model, data, work / f"theirs-{rows}x{length}", config, False)
+        results[rows, length] = (ours_result, theirs_result)
+        print(f"ran {rows} x {length}", flush=True)
+    return results
+
+
+def print_sizes(alone: dict, runs: dict, vocabulary: int) -> None:
+    def mb(value: float) -> str:
+        return f"{value / 1e6:,.0f} MB"
+
+    first = next(iter(alone.values()))
+    print(f"\n4. several batch sizes ({vocabulary:,}-word vocabulary; ours: the defaults, automatic chunks, "
+          f"float copy of the base {'on' if first['float_base'] else 'off'} as --float-base auto chose here):")
+    print(f"{'batch':>12}{'chunk':>7}{'loss alone':>12}{'(chunk logits)':>16}{'ours':>10}{'mlx_lm lora':>14}"
+          f"{'ours/mlx_lm':>13}")
+    for size, (o, t) in runs.items():
+        a = alone[size]
+        theirs_text = (">= " if t.get("bound") else "") + mb(t["peak"])
+        ratio = f"{'<= ' if t.get('bound') else ''}{o['peak'] / t['peak']:.2f}x"
+        print(f"{f'{size[0]} x {size[1]}':>12}{a['chunk']:>7}{mb(a['peak']):>12}{'(' + mb(a['chunk_logits']) + ')':>16}"
+              f"{mb(o['peak']):>10}{theirs_text:>14}{ratio:>13}")
+    for size, (_, t) in runs.items():
+        if t.get("bound"):
+            print(f"  {size[0]} x {size[1]}: mlx_lm lora not run: about {MLX_LM_LOGIT_COPIES} float32 copies of its "
+                  f"logits ({mb(t['needs'])}) against {mb(t['free'])} available now; its logits alone "
+                  f"({mb(t['peak'])}) are a lower bound of its peak, so the ratio is an upper bound")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", help="an mlx-lm model folder or GGUF file instead of the random large-vocabulary "
@@ -270,7 +410,11 @@ def main() -> int:
     parser.add_argument("--skip-training", action="store_true", help="part 1 only")
     parser.add_argument("--skip-loss", action="store_true", help="parts 1 and 2 only")
     parser.add_argument("--keep", action="store_true", help="keep the run folders and logs")
+    parser.add_argument("--sizes", help="part 4 only: batch sizes ROWSxTOKENS, comma-separated (e.g. "
+                                        "2x128,2x512,4x2048): the loss's own peak, ours' and mlx_lm lora's")
+    parser.add_argument("--size-steps", type=int, default=2, help="steps of each run of part 4")
     args = parser.parse_args()
+    sizes = batch_sizes(args.sizes) if args.sizes else None
 
     import mlx.core as mx
     import mlx_lm
@@ -279,6 +423,18 @@ def main() -> int:
     print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, {platform.system()}; mlx {mx.__version__}, "
           f"mlx_lm {mlx_lm.__version__}; device {mx.default_device()}; load average "
           f"{', '.join(f'{x:.1f}' for x in os.getloadavg())}")
+    if sizes:
+        import json
+
+        shape = json.loads((model / "config.json").read_text())
+        vocabulary = shape["vocab_size"]
+        print(f"model: {model} ({shape['num_hidden_layers']} blocks {shape['hidden_size']} wide, {vocabulary:,} "
+              f"words, 4-bit); LoRA rank 8 on every block; Adam; {args.size_steps} steps a run", flush=True)
+        alone = loss_alone(model, sizes, shape["hidden_size"])
+        with scratch_dir("bench-memory-", args.keep) as work:
+            print_sizes(alone, size_runs(args, model, work, sizes, vocabulary), vocabulary)
+        print(f"load average at the end: {', '.join(f'{x:.1f}' for x in os.getloadavg())}")
+        return 0
     print(f"model: {model}; batch {args.batch_size} x {args.seq} tokens; LoRA rank 8 on every block; Adam", flush=True)
     print_in_process(in_process(args, model))
     if args.skip_training:

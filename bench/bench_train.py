@@ -1,8 +1,39 @@
 """Wall time and peak memory of our trainer beside `mlx_lm lora`, in one run.
 
-    python bench/bench_train.py [--size tiny|medium] [--steps 200] [--batch-size 8]
+    python bench/bench_train.py [--size tiny|medium|real] [--steps 200] [--batch-size 8]
                                 [--max-seq-length 256] [--lora-rank 16] [--lora-layers -1]
-                                [--repeats 2] [--with-eval-checkpoints] [--openblas] [--plain]
+                                [--repeats 2] [--with-eval-checkpoints] [--factors]
+                                [--full-batches] [--plain]
+
+--size real: SmolLM2-135M-Instruct from its GGUF file (bench/real_model.py fetches it): ours is
+given the GGUF file, mlx_lm lora the 4-bit mlx-lm folder ours builds from it (the same folder
+ours then trains), on full batches: the demo texts joined into records longer than
+--max-seq-length (--full-batches), so both sides train batch x length tokens every step.
+
+--factors: where the speed comes from, in one table: ours with MLX's bundled reference BLAS
+(DISTRUST_QLORA_BLAS=bundled) and with the installed OpenBLAS, each with the 4-bit base
+(--float-base off) and with its float32 copy; mlx_lm lora with each BLAS (its process loads
+the same library before MLX, as ours does: cpu_blas.py). Seconds a step from the steps' own
+timings with the first --report-every steps (compilation) left out, tokens a step and a
+second, MLX peak; tokens a second as ratios to ours as it ran before (bundled BLAS, 4-bit
+base: "today") and to mlx_lm lora with either BLAS.
+
+Measured (2-core x86_64, mlx 0.32.4 CPU, mlx_lm 0.32.2, OpenBLAS 0.3.21 at 2 threads; the
+machine shared, load average in brackets; `--size real --factors --steps 3 --val-batches 1`):
+
+  --batch-size 2 --max-seq-length 64, all six rows, 1 run each [9-11]: s/step 65.5 today,
+    60.2 bundled + float copy, 58.3 OpenBLAS + 4-bit, 9.30 ours (OpenBLAS + float copy),
+    84.3 mlx_lm, 55.2 mlx_lm + OpenBLAS: ours 7.0x today, 9.2x mlx_lm, 6.0x mlx_lm + OpenBLAS;
+    MLX peak 782 MiB (float copy) against 394 (4-bit) and mlx_lm's 461.
+  --variants 1,4,5 --batch-size 2 --max-seq-length 64 --repeats 2 [3-8]: 23.0 / 1.675 / 18.2
+    s a step (best of 2): ours 13.7x today, 11.0x mlx_lm.
+  --variants 1,4,5 --batch-size 4 --max-seq-length 64 [6]: 33.0 / 3.88 / 38.2 s a step: ours
+    8.5x today, 10.0x mlx_lm; MLX peak 994 MiB against 605 (today) and 739 (mlx_lm).
+  the same with --repeats 2 [3-6]: 31.8 / 2.03 / 30.7 s a step (best of 2; 125.9 tok/s against
+    8.0 and 8.2): ours 15.7x today, 15.3x mlx_lm.
+  The float copy without OpenBLAS, or OpenBLAS without the float copy, gains nothing (1.1x):
+  4-bit products do not use BLAS, and the float ones are as slow as them with the reference
+  BLAS; together they do. The slow rows' steps swing with the load by up to 1.5x.
 
 Both sides train the same 4-bit model (a copy quantized once with
 `mlx_lm.convert`, group size 64, float32 scales; ours sees it is quantized and
@@ -50,13 +81,26 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import REPO, SRC, bench_cache, medium_model, run_child  # noqa: E402
+from common import BLAS_PRELUDE, REPO, SRC, bench_cache, medium_model, run_child  # noqa: E402
 
-OPENBLAS = Path("/usr/lib/x86_64-linux-gnu/libopenblas.so.0")
 QUANT_BITS, QUANT_GROUP = 4, 64
 
 # ---------------------------------------------------------------------------
 # the models
+
+
+def real_folder() -> tuple[Path, Path]:
+    """(SmolLM2-135M's GGUF file, the 4-bit mlx-lm folder built from it once): ours is given the
+    GGUF file, and resolves it to that folder; mlx_lm lora is given the folder."""
+    from real_model import gguf_path
+
+    gguf = gguf_path()
+    if not gguf.is_file():
+        sys.exit(f"--size real: {gguf} is not there; python bench/real_model.py fetches it")
+    sys.path.insert(0, str(SRC))
+    from modeling import prepare_base, resolve_model
+
+    return gguf, Path(prepare_base(resolve_model(str(gguf)), QUANT_BITS, shown=str(gguf)).path)
 
 
 def base_model(size: str) -> Path:
@@ -99,7 +143,7 @@ def text_only_copy(data_dir: Path, folder: Path) -> Path:
 # the wrappers: the same programs, run by runpy, with timers around phases.
 # They print one line `BENCH_PHASES {json}` to stderr at exit.
 
-_COMMON = r"""
+_COMMON = BLAS_PRELUDE + r"""
 import atexit, json, os, sys, time
 T_START = time.time()
 PH = {"t_start": T_START}
@@ -187,7 +231,7 @@ def run_side(cmd: list[str], env: dict, log_path: Path) -> dict:
     return result
 
 
-def ours_command(args, model: Path, out: Path, plain: bool) -> list[str]:
+def ours_command(args, model: Path, out: Path, plain: bool, *extra: str) -> list[str]:
     far = args.steps + 1 if not args.with_eval_checkpoints else args.eval_every
     cmd = ["src/train_qlora.py", "--model", str(model), "--data-dir", str(args.data_dir),
            "--output-dir", str(out), "--max-steps", str(args.steps), "--batch-size", str(args.batch_size),
@@ -195,7 +239,7 @@ def ours_command(args, model: Path, out: Path, plain: bool) -> list[str]:
            "--lora-alpha", str(args.lora_alpha), "--lora-layers", str(args.layers),
            "--learning-rate", str(args.learning_rate), "--warmup-steps", "0",
            "--eval-steps", str(far), "--checkpoint-interval", str(far), "--val-batches", str(args.val_batches),
-           "--no-early-stopping", "--fresh", "--seed", "0"]
+           "--no-early-stopping", "--fresh", "--seed", "0", *extra]
     if plain:
         return [sys.executable] + cmd
     return [sys.executable, "-c", OURS_WRAPPER] + cmd
@@ -365,10 +409,121 @@ def print_block(title: str, ours_runs: list[dict], theirs_runs: list[dict], args
         print(f"ours' summary line: {summary[-1].strip()}")
 
 
+# ---------------------------------------------------------------------------
+# --factors: where the speed comes from
+
+BUNDLED = {"DISTRUST_QLORA_BLAS": "bundled"}  # cpu_blas.py: keep MLX's reference BLAS
+# (side, label, environment, our flags). The first is ours as it ran before the optimized BLAS and
+# the float copy existed; "today" in the table.
+FACTORS = [
+    ("ours", "ours: bundled BLAS, 4-bit base", BUNDLED, ["--float-base", "off"]),
+    ("ours", "ours: bundled BLAS, float copy", BUNDLED, ["--float-base", "on"]),
+    ("ours", "ours: OpenBLAS, 4-bit base", {}, ["--float-base", "off"]),
+    ("ours", "ours: OpenBLAS, float copy (default)", {}, ["--float-base", "auto"]),
+    ("mlx_lm", "mlx_lm lora: bundled BLAS", BUNDLED, []),
+    ("mlx_lm", "mlx_lm lora: OpenBLAS", {}, []),
+]
+
+
+def run_factors(args, ours_model: Path, theirs_model: Path, data: Path, lora_yaml: Path, work: Path) -> dict:
+    """Each variant of FACTORS --repeats times, the order rotated each round; the runs kept."""
+    from cpu_blas import blas_line
+
+    if blas_line() is None or "bundled" in (blas_line() or ""):
+        print(f"note: no optimized BLAS loaded here ({blas_line()}): the OpenBLAS rows multiply like the bundled ones")
+    chosen = [FACTORS[n - 1] for n in args.variants]
+    runs = {label: [] for _, label, _, _ in chosen}
+    for i in range(args.repeats):
+        order = chosen[i % len(chosen):] + chosen[:i % len(chosen)]
+        for side, label, extra_env, flags in order:
+            env = {k: v for k, v in os.environ.items() if k != "DISTRUST_QLORA_BLAS"}
+            env.update(extra_env, TRANSFORMERS_VERBOSITY="error")
+            out = work / f"{label.replace(' ', '_').replace(',', '').replace(':', '')}-{i}"
+            if side == "ours":
+                cmd = ours_command(args, ours_model, out, args.plain, *flags)
+                shown = ours_command(args, ours_model, out, True, *flags)
+            else:
+                cmd = theirs_command(args, theirs_model, data, out, lora_yaml, args.plain)
+                shown = theirs_command(args, theirs_model, data, out, lora_yaml, True)
+            if i == 0:
+                print(f"{label}: {' '.join(f'{k}={v}' for k, v in extra_env.items())} "
+                      f"{' '.join(shown).replace(str(work) + '/', '')}", flush=True)
+            result = run_side(cmd, env, work / f"{out.name}.log")
+            if side == "ours":
+                read_ours(result, out, args.report_every)
+                result["tokens_per_step"] = result["tokens"] / result["steps"] if result.get("steps") else None
+            else:
+                read_theirs(result, args.report_every)
+                result["tokens_per_step"] = result["tokens"] / result["steps"] if result.get("steps") else None
+            if result["rc"] != 0:
+                print(f"WARNING: {label} run {i} exited {result['rc']}; log tail:\n"
+                      + "\n".join(result["log"].splitlines()[-15:]))
+            runs[label].append(result)
+            steady = result.get("steady")
+            print(f"  ran {label} ({i + 1}/{args.repeats}): "
+                  f"{'-' if steady is None else f'{steady:.2f}'} s a step after the first {args.report_every}", flush=True)
+    return runs
+
+
+def print_factors(runs: dict, args, title: str = "where the speed comes from",
+                  against: tuple[tuple[str, str], ...] | None = None) -> None:
+    """The table of `runs` ({label: runs}): seconds a step (the steps' own timings, the first
+    --report-every steps left out: start-up and compilation excluded), tokens a step and a second,
+    MLX peak; then, for each (column, label) of `against`, tokens a second as a ratio to that
+    label's (default: today's ours, mlx_lm lora with its bundled BLAS and with OpenBLAS), and
+    the MLX peak as a ratio to the last one's."""
+    if against is None:  # those of the rows that were run
+        against = tuple((column, label) for column, label in (
+            ("x today", FACTORS[0][1]), ("x mlx_lm", FACTORS[4][1]), ("x mlx_lm+OpenBLAS", FACTORS[5][1]))
+            if label in runs)
+    best = {}
+    for label, results in runs.items():
+        good = [r for r in results if r["rc"] == 0 and r.get("steady")]
+        if good:
+            chosen = min(good, key=lambda r: r["steady"])
+            chosen["tps"] = chosen["tokens_per_step"] / chosen["steady"] if chosen.get("tokens_per_step") else None
+            best[label] = chosen
+
+    def ratio(label: str, other: str, key: str) -> str:
+        a, b = best.get(label, {}).get(key), best.get(other, {}).get(key)
+        return "-" if not a or not b else f"{a / b:.{1 if key == 'tps' else 2}f}x"
+
+    print(f"\n=== {title}: {args.steps} steps of {args.batch_size} x {args.max_seq_length} tokens, LoRA rank "
+          f"{args.lora_rank} on {args.layers} blocks; best of {args.repeats} run(s) each; the first "
+          f"{args.report_every} step(s) (compilation) left out ===")
+    width = max(len(label) for label in runs)
+    columns = [name for name, _ in against] + [f"peak {against[-1][0]}"]
+    print(f"{'':<{width}}  {'s/step':>7}  {'tokens/step':>11}  {'tok/s':>8}  {'MLX peak':>10}  "
+          + "  ".join(f"{c:>{max(8, len(c))}}" for c in columns))
+    for label in runs:
+        r = best.get(label)
+        if r is None:
+            print(f"{label:<{width}}  (no run finished)")
+            continue
+        cells = [ratio(label, other, "tps") for _, other in against] + [ratio(label, against[-1][1], "mlx_peak")]
+        print(f"{label:<{width}}  {r['steady']:>7.3f}  {r['tokens_per_step'] or 0:>11,.0f}  {r['tps'] or 0:>8.1f}  "
+              f"{fmt_bytes(r.get('mlx_peak')):>10}  "
+              + "  ".join(f"{cell:>{max(8, len(c))}}" for cell, c in zip(cells, columns)))
+
+    def seconds(values) -> str:
+        return ", ".join("-" if v is None else f"{v:.3f}" for v in values)
+
+    for label, results in runs.items():
+        print(f"  {label}: s/step {seconds(r.get('steady') for r in results)}; first step(s) "
+              f"{seconds(r.get('first') for r in results)} s")
+    ours_rows = [label for label in best if label.startswith("ours") or ": ours" in label]
+    shown = next((label for label in ours_rows if "(default)" in label), ours_rows[0] if ours_rows else None)
+    said = best[shown].get("log", "") if shown else ""
+    for line in said.splitlines():
+        if line.startswith(("blas:", "base:")):
+            print(f"  {shown} says: {line}")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--size", choices=["tiny", "medium"], default="tiny")
-    parser.add_argument("--steps", type=int, default=None, help="default: 200 tiny, 50 medium")
+    parser.add_argument("--size", choices=["tiny", "medium", "real"], default="tiny",
+                        help="real: SmolLM2-135M from its GGUF (bench/real_model.py)")
+    parser.add_argument("--steps", type=int, default=None, help="default: 200 tiny, 50 medium, 4 real")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-seq-length", type=int, default=256)
     parser.add_argument("--lora-rank", type=int, default=16)
@@ -381,22 +536,45 @@ def main() -> int:
     parser.add_argument("--with-eval-checkpoints", action="store_true",
                         help="also validate and checkpoint every --eval-every steps (both sides)")
     parser.add_argument("--eval-every", type=int, default=50)
-    parser.add_argument("--openblas", action="store_true", help=f"run again with LD_PRELOAD={OPENBLAS}")
+    parser.add_argument("--factors", action="store_true",
+                        help="where the speed comes from: ours with MLX's bundled BLAS and with OpenBLAS, each with "
+                             "the 4-bit base and its float copy, and mlx_lm lora with each BLAS (one table)")
+    parser.add_argument("--variants", default="1,2,3,4,5,6",
+                        help="--factors: which rows, by number: " + "; ".join(
+                            f"{n} {label}" for n, (_, label, _, _) in enumerate(FACTORS, 1)))
+    parser.add_argument("--full-batches", action="store_true",
+                        help="the demo texts joined into records longer than --max-seq-length, so that every batch "
+                             "of both sides is full (the default with --size real)")
     parser.add_argument("--plain", action="store_true", help="bare commands, no phase timers")
     parser.add_argument("--keep", action="store_true", help="keep the run folders and logs")
     args = parser.parse_args()
-    args.steps = args.steps or (200 if args.size == "tiny" else 50)
+    try:
+        args.variants = sorted({int(n) for n in args.variants.split(",")})
+    except ValueError:
+        args.variants = []
+    if not args.variants or not set(args.variants) <= set(range(1, len(FACTORS) + 1)):
+        parser.error(f"--variants: numbers from 1 to {len(FACTORS)}, comma-separated")
+    args.steps = args.steps or {"tiny": 200, "medium": 50, "real": 4}[args.size]
     args.report_every = max(1, args.steps // 10)
     while args.steps % args.report_every:
         args.report_every -= 1
 
-    model = quantized_copy(base_model(args.size))
+    if args.size == "real":
+        ours_model, model = real_folder()  # ours reads the GGUF file; both train the same 4-bit folder
+    else:
+        model = quantized_copy(base_model(args.size))
+        ours_model = model
     model_config = json.loads((model / "config.json").read_text())
     total_layers = model_config["num_hidden_layers"]
     args.layers = total_layers if args.lora_layers < 0 else min(args.lora_layers, total_layers)
 
     work = Path(tempfile.mkdtemp(prefix="bench-train-"))
-    data = text_only_copy(args.data_dir, work / "mlx-data")
+    if args.full_batches or args.size == "real":
+        from bench_grad_checkpoint import write_data
+
+        args.data_dir = data = write_data(work / "full-batches", args.max_seq_length)
+    else:
+        data = text_only_copy(args.data_dir, work / "mlx-data")
     lora_yaml = work / "lora.yaml"
     lora_yaml.write_text(json.dumps({"lora_parameters": {
         "rank": args.lora_rank, "scale": args.lora_alpha / args.lora_rank, "dropout": 0.0}}))  # JSON is YAML
@@ -414,13 +592,18 @@ def main() -> int:
           + (f"validation+checkpoint every {args.eval_every}" if args.with_eval_checkpoints
              else "validation/checkpoints only at the end")
           + f"; mlx_lm reports every {args.report_every} steps")
+    print(f"data: {args.data_dir}; load average {', '.join(f'{x:.1f}' for x in os.getloadavg())}", flush=True)
+
+    if args.factors:
+        print_factors(run_factors(args, ours_model, model, data, lora_yaml, work), args)
+        print(f"load average at the end: {', '.join(f'{x:.1f}' for x in os.getloadavg())}")
+        if args.keep:
+            print(f"\nrun folders and logs kept in {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+        return 0
 
     variants = [("default", {})]
-    if args.openblas:
-        if OPENBLAS.is_file():
-            variants.append(("LD_PRELOAD openblas", {"LD_PRELOAD": str(OPENBLAS)}))
-        else:
-            print(f"--openblas: {OPENBLAS} not present (Debian libopenblas0-pthread); skipped")
 
     printed_commands = False
     for name, extra in variants:
@@ -432,11 +615,11 @@ def main() -> int:
             for who in order:
                 out = work / f"{name.replace(' ', '_')}-{who}-{i}"
                 if who == "ours":
-                    cmd = ours_command(args, model, out, args.plain)
+                    cmd = ours_command(args, ours_model, out, args.plain)
                 else:
                     cmd = theirs_command(args, model, data, out, lora_yaml, args.plain)
                 if not printed_commands:
-                    shown = ours_command(args, model, out, True) if who == "ours" else \
+                    shown = ours_command(args, ours_model, out, True) if who == "ours" else \
                         theirs_command(args, model, data, out, lora_yaml, True)
                     print(f"{who} command: {' '.join(shown)}")
                 result = run_side(cmd, env, work / f"{out.name}.log")

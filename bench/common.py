@@ -23,6 +23,16 @@ from run_safety.cpu_blas import load_optimized_blas  # noqa: E402 - before MLX: 
 load_optimized_blas()
 TRAIN = SRC / "train_qlora.py"
 POLL_S = 0.010
+# The first lines of a wrapper program run in a child (`python -c WRAPPER`) that imports MLX
+# itself (mlx_lm lora's side): the same BLAS as our commands load (cpu_blas.py, and its
+# DISTRUST_QLORA_BLAS), before MLX, so both sides of a comparison multiply alike.
+BLAS_PRELUDE = f"""
+import sys
+sys.path.insert(0, {str(SRC)!r})
+from cpu_blas import load_optimized_blas
+load_optimized_blas()
+sys.path.pop(0)
+"""
 
 # The benchmarks' larger model: the tiny model's shape, 4 blocks 256 wide; its
 # tokenizer (vocabulary 1024); random weights from a fixed seed.

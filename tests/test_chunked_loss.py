@@ -177,3 +177,33 @@ def test_two_processes_in_chunks_learn_what_one_process_learns(corpus, tmp_path)
     one = run_in_process(*args, "--output-dir", tmp_path / "one")
     assert one.returncode == 0, one.stderr
     assert relative_difference(load_adapters(tmp_path / "two"), load_adapters(tmp_path / "one")) < RELATIVE_TOLERANCE
+
+
+def loss_peak(tokens: int, chunk: int, width: int = 16, vocabulary: int = 8192) -> tuple[float, float]:
+    """(MLX bytes the compiled gradient of the chunked loss allocates at most beyond its inputs,
+    bytes of one chunk's logits) on a float output layer: products heavy enough that MLX
+    encodes ahead of what it computes, as on a real vocabulary."""
+    import chunked_loss
+
+    mx.random.seed(0)
+    head = nn.Linear(width, vocabulary, bias=False)
+    hidden = mx.random.normal((2, tokens // 2, width))
+    targets = mx.random.randint(0, vocabulary, (2, tokens // 2))
+    mask, weights = mx.ones((2, tokens // 2)), mx.array([0.5, 2.0])
+    mx.eval(head.parameters(), hidden, targets)
+    step = mx.compile(mx.value_and_grad(
+        lambda h: chunked_loss.weighted_sum_in_chunks(head, h, targets, mask, weights, chunk)[0]))
+    mx.synchronize()
+    mx.reset_peak_memory()
+    before = mx.get_active_memory()
+    mx.eval(step(hidden))
+    return mx.get_peak_memory() - before, chunk * vocabulary * 4
+
+
+def test_the_loss_memory_does_not_grow_with_the_batch():
+    # MLX allocates what it encodes, up to about a hundred operations ahead of what it computes:
+    # without the gate between chunks, three chunks' buffers (15 chunk-sized) were in use at once.
+    few, buffer = loss_peak(4 * 128, 128)
+    many, _ = loss_peak(32 * 128, 128)
+    assert few <= 7 * buffer and many <= 7 * buffer, (few / buffer, many / buffer)
+    assert many <= few + buffer  # 8 times the tokens: the inputs' own gradient grows, not the logits'

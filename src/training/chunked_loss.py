@@ -19,11 +19,17 @@ multiplies those gradients by the sum's cotangent (1 in a step): the output
 layer runs once forward and once backward per token, as without chunks, and
 no chunk's logits are recomputed.
 Each chunk's input waits for the previous chunk's results (`mx.depends`), so
-the chunks are computed one after another; MLX still encodes a few operations
-ahead of the one it computes, so about a dozen chunk-sized buffers can be
-allocated at once (measured on the CPU), hence the automatic size's floor of
-AUTO_MIN_CHUNKS chunks. Validation and `evaluate.py` run the same chunks
-forward only (`token_losses`).
+the chunks are computed one after another. That alone does not bound the memory:
+MLX allocates an operation's output when it encodes it, and encodes up to about
+a hundred operations ahead of the one its stream computes (mlx/transforms.cpp:
+10 tasks of 10 dispatches), so three chunks' buffers, 15 chunk-sized ones, were
+allocated at once (measured on the CPU, 128,256 words). Between two chunks a gate
+of GATE_OPERATIONS no-op operations (`mx.depends` on the previous chunk, which
+allocate nothing) fills that window: the next chunk's first product is encoded
+only once the previous chunk's have been computed, and about one chunk's buffers
+(5 chunk-sized ones) are allocated at a time, whatever the number of chunks: the
+loss's memory does not grow with the batch. Validation and `evaluate.py` run the
+same chunks forward only (`token_losses`).
 
 The values are those of the unchunked loss: each token's loss and gradient
 are the same operations on the same numbers, a chunk's rows instead of the
@@ -48,11 +54,17 @@ AUTO = -1  # --loss-chunk-size -1: chunks chosen by the batch's size (LossPlan.c
 WHOLE = 0  # --loss-chunk-size 0: the whole batch's logits at once
 # Automatic chunks: a batch of at most AUTO_LOGITS logits (16 MB in float32) is computed
 # whole; a larger one in chunks of at most AUTO_LOGITS logits (32 tokens of a 128,256-word
-# vocabulary) and at least AUTO_MIN_CHUNKS of them: MLX encodes a few operations ahead of
-# the one it computes, so about a dozen chunks' worth of logits can be allocated at once
-# (measured on the CPU); with 16 chunks or more that stays below the whole batch's.
+# vocabulary) and at least AUTO_MIN_CHUNKS of them: about 5 chunk-sized buffers are allocated
+# at a time (the logits, their softmax, the gradient's terms) where the whole batch's loss
+# allocates 4 batch-sized ones, so 4 chunks or more stay well below it. From 4 x 32 tokens on
+# (128,256 words) the chunks have the one size, and the loss's memory is the same for every batch.
 AUTO_LOGITS = 2**22
-AUTO_MIN_CHUNKS = 16
+AUTO_MIN_CHUNKS = 4
+# No-op operations between two chunks: MLX's CPU backend encodes up to MAX_ACTIVE_TASKS (10)
+# tasks of DISPATCHES_PER_TASK (10) dispatches ahead of its stream, one dispatch a no-op
+# (mlx 0.32: mlx/transforms.cpp, mlx/backend/cpu/encoder.h). Measured (128,256 words, 32-token
+# chunks): 0 gave 15 chunk-sized buffers at once, 50 gave 9, 100 and 200 gave 5.
+GATE_OPERATIONS = 128
 PROBE_TOKENS = 4
 
 
@@ -139,7 +151,7 @@ def token_losses(model: nn.Module, inputs: mx.array, targets: mx.array, plan: Lo
     for start, end in _chunks(flat.shape[0], chunk):
         x = flat[start:end]
         if losses:
-            x = mx.depends(x, losses[-1])
+            x = after(x, losses[-1])
         losses.append(cross_entropy(plan.head(x), flat_targets[start:end]))
     return mx.concatenate(losses).reshape(batch, length)
 
@@ -183,7 +195,7 @@ def weighted_sum_in_chunks(head: Callable, hidden: mx.array, targets: mx.array, 
         for start, end in _chunks(tokens, chunk):
             x, t = flat[start:end], flat_targets[start:end]
             if packed:
-                x = mx.depends(x, packed[-1])
+                x = after(x, packed[-1])
             (loss,), (d_x,) = mx.vjp(lambda x: [cross_entropy(head(x), t)], [x], [per_token[start:end]])
             packed.append(mx.concatenate([d_x.astype(mx.float32), loss[:, None]], axis=1))
         packed = mx.concatenate(packed)
@@ -197,6 +209,16 @@ def weighted_sum_in_chunks(head: Callable, hidden: mx.array, targets: mx.array, 
 
     weighted, ce, _ = sum_and_gradient(hidden)
     return weighted, mx.stop_gradient(ce)
+
+
+def after(x: mx.array, previous: mx.array) -> mx.array:
+    """`x`, computed only once `previous` is, and encoded by MLX only once `previous`'s
+    own operations have been computed (the gate of GATE_OPERATIONS no-ops): the next
+    chunk's buffers are not allocated while the previous chunk's are still in use."""
+    gate = previous
+    for _ in range(GATE_OPERATIONS):
+        gate = mx.depends(gate, previous)
+    return mx.depends(x, gate)
 
 
 def _chunks(total: int, size: int) -> list[tuple[int, int]]:
