@@ -87,7 +87,8 @@ def install_wheels(folder: Path) -> None:
 
 def model_folders(args) -> dict[str, tuple[Path, Path]]:
     """{name: (what ours is given, the 4-bit folder mlx_lm lora is given)} for --models."""
-    from modeling import ensure_tiny_model, prepare_base, resolve_model
+    from base_model.tiny import ensure_tiny_model
+    from base_model.loading import prepare_base, resolve_model
 
     folders = {}
     for name in args.models:

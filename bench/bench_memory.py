@@ -301,9 +301,9 @@ def loss_alone(model_path: Path, sizes: list[tuple[int, int]], width: int) -> di
     (--float-base's automatic choice), and the tokens of a chunk."""
     import mlx.core as mx
 
-    from chunked_loss import AUTO, loss_plan, weighted_sum_in_chunks
-    from float_base import choose, use_float_base
-    from modeling import load_model
+    from training.chunked_loss import AUTO, loss_plan, weighted_sum_in_chunks
+    from base_model.float_base import choose, use_float_base
+    from base_model.loading import load_model
 
     model = load_model(str(model_path), 4).model
     model.freeze()

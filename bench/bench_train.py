@@ -98,7 +98,7 @@ def real_folder() -> tuple[Path, Path]:
     if not gguf.is_file():
         sys.exit(f"--size real: {gguf} is not there; python bench/real_model.py fetches it")
     sys.path.insert(0, str(SRC))
-    from modeling import prepare_base, resolve_model
+    from base_model.loading import prepare_base, resolve_model
 
     return gguf, Path(prepare_base(resolve_model(str(gguf)), QUANT_BITS, shown=str(gguf)).path)
 
@@ -427,7 +427,7 @@ FACTORS = [
 
 def run_factors(args, ours_model: Path, theirs_model: Path, data: Path, lora_yaml: Path, work: Path) -> dict:
     """Each variant of FACTORS --repeats times, the order rotated each round; the runs kept."""
-    from cpu_blas import blas_line
+    from run_safety.cpu_blas import blas_line
 
     if blas_line() is None or "bundled" in (blas_line() or ""):
         print(f"note: no optimized BLAS loaded here ({blas_line()}): the OpenBLAS rows multiply like the bundled ones")

@@ -29,7 +29,7 @@ POLL_S = 0.010
 BLAS_PRELUDE = f"""
 import sys
 sys.path.insert(0, {str(SRC)!r})
-from cpu_blas import load_optimized_blas
+from run_safety.cpu_blas import load_optimized_blas
 load_optimized_blas()
 sys.path.pop(0)
 """

@@ -183,7 +183,7 @@ def loss_peak(tokens: int, chunk: int, width: int = 16, vocabulary: int = 8192) 
     """(MLX bytes the compiled gradient of the chunked loss allocates at most beyond its inputs,
     bytes of one chunk's logits) on a float output layer: products heavy enough that MLX
     encodes ahead of what it computes, as on a real vocabulary."""
-    import chunked_loss
+    from training import chunked_loss
 
     mx.random.seed(0)
     head = nn.Linear(width, vocabulary, bias=False)
