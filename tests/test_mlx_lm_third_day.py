@@ -10,11 +10,11 @@ import json
 import random
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from conftest import (FAST, WORDS, assert_one_line_error, read_metrics, run_in_process, train_lines, write_corpus,
                       write_jsonl)
+from test_mlx_lm_second_day import learned_positions
 
 
 def words(rng: random.Random, k: int) -> str:
@@ -28,14 +28,6 @@ def fresh_tiny_tokenizer():
     from base_model import tiny
 
     return load_tokenizer(Path(tiny.ensure_tiny_model()))
-
-
-def learned_positions(index, row: int) -> set[int]:
-    """The token positions the training loss counts for one sample: target j is token j + 1."""
-    from corpus.batching import collate
-
-    batch = collate(index, np.array([row]), 1, pad_id=0)
-    return {j + 1 for j in np.flatnonzero(batch.mask[0])}
 
 
 # ------------------------------------------------------------------ tool-calling chats
