@@ -193,6 +193,10 @@ class Config:
                 text = handle.read()
         except OSError as exc:
             raise UserError(f"{path}: cannot read config file ({exc.strerror})") from None
+        except UnicodeDecodeError as exc:
+            line = exc.object[:exc.start].count(b"\n") + 1
+            raise UserError(f"{path}:{line}: not UTF-8 text (byte {exc.object[exc.start]:#04x}): a YAML config file "
+                            f"is UTF-8") from None
         try:
             values = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader)
         except DuplicateKey as exc:

@@ -109,7 +109,7 @@ def generate(args: argparse.Namespace, out=None) -> str:
         out.flush()
     except OSError as exc:
         if isinstance(exc, BrokenPipeError) or exc.errno is None:
-            raise  # the reader gone (generate | head): errors.run_command stops quietly
+            raise  # the reader gone (generate | head): command.run_command stops quietly
         from run_safety.machine import write_fault
 
         # > FILE on a full disk: say that it is the text that could not be written

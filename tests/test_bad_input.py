@@ -97,6 +97,10 @@ def test_bad_yaml_config(corpus, tmp_path):
     result = run_in_process(*FAST, "--config", config, "--data-dir", corpus, "--output-dir", tmp_path / "out",
                             "--max-steps", "2")
     assert_one_line_error(result, "unknown setting 'bogus_setting'")
+    config.write_bytes(b"lora_rank: 4\nproject_name: caf\xe9\n")  # Latin-1, as an old editor saves it
+    result = run_in_process(*FAST, "--config", config, "--data-dir", corpus, "--output-dir", tmp_path / "out",
+                            "--max-steps", "2")
+    assert_one_line_error(result, f"{config}:2: not UTF-8 text (byte 0xe9)")
 
 
 def test_a_bad_line_anywhere_in_the_val_file_stops_the_run_before_its_first_step(tmp_path):

@@ -1,7 +1,7 @@
 """Ctrl+C while a command line is still starting (importing MLX, mlx-lm and transformers takes
 seconds): one line and exit 130, not the traceback of a half-done import.
 
-A command line calls interrupt_quietly_while_starting() first thing; errors.run_command
+A command line calls interrupt_quietly_while_starting() first thing; command.run_command
 calls started_up() once it can say more (a KeyboardInterrupt there is one line too), and
 the training loop installs its own handling (stop_signals.StopRequests). This module imports
 only what the interpreter has already loaded: `signal` alone would cost tens of ms (its
