@@ -60,7 +60,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script from anywhere
 
 from run_safety.errors import OneLineArgumentParser, UserError  # noqa: E402
-from run_safety.command import run_command  # noqa: E402
+from run_safety.command import exit_quietly, run_command  # noqa: E402
 from run_safety.stop_signals import occupy_closed_standard_streams  # noqa: E402
 
 DATA_FILES = ("test.jsonl", "val.jsonl", "valid.jsonl")  # the first that exists is evaluated
@@ -392,4 +392,4 @@ def _primary_count(report: dict) -> int:
     return sum(probe["prefers"] == "primary" for probe in report["per_probe"])
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_quietly(main())

@@ -60,7 +60,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script from anywhere
 
 from run_safety.errors import OneLineArgumentParser, UserError  # noqa: E402
-from run_safety.command import run_command  # noqa: E402
+from run_safety.command import exit_quietly, run_command  # noqa: E402
 from run_safety.sizes import size_text  # noqa: E402
 from run_safety.stop_signals import occupy_closed_standard_streams  # noqa: E402
 from base_model.gguf_out import GGUF_TYPES  # noqa: E402
@@ -331,4 +331,4 @@ def folder_bytes(path: Path) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_quietly(main())

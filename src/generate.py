@@ -35,7 +35,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script from anywhere
 
 from run_safety.errors import OneLineArgumentParser, UserError  # noqa: E402
-from run_safety.command import run_command  # noqa: E402
+from run_safety.command import exit_quietly, run_command  # noqa: E402
 from run_safety.stop_signals import occupy_closed_standard_streams  # noqa: E402
 
 DATA_SAMPLE_LINES = 1000  # the records looked at to tell chat training data from plain text
@@ -195,4 +195,4 @@ def chat_ids(tokenizer, messages: list) -> list[int]:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_quietly(main())

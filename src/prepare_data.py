@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script from
 from corpus.prepare import format_report, prepare  # noqa: E402
 from run_safety.early_interrupt import started_up  # noqa: E402
 from run_safety.errors import OneLineArgumentParser, UserError, error_line  # noqa: E402
-from run_safety.command import reader_gone  # noqa: E402
+from run_safety.command import exit_quietly, reader_gone  # noqa: E402
 from run_safety.machine import fault_line  # noqa: E402
 from run_safety.stop_signals import occupy_closed_standard_streams  # noqa: E402
 
@@ -78,4 +78,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_quietly(main())

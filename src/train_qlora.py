@@ -26,7 +26,7 @@ import sys
 from pathlib import Path
 
 from run_safety.errors import OneLineArgumentParser, UserError, error_line
-from run_safety.command import run_command
+from run_safety.command import exit_quietly, run_command
 from command_line.mlx_lm_flags import add_mlx_lm_flags, settings_from_mlx_lm_flags
 from monitoring.wandb_log import WANDB_INSTALL
 
@@ -627,4 +627,4 @@ def scored_at_load_line(scored: int, total: int, what: str, path: Path) -> str:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_quietly(main())

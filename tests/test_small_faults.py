@@ -73,6 +73,25 @@ def catch_sigint() -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
+def test_ctrl_c_as_the_run_ends_is_one_line_not_a_finalizer_traceback(tmp_path):
+    """A Ctrl+C just after the summary, while garbage is collected (tqdm's __del__ took it and Python
+    printed "Exception ignored in ... Traceback"): one line, exit 130, every time."""
+    data = write_corpus(tmp_path / "data", train=8, val=4)
+    for attempt in range(4):
+        process = subprocess.Popen([sys.executable, str(TRAIN_SCRIPT), *FAST, "--data-dir", data, "--output-dir",
+                                    tmp_path / f"out-{attempt}", "--max-steps", "2"], cwd=REPO, text=True, bufsize=1,
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, preexec_fn=catch_sigint)
+        said = ""
+        for line in process.stderr:
+            said += line
+            if "at the peak" in line:  # the summary's last line
+                process.send_signal(signal.SIGINT)
+                break
+        said += process.stderr.read()
+        assert process.wait(timeout=120) in (0, 130), said
+        assert "Traceback" not in said and "Exception ignored" not in said, said
+
+
 def test_ctrl_c_in_the_first_moments_is_no_traceback(tmp_path):
     """From the script's first import on: one line, exit 130. Before it, Python's own start-up (site,
     and the `from __future__` line it runs first: tens of ms) may still say KeyboardInterrupt."""

@@ -16,6 +16,8 @@ def run_command(work) -> int:
 
     from run_safety.early_interrupt import started_up
 
+    sys.unraisablehook = interrupt_in_a_finalizer
+    FINALIZER_INTERRUPTS.clear()
     try:
         try:
             # Still under the quiet exit of early_interrupt: a Ctrl+C inside MLX's extension
@@ -32,6 +34,8 @@ def run_command(work) -> int:
         try:
             machine.check_start()
             code = work()
+            if FINALIZER_INTERRUPTS:  # a Ctrl+C that landed in a __del__ while the work went on
+                raise KeyboardInterrupt
         except Exception as exc:
             if interrupted(exc):  # a library turned the KeyboardInterrupt into another exception
                 raise KeyboardInterrupt from None
@@ -49,6 +53,23 @@ def run_command(work) -> int:
         print("\ninterrupted; committed checkpoints are intact", file=sys.stderr)
         return 130
     return 0 if code is None else code
+
+
+FINALIZER_INTERRUPTS = []  # Ctrl+C that landed in an object's __del__ (interrupt_in_a_finalizer)
+
+
+def interrupt_in_a_finalizer(unraisable) -> None:
+    """sys.unraisablehook: a Ctrl+C that lands in an object's __del__ (tqdm's, as garbage is collected
+    after the run has ended) is not printed as "Exception ignored in ... Traceback": it is kept, and
+    run_command ends the command as interrupted (one line, exit 130) once its work returns. Raising
+    it again from here would only fail inside this hook; a second Ctrl+C interrupts at once. Anything
+    else is reported as Python would."""
+    import sys
+
+    if isinstance(unraisable.exc_value, KeyboardInterrupt):
+        FINALIZER_INTERRUPTS.append(unraisable.object)
+        return
+    sys.__unraisablehook__(unraisable)
 
 
 def interrupted(exc: BaseException | None) -> bool:
@@ -77,3 +98,14 @@ def reader_gone() -> int:
     except (OSError, ValueError):
         pass
     return 141
+
+
+def exit_quietly(code: int) -> None:
+    """sys.exit(code) for a command line whose work is done: a Ctrl+C from here on would only interrupt
+    the interpreter's own shutdown, where a library's __del__ turns it into "Exception ignored in ...
+    Traceback" after the run has said it finished; so it is ignored."""
+    import signal
+    import sys
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    sys.exit(code)
