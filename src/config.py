@@ -458,11 +458,12 @@ FLAT_NAMES = {
 }
 
 
-def _did_you_mean(name: str, known) -> str:
+def _did_you_mean(name: str, known, prefix: str = "") -> str:
+    """" (did you mean 'prefix+close'?)" for the known name `name` is close to, or nothing."""
     import difflib
 
     close = difflib.get_close_matches(name, list(known), n=1)
-    return f" (did you mean '{close[0]}'?)" if close else ""
+    return f" (did you mean '{prefix}{close[0]}'?)" if close else ""
 
 
 def setting_name(key: tuple | None, names: dict | None, default: tuple) -> tuple[str, str]:
@@ -480,11 +481,14 @@ def probe_interval(setting: str) -> int | None:
     return None
 
 
+# Settings whose values are words among which "on" or "off" stand: YAML 1.1 reads a bare `on`
+# or `off` as true or false, which they mean here (`probes: off`, `float_base: on`).
+ON_OFF_WORDS = {("training", "probes"), ("model", "float_base")}
+
+
 def _probes_text(value: Any) -> Any:
-    """--probes as written: YAML 1.1 reads a bare `probes: off` as false; the command line gives
-    `--probes every 4` as two words; a number alone is "every N"."""
-    if value is False:
-        return "off"
+    """--probes as written: the command line gives `--probes every 4` as two words; a number
+    alone is "every N"."""
     if isinstance(value, list) and all(isinstance(word, str) for word in value):
         return " ".join(value)
     if isinstance(value, int) and not isinstance(value, bool):
@@ -493,6 +497,8 @@ def _probes_text(value: Any) -> Any:
 
 
 def _set_field(config: Config, section: str, name: str, value: Any, source: str, names: dict | None = None) -> None:
+    if (section, name) in ON_OFF_WORDS and isinstance(value, bool):
+        value = "on" if value else "off"
     if (section, name) == ("training", "probes"):
         value = _probes_text(value)
     part = getattr(config, section)
@@ -500,8 +506,6 @@ def _set_field(config: Config, section: str, name: str, value: Any, source: str,
     if name not in fields:
         raise UserError(f"{source}: unknown setting '{section}.{name}'{_did_you_mean(name, fields)}")
     default = getattr(part, name)
-    if (section, name) == ("model", "float_base") and isinstance(value, bool):
-        value = "on" if value else "off"  # YAML 1.1 reads on and off as true and false
     where, shown = setting_name((section, name), names, (source, f"'{section}.{name}'"))
     setattr(part, name, _coerce(value, type(default), shown, where))
 
@@ -685,10 +689,7 @@ def read_settings_file(path: str | Path) -> SettingsFile:
 def unknown_key(written: str, name: str, known, prefix: str = "") -> str:
     """"'written' (did you mean 'prefix+close'?)": a mistyped key, with the one it was close to
     among the `known` names of its own section."""
-    import difflib
-
-    close = difflib.get_close_matches(name, list(known), n=1)
-    return f"'{written}'" + (f" (did you mean '{prefix}{close[0]}'?)" if close else "")
+    return f"'{written}'" + _did_you_mean(name, known, prefix)
 
 
 def _yaml_text(value) -> str:

@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
 def evaluate_run(args: argparse.Namespace) -> dict:
     from training.chunked_loss import loss_plan
     from corpus.precheck import first_records
-    from base_model.float_base import choose, use_float_base
+    from base_model.float_base import apply as apply_float_base
     from run_safety.machine import check_writable_folder
     from base_model.lora import attach_lora
     from base_model.loading import load_model
@@ -161,9 +161,7 @@ def evaluate_run(args: argparse.Namespace) -> dict:
     # The inputs checked: on the CPU, compute as training did (float_base.py, the run's --float-base):
     # the quantized form takes a minute a batch on a real model where the float32 copy takes seconds.
     # Said in the JSON ("float_base"), not on stderr: there, after the table, only a failure is.
-    float_base, _ = choose(config.model.float_base, loaded.model)
-    if float_base:
-        use_float_base(loaded.model)
+    float_base, _ = apply_float_base(config.model.float_base, loaded.model)
     plan = loss_plan(loaded.model, t.loss_chunk_size)  # the run's: the logits a chunk of tokens at a time
 
     def measure(which: str) -> dict:

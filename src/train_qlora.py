@@ -532,15 +532,13 @@ def compute_with(model, float_base: str, bits: str) -> dict:
     import mlx.core as mx
 
     from run_safety.cpu_blas import blas_identity, blas_line
-    from base_model.float_base import choose, copy_sizes, float_base_line, use_float_base
+    from base_model.float_base import apply, copy_sizes, float_base_line
 
     line = blas_line()
     if line:
         print(line, file=sys.stderr)
-    on, why = choose(float_base, model)
-    sizes = copy_sizes(model)
-    if on:
-        use_float_base(model)
+    sizes = copy_sizes(model)  # before: the quantized layers are gone once the copies are in
+    on, why = apply(float_base, model)
     if on or sizes[0] and mx.default_device() == mx.cpu:  # on Metal and CUDA, the quantized form says nothing
         print(float_base_line(on, why, sizes, bits), file=sys.stderr)
     return {"float_base": on, **blas_identity()}

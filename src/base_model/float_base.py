@@ -82,6 +82,15 @@ def choose(setting: str, model: nn.Module) -> tuple[bool, str]:
     return True, "--float-base auto: the CPU backend, and the copy fits"
 
 
+def apply(setting: str, model: nn.Module) -> tuple[bool, str]:
+    """choose(setting, model), and the float32 copies put in place when it says so: what training
+    and evaluate.py (computing as the run trained) both do."""
+    on, why = choose(setting, model)
+    if on:
+        use_float_base(model)
+    return on, why
+
+
 def use_float_base(model: nn.Module) -> int:
     """Replace the quantized layers of `model` by frozen float32 layers holding their
     dequantized weights (their biases kept as they are); returns how many were replaced."""
