@@ -83,7 +83,7 @@ class TrainingConfig:
     eval_steps: int = 250
     val_batches: int = 50
     # Passes over the training data; above 0 it sets max_steps from the corpus and the global
-    # batch (batch_size x grad_accum) once the corpus is indexed (train_qlora.steps_for_epochs).
+    # batch (batch_size x grad_accum) once the corpus is indexed (command_line/start_lines.steps_for_epochs).
     epochs: int = 0
     def warmup(self) -> int:
         """The warmup steps of this run: as given, or fitted to the run's length (AUTO_WARMUP):
