@@ -293,8 +293,10 @@ def real_runs(scratch: Path, real: Path, bench_data: Path, args) -> None:
     steps, lr = args.real_steps, args.real_learning_rate
     warmup = max(10, steps // 20) if steps >= 20 else 0
     extra = [*REAL_SETTINGS, *shlex.split(args.real_train_args)]
+    layers = [extra[i + 1] for i, word in enumerate(extra[:-1]) if word == "--lora-layers"][-1]  # the last one given
+    blocks = "all blocks" if layers == "-1" else f"the last {layers} blocks"
     print(f"\nreal model: {real.name}, {steps} steps of 4 x 64 tokens, lr {lr:g}, warmup {warmup}, LoRA rank 8 "
-          f"alpha 16 on all blocks; train_qlora.py {' '.join(extra)}", flush=True)
+          f"alpha 16 on {blocks}; train_qlora.py {' '.join(extra)}", flush=True)
     for name, data in (("demo", REPO / "data"), ("bench", bench_data)):
         if name not in args.real_corpora:
             continue
