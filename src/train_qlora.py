@@ -174,7 +174,8 @@ def config_from_args(args: argparse.Namespace):
 
 def settings_from_args(args: argparse.Namespace):
     """(Config, SettingsFile): the file's settings with the flags over them, validated."""
-    from config import FLAT_NAMES, Config, SettingsFile, read_settings_file
+    from command_line.settings_file import SettingsFile, read_settings_file
+    from config import FLAT_NAMES, Config
 
     flags = {name: flag for flag, name, _, _ in FLAGS + SWITCHES}
     theirs, notes, refused = settings_from_mlx_lm_flags(args, flags)  # mlx_lm lora's flags, as ours
@@ -211,7 +212,7 @@ def settings_from_args(args: argparse.Namespace):
 
 def settings_file_problems(path: str | None) -> list[str]:
     """The mistakes of the settings file, for the message that names a mistyped flag too."""
-    from config import read_settings_file
+    from command_line.settings_file import read_settings_file
 
     if not path:
         return []

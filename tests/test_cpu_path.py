@@ -113,7 +113,8 @@ def test_a_resume_that_computes_the_other_way_continues_and_says_it_is_not_bit_f
 
 
 def test_float_base_settings_and_bad_values(tmp_path):
-    from config import Config, read_settings_file
+    from command_line.settings_file import read_settings_file
+    from config import Config
 
     path = tmp_path / "run.yaml"
     for written, value in (("on", "on"), ("off", "off"), ("auto", "auto"), ("true", "on")):

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import argparse
 
-from config import MASK_PROMPT_HERE, MLX_LM_KEYS, MLX_LM_NO_EFFECT, MLX_LM_ONLY_VALUE
+from command_line.settings_file import MASK_PROMPT_HERE, MLX_LM_KEYS, MLX_LM_NO_EFFECT, MLX_LM_ONLY_VALUE
 
 # mlx_lm lora's flags that are switches (store_true there): the YAML key's value when given.
 SWITCH_KEYS = ("train", "test", "mask_prompt")
