@@ -27,6 +27,14 @@ from pathlib import Path
 import pytest
 from run_safety.cpu_blas import load_optimized_blas
 
+# One OpenBLAS thread per test worker, and so per process it starts, unless the caller chose:
+# pytest-xdist runs a worker per core, and OpenBLAS's threads spin while they wait, so two
+# threads in each of two workers took the other worker's core (measured on two cores: the
+# suite in 187 s with 108 s of system time, 165 s and 48 s with one thread). Each test
+# compares runs made with the same count, so the figures it checks are unchanged.
+if os.environ.get("PYTEST_XDIST_WORKER") and "OPENBLAS_NUM_THREADS" not in os.environ:
+    os.environ["OPENBLAS_NUM_THREADS"] = "1"
+
 # The test process multiplies as the commands do (an optimized BLAS where one is installed):
 # loaded before any test module imports MLX.
 load_optimized_blas()

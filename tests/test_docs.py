@@ -4,7 +4,7 @@ data/README.md leads to a file and heading that exist, and every `python src/...
 (bench/, data/, docs/) command in them names a script that exists and is parsed whole by
 that script's own parser: its flags, their values, the required ones (a training command's
 settings are validated too, as the run would before loading anything). Nothing is trained
-here; the README's quick start and the real model's commands are run by their own tests."""
+here: what the commands do is the other tests' business."""
 
 from __future__ import annotations
 
