@@ -155,6 +155,14 @@ def start_launch(out: Path, data: Path, log: Path) -> subprocess.Popen:
                             stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=default_stop_signals)
 
 
+def running(pid: int) -> bool:
+    """The process is there and not a zombie (one its parent has not yet waited for) (Linux /proc)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] != "Z"
+    except OSError:
+        return False
+
+
 def wait_for(condition, timeout: float = 120) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
@@ -196,16 +204,29 @@ def test_a_killed_rank_stops_the_other_at_once_and_auto_resume_under_mlx_launch_
 def test_ctrl_c_stops_every_rank_at_the_same_step_with_one_committed_checkpoint(data, tmp_path):
     out, log = tmp_path / "run", tmp_path / "launch.log"
     launcher = start_launch(out, data, log)
+    stuck_launcher = False
     try:
         wait_for(lambda: (out / "checkpoints" / "step-00000008").is_dir())
+        ranks = rank_pids(str(out)) if Path("/proc/self/environ").exists() else {}
         os.killpg(launcher.pid, signal.SIGINT)  # what Ctrl+C at the terminal does: the whole foreground group
-        launcher.wait(timeout=120)
+        wait_for(lambda: not any(running(pid) for pid in ranks.values()))
+        try:
+            launcher.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            # The ranks have ended; mlx.launch itself has not. Its Ctrl+C is a KeyboardInterrupt that
+            # lands anywhere in its output loop, and rarely (3 of about 100 tries on a loaded machine)
+            # inside a queue's lock, which one of its output threads then waits on for ever, and the
+            # interpreter's exit with it: another Ctrl+C does not end it, a SIGTERM does (as
+            # docs/distributed.md says). Its threads' exit lines are lost with them.
+            stuck_launcher = True
+            launcher.terminate()
+            launcher.wait(timeout=60)
     finally:
         if launcher.poll() is None:
             os.killpg(launcher.pid, signal.SIGKILL)
     text = log.read_text()
     codes = [line for line in text.splitlines() if "exited with code" in line]
-    assert len(codes) == 2 and all("code 130" in line for line in codes), text
+    assert stuck_launcher or len(codes) == 2 and all("code 130" in line for line in codes), text
     end = read_metrics(out)[-1]
     assert end["reason"].startswith("interrupted by SIGINT at step")
     final = (out / "checkpoints" / "final").read_text().strip()
