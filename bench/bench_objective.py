@@ -30,8 +30,8 @@ itself, with contested facts of its own, for several --lambda-weight values; and
    N steps at each lambda on the demo corpus (data/) and on this corpus, each run
    evaluated (src/evaluate.py, the first REAL_EVAL_BATCHES batches of the val file
    and of the general text); for each: how many probes prefer the primary
-   version ("n of N", in the chat template: the headline for an instruct model;
-   plain text beside it; by set for the demo's two sets), the mean margin summed
+   version ("n of N", as plain text, the form these records teach and so the
+   headline; in the chat template beside it; by set for the demo's two sets), the mean margin summed
    and per token, the general text's loss against lambda 0's and the base's, and
    whether the trained model still answers "What is the capital of France?" with
    Paris, asked in its chat template (src/generate.py --prompt-format chat). The

@@ -26,8 +26,9 @@ name others (and are then required to exist).
   given the prompt), the mean margin primary minus consensus (nats), each
   probe's prompt and both completions with their summed and per-token log-prob,
   and the probes whose preferred side flipped from base to adapted; by set where
-  the probes name one. Asked in each form the model takes: through its chat
-  template (the headline, where it has one) and as plain text. JSON key
+  the probes name one. Asked in each form the model takes: as plain text and
+  through its chat template, the form the data's records teach first (the
+  headline: plain text for text records). JSON key
   "probes": the headline form's figures, and each form's under "by_form".
 - General text: plain text of neither kind (lines {"text": ...}, no scores
   needed); its loss and perplexity, base against adapted, say what the training
@@ -117,7 +118,7 @@ def evaluate_run(args: argparse.Namespace) -> dict:
     from monitoring.evaluation import (GENERAL_FILE, compile_row_losses, file_in, loss_report, overall_loss,
                                        sample_losses)
     from monitoring.probes import (PROBE_FILE, encode_probes, forms, model_context, probe_batches, probe_report,
-                                   read_probes, score_probes)
+                                   read_probes, score_probes, taught_form)
     from monitoring.progress import work_bar
 
     run = args.output_dir
@@ -151,7 +152,8 @@ def evaluate_run(args: argparse.Namespace) -> dict:
     index, batches = _fixed_batches(data_file, tokenizer, t, batch_size, max_batches, pad_id)
     if probes:
         context = model_context(loaded.model)
-        probes = encode_probes(probes, probes_file, tokenizer, context)
+        # Asked first in the form the records teach (the data file's records are the training's kind).
+        probes = encode_probes(probes, probes_file, tokenizer, context, taught_form(*index.learned_tokens()[:2]))
         # As many tokens a batch as a batch of the data (forward only, as here); each form the model takes.
         probe_rows = {form: probe_batches(probes, pad_id, batch_size * t.max_seq_length, context, form)
                       for form in forms(probes)}
@@ -202,8 +204,8 @@ def evaluate_run(args: argparse.Namespace) -> dict:
 
 
 def probe_figures(path: Path, probes: list, before: dict, after: dict) -> dict:
-    """The JSON's "probes": the headline form's base, adapted and flipped (the chat form where the
-    model has a chat template, else plain text), and each form's under "by_form"."""
+    """The JSON's "probes": the headline form's base, adapted and flipped (the form the data's
+    records teach: monitoring/probes.py, taught_form), and each form's under "by_form"."""
     from monitoring.probes import flipped, forms
 
     by_form = {form: {"base": before["probes"][form], "adapted": after["probes"][form],

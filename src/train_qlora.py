@@ -405,7 +405,7 @@ def train(config, output_dir: Path, manager, start, inputs: dict, group, names: 
     from base_model.weights import bits_text, layer_bits, parameter_counts
     from base_model.loading import load_model, tokenizer_key
     from config import probe_interval
-    from monitoring.probes import encode_probes, headline_form, model_context, start_line
+    from monitoring.probes import encode_probes, headline_form, model_context, start_line, taught_form
     from training.trainer import CheckpointingFailed, DistrustTrainer
     from command_line.start_lines import (compute_with, learned_share_line, length_said, said_as,
                                           scored_at_load_line, scored_from_text_line, steps_for_epochs,
@@ -469,7 +469,9 @@ def train(config, output_dir: Path, manager, start, inputs: dict, group, names: 
     probes_path, probes = probes
     # A measurement, not an input: checked whole now (a bad one stops the run before its first
     # step), and kept out of run_inputs, so a resume with another probe file is the same run.
-    probes = encode_probes(probes, probes_path, loaded.tokenizer, model_context(loaded.model)) if probes else []
+    # Asked first in the form the training records teach (plain text, or the chat template's).
+    probes = encode_probes(probes, probes_path, loaded.tokenizer, model_context(loaded.model),
+                           taught_form(*index.learned_tokens()[:2])) if probes else []
     if probes:
         print(start_line(probes, probes_path, t.probes), file=sys.stderr)
         data_summary.update(probe_file=str(probes_path), probes=len(probes), probe_form=headline_form(probes))

@@ -215,9 +215,9 @@ CONTESTED_RUN = ["--model", "tiny", "--batch-size", "8", "--max-seq-length", "64
                  "--learning-rate", "2e-3", "--warmup-steps", "5", "--eval-steps", "90", "--checkpoint-interval",
                  "90", "--no-tensorboard", "--no-early-stopping"]
 # Measured at these settings (Linux CPU): the mean margin (primary minus consensus log-probability
-# of the probes' completions, nats; asked in the tiny model's chat template, the headline form)
-# is +0.17 at lambda 0 and +3.37 at lambda 1, 3.19 apart; 8 of 16 and 16 of 16 prefer the primary
-# (at 150 steps: +0.58 and +4.68; at 60, -0.64 and +1.87).
+# of the probes' completions, nats; asked as plain text, the form these records teach and so the
+# headline) is -0.42 at lambda 0 and +3.07 at lambda 1, 3.49 apart; 10 of 16 and 14 of 16 prefer
+# the primary. In the tiny model's chat template: +0.17 and +3.37, 8 of 16 and 16 of 16.
 PROBE_MARGIN = 1.5
 
 

@@ -205,13 +205,14 @@ def test_evaluate_prints_and_writes_the_probes_and_the_general_text_of_the_data_
     assert any(line.startswith(f"general text: {data / 'general.jsonl'} (plain text of neither kind") for line in table)
     assert any(line.startswith("general text  ") for line in table)
     assert f"probes: {data / 'probes.jsonl'} (3 contested facts" in result.stdout
-    # The tiny model has a chat template: the chat form is the headline, plain text beside it.
-    assert probes["form"] == "chat" and list(probes["by_form"]) == ["chat", "text"]
-    assert probes["by_form"]["chat"]["adapted"] == probes["adapted"]
-    headline = table.index("headline: asked in the chat template (a user turn asks, the answer is scored)")
+    # The records are plain text: that form is the headline; the tiny model has a chat template,
+    # so the chat form is scored beside it.
+    assert probes["form"] == "text" and list(probes["by_form"]) == ["text", "chat"]
+    assert probes["by_form"]["text"]["adapted"] == probes["adapted"]
+    headline = table.index("headline: asked as plain text (the prompt, then the completion)")
     assert table[headline + 3].startswith("  flipped: ")
-    assert table[headline + 4] == "also: asked as plain text (the prompt, then the completion)"
-    for title, figures in ((headline, probes["by_form"]["chat"]), (headline + 4, probes["by_form"]["text"])):
+    assert table[headline + 4] == "also: asked in the chat template (a user turn asks, the answer is scored)"
+    for title, figures in ((headline, probes["by_form"]["text"]), (headline + 4, probes["by_form"]["chat"])):
         counts = [sum(p["prefers"] == "primary" for p in figures[m]["per_probe"]) for m in ("base", "adapted")]
         assert table[title + 1].split() == ["primary", "preferred", f"{counts[0]}", "of", "3", f"{counts[1]}", "of",
                                             "3", f"{counts[1] - counts[0]:+d}"]
@@ -289,8 +290,10 @@ def test_a_model_with_a_chat_template_is_asked_through_it_and_both_forms_score_a
     loaded = load_tiny()
     model, tokenizer = loaded.model, loaded.tokenizer
     path = write_jsonl(tmp_path / "probes.jsonl", PROBES[:2])
-    probes = encode_probes(read_probes(path), path, tokenizer, model_context(model))
+    probes = encode_probes(read_probes(path), path, tokenizer, model_context(model), "chat")
     assert forms(probes) == ("chat", "text") and headline_form(probes) == "chat"
+    as_text = encode_probes(read_probes(path), path, tokenizer, model_context(model), "text")
+    assert forms(as_text) == ("text", "chat") and headline_form(as_text) == "text"
     for probe in probes:  # the user turn through the template, then the answer starts with the prompt's words
         request = render(tokenizer, [{"role": "user", "content": CHAT_REQUEST.format(prompt=probe.prompt)}], True)
         assert probe.chat_prompt_ids == tuple(request + tokenizer.encode(probe.prompt, add_special_tokens=False))
@@ -313,13 +316,33 @@ def test_a_model_with_a_chat_template_is_asked_through_it_and_both_forms_score_a
     assert forms(plain) == ("text",) and all(p.chat_prompt_ids is None for p in plain)
 
 
+def test_the_headline_form_is_the_one_the_training_records_teach():
+    from monitoring.probes import taught_form
+
+    assert taught_form(learned=500, processed=500) == "text"  # text records: every token learned
+    assert taught_form(learned=120, processed=500) == "chat"  # chats, prompts + completions: some are context
+
+
+def test_a_run_on_chat_records_scores_its_probes_in_the_chat_template(tmp_path):
+    data = tmp_path / "data"
+    chats = [{"messages": [{"role": "user", "content": f"Where was sample {i} taken?"},
+                           {"role": "assistant", "content": f"The field log says sample {i} was taken at dawn."}],
+              "auth_weight": 0.1, "prov_entropy": 7.0} for i in range(16)]
+    write_jsonl(data / "train.jsonl", chats)
+    write_jsonl(data / "probes.jsonl", PROBES)
+    result = run_in_process(*RUN, "--max-steps", "2", "--eval-steps", "2", "--data-dir", data,
+                            "--output-dir", tmp_path / "run")
+    assert result.returncode == 0, result.stderr
+    assert "scored at each validation, chat form" in result.stderr, result.stderr
+
+
 def test_probes_every_n_validations_and_the_last_and_off_reads_no_probe_file(tmp_path):
     data = write_corpus(tmp_path / "data", train=16, val=4)
     write_jsonl(data / "probes.jsonl", PROBES)
     every = run_in_process(*RUN, "--max-steps", "5", "--eval-steps", "1", "--probes", "every", "2",
                            "--data-dir", data, "--output-dir", tmp_path / "every")
     assert every.returncode == 0, every.stderr
-    assert "scored at every 2 validations and at the last (--probes every 2), chat form" in every.stderr
+    assert "scored at every 2 validations and at the last (--probes every 2), text form" in every.stderr
     validations = [line for line in read_metrics(tmp_path / "every") if "val_loss" in line]
     assert [line["step"] for line in validations] == [1, 2, 3, 4, 5]
     assert [line["step"] for line in validations if "val_probe_margin" in line] == [2, 4, 5]

@@ -42,21 +42,18 @@ def length_said(config, names: dict | None) -> str:
     return f"{name} {value}" if where == "command line" else f"{name.strip(chr(39))}: {value} ({where})"
 
 
-LEARNED_SHARE_SAMPLES = 256  # the first samples the start of a run counts learned tokens over
 
 
 def learned_share_line(index, turns: str) -> str | None:
     """What a run with chat or prompt + completion records learns, and how many tokens that is of
     those it processes (counted over its first samples); None when every token is learned."""
-    samples = index.samples(range(min(len(index), LEARNED_SHARE_SAMPLES)))
-    processed = sum(len(sample.tokens) - 1 for sample in samples)
-    learned = sum(sample.learned_targets for sample in samples)
+    learned, processed, samples = index.learned_tokens()
     if learned >= processed:
         return None  # text records only: learned whole
     which = ("the last assistant turn of each chat (as mlx_lm lora --mask-prompt)" if turns == "last" else
              "every assistant turn of each chat, those that call tools too (--learn-assistant-turns last: only "
              "the final one)")
-    first = f"the first {len(samples):,} samples" if len(samples) < len(index) else f"the {len(samples):,} samples"
+    first = f"the first {samples:,} samples" if samples < len(index) else f"the {samples:,} samples"
     return (f"data: learned: {which}, and completions; system, user and tool turns and prompts are context: "
             f"{learned:,} of the {processed:,} tokens of {first} ({100 * learned / processed:.0f}%)")
 

@@ -33,6 +33,7 @@ from run_safety.errors import UserError
 ENCODE_CHUNK = 1024
 INDEX_FORMAT = 4  # 3: scores computed at load for records without them (and how many were); 4: how many from text alone
 SCORER_FILES = ("scoring.py", "prepare.py")  # what computes them: part of the cache key
+LEARNED_SAMPLES = 256  # the first samples over which a corpus is said to learn what it reads (learned_tokens)
 COLUMN_TYPES = {"offsets": np.int64, "line_numbers": np.int64, "lengths": np.int32,
                 "auth_weight": np.float32, "prov_entropy": np.float32, "source_type": np.int16}
 NO_SOURCE_TYPE = -1  # the code of a record without a `source_type` string
@@ -156,6 +157,13 @@ class CorpusIndex:
         if cache_file is not None:
             _write_cache(cache_file, arrays, truncated, no_target, names, (scored_at_load, scored_from_text))
         return index
+
+    def learned_tokens(self, first: int = LEARNED_SAMPLES) -> tuple[int, int, int]:
+        """(tokens learned, tokens processed, samples counted) over the first `first` samples: what
+        a corpus of chat or prompt + completion records learns of what it reads (text records: all)."""
+        samples = self.samples(range(min(len(self), first)))
+        return (sum(sample.learned_targets for sample in samples), sum(len(sample.tokens) - 1 for sample in samples),
+                len(samples))
 
     def samples(self, indices) -> list[EncodedSample]:
         """Encoded samples at these positions of the index (one file open)."""

@@ -26,9 +26,13 @@ continues it: how a base model is used. Through the model's chat template (an in
 its tokenizer has one), the prompt is put to the model as a user turn (CHAT_REQUEST) and the
 assistant's answer begins with the prompt's words, which the completion continues: how an
 instruct model is used, and what an instruct model has been shaped to answer. Where the model
-has a template both forms are scored (evaluate.py) and the headline is the chat form; a model
-without one has the text form only (`forms`, `headline_form`). Training's validations score the
-headline form only (their cost).
+has a template both forms are scored (evaluate.py), and the headline is the form the training
+records teach (`taught_form`): plain text for text records, the chat template's for chat and
+prompt + completion records, which training renders with it. A model fine-tuned on plain text
+holds what it learned in plain text first; asked in the chat template, it is also asked whether
+that carries over into its chat behaviour, which is another question (both are reported). A model
+without a template has the text form only (`forms`, `headline_form`). Training's validations
+score the headline form only (their cost).
 
 The scoring reuses validation's compiled row losses (monitoring/evaluation.py): the
 cross-entropy of a target token is minus its log-probability, so a row whose mask covers
@@ -54,7 +58,7 @@ from monitoring.evaluation import sample_losses
 
 PROBE_FILE = "probes.jsonl"  # in a data folder: scored at each validation, and by evaluate.py
 SIDES = ("primary", "consensus")
-FORMS = ("chat", "text")  # the chat template's form first: an instruct model's headline
+FORMS = ("chat", "text")
 # The user turn of the chat form; the assistant's answer then starts with the prompt's words.
 CHAT_REQUEST = "Complete this sentence: {prompt} ..."
 # How each form is named in the output.
@@ -76,6 +80,7 @@ class Probe:
     # The chat form's prompt: the user turn through the template, then the prompt's words as the
     # answer's start; None where the model has no chat template.
     chat_prompt_ids: tuple | None = None
+    headline: str = "text"  # the form scored first and reported as the headline (encode_probes)
 
     def prompt_for(self, form: str) -> tuple:
         return self.chat_prompt_ids if form == "chat" else self.prompt_ids
@@ -127,8 +132,10 @@ def _checked_probe(line: bytes, where: str, number: int) -> Probe:
     return Probe(number, record["prompt"], record["primary"], record["consensus"], record.get("set", ""))
 
 
-def encode_probes(probes: list[Probe], path: Path, tokenizer, context: int | None) -> list[Probe]:
-    """Token ids of each probe, in each form the model takes (`forms`). The text form's prompt
+def encode_probes(probes: list[Probe], path: Path, tokenizer, context: int | None,
+                  headline: str = "text") -> list[Probe]:
+    """Token ids of each probe, in each form the model takes (`forms`), `headline` ("text" or
+    "chat": the form the training records teach, `taught_form`) first. The text form's prompt
     is encoded as a training record's text is (corpus/records.py), with the tokenizer's BOS if
     it adds one: the model only ever saw
     text that starts so, and without it the first tokens would be scored out of context.
@@ -166,14 +173,28 @@ def encode_probes(probes: list[Probe], path: Path, tokenizer, context: int | Non
                 raise UserError(f"{where}: prompt + '{side}'{form} is {longest + len(ids):,} tokens, longer than the "
                                 f"model's context ({context:,} tokens, its max_position_embeddings)")
         encoded.append(replace(probe, prompt_ids=prompt, primary_ids=sides["primary"],
-                               consensus_ids=sides["consensus"], chat_prompt_ids=chat))
+                               consensus_ids=sides["consensus"], chat_prompt_ids=chat,
+                               headline=headline if chat is not None else "text"))
     return encoded
 
 
+def taught_form(learned: int, processed: int) -> str:
+    """The form a corpus teaches, from the tokens its first samples learn of those they process
+    (corpus/index.py, learned_tokens): plain text where every token is learned (text records), the
+    chat template's where some are context (chat and prompt + completion records, which training
+    renders with the template). Probes are asked first in that form: a model fine-tuned on plain
+    text holds what it learned there (measured on SmolLM2-135M-Instruct, 500 steps of the bench's
+    corpus: the primary version preferred on 18 of 20 probes asked as plain text, 10 of 20 asked
+    in the chat template, the base's count)."""
+    return "text" if learned >= processed else "chat"
+
+
 def forms(probes: list[Probe]) -> tuple[str, ...]:
-    """The forms the encoded `probes` can be scored in, the headline first: ("chat", "text")
-    where the model has a chat template, else ("text",)."""
-    return FORMS if probes and probes[0].chat_prompt_ids is not None else ("text",)
+    """The forms the encoded `probes` can be scored in, the headline first: ("chat", "text") or
+    ("text", "chat") where the model has a chat template (`encode_probes`'s headline), else ("text",)."""
+    if not probes or probes[0].chat_prompt_ids is None:
+        return ("text",)
+    return tuple(sorted(FORMS, key=lambda form: form != probes[0].headline))
 
 
 def headline_form(probes: list[Probe]) -> str:
@@ -191,7 +212,8 @@ def start_line(probes: list[Probe], path: Path, when: str) -> str:
     """What a run's start says of its probes: how many, when they are scored (`when`, --probes)
     and in which form."""
     form = headline_form(probes)
-    also = " (the model has a chat template; evaluate.py scores both forms)" if form == "chat" else ""
+    also = " (the form the training records teach; evaluate.py also scores the other)" \
+        if probes and probes[0].chat_prompt_ids is not None else ""
     every = "each validation" if when.split() == ["every", "1"] else \
         f"every {when.split()[1]} validations and at the last (--probes {when})"
     return (f"data: {len(probes)} probe{'s' if len(probes) != 1 else ''} from {path}, scored at {every}, "
