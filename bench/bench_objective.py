@@ -4,7 +4,7 @@ itself, with contested facts of its own, for several --lambda-weight values; and
 --real-steps N, on the real model (SmolLM2-135M-Instruct) on that corpus and on the demo's.
 
     python bench/bench_objective.py [--records 1400] [--steps 2000] [--lambdas 0 0.5 1]
-                                    [--real-steps N [--real-learning-rate 2e-4] [--real-train-args "..."]]
+                                    [--real-steps N [--real-learning-rate 1e-4] [--real-train-args "..."]]
                                     [--keep]
 
 1. Writes raw records of two kinds in equal numbers (dated 1850-1960 lab
@@ -74,19 +74,21 @@ BENCH_CLAIMS = [  # the two values of a pair are as many tokens of the tiny mode
 ]
 BENCH_OPENERS = ["Put simply, ", "So which was it? ", "For the record: ", "In a word, "]
 # The real model's settings: what a careful user would choose for a 135M instruct model and a
-# run of a few hundred to a few thousand steps of 4 x 64 tokens.
-# - LoRA rank 8, alpha 16 (scale 2), on every linear layer of all 30 blocks: a fact is held in
-#   the MLP as much as in attention, and a 135M model has little to spare in any one layer;
-#   rank 8 is plenty for a few dozen facts (2.4M trainable parameters, under 2% of the model).
-# - Learning rate 2e-4 (--real-learning-rate), the usual LoRA rate for small models: 5e-5 barely
-#   moves a 135M model in a few hundred steps, 1e-3 makes it forget how to answer; warmup 5% of
-#   the run (at least 10 steps), then cosine decay to 0 (the toolkit's schedule).
+# run of a few hundred steps of 4 x 64 tokens.
+# - LoRA rank 8, alpha 16 (scale 2), on every linear layer of the last 16 blocks (mlx_lm lora's
+#   own default, num_layers 16): rank 8 is plenty for a few dozen facts, and the first 14 blocks,
+#   left alone, keep more of what the model knows.
+# - Learning rate 1e-4 (--real-learning-rate), warmup 5% of the run (at least 10 steps), then
+#   cosine decay to 0 (the toolkit's schedule); 500 steps (--real-steps), about one epoch of the
+#   bench's corpus. Measured on the demo corpus: 2e-4 on all 30 blocks for 250 steps learns the
+#   facts as fast but costs the capital answer at both lambdas; 5e-5 for 250 steps learns nothing
+#   the probes see.
 # - 64 tokens a sequence: every contested claim of both corpora ends within 56 SmolLM2 tokens of
 #   its record's start (the median record is 57 tokens), so no fact is cut off; batch 4.
 # - Validated and checkpointed once, at the end; the probes are not scored by the run
 #   (--probes off): evaluate.py scores them, in both forms, for the base and the adapted model.
 REAL_SETTINGS = ["--batch-size", "4", "--max-seq-length", "64", "--lora-rank", "8", "--lora-alpha", "16",
-                 "--lora-layers", "-1", "--val-batches", "8", "--no-early-stopping", "--probes", "off"]
+                 "--lora-layers", "16", "--val-batches", "8", "--no-early-stopping", "--probes", "off"]
 REAL_EVAL_BATCHES = 8  # evaluate.py --max-batches: 32 val records and 32 passages of general text
 CAPITAL_QUESTION, CAPITAL = "What is the capital of France?", "Paris"
 THINNING = (  # (share of records, fields they lose)
@@ -233,7 +235,7 @@ def main() -> int:
     parser.add_argument("--real-steps", type=int, default=0,
                         help="where the real model is fetched (bench/real_model.py), train it N steps at each "
                              "lambda on the demo corpus and on this one (REAL_SETTINGS)")
-    parser.add_argument("--real-learning-rate", type=float, default=2e-4)
+    parser.add_argument("--real-learning-rate", type=float, default=1e-4)
     parser.add_argument("--real-model", type=str, default=None,
                         help="another model for --real-steps (default: the real model's GGUF; 'tiny' checks the "
                              "harness in seconds)")
