@@ -32,8 +32,14 @@ from run_safety.cpu_blas import load_optimized_blas
 # threads in each of two workers took the other worker's core (measured on two cores: the
 # suite in 187 s with 108 s of system time, 165 s and 48 s with one thread). Each test
 # compares runs made with the same count, so the figures it checks are unchanged.
-if os.environ.get("PYTEST_XDIST_WORKER") and "OPENBLAS_NUM_THREADS" not in os.environ:
-    os.environ["OPENBLAS_NUM_THREADS"] = "1"
+# The workers inherit the controller's environment, where its own BLAS load has set the variable
+# by then: the controller notes whether the caller had set it.
+CALLER_SET_THREADS = "DISTRUST_QLORA_TESTS_CALLER_SET_THREADS"
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    if os.environ.get(CALLER_SET_THREADS) != "1":
+        os.environ["OPENBLAS_NUM_THREADS"] = "1"
+else:
+    os.environ[CALLER_SET_THREADS] = "1" if "OPENBLAS_NUM_THREADS" in os.environ else "0"
 
 # The test process multiplies as the commands do (an optimized BLAS where one is installed):
 # loaded before any test module imports MLX.
