@@ -219,7 +219,8 @@ def test_report_to_wandb_offline_logs_the_figures_of_metrics_jsonl_and_a_resume_
     assert f"W&B: continuing run {run_id} " in resumed.stderr
 
     folders = sorted((out / "wandb").glob("offline-run-*"))
-    assert [folder.name.rsplit("-", 1)[1] for folder in folders] == [run_id, run_id]  # one W&B run, two sessions
+    # One W&B run, two sessions: offline-run-<time>-<run id>, and "-1" after it when both started in the same second.
+    assert [folder.name.split("-")[3] for folder in folders] == [run_id, run_id], folders
     logged = {}
     for folder in folders:
         for step, figures in wandb_history(folder).items():
