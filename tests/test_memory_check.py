@@ -71,9 +71,13 @@ def test_a_batch_that_cannot_fit_is_refused_with_what_was_measured_to_fit_and_th
                 re.findall(r"(?:; |each: )(--[^:;]+): ([\d.,]+) (MB|kB|GB)", nothing.stderr)}
     assert measured["--grad-checkpoint"] < peak and measured["--batch-size 1 --grad-accum 4"] < peak
 
-    # A limit between the batch's peak and the smallest measured: refused, naming the first
+    # A limit between the batch's peak and the largest setting measured: refused, naming the first
     # setting that fits, measured below the limit; that setting then runs under the same limit.
-    limit = int((min(measured.values()) + peak) / 2)
+    # Halfway to the largest, not the smallest: halfway to the smallest left the advised setting
+    # 150 kB under the limit, and the test failed once in six runs of the whole suite (its figures
+    # were the same to a tenth of a MB over 8 quiet runs; under load, it seems, not always).
+    assert max(measured.values()) < peak, measured
+    limit = int((max(measured.values()) + peak) / 2)
     refused = with_limit(str(limit))(*args, "--output-dir", tmp_path / "refused")
     assert_one_line_error(refused, "measured, one forward and backward pass each: ", ", fits; run with ")
     advice = refused.stderr.split("run with ", 1)[1].split(" (or", 1)[0]
