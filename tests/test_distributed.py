@@ -225,8 +225,11 @@ def test_ctrl_c_stops_every_rank_at_the_same_step_with_one_committed_checkpoint(
         if launcher.poll() is None:
             os.killpg(launcher.pid, signal.SIGKILL)
     text = log.read_text()
-    codes = [line for line in text.splitlines() if "exited with code" in line]
-    assert stuck_launcher or len(codes) == 2 and all("code 130" in line for line in codes), text
+    # mlx.launch says how each rank ended, from its output threads: 130 for each. After its own
+    # KeyboardInterrupt it once said it of one rank only (in about 150 tries; why is not known), so
+    # what it says is checked, then the run's own record of where it stopped.
+    codes = [line for line in text.splitlines() if "exited with code" in line or "was killed" in line]
+    assert stuck_launcher or 1 <= len(codes) <= 2 and all("exited with code 130" in line for line in codes), text
     end = read_metrics(out)[-1]
     assert end["reason"].startswith("interrupted by SIGINT at step")
     final = (out / "checkpoints" / "final").read_text().strip()
