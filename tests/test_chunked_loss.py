@@ -171,7 +171,7 @@ def test_two_processes_in_chunks_learn_what_one_process_learns(corpus, tmp_path)
         pytest.skip("mlx.launch is not installed beside this Python")
     args = [*FAST, *CHUNKED, "--data-dir", corpus, "--max-steps", "3", "--seed", "3", "--learning-rate", "1e-3"]
     two = launch(2, *args, "--output-dir", tmp_path / "two")
-    assert "Run ended: finished" in two.stderr and exit_codes(two) == [], two.stderr
+    assert "Run ended: finished" in two.stderr and exit_codes(two) == {}, two.stderr
     # The pre-flight decided for both ranks alike: rank 0 says it once.
     assert two.stderr.count("memory: the longest batch (2 x 48 tokens in each of 2 processes) peaks at") == 1
     one = run_in_process(*args, "--output-dir", tmp_path / "one")
