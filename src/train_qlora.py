@@ -457,9 +457,10 @@ def train(config, output_dir: Path, manager, start, inputs: dict, group, names: 
               f"completion) lies past --max-seq-length {t.max_seq_length} and truncation cut it off (lines "
               f"{', '.join(map(str, index.no_target[:5]))}{' ...' if len(index.no_target) > 5 else ''})",
               file=sys.stderr)
-    learned = learned_share_line(index, t.learn_assistant_turns)
-    if learned:
-        print(learned, file=sys.stderr)
+    learned, processed, counted = index.learned_tokens()  # read once: the line below, and the probes' form
+    learned_line = learned_share_line(learned, processed, counted, len(index), t.learn_assistant_turns)
+    if learned_line:
+        print(learned_line, file=sys.stderr)
     data_summary = {"train_file": str(train_path), "train_samples": len(index),
                     "train_scored_at_load": index.scored_at_load, "train_scored_from_text": index.scored_from_text}
     if t.epochs:
@@ -471,7 +472,7 @@ def train(config, output_dir: Path, manager, start, inputs: dict, group, names: 
     # step), and kept out of run_inputs, so a resume with another probe file is the same run.
     # Asked first in the form the training records teach (plain text, or the chat template's).
     probes = encode_probes(probes, probes_path, loaded.tokenizer, model_context(loaded.model),
-                           taught_form(*index.learned_tokens()[:2])) if probes else []
+                           taught_form(learned, processed)) if probes else []
     if probes:
         print(start_line(probes, probes_path, t.probes), file=sys.stderr)
         data_summary.update(probe_file=str(probes_path), probes=len(probes), probe_form=headline_form(probes))

@@ -44,16 +44,16 @@ def length_said(config, names: dict | None) -> str:
 
 
 
-def learned_share_line(index, turns: str) -> str | None:
+def learned_share_line(learned: int, processed: int, samples: int, total: int, turns: str) -> str | None:
     """What a run with chat or prompt + completion records learns, and how many tokens that is of
-    those it processes (counted over its first samples); None when every token is learned."""
-    learned, processed, samples = index.learned_tokens()
+    those it processes (`CorpusIndex.learned_tokens`: over its first `samples` of `total`); None
+    when every token is learned."""
     if learned >= processed:
         return None  # text records only: learned whole
     which = ("the last assistant turn of each chat (as mlx_lm lora --mask-prompt)" if turns == "last" else
              "every assistant turn of each chat, those that call tools too (--learn-assistant-turns last: only "
              "the final one)")
-    first = f"the first {samples:,} samples" if samples < len(index) else f"the {samples:,} samples"
+    first = f"the first {samples:,} samples" if samples < total else f"the {samples:,} samples"
     return (f"data: learned: {which}, and completions; system, user and tool turns and prompts are context: "
             f"{learned:,} of the {processed:,} tokens of {first} ({100 * learned / processed:.0f}%)")
 

@@ -78,10 +78,8 @@ class DistrustTrainer:
         the data is, for a "data" line of metrics.jsonl."""
         self.config = config
         self.model = model
-        self.tokenizer = tokenizer
         self.adapter_config = adapter_config
         self.train_index = train_index
-        self.val_path = val_path  # None: no validation file (probes may still be scored)
         self.output_dir = Path(output_dir)
         self.checkpoints = checkpoints
         self.group = group or ProcessGroup()
